@@ -1,0 +1,1 @@
+"""Placeholder; the Triton kernels are being written."""

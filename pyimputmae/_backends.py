@@ -1,0 +1,145 @@
+"""Backend choice for the fused ops.
+
+Every backend offers the same kernel-level functions (the schemas in ``csrc/ops.cpp``):
+``patch_embed_forward``, ``patch_embed_backward``, ``select_keep``, ``gather_visible``,
+``unshuffle_fill``, ``hidden_sum``, ``masked_mse_forward``, ``scale_grad_``.
+
+Backends: ``ext`` (our compiled C++ / CUDA kernels, ``pyimputmae._C``), ``triton``
+(``pyimputmae.kernels``), ``reference`` (plain PyTorch, ``pyimputmae.reference.backend``).
+Order for CUDA tensors: ext → triton → reference; for CPU tensors: ext → reference. Triton runs
+on CPU tensors only when asked for by name, under ``TRITON_INTERPRET=1``. A per-call ``backend=``
+wins over ``PYIMPUTMAE_BACKEND`` (one name for every op, or ``family=name`` pairs separated by
+commas, e.g. ``masked_mse=triton,patch_embed=ext``), which wins over the default order.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+from . import _extension
+
+FAMILIES = ("patch_embed", "masking", "masked_mse")
+NAMES = ("ext", "triton", "reference")
+ALIASES = {"cpp": "ext", "cpu": "ext", "cuda": "ext", "c++": "ext", "ref": "reference", "torch": "reference"}
+
+
+class BackendError(RuntimeError):
+    """A backend was asked for by name but cannot run here."""
+
+
+def canonical(name: str) -> str:
+    name = ALIASES.get(name.lower(), name.lower())
+    if name not in NAMES + ("auto",):
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)} or 'auto'")
+    return name
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_module() -> tuple[ModuleType | None, str | None]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:
+        return None, f"triton is not installed ({err})"
+    try:
+        return importlib.import_module("pyimputmae.kernels"), None
+    except Exception as err:  # a broken triton install must not break the other backends
+        return None, f"pyimputmae.kernels failed to import: {err!r}"
+
+
+def _ext_module() -> ModuleType:
+    return importlib.import_module("pyimputmae._ext_backend")
+
+
+def _reference_module() -> ModuleType:
+    return importlib.import_module("pyimputmae.reference.backend")
+
+
+def availability(name: str, device: torch.device) -> tuple[bool, str]:
+    """Can backend ``name`` run on tensors of ``device``? ``(ok, reason)``."""
+    if name == "reference":
+        return True, "plain PyTorch runs everywhere"
+    if name == "ext":
+        if not _extension.load():
+            return False, _extension.unavailable_reason() or "extension not loaded"
+        if device.type == "cpu":
+            return True, "compiled C++ CPU kernels"
+        if device.type == "cuda":
+            return _extension.cuda_support(device.index if device.index is not None else torch.cuda.current_device())
+        return False, f"no compiled kernels for device type {device.type}"
+    if name == "triton":
+        mod, why = _triton_module()
+        if mod is None:
+            return False, why or "triton unavailable"
+        if device.type == "cuda":
+            return True, "Triton kernels compiled for this GPU"
+        if device.type == "cpu":
+            if os.environ.get("TRITON_INTERPRET") == "1":
+                return True, "TRITON_INTERPRET=1: Triton interpreter on CPU tensors (only when asked for by name)"
+            return False, "Triton on CPU tensors needs TRITON_INTERPRET=1 (set before triton is imported)"
+        return False, f"Triton does not run on {device.type} tensors"
+    raise ValueError(name)
+
+
+def _env_choice(family: str) -> str | None:
+    raw = os.environ.get("PYIMPUTMAE_BACKEND", "").strip()
+    if not raw:
+        return None
+    if "=" not in raw:
+        return canonical(raw)
+    for item in raw.split(","):
+        key, _, value = item.partition("=")
+        if key.strip() == family:
+            return canonical(value.strip())
+    return None
+
+
+def default_order(device: torch.device) -> tuple[str, ...]:
+    return ("ext", "triton", "reference") if device.type == "cuda" else ("ext", "reference")
+
+
+def resolve(family: str, device: torch.device, requested: str = "auto") -> str:
+    """The backend that runs op family ``family`` on ``device``."""
+    requested = canonical(requested)
+    source = "backend="
+    if requested == "auto":
+        requested = _env_choice(family) or "auto"
+        source = "PYIMPUTMAE_BACKEND"
+    if requested != "auto":
+        ok, why = availability(requested, device)
+        if not ok:
+            raise BackendError(f"{family}: backend {requested!r} (from {source}) cannot run on {device}: {why}")
+        return requested
+    for name in default_order(device):
+        if availability(name, device)[0]:
+            return name
+    return "reference"
+
+
+def module(name: str) -> ModuleType:
+    """The module implementing backend ``name``'s kernel-level functions."""
+    if name == "ext":
+        return _ext_module()
+    if name == "triton":
+        mod, why = _triton_module()
+        if mod is None:
+            raise BackendError(f"triton backend unavailable: {why}")
+        return mod
+    return _reference_module()
+
+
+def explain(device: torch.device) -> dict[str, dict]:
+    """For ``pyimputmae info``: per family, the chosen backend and why the others are not."""
+    out = {}
+    for family in FAMILIES:
+        try:
+            chosen = resolve(family, device)
+        except BackendError as err:
+            chosen = f"error: {err}"
+        reasons = {name: availability(name, device) for name in NAMES}
+        out[family] = {"backend": chosen, "candidates": {n: {"ok": ok, "why": why} for n, (ok, why) in reasons.items()}}
+    return out

@@ -1,0 +1,44 @@
+"""The ``ext`` backend: our compiled C++ (CPU) and CUDA kernels, through ``torch.ops.pyimputmae``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import _extension
+
+_extension.load()
+_ops = torch.ops.pyimputmae
+
+
+def patch_embed_forward(x, weight, bias, pos, keep, patch: int) -> torch.Tensor:
+    return _ops.patch_embed_forward(x, weight, bias, pos, keep, patch)
+
+
+def patch_embed_backward(grad_out, x, weight, keep, patch: int, need_x: bool, need_weight: bool):
+    return _ops.patch_embed_backward(grad_out, x, weight, keep, patch, need_x, need_weight)
+
+
+def select_keep(present, lengths: Sequence[int], keeps: Sequence[int], rng):
+    return _ops.select_keep(present, list(lengths), list(keeps), rng)
+
+
+def gather_visible(tokens, ids_keep, mask) -> torch.Tensor:
+    return _ops.gather_visible(tokens, ids_keep, mask)
+
+
+def unshuffle_fill(x, ids_keep, mask, mask_token) -> torch.Tensor:
+    return _ops.unshuffle_fill(x, ids_keep, mask, mask_token)
+
+
+def hidden_sum(grad, mask) -> torch.Tensor:
+    return _ops.hidden_sum(grad, mask)
+
+
+def masked_mse_forward(pred, x, weight, patch: int, norm_pix: bool):
+    return _ops.masked_mse_forward(pred, x, weight, patch, norm_pix)
+
+
+def scale_grad_(grad, scale) -> None:
+    _ops.scale_grad_(grad, scale)

@@ -1,0 +1,99 @@
+"""Masked MSE with the gradient computed in the forward pass (``pyimputmae::masked_mse``).
+
+Spec: ``pyimputmae.reference.masked_mse``. The forward returns the loss and keeps ``d loss / d pred``;
+the backward scales that saved gradient in place by the incoming gradient (a kernel that reads
+it on the device and returns at once when it is 1), so no ``(pred − target)`` tensor and no
+second pass over ``pred`` exist. A repeated backward through the same graph
+(``retain_graph=True``) rescales out of place from the first call's scale.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..reference.masked_mse import accumulation_dtype, mse_weights
+from ..reference.patch_embed import check_patch_input
+from ._common import backend_for, check_backend_arg
+
+
+@torch.library.custom_op("pyimputmae::masked_mse", mutates_args=())
+def _masked_mse(
+    pred: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, patch: int, norm_pix: bool, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return backend_for("masked_mse", pred.device, backend).masked_mse_forward(pred, x, weight, patch, norm_pix)
+
+
+@_masked_mse.register_fake
+def _(pred, x, weight, patch, norm_pix, backend):
+    return pred.new_empty((), dtype=accumulation_dtype(pred.dtype)), torch.empty_like(pred)
+
+
+@torch.library.custom_op("pyimputmae::scale_grad", mutates_args=("grad",))
+def _scale_grad(grad: torch.Tensor, scale: torch.Tensor, backend: str) -> None:
+    backend_for("masked_mse", grad.device, backend).scale_grad_(grad, scale)
+
+
+@_scale_grad.register_fake
+def _(grad, scale, backend):
+    return None
+
+
+def _setup(ctx, inputs, output):
+    ctx.backend = inputs[-1]
+    # held as an attribute, not through save_for_backward: the backward scales it in place
+    ctx.grad, ctx.applied = output[1], None
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_loss, _grad_grad):
+    scale = grad_loss.reshape(1).to(accumulation_dtype(ctx.grad.dtype))
+    if ctx.applied is None:
+        # the usual single backward: scale the saved gradient in place, no extra pass when scale == 1
+        _scale_grad(ctx.grad, scale, ctx.backend)
+        ctx.applied = scale
+        return ctx.grad, None, None, None, None, None
+    # a repeated backward through the same graph (retain_graph=True, gradcheck): the saved gradient
+    # already carries the first scale; undo it out of place (NaN, not a silent error, if that was 0)
+    ratio = torch.where(ctx.applied != 0, scale / ctx.applied, torch.full_like(scale, float("nan")))
+    return ctx.grad * ratio.to(ctx.grad.dtype), None, None, None, None, None
+
+
+_masked_mse.register_autograd(_backward, setup_context=_setup)
+
+
+def masked_mse(
+    pred: torch.Tensor,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    present: torch.Tensor | None = None,
+    *,
+    patch: int,
+    norm_pix: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Mean squared error over the hidden patches of the present rows, target patchified on the fly.
+
+    pred: ``(B, L, P)``; x: ``(B, C, *S)`` raw input with ``L = Π S_i/p`` and ``P = C·p^k``;
+    mask: ``(B, L)`` (1 = hidden, counted); present: ``(B,)`` → fp32 scalar (fp64 for fp64 pred)
+    ``Σ mask·present·mean_p(pred − target)² / Σ mask·present``, 0 with a zero gradient when nothing
+    is counted. fp32 accumulation for every dtype; no gradient to ``x``.
+    """
+    backend = check_backend_arg(backend)
+    grid = check_patch_input(x, patch)
+    B, C, k = x.shape[0], x.shape[1], len(grid)
+    L = 1
+    for g in grid:
+        L *= g
+    P = C * patch**k
+    if pred.shape != (B, L, P):
+        raise ValueError(f"pred must be (B, L, P) = ({B}, {L}, {P}) for input {tuple(x.shape)} and patch {patch}, "
+                         f"got {tuple(pred.shape)}")
+    if mask.shape != (B, L):
+        raise ValueError(f"mask must be (B, L) = ({B}, {L}), got {tuple(mask.shape)}")
+    if present is not None and present.shape != (B,):
+        raise ValueError(f"present must be (B,) = ({B},), got {tuple(present.shape)}")
+    if norm_pix and P < 2:
+        raise ValueError("norm_pix needs at least 2 values per patch")
+    w = mse_weights(mask, present).contiguous()
+    loss, _ = _masked_mse(pred.contiguous(), x.detach().contiguous(), w, patch, norm_pix, backend)
+    return loss

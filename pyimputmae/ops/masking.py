@@ -1,0 +1,159 @@
+"""Random per-modality masking and MASK_TOKEN fill: spec in ``pyimputmae.reference.masking``.
+
+``random_masking`` = ``select_keep`` (Philox keys, exact-k per segment, no argsort) +
+``gather_visible``; ``unshuffle_fill`` puts visible tokens back and fills ``mask_token``. Their
+backwards are each other: the gradient of a gather is a fill with a zero token, the gradient
+of a fill is a gather plus the sum of the hidden rows (``hidden_sum``) for the token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..reference.masking import keep_counts
+from ._common import autocast_dtype, backend_for, check_backend_arg
+
+
+@torch.library.custom_op("pyimputmae::select_keep", mutates_args=())
+def _select_keep(
+    present: torch.Tensor, lengths: Sequence[int], keeps: Sequence[int], rng: torch.Tensor, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return backend_for("masking", present.device, backend).select_keep(present, list(lengths), list(keeps), rng)
+
+
+@_select_keep.register_fake
+def _(present, lengths, keeps, rng, backend):
+    B = present.shape[0]
+    return (present.new_empty(B, sum(keeps), dtype=torch.int64), present.new_empty(B, sum(lengths), dtype=torch.bool))
+
+
+@torch.library.custom_op("pyimputmae::gather_visible", mutates_args=())
+def _gather_visible(tokens: torch.Tensor, ids_keep: torch.Tensor, mask: torch.Tensor, backend: str) -> torch.Tensor:
+    return backend_for("masking", tokens.device, backend).gather_visible(tokens, ids_keep, mask)
+
+
+@_gather_visible.register_fake
+def _(tokens, ids_keep, mask, backend):
+    return tokens.new_empty(tokens.shape[0], ids_keep.shape[1], tokens.shape[2])
+
+
+@torch.library.custom_op("pyimputmae::unshuffle_fill", mutates_args=())
+def _unshuffle_fill(
+    x: torch.Tensor, ids_keep: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor, backend: str
+) -> torch.Tensor:
+    return backend_for("masking", x.device, backend).unshuffle_fill(x, ids_keep, mask, mask_token)
+
+
+@_unshuffle_fill.register_fake
+def _(x, ids_keep, mask, mask_token, backend):
+    return x.new_empty(x.shape[0], mask.shape[1], x.shape[2])
+
+
+@torch.library.custom_op("pyimputmae::hidden_sum", mutates_args=())
+def _hidden_sum(grad: torch.Tensor, mask: torch.Tensor, backend: str) -> torch.Tensor:
+    return backend_for("masking", grad.device, backend).hidden_sum(grad, mask)
+
+
+@_hidden_sum.register_fake
+def _(grad, mask, backend):
+    return grad.new_empty(grad.shape[2])
+
+
+def _gather_setup(ctx, inputs, output):
+    _, ids_keep, mask, backend = inputs
+    ctx.save_for_backward(ids_keep, mask)
+    ctx.backend = backend
+
+
+def _gather_backward(ctx, grad):
+    ids_keep, mask = ctx.saved_tensors
+    zero = grad.new_zeros(grad.shape[-1])
+    return _unshuffle_fill(grad.contiguous(), ids_keep, mask, zero, ctx.backend), None, None, None
+
+
+_gather_visible.register_autograd(_gather_backward, setup_context=_gather_setup)
+
+
+def _fill_setup(ctx, inputs, output):
+    _, ids_keep, mask, _, backend = inputs
+    ctx.save_for_backward(ids_keep, mask)
+    ctx.backend = backend
+
+
+def _fill_backward(ctx, grad):
+    ids_keep, mask = ctx.saved_tensors
+    grad = grad.contiguous()
+    gx = _gather_visible(grad, ids_keep, mask, ctx.backend) if ctx.needs_input_grad[0] else None
+    gt = _hidden_sum(grad, mask, ctx.backend) if ctx.needs_input_grad[3] else None
+    return gx, None, None, gt, None
+
+
+_unshuffle_fill.register_autograd(_fill_backward, setup_context=_fill_setup)
+
+
+def _check_layout(B: int, L: int, lengths: Sequence[int], present: torch.Tensor) -> None:
+    if sum(lengths) != L:
+        raise ValueError(f"segment lengths {list(lengths)} sum to {sum(lengths)}, but the tokens have L = {L}")
+    if present.shape != (B, len(lengths)):
+        raise ValueError(f"present must be (B, M) = ({B}, {len(lengths)}), got {tuple(present.shape)}")
+
+
+def random_masking(
+    tokens: torch.Tensor,
+    lengths: Sequence[int],
+    ratios: Sequence[float] | float,
+    present: torch.Tensor,
+    rng: torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hide a random ``r_m`` of each present modality's tokens; hide missing modalities entirely.
+
+    tokens: ``(B, L, E)``, ``L = Σ lengths``; ratios: one per segment (or one for all);
+    present: ``(B, M)`` bool; rng: ``(2,)`` int64 device tensor ``(seed, offset)`` — the same pair
+    gives the same mask on every backend and device; advance ``offset`` every step.
+    → ``visible: (B, K, E)`` (zeros in a missing modality's slots), ``ids_keep: (B, K)`` int64
+    positions (sorted within each segment), ``mask: (B, L)`` bool (True = hidden).
+    Differentiable in tokens.
+    """
+    backend = check_backend_arg(backend)
+    if tokens.dim() != 3:
+        raise ValueError(f"tokens must be (B, L, E), got {tuple(tokens.shape)}")
+    B, L, _ = tokens.shape
+    lengths = [int(n) for n in lengths]
+    _check_layout(B, L, lengths, present)
+    if rng.shape != (2,) or rng.dtype != torch.int64:
+        raise ValueError(f"rng must be a (2,) int64 tensor (seed, offset), got {tuple(rng.shape)} {rng.dtype}")
+    if rng.device != tokens.device:
+        raise ValueError(f"rng is on {rng.device} but tokens are on {tokens.device}: keep rng on the device")
+    keeps = keep_counts(lengths, ratios)
+    ids_keep, mask = _select_keep(present.to(torch.bool).contiguous(), lengths, keeps, rng, backend)
+    visible = _gather_visible(tokens.contiguous(), ids_keep, mask, backend)
+    return visible, ids_keep, mask
+
+
+def unshuffle_fill(
+    x: torch.Tensor,
+    ids_keep: torch.Tensor,
+    mask: torch.Tensor,
+    mask_token: torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Return visible tokens to their places and fill every hidden position with ``mask_token``.
+
+    x: ``(B, K, E)``; ids_keep: ``(B, K)`` int64; mask: ``(B, L)`` bool; mask_token: ``(E,)`` →
+    ``(B, L, E)``. Differentiable in x and mask_token.
+    """
+    backend = check_backend_arg(backend)
+    if x.dim() != 3 or ids_keep.shape != x.shape[:2]:
+        raise ValueError(f"x must be (B, K, E) and ids_keep (B, K); got {tuple(x.shape)} and {tuple(ids_keep.shape)}")
+    if mask.dim() != 2 or mask.shape[0] != x.shape[0]:
+        raise ValueError(f"mask must be (B, L) with B = {x.shape[0]}, got {tuple(mask.shape)}")
+    if mask_token.shape != (x.shape[2],):
+        raise ValueError(f"mask_token must be (E,) = ({x.shape[2]},), got {tuple(mask_token.shape)}")
+    dtype = autocast_dtype(x.device) or x.dtype
+    return _unshuffle_fill(x.to(dtype).contiguous(), ids_keep.contiguous(), mask.to(torch.bool).contiguous(),
+                           mask_token.to(dtype).contiguous(), backend)

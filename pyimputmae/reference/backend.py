@@ -1,0 +1,64 @@
+"""The ``reference`` backend: the kernel-level functions of ``csrc/ops.cpp`` in plain PyTorch.
+
+Same signatures and results as the C++, CUDA and Triton backends (see ``pyimputmae._backends``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .masked_mse import masked_mse_forward_reference
+from .masking import gather_visible_reference, select_keep_reference, unshuffle_fill_reference
+from .patch_embed import check_patch_input, patch_embed_reference, patchify, unpatchify
+
+
+def patch_embed_forward(x, weight, bias, pos, keep, patch: int) -> torch.Tensor:
+    return patch_embed_reference(x, weight, bias, pos, keep, patch)
+
+
+def patch_embed_backward(grad_out, x, weight, keep, patch: int, need_x: bool, need_weight: bool):
+    """grad_out: ``(B, N, E)`` → ``(grad_x or empty, grad_weight or empty)``; fp32 accumulation."""
+    grid = check_patch_input(x, patch)
+    E, F = weight.shape
+    grad_x = grad_weight = x.new_empty(0)
+    g = grad_out.to(torch.float32)
+    if need_weight:
+        cols = patchify(x, patch)
+        if keep is not None:
+            cols = torch.gather(cols, 1, keep.unsqueeze(-1).expand(-1, -1, F))
+        grad_weight = (g.reshape(-1, E).t() @ cols.reshape(-1, F).to(torch.float32)).to(weight.dtype)
+    if need_x:
+        gcols = g @ weight.to(torch.float32)  # (B, N, F)
+        if keep is not None:
+            full = gcols.new_zeros(x.shape[0], int(torch.tensor(grid).prod()), F)
+            gcols = full.scatter_(1, keep.unsqueeze(-1).expand(-1, -1, F), gcols)
+        grad_x = unpatchify(gcols, x.shape[1], grid, patch).to(x.dtype)
+    return grad_x, grad_weight
+
+
+def select_keep(present, lengths: Sequence[int], keeps: Sequence[int], rng):
+    return select_keep_reference(present, lengths, keeps, rng)
+
+
+def gather_visible(tokens, ids_keep, mask) -> torch.Tensor:
+    return gather_visible_reference(tokens, ids_keep, mask)
+
+
+def unshuffle_fill(x, ids_keep, mask, mask_token) -> torch.Tensor:
+    return unshuffle_fill_reference(x, ids_keep, mask, mask_token)
+
+
+def hidden_sum(grad, mask) -> torch.Tensor:
+    """grad: ``(B, L, E)``, mask: ``(B, L)`` bool → ``(E,)`` in grad's dtype, fp32 accumulation."""
+    return (grad.to(torch.float32) * mask.unsqueeze(-1)).sum((0, 1)).to(grad.dtype)
+
+
+def masked_mse_forward(pred, x, weight, patch: int, norm_pix: bool):
+    return masked_mse_forward_reference(pred, x, weight, patch, norm_pix)
+
+
+def scale_grad_(grad, scale) -> None:
+    """grad *= scale (in place); a no-op when scale == 1 (checked on the device, no sync)."""
+    grad.mul_(scale.to(grad.dtype))

@@ -1,0 +1,172 @@
+"""Build pyimputmae._C, the C++ (CPU) and CUDA kernels, with torch.utils.cpp_extension.
+
+Environment knobs (all optional):
+  PYIMPUTMAE_NO_EXT=1       install pure Python (the ops fall back to Triton / PyTorch reference)
+  PYIMPUTMAE_CUDA=0|1       force the CUDA kernels off / on (default: on when torch is a CUDA
+                            build and nvcc is found, with or without a visible GPU)
+  TORCH_CUDA_ARCH_LIST      CUDA targets, default "8.0;9.0+PTX" (PTX lets newer GPUs JIT it)
+  MAX_JOBS                  parallel compile jobs (ninja)
+The resolved configuration is printed and written to pyimputmae/_build_config.json.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CONFIG_NAME = "_build_config.json"
+DEFAULT_ARCHS = "8.0;9.0+PTX"
+
+
+def _flag(name: str) -> str | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    if value not in ("0", "1"):
+        sys.exit(f"setup.py: {name} must be 0 or 1, got {value!r}")
+    return value
+
+
+def _compiler_has_openmp(cxx: str) -> bool:
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "omp.cpp")
+        with open(src, "w") as f:
+            f.write("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
+        result = subprocess.run([cxx, "-fopenmp", src, "-o", os.path.join(tmp, "omp")], capture_output=True)
+        return result.returncode == 0
+
+
+def _arch_numbers(arch_list: str) -> list[int]:
+    """'8.0;9.0+PTX' -> [80, 90]: the targets the extension carries code for."""
+    nums = []
+    for item in re.split(r"[;\s,]+", arch_list.strip()):
+        m = re.match(r"^(\d+)\.(\d+)", item)
+        if m:
+            nums.append(int(m.group(1)) * 10 + int(m.group(2)))
+    return sorted(set(nums))
+
+
+def _resolve() -> tuple[dict, list]:
+    config: dict = {"python": platform.python_version()}
+    if _flag("PYIMPUTMAE_NO_EXT") == "1":
+        config.update(extension=False, reason="PYIMPUTMAE_NO_EXT=1")
+        return config, []
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        sys.exit("setup.py: torch must be installed first (pip install torch), then "
+                 "pip install --no-build-isolation -e .  (or set PYIMPUTMAE_NO_EXT=1)")
+
+    cxx = os.environ.get("CXX", "c++")
+    openmp = _compiler_has_openmp(cxx)
+    want_cuda = _flag("PYIMPUTMAE_CUDA")
+    nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc") if cpp_extension.CUDA_HOME else None
+    has_nvcc = bool(nvcc and os.path.exists(nvcc))
+    if want_cuda == "0":
+        cuda, cuda_reason = False, "PYIMPUTMAE_CUDA=0"
+    elif torch.version.cuda is None:
+        cuda, cuda_reason = False, "torch is a CPU-only build"
+    elif not has_nvcc:
+        cuda, cuda_reason = False, "nvcc not found (set CUDA_HOME)"
+    else:
+        cuda, cuda_reason = True, "torch is a CUDA build and nvcc was found"
+    if want_cuda == "1" and not cuda:
+        sys.exit(f"setup.py: PYIMPUTMAE_CUDA=1 but the CUDA kernels cannot be built: {cuda_reason}")
+
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
+    if cuda:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+    nvcc_version = None
+    if cuda:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+        m = re.search(r"release ([\d.]+)", out)
+        nvcc_version = m.group(1) if m else out.strip().splitlines()[-1]
+
+    cpu_sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) if cuda else []
+    cxx_flags = ["-O3", "-DPYIMPUTMAE_PYTHON_MODULE"]
+    link_flags = []
+    if openmp:
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
+    nvcc_flags = ["-O3", "--use_fast_math", "-DPYIMPUTMAE_PYTHON_MODULE", "-lineinfo"]
+    macros = []
+    if cuda:
+        macros.append(("PYIMPUTMAE_WITH_CUDA", None))
+        archs = ",".join(str(a) for a in _arch_numbers(arch_list))
+        macros.append(("PYIMPUTMAE_CUDA_ARCHS", archs))
+        # ATen/cuda/CUDAContext.h needs cusparse.h, which pip's CUDA torch keeps here
+        for path in sys.path:
+            inc = os.path.join(path, "nvidia", "cu13", "include")
+            if os.path.isdir(inc):
+                nvcc_flags.append(f"-I{inc}")
+                cxx_flags.append(f"-I{inc}")
+                break
+
+    config.update(
+        extension=True,
+        torch=torch.__version__,
+        torch_cuda=torch.version.cuda,
+        cxx=cxx,
+        cxx_version=subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[0],
+        openmp=openmp,
+        cuda=cuda,
+        cuda_reason=cuda_reason,
+        nvcc=nvcc_version,
+        cuda_arch_list=arch_list if cuda else None,
+        cuda_archs=_arch_numbers(arch_list) if cuda else [],
+        max_jobs=os.environ.get("MAX_JOBS"),
+        sources=cpu_sources + cuda_sources,
+    )
+    ext_cls = cpp_extension.CUDAExtension if cuda else cpp_extension.CppExtension
+    ext = ext_cls(
+        "pyimputmae._C",
+        cpu_sources + cuda_sources,
+        include_dirs=[os.path.join(ROOT, "csrc", "include")],
+        define_macros=macros,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags} if cuda else {"cxx": cxx_flags},
+        extra_link_args=link_flags,
+    )
+    return config, [ext]
+
+
+def _write_config(config: dict, *dirs: str) -> None:
+    for d in dirs:
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, CONFIG_NAME), "w") as f:
+            json.dump(config, f, indent=1, sort_keys=True)
+
+
+config, extensions = _resolve()
+print("pyimputmae build configuration:\n" + json.dumps(config, indent=1, sort_keys=True), flush=True)
+_write_config(config, os.path.join(ROOT, "pyimputmae"))
+
+cmdclass = {}
+if extensions:
+    from torch.utils.cpp_extension import BuildExtension
+
+    class _BuildExt(BuildExtension):
+        def run(self):
+            super().run()
+            _write_config(config, os.path.join(self.build_lib, "pyimputmae"))
+
+    cmdclass["build_ext"] = _BuildExt.with_options(use_ninja=shutil.which("ninja") is not None)
+
+setup(
+    ext_modules=extensions,
+    cmdclass=cmdclass,
+    package_dir={"pyimputmae": "pyimputmae", "pyimputmae.kernels": "kernels"},
+    packages=find_packages(include=["pyimputmae", "pyimputmae.*"]) + ["pyimputmae.kernels"],
+    package_data={"pyimputmae": [CONFIG_NAME]},
+)
