@@ -5,7 +5,7 @@ kernels or the PyTorch reference (``pyimputmae._backends``); pass ``backend=`` t
 """
 
 from .masked_mse import masked_mse
-from .masking import random_masking, unshuffle_fill
+from .masking import random_keep, random_masking, unshuffle_fill
 from .patch_embed import patch_embed
 
-__all__ = ["masked_mse", "patch_embed", "random_masking", "unshuffle_fill"]
+__all__ = ["masked_mse", "patch_embed", "random_keep", "random_masking", "unshuffle_fill"]

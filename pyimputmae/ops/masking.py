@@ -100,6 +100,32 @@ def _check_layout(B: int, L: int, lengths: Sequence[int], present: torch.Tensor)
         raise ValueError(f"present must be (B, M) = ({B}, {len(lengths)}), got {tuple(present.shape)}")
 
 
+def random_keep(
+    present: torch.Tensor,
+    lengths: Sequence[int],
+    ratios: Sequence[float] | float,
+    rng: torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Only the choice of :func:`random_masking`, before any token exists.
+
+    present: ``(B, M)`` bool; rng: ``(2,)`` int64 device tensor → ``ids_keep: (B, K)`` int64,
+    ``mask: (B, L)`` bool — identical to what ``random_masking`` returns for the same inputs.
+    Lets a model embed only the visible patches (``patch_embed(..., keep=ids_keep[:, q_m:q_m+K_m] - o_m)``).
+    """
+    backend = check_backend_arg(backend)
+    lengths = [int(n) for n in lengths]
+    if present.dim() != 2 or present.shape[1] != len(lengths):
+        raise ValueError(f"present must be (B, M) with M = {len(lengths)}, got {tuple(present.shape)}")
+    if rng.shape != (2,) or rng.dtype != torch.int64:
+        raise ValueError(f"rng must be a (2,) int64 tensor (seed, offset), got {tuple(rng.shape)} {rng.dtype}")
+    if rng.device != present.device:
+        raise ValueError(f"rng is on {rng.device} but present is on {present.device}: keep rng on the device")
+    keeps = keep_counts(lengths, ratios)
+    return _select_keep(present.to(torch.bool).contiguous(), lengths, keeps, rng, backend)
+
+
 def random_masking(
     tokens: torch.Tensor,
     lengths: Sequence[int],
