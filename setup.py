@@ -137,6 +137,9 @@ def _resolve() -> tuple[dict, list]:
         define_macros=macros,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags} if cuda else {"cxx": cxx_flags},
         extra_link_args=link_flags,
+        # the library talks to Python only through PyInit (ops register via the dispatcher), so one
+        # build serves every CPython >= 3.9 (_C.abi3.so) and does not link libtorch_python
+        py_limited_api=True,
     )
     return config, [ext]
 
@@ -160,6 +163,9 @@ if extensions:
         def run(self):
             super().run()
             _write_config(config, os.path.join(self.build_lib, "pyimputmae"))
+            # an older per-interpreter build (_C.cpython-3xx-*.so) would shadow the abi3 one
+            for stale in glob.glob(os.path.join(ROOT, "pyimputmae", "_C.cpython-*.so")):
+                os.remove(stale)
 
     cmdclass["build_ext"] = _BuildExt.with_options(use_ninja=shutil.which("ninja") is not None)
 
@@ -169,4 +175,5 @@ setup(
     package_dir={"pyimputmae": "pyimputmae", "pyimputmae.kernels": "kernels"},
     packages=find_packages(include=["pyimputmae", "pyimputmae.*"]) + ["pyimputmae.kernels"],
     package_data={"pyimputmae": [CONFIG_NAME]},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}} if extensions else {},
 )

@@ -16,7 +16,7 @@ from ..reference.masking import keep_counts
 from ._common import autocast_dtype, backend_for, check_backend_arg
 
 
-@torch.library.custom_op("pyimputmae::select_keep", mutates_args=())
+@torch.library.custom_op("pyimputmae::random_keep", mutates_args=())
 def _select_keep(
     present: torch.Tensor, lengths: Sequence[int], keeps: Sequence[int], rng: torch.Tensor, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,7 +29,7 @@ def _(present, lengths, keeps, rng, backend):
     return (present.new_empty(B, sum(keeps), dtype=torch.int64), present.new_empty(B, sum(lengths), dtype=torch.bool))
 
 
-@torch.library.custom_op("pyimputmae::gather_visible", mutates_args=())
+@torch.library.custom_op("pyimputmae::gather_kept", mutates_args=())
 def _gather_visible(tokens: torch.Tensor, ids_keep: torch.Tensor, mask: torch.Tensor, backend: str) -> torch.Tensor:
     return backend_for("masking", tokens.device, backend).gather_visible(tokens, ids_keep, mask)
 
@@ -39,7 +39,7 @@ def _(tokens, ids_keep, mask, backend):
     return tokens.new_empty(tokens.shape[0], ids_keep.shape[1], tokens.shape[2])
 
 
-@torch.library.custom_op("pyimputmae::unshuffle_fill", mutates_args=())
+@torch.library.custom_op("pyimputmae::fill_masked", mutates_args=())
 def _unshuffle_fill(
     x: torch.Tensor, ids_keep: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor, backend: str
 ) -> torch.Tensor:
@@ -51,7 +51,7 @@ def _(x, ids_keep, mask, mask_token, backend):
     return x.new_empty(x.shape[0], mask.shape[1], x.shape[2])
 
 
-@torch.library.custom_op("pyimputmae::hidden_sum", mutates_args=())
+@torch.library.custom_op("pyimputmae::masked_token_grad", mutates_args=())
 def _hidden_sum(grad: torch.Tensor, mask: torch.Tensor, backend: str) -> torch.Tensor:
     return backend_for("masking", grad.device, backend).hidden_sum(grad, mask)
 

@@ -29,7 +29,7 @@ def _(x, weight, bias, pos, keep, patch, backend):
     return x.new_empty(x.shape[0], n, weight.shape[0])
 
 
-@torch.library.custom_op("pyimputmae::patch_embed_backward", mutates_args=())
+@torch.library.custom_op("pyimputmae::patch_embed_grad", mutates_args=())
 def _patch_embed_backward(
     grad_out: torch.Tensor,
     x: torch.Tensor,

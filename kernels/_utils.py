@@ -1,0 +1,57 @@
+"""Small helpers shared by the Triton kernels and launchers."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True under ``TRITON_INTERPRET=1``: kernels run on CPU tensors with one small configuration."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Launch on ``t``'s GPU even when another one is current (Triton launches on the current device)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+@functools.cache
+def sm_count(index: int) -> int:
+    """Number of SMs of CUDA device ``index`` (sizes split-K and grid-stride grids)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(t: torch.Tensor) -> int:
+    """SMs of ``t``'s device; a nominal 132 (H100) off the GPU."""
+    if t.device.type != "cuda":
+        return 132
+    return sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+INTERPRET = tl.constexpr(interpreting())
+
+
+@triton.jit
+def cast_rn(x, dtype: tl.constexpr):
+    """``x.to(dtype)`` rounding to nearest even, as the GPU does.
+
+    The interpreter truncates fp32 → bf16; there the rounding is done on the bits instead (NaN kept).
+    """
+    if INTERPRET:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            y = tl.where(x == x, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), x.to(dtype))
+        else:
+            y = x.to(dtype)
+    else:
+        y = x.to(dtype)
+    return y

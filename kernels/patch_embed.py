@@ -1,0 +1,368 @@
+"""Triton N-d patch embedding: an implicit GEMM that reads the patches straight from the raw input.
+
+Spec: ``pyimputmae.reference.patch_embed`` (forward) and ``pyimputmae.reference.backend`` (backward).
+
+Every input is seen as 3-D: ``x: (B, C, D, H, W)`` with patch ``(PD, PH, PW)``; a 2-D input has
+``D = PD = 1``, a 1-D input also ``H = PH = 1``. Patch ``g`` (row-major over the grid
+``(GD, GH, GW)``) of row ``b`` starts at ``x[b, 0, gd·PD, gh·PH, gw·PW]`` and its feature
+``f = (c, i, j, l)`` lies ``c·DHW + i·HW + j·W + l`` further on, so a GEMM tile's A operand is a
+gather with computed addresses and the ``(B, L, C·p^k)`` patch matrix never exists.
+
+- forward: tiles of ``BLOCK_M`` patches (kept ones only, with ``keep``) × ``BLOCK_N`` embedding dims,
+  a loop over the ``F = C·p^k`` features in ``BLOCK_K`` chunks, ``tl.dot`` with fp32 accumulation,
+  bias and ``pos[patch]`` in the epilogue.
+- backward: ``grad_x`` = ``grad_out · weight`` (a GEMM over E) scattered to the computed addresses
+  (each element of x belongs to exactly one patch; unread patches stay zero); ``grad_weight`` =
+  ``grad_outᵀ · patches`` (a GEMM over the rows, split over the rows into deterministic fp32
+  partials summed in a fixed order, so 3 × 16 output tiles still fill the GPU).
+
+Operand modes (``DOT``): 0 = ``tl.dot`` on the input dtype (bf16/fp16 tensor cores); 1 = operands
+cast to fp32 first (fp32 inputs, and every 16-bit input under ``TRITON_INTERPRET=1``, whose bf16 dot
+is wrong); 2 = fp64 as broadcast products and ``tl.sum`` (``tl.dot`` has no fp64 path on the GPU).
+fp32 inputs use ``input_precision="tf32x3"`` on the GPU: tensor cores with about fp32 accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import cast_rn, device_guard, interpreting, num_sms
+
+
+@triton.jit
+def patch_row_offsets(b, g, sample, H, W, GH, GW, PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr):
+    """Offset of ``x[b, 0, gd·PD, gh·PH, gw·PW]``, the first element of patch ``g`` of row ``b``."""
+    g = g.to(tl.int64)
+    gw = g % GW
+    gh = (g // GW) % GH
+    gd = g // (GW * GH)
+    return b.to(tl.int64) * sample + (gd * PD * H + gh * PH) * W + gw * PW
+
+
+@triton.jit
+def patch_feature_offsets(f, D, H, W, PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, VEC: tl.constexpr):
+    """Offset of feature ``f = (c, i, j, l)`` inside a patch: runs of ``PW`` contiguous elements.
+
+    ``VEC`` (the largest power of two dividing ``PW``, at most the block) tells the compiler that each
+    run of ``VEC`` starts at a multiple of ``VEC``: ``W`` is a multiple of ``PW``, so it does.
+    """
+    l = f % PW
+    j = (f // PW) % PH
+    i = (f // (PW * PH)) % PD
+    c = (f // (PW * PH * PD)).to(tl.int64)
+    offs = c * D * H * W + (i * H + j) * W + l
+    return tl.max_contiguous(tl.multiple_of(offs, VEC), VEC)
+
+
+@triton.jit
+def _mma(acc, a, b, DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += a @ b in the operand mode ``DOT`` (see the module docstring)."""
+    if DOT == 2:
+        acc += tl.sum(a.to(tl.float64)[:, :, None] * b.to(tl.float64)[None, :, :], axis=1)
+    elif DOT == 1:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _patch_embed_fwd_kernel(
+    out_ptr, x_ptr, w_ptr, bias_ptr, pos_ptr, keep_ptr,
+    rows, N, E, F, sample, D, H, W, GH, GW,
+    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, VEC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, HAS_KEEP: tl.constexpr,
+    DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out ``(B·N, E)``: row ``r = (b, m)`` embeds patch ``keep[b, m]`` (or ``m``) of row ``b``."""
+    pid = tl.program_id(0).to(tl.int64)
+    n_tiles = tl.cdiv(E, BLOCK_N)
+    # the E tiles of one row block are neighbours in launch order: its patches are read once from HBM
+    pid_m = pid // n_tiles
+    pid_n = pid % n_tiles
+    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    e = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    r_ok = r < rows
+    e_ok = e < E
+    b = r // N
+    if HAS_KEEP:
+        g = tl.load(keep_ptr + r, mask=r_ok, other=0)
+    else:
+        g = r - b * N
+    row_off = tl.multiple_of(patch_row_offsets(b, g, sample, H, W, GH, GW, PD, PH, PW), VEC)
+    acc_dtype = tl.float64 if DOT == 2 else tl.float32
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
+    for k0 in range(0, F, BLOCK_K):
+        f = k0 + tl.arange(0, BLOCK_K)
+        f_ok = f < F
+        feat = patch_feature_offsets(f, D, H, W, PD, PH, PW, VEC)
+        a = tl.load(x_ptr + row_off[:, None] + feat[None, :], mask=r_ok[:, None] & f_ok[None, :], other=0.0)
+        wt = tl.load(w_ptr + e[None, :].to(tl.int64) * F + f[:, None], mask=f_ok[:, None] & e_ok[None, :], other=0.0)
+        acc = _mma(acc, a, wt, DOT, PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + e, mask=e_ok, other=0.0).to(acc_dtype)[None, :]
+    if HAS_POS:
+        pos = tl.load(pos_ptr + g.to(tl.int64)[:, None] * E + e[None, :], mask=r_ok[:, None] & e_ok[None, :], other=0.0)
+        acc += pos.to(acc_dtype)
+    tl.store(out_ptr + r[:, None] * E + e[None, :], cast_rn(acc, out_ptr.dtype.element_ty),
+             mask=r_ok[:, None] & e_ok[None, :])
+
+
+@triton.jit
+def _patch_embed_grad_x_kernel(
+    gx_ptr, gout_ptr, w_ptr, keep_ptr,
+    rows, N, E, F, sample, D, H, W, GH, GW,
+    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, VEC: tl.constexpr, HAS_KEEP: tl.constexpr,
+    DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """grad_x at patch ``keep[b, m]`` (or ``m``), features ``f``: ``Σ_e grad_out[r, e]·weight[e, f]``."""
+    pid = tl.program_id(0).to(tl.int64)
+    f_tiles = tl.cdiv(F, BLOCK_N)
+    pid_m = pid // f_tiles
+    pid_n = pid % f_tiles
+    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    f = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    r_ok = r < rows
+    f_ok = f < F
+    b = r // N
+    if HAS_KEEP:
+        g = tl.load(keep_ptr + r, mask=r_ok, other=0)
+    else:
+        g = r - b * N
+    acc_dtype = tl.float64 if DOT == 2 else tl.float32
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
+    for k0 in range(0, E, BLOCK_K):
+        e = k0 + tl.arange(0, BLOCK_K)
+        e_ok = e < E
+        go = tl.load(gout_ptr + r[:, None] * E + e[None, :], mask=r_ok[:, None] & e_ok[None, :], other=0.0)
+        wt = tl.load(w_ptr + e[:, None].to(tl.int64) * F + f[None, :], mask=e_ok[:, None] & f_ok[None, :], other=0.0)
+        acc = _mma(acc, go, wt, DOT, PRECISION)
+    row_off = tl.multiple_of(patch_row_offsets(b, g, sample, H, W, GH, GW, PD, PH, PW), VEC)
+    feat = patch_feature_offsets(f, D, H, W, PD, PH, PW, VEC)
+    tl.store(gx_ptr + row_off[:, None] + feat[None, :], cast_rn(acc, gx_ptr.dtype.element_ty),
+             mask=r_ok[:, None] & f_ok[None, :])
+
+
+@triton.jit
+def _patch_embed_grad_w_kernel(
+    gw_ptr, gout_ptr, x_ptr, keep_ptr,
+    rows, rows_per_split, N, E, F, sample, D, H, W, GH, GW,
+    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, VEC: tl.constexpr, HAS_KEEP: tl.constexpr,
+    DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """gw ``(S, E, F)``: split ``s`` sums ``grad_out[r, e]·patch[r, f]`` over its rows
+    ``[s·rows_per_split, (s+1)·rows_per_split)``."""
+    pid = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    e_tiles = tl.cdiv(E, BLOCK_M)
+    # the E tiles of one feature tile are neighbours in launch order: the patches are read once
+    pid_n = pid // e_tiles
+    pid_m = pid % e_tiles
+    e = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    f = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    e_ok = e < E
+    f_ok = f < F
+    feat = patch_feature_offsets(f, D, H, W, PD, PH, PW, VEC)
+    first = split * rows_per_split
+    last = tl.minimum(first + rows_per_split, rows)
+    acc_dtype = tl.float64 if DOT == 2 else tl.float32
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
+    for r0 in range(first, last, BLOCK_K):
+        r = r0 + tl.arange(0, BLOCK_K)
+        r_ok = r < last
+        b = r // N
+        if HAS_KEEP:
+            g = tl.load(keep_ptr + r, mask=r_ok, other=0)
+        else:
+            g = r - b * N
+        row_off = tl.multiple_of(patch_row_offsets(b, g, sample, H, W, GH, GW, PD, PH, PW), VEC)
+        go_t = tl.load(gout_ptr + r[None, :] * E + e[:, None], mask=e_ok[:, None] & r_ok[None, :], other=0.0)
+        a = tl.load(x_ptr + row_off[:, None] + feat[None, :], mask=r_ok[:, None] & f_ok[None, :], other=0.0)
+        acc = _mma(acc, go_t, a, DOT, PRECISION)
+    tl.store(gw_ptr + split * E * F + e[:, None].to(tl.int64) * F + f[None, :], cast_rn(acc, gw_ptr.dtype.element_ty),
+             mask=e_ok[:, None] & f_ok[None, :])
+
+
+@triton.jit
+def _sum_splits_kernel(out_ptr, part_ptr, n, S, BLOCK: tl.constexpr):
+    """out ``(n,)`` = Σ_s part[s, :] in a fixed order, cast to out's dtype."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n
+    acc = tl.zeros([BLOCK], dtype=part_ptr.dtype.element_ty)
+    src = i
+    for _ in range(0, S):
+        acc += tl.load(part_ptr + src, mask=ok, other=0.0)
+        src += n
+    tl.store(out_ptr + i, cast_rn(acc, out_ptr.dtype.element_ty), mask=ok)
+
+
+def patch_geometry(x: torch.Tensor, patch: int) -> dict:
+    """``x: (B, C, *S)`` → the 3-D view of the kernels: sizes, patch shape, grid, ``L``, ``F``."""
+    if x.dim() not in (3, 4, 5):
+        raise ValueError(f"patch input must be (B, C, *S) with 1 to 3 spatial dims, got shape {tuple(x.shape)}")
+    if patch < 1:
+        raise ValueError(f"patch size must be positive, got {patch}")
+    spatial = tuple(x.shape[2:])
+    for axis, size in enumerate(spatial):
+        if size % patch:
+            raise ValueError(f"spatial size {size} (axis {axis + 2} of input shape {tuple(x.shape)}) "
+                             f"is not divisible by the patch size {patch}")
+    k = len(spatial)
+    D, H, W = (1,) * (3 - k) + spatial
+    PD, PH, PW = (1,) * (3 - k) + (patch,) * k
+    C = x.shape[1]
+    grid = (D // PD, H // PH, W // PW)
+    return dict(C=C, D=D, H=H, W=W, PD=PD, PH=PH, PW=PW, GH=grid[1], GW=grid[2], L=math.prod(grid),
+                F=C * PD * PH * PW, sample=C * D * H * W)
+
+
+def vector_width(pw: int, block: int) -> int:
+    """Largest power of two dividing the contiguous run length ``pw``, at most 16 and ``block``."""
+    return min(pw & -pw, 16, block)
+
+
+def _dot_mode(dtype: torch.dtype) -> tuple[int, str]:
+    if dtype == torch.float64:
+        return 2, "ieee"
+    if dtype == torch.float32 or interpreting():
+        return 1, "ieee" if interpreting() else "tf32x3"
+    return 0, "ieee"
+
+
+def _gemm_config(dtype: torch.dtype) -> dict:
+    """Fixed tiles: small ones for the interpreter and for fp64 broadcast products; H100/H200 ones else."""
+    if interpreting():
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
+    if dtype == torch.float64:
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=8, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+
+
+_FORWARD_CONFIGS = [
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), num_warps=8, num_stages=3),
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), num_warps=4, num_stages=4),
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64), num_warps=4, num_stages=4),
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64), num_warps=4, num_stages=4),
+]
+# a handful of H100/H200 tiles for 16-bit inputs, tried once per (rows, E, F, dtypes)
+_patch_embed_fwd_tuned = triton.autotune(configs=_FORWARD_CONFIGS, key=["rows", "E", "F", "PD", "PH", "PW"])(
+    _patch_embed_fwd_kernel
+)
+
+
+def patch_embed_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    pos: torch.Tensor | None,
+    keep: torch.Tensor | None,
+    patch: int,
+) -> torch.Tensor:
+    """x: ``(B, C, *S)``; weight: ``(E, C·p^k)``; bias: ``(E,)``; pos: ``(L, E)``; keep: ``(B, K)`` int64
+    → ``(B, L or K, E)`` in x's dtype, fp32 accumulation (fp64 for fp64)."""
+    geo = patch_geometry(x, patch)
+    E, F = weight.shape
+    if F != geo["F"]:
+        raise ValueError(f"weight must be (E, {geo['F']}) for input {tuple(x.shape)} and patch {patch}, "
+                         f"got {tuple(weight.shape)}")
+    B = x.shape[0]
+    N = keep.shape[1] if keep is not None else geo["L"]
+    out = torch.empty(B, N, E, dtype=x.dtype, device=x.device)
+    rows = B * N
+    if out.numel() == 0:
+        return out
+    dot, precision = _dot_mode(x.dtype)
+    args = (
+        out, x, weight.to(x.dtype), bias if bias is not None else x, pos if pos is not None else x,
+        keep if keep is not None else x,
+        rows, N, E, F, geo["sample"], geo["D"], geo["H"], geo["W"], geo["GH"], geo["GW"],
+    )
+    flags = dict(PD=geo["PD"], PH=geo["PH"], PW=geo["PW"], HAS_BIAS=bias is not None, HAS_POS=pos is not None,
+                 HAS_KEEP=keep is not None, DOT=dot, PRECISION=precision)
+    with device_guard(x):
+        if dot == 0:
+            flags["VEC"] = vector_width(geo["PW"], 64)
+            grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(E, meta["BLOCK_N"]),)
+            _patch_embed_fwd_tuned[grid](*args, **flags)
+        else:
+            cfg = _gemm_config(x.dtype)
+            flags["VEC"] = vector_width(geo["PW"], cfg["BLOCK_K"])
+            grid = (triton.cdiv(rows, cfg["BLOCK_M"]) * triton.cdiv(E, cfg["BLOCK_N"]),)
+            _patch_embed_fwd_kernel[grid](*args, **flags, **cfg)
+    return out
+
+
+def patch_embed_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    keep: torch.Tensor | None,
+    patch: int,
+    need_x: bool,
+    need_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """grad_out: ``(B, N, E)`` → ``(grad_x (B, C, *S) or empty(0), grad_weight (E, F) or empty(0))``.
+
+    Both are Triton GEMMs with fp32 accumulation (fp64 for fp64); grad_x is zero at patches no row
+    of ``keep`` names. A patch named twice by ``keep`` gets one row's gradient, not their sum.
+    """
+    geo = patch_geometry(x, patch)
+    E, F = weight.shape
+    B = x.shape[0]
+    N = grad_out.shape[1]
+    rows = B * N
+    grad_x = grad_weight = x.new_empty(0)
+    grad_out = grad_out.to(x.dtype).contiguous()
+    weight = weight.to(x.dtype)
+    dot, precision = _dot_mode(x.dtype)
+    cfg = _gemm_config(x.dtype)
+    keep_arg = keep if keep is not None else x
+    dims = (N, E, F, geo["sample"], geo["D"], geo["H"], geo["W"], geo["GH"], geo["GW"])
+    flags = dict(PD=geo["PD"], PH=geo["PH"], PW=geo["PW"], HAS_KEEP=keep is not None, DOT=dot, PRECISION=precision)
+    with device_guard(x):
+        if need_x:
+            # without keep every element of x belongs to exactly one embedded patch: no zero fill needed
+            grad_x = torch.zeros_like(x) if keep is not None or rows == 0 else torch.empty_like(x)
+            if rows > 0:
+                grid = (triton.cdiv(rows, cfg["BLOCK_M"]) * triton.cdiv(F, cfg["BLOCK_N"]),)
+                _patch_embed_grad_x_kernel[grid](
+                    grad_x, grad_out, weight, keep_arg, rows, *dims,
+                    VEC=vector_width(geo["PW"], cfg["BLOCK_N"]), **flags, **cfg,
+                )
+        if need_weight:
+            grad_weight = _grad_weight(grad_out, x, weight, keep_arg, rows, dims, flags, cfg, geo)
+    return grad_x, grad_weight
+
+
+def _grad_weight(grad_out, x, weight, keep_arg, rows, dims, flags, cfg, geo) -> torch.Tensor:
+    """``grad_outᵀ · patches``: split over the rows into fp32 partials when the E×F tiles alone
+    cannot fill the GPU, then a fixed-order sum (deterministic, no atomics)."""
+    E, F = weight.shape
+    tiles = triton.cdiv(E, cfg["BLOCK_M"]) * triton.cdiv(F, cfg["BLOCK_N"])
+    row_blocks = max(1, triton.cdiv(rows, cfg["BLOCK_K"]))
+    if interpreting():
+        splits = min(2, row_blocks)
+    else:
+        splits = max(1, min(row_blocks // 4, triton.cdiv(2 * num_sms(x), tiles), 32))
+    rows_per_split = triton.cdiv(row_blocks, splits) * cfg["BLOCK_K"]
+    splits = max(1, triton.cdiv(rows, rows_per_split))
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out = torch.empty(E, F, dtype=weight.dtype, device=x.device)
+    part = out if splits == 1 else torch.empty(splits, E, F, dtype=acc_dtype, device=x.device)
+    _patch_embed_grad_w_kernel[(tiles, splits)](
+        part, grad_out, x, keep_arg, rows, rows_per_split, *dims,
+        VEC=vector_width(geo["PW"], cfg["BLOCK_N"]), **flags, **cfg,
+    )
+    if splits > 1:
+        block = 256 if interpreting() else 1024
+        _sum_splits_kernel[(triton.cdiv(E * F, block),)](out, part, E * F, splits, BLOCK=block, num_warps=4)
+    return out

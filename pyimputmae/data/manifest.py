@@ -1,0 +1,376 @@
+"""The cohort manifest: one row per patient, validated, plus the clinical encoding fitted on it.
+
+A manifest is a CSV/TSV (or parquet) table with columns
+
+* ``patient_id`` — unique (aliases: ``case_id``, ``case_submitter_id``, ``submitter_id``, ``id``);
+* ``time`` ≥ 0 in the data's own unit and ``event`` in {0, 1} (aliases: ``time_years``,
+  ``survival_time``, ``duration``; ``status``, ``dead``);
+* ``split`` in {train, val, test} (default: all ``train``; ``test`` when preprocessing new patients
+  with a fitted store) and ``fold`` (``cv_fold``; empty = none);
+* one path column per modality — ``rna``, ``dnam``, ``wsi``, ``mri`` (or ``<name>_path``); empty =
+  the patient lacks it. Paths are relative to the manifest's folder. An omics path may pick a
+  column (or row) of a cohort-level matrix with ``file.tsv#SAMPLE``; without ``#``, the patient id
+  (or the single TCGA sample barcode that starts with it) is used. MRI may also be given per
+  sequence (``mri_t1``, ``mri_t1ce``, ``mri_t2``, ``mri_flair``) with ``mri_tumor_mask`` /
+  ``mri_brain_mask``; ``mri`` itself may be a BraTS-style case folder;
+* clinical columns: every other column unless ``clinical_columns`` names them (columns called
+  ``has_*`` — availability flags — are never clinical by default).
+
+Problems are reported with the line of the file and the value: a row with a duplicated id, a
+missing or negative time, or an event other than 0/1 is rejected (left out, with a warning) — or,
+with ``strict=True``, every problem is raised together as a :class:`ManifestError`. A path that does
+not exist counts as missing with a warning (an error under ``strict=True``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MODALITIES = ("rna", "dnam", "wsi", "mri")
+MRI_ROLES = ("t1", "t1ce", "t2", "flair", "tumor_mask", "brain_mask")
+SPLITS = ("train", "val", "test")
+
+_ALIASES = {
+    "patient_id": ("patient_id", "patient", "case_id", "case_submitter_id", "submitter_id", "id"),
+    "time": ("time", "time_years", "survival_time", "duration", "os_time"),
+    "event": ("event", "status", "dead", "os_event"),
+    "split": ("split",),
+    "fold": ("fold", "cv_fold"),
+}
+_MRI_ALIASES = {"tumor_mask": ("tumor_mask", "tumour_mask", "seg"), "brain_mask": ("brain_mask",)}
+_EMPTY = {"", "na", "nan", "none", "null", "n/a"}
+_TRUE = {"yes", "true", "y", "1", "1.0"}
+_FALSE = {"no", "false", "n", "0", "0.0"}
+
+
+class ManifestError(ValueError):
+    """The manifest cannot be used; the message lists every problem with its line and value."""
+
+
+class ManifestWarning(UserWarning):
+    """A row left out or a path counted as missing."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one modality of one patient comes from.
+
+    path: a file or folder; select: the column/row of a cohort-level omics matrix (``None`` = the
+    patient id); parts: MRI role → path (``t1ce``, ``tumor_mask``, …) when given per column.
+    """
+
+    path: Path
+    select: str | None = None
+    parts: tuple[tuple[str, Path], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "select": self.select, "parts": {k: str(v) for k, v in self.parts}}
+
+
+@dataclass
+class Manifest:
+    """A validated manifest: ``N`` accepted patients in file order.
+
+    time, event: ``(N,)`` float64 (NaN only when survival was not required); split: ``(N,)`` str;
+    fold: ``(N,)`` int64, −1 = none; clinical: raw clinical values, a pandas DataFrame of strings
+    (``N`` rows); sources: modality → ``N`` entries of :class:`Source` or ``None`` (missing);
+    lines: the file line of each patient; rejected / warnings: messages for the report.
+    """
+
+    path: Path | None
+    ids: list[str]
+    time: np.ndarray
+    event: np.ndarray
+    split: np.ndarray
+    fold: np.ndarray
+    clinical: Any
+    sources: dict[str, list[Source | None]]
+    lines: list[int]
+    sha256: str = ""
+    rejected: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.sources)
+
+
+def _is_empty(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip().lower() in _EMPTY
+
+
+def _find(columns: list[str], names: tuple[str, ...]) -> str | None:
+    lower = {c.lower(): c for c in columns}
+    return next((lower[n] for n in names if n in lower), None)
+
+
+def _read_table(path: Path) -> Any:
+    import pandas as pd
+
+    if not path.exists():
+        raise ManifestError(f"manifest {path} does not exist")
+    if path.suffix == ".parquet":
+        return pd.read_parquet(path).astype(str).reset_index(drop=True)
+    sep = "\t" if path.suffix.lower() in (".tsv", ".tab", ".txt") else ","
+    return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, comment=None)
+
+
+def file_sha256(path: str | Path) -> str:
+    """``sha256`` hex digest of a whole file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(
+    manifest: str | Path | Any,
+    *,
+    modalities: tuple[str, ...] = MODALITIES,
+    clinical_columns: list[str] | None = None,
+    strict: bool = False,
+    require_survival: bool = True,
+    default_split: str = "train",
+) -> Manifest:
+    """Read and validate a manifest file (or a pandas DataFrame, paths then relative to the cwd).
+
+    Returns a :class:`Manifest` of the accepted rows. ``require_survival=False`` (new patients at
+    prediction time) lets time/event be empty (NaN) but still checks the values that are given.
+    """
+    import pandas as pd
+
+    if isinstance(manifest, pd.DataFrame):
+        table = manifest.astype(str).reset_index(drop=True)
+        path, name, base = None, "manifest", Path.cwd()
+        digest = hashlib.sha256(table.to_csv(index=False).encode()).hexdigest()
+    else:
+        path = Path(manifest).resolve()
+        table, name, base, digest = _read_table(path), path.name, path.parent, file_sha256(path)
+    table = table.rename(columns=lambda c: str(c).strip())
+    columns = list(table.columns)
+    col = {key: _find(columns, names) for key, names in _ALIASES.items()}
+    problems: list[str] = []
+    if col["patient_id"] is None:
+        raise ManifestError(f"{name}: no patient id column (expected one of {', '.join(_ALIASES['patient_id'])}); "
+                            f"columns: {', '.join(columns)}")
+    for key in ("time", "event"):
+        if col[key] is None and require_survival:
+            raise ManifestError(f"{name}: no {key} column (expected one of {', '.join(_ALIASES[key])}); "
+                                f"columns: {', '.join(columns)}")
+
+    path_cols: dict[str, dict[str, str]] = {}
+    for m in modalities:
+        found = {"": c} if (c := _find(columns, (m, f"{m}_path"))) else {}
+        if m == "mri":
+            for role in MRI_ROLES:
+                c = _find(columns, tuple(f"mri_{a}" for a in _MRI_ALIASES.get(role, (role,))))
+                if c:
+                    found[role] = c
+        path_cols[m] = found
+    used = {c for c in col.values() if c} | {c for cols in path_cols.values() for c in cols.values()}
+    if clinical_columns is None:
+        clinical_columns = [c for c in columns if c not in used and not c.lower().startswith("has_")]
+    missing_clin = [c for c in clinical_columns if c not in columns]
+    if missing_clin:
+        raise ManifestError(f"{name}: clinical column(s) {missing_clin} not found; columns: {', '.join(columns)}")
+
+    ids = [str(v).strip() for v in table[col["patient_id"]]]
+    first_line: dict[str, list[int]] = {}
+    for i, pid in enumerate(ids):
+        first_line.setdefault(pid, []).append(i + 2)
+    bad_rows: dict[int, str] = {}
+    accepted: list[int] = []
+    times, events, splits, folds = [], [], [], []
+    for i, pid in enumerate(ids):
+        line = i + 2
+        where = f"{name} line {line} (patient {pid!r})"
+        reasons = []
+        if pid == "" or pid.lower() in _EMPTY:
+            reasons.append(f"{name} line {line}: empty patient id")
+        elif len(first_line[pid]) > 1:
+            reasons.append(f"{where}: duplicate patient id, also on line(s) "
+                           f"{', '.join(str(x) for x in first_line[pid] if x != line)}")
+        t = e = math.nan
+        if col["time"] is not None:
+            raw = table[col["time"]].iloc[i]
+            if _is_empty(raw):
+                if require_survival:
+                    reasons.append(f"{where}: missing time")
+            else:
+                try:
+                    t = float(raw)
+                except ValueError:
+                    reasons.append(f"{where}: time {raw!r} is not a number")
+                else:
+                    if not math.isfinite(t) or t < 0:
+                        reasons.append(f"{where}: time {raw!r} is negative or not finite")
+        if col["event"] is not None:
+            raw = table[col["event"]].iloc[i]
+            if _is_empty(raw):
+                if require_survival:
+                    reasons.append(f"{where}: missing event")
+            elif str(raw).strip() in ("0", "1", "0.0", "1.0"):
+                e = float(raw)
+            else:
+                reasons.append(f"{where}: event {raw!r} is not 0/1")
+        split = default_split
+        if col["split"] is not None and not _is_empty(table[col["split"]].iloc[i]):
+            split = str(table[col["split"]].iloc[i]).strip().lower()
+            split = {"validation": "val", "valid": "val", "training": "train"}.get(split, split)
+            if split not in SPLITS:
+                reasons.append(f"{where}: split {table[col['split']].iloc[i]!r} is not one of {', '.join(SPLITS)}")
+        fold = -1
+        if col["fold"] is not None and not _is_empty(table[col["fold"]].iloc[i]):
+            raw = table[col["fold"]].iloc[i]
+            try:
+                fold = int(float(raw))
+            except ValueError:
+                reasons.append(f"{where}: fold {raw!r} is not an integer")
+        if reasons:
+            bad_rows[i] = "; ".join(reasons)
+            continue
+        accepted.append(i)
+        times.append(t)
+        events.append(e)
+        splits.append(split)
+        folds.append(fold)
+
+    warned: list[str] = []
+    sources: dict[str, list[Source | None]] = {m: [] for m in modalities}
+    for i in accepted:
+        where = f"{name} line {i + 2} (patient {ids[i]!r})"
+        for m, cols in path_cols.items():
+            entries: dict[str, tuple[Path, str | None]] = {}
+            for role, c in cols.items():
+                raw = table[c].iloc[i]
+                if _is_empty(raw):
+                    continue
+                text, _, select = str(raw).strip().partition("#")
+                p = Path(text).expanduser()
+                p = p if p.is_absolute() else base / p
+                if not p.exists():
+                    msg = f"{where}: {c} path {text!r} does not exist"
+                    if strict:
+                        problems.append(msg)
+                    elif role in ("tumor_mask", "brain_mask"):
+                        warned.append(msg + "; the mask is ignored")
+                    else:
+                        warned.append(msg + f"; {m} counted as missing")
+                        entries = {}
+                        break
+                    continue
+                entries[role] = (p, select or None)
+            if not entries or set(entries) <= {"tumor_mask", "brain_mask"}:
+                sources[m].append(None)
+                continue
+            main = entries.get("", next(iter(entries.values())))
+            parts = tuple((r, p) for r, (p, _) in entries.items() if r)
+            sources[m].append(Source(path=main[0], select=main[1], parts=parts))
+
+    rejected = [bad_rows[i] + "; row left out" for i in sorted(bad_rows)]
+    if strict:
+        problems = [bad_rows[i] for i in sorted(bad_rows)] + problems
+    if problems:
+        shown = "\n  ".join(problems[:30])
+        more = f"\n  … and {len(problems) - 30} more" if len(problems) > 30 else ""
+        raise ManifestError(f"{name}: {len(problems)} problem(s):\n  {shown}{more}")
+    if not accepted:
+        raise ManifestError(f"{name}: no usable rows:\n  " + "\n  ".join(rejected[:30]))
+    for msg in rejected + warned:
+        warnings.warn(msg, ManifestWarning, stacklevel=2)
+
+    clinical = table.iloc[accepted][list(clinical_columns)].reset_index(drop=True)
+    return Manifest(
+        path=path, ids=[ids[i] for i in accepted], time=np.asarray(times, dtype=np.float64),
+        event=np.asarray(events, dtype=np.float64), split=np.asarray(splits, dtype=object).astype(str),
+        fold=np.asarray(folds, dtype=np.int64), clinical=clinical, sources=sources,
+        lines=[i + 2 for i in accepted], sha256=digest, rejected=rejected, warnings=warned,
+    )
+
+
+# ------------------------------------------------------------------------------------- clinical
+def fit_clinical(clinical: Any, train: np.ndarray) -> dict[str, Any]:
+    """Encode clinical columns, fitted on the rows where ``train`` is True.
+
+    Numeric columns stay numbers; yes/no/true/false/1/0 columns become 0/1; other text columns
+    become one-hot ``column=level`` features over the levels seen in training (two levels: one
+    feature). The training mean and standard deviation of each feature are recorded too (the
+    store keeps the encoded values unstandardised: the model fits its own imputation and scaling).
+    Returns a plain dict: ``{"features": [{"name", "source", "kind", "level"?, "levels"?}], "mean",
+    "std"}``.
+    """
+    features: list[dict[str, Any]] = []
+    for c in clinical.columns:
+        values = [str(v).strip() for v in clinical[c]]
+        known = [v for v in values if not _is_empty(v)]
+        known_train = [v for v, t in zip(values, train) if t and not _is_empty(v)]
+        if all(_is_float(v) for v in known) and known:
+            if {v.lower() for v in known} <= _TRUE | _FALSE:
+                features.append({"name": c, "source": c, "kind": "binary"})
+            else:
+                features.append({"name": c, "source": c, "kind": "numeric"})
+        elif {v.lower() for v in known} <= _TRUE | _FALSE:
+            features.append({"name": c, "source": c, "kind": "binary"})
+        else:
+            levels = sorted({v for v in known_train})
+            for level in levels[1:] if len(levels) == 2 else levels:
+                features.append({"name": f"{c}={level}", "source": c, "kind": "onehot", "level": level,
+                                 "levels": levels})
+    fitted: dict[str, Any] = {"features": features, "mean": [], "std": []}
+    raw = encode_clinical(clinical, fitted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(raw[train], axis=0) if train.any() else np.zeros(raw.shape[1])
+        std = np.nanstd(raw[train], axis=0) if train.any() else np.ones(raw.shape[1])
+    mean = np.where(np.isfinite(mean), mean, 0.0)
+    std = np.where(np.isfinite(std) & (std > 0), std, 1.0)
+    fitted["mean"], fitted["std"] = mean.tolist(), std.tolist()
+    return fitted
+
+
+def _is_float(v: str) -> bool:
+    try:
+        float(v)
+    except ValueError:
+        return False
+    return True
+
+
+def encode_clinical(clinical: Any, fitted: dict[str, Any]) -> np.ndarray:
+    """``(N, K)`` float64 encoded (not standardised) clinical features; NaN = unknown or a level
+    never seen in training."""
+    out = np.full((len(clinical), len(fitted["features"])), np.nan)
+    for j, f in enumerate(fitted["features"]):
+        if f["source"] not in clinical.columns:
+            continue
+        for i, v in enumerate(clinical[f["source"]]):
+            v = str(v).strip()
+            if _is_empty(v):
+                continue
+            if f["kind"] == "numeric":
+                out[i, j] = float(v) if _is_float(v) else np.nan
+            elif f["kind"] == "binary":
+                out[i, j] = 1.0 if v.lower() in _TRUE else 0.0 if v.lower() in _FALSE else np.nan
+            elif v in f["levels"]:
+                out[i, j] = float(v == f["level"])
+    return out
+
+
+def apply_clinical(clinical: Any, fitted: dict[str, Any], standardize: bool = False) -> np.ndarray:
+    """``(N, K)`` float32 encoded clinical features, NaN for unknown values; ``standardize``: minus
+    the training mean, over the training standard deviation."""
+    raw = encode_clinical(clinical, fitted)
+    if standardize and raw.shape[1]:
+        raw = (raw - np.asarray(fitted["mean"])) / np.asarray(fitted["std"])
+    return raw.astype(np.float32)

@@ -1,0 +1,447 @@
+"""Omics readers (GDC STAR gene counts, gene × sample matrices, methylation beta tables) and the
+feature selection / normalisation fitted on the training split.
+
+Pipeline of one modality (RNA defaults in brackets, DESIGN.md §1):
+
+1. read one value per feature and patient (:func:`read_omics`) — the raw matrix ``(N, G)``;
+2. optional M-value → beta conversion (``values="m_value"``) and ``log1p`` [on];
+3. **fit on training patients only** (:func:`fit_omics`): candidate features are those seen in
+   training files; keep those with training standard deviation > ``min_std`` [0.1] (or a fixed
+   ``gene_list``), at most ``width`` of them (the largest standard deviations), in file order;
+   record each kept feature's training median;
+4. apply (:func:`apply_omics`, the same for training, test and new patients): NaN/Inf → the
+   training median (counted), per-sample normalisation [divide by the sample's median over the
+   kept features], zero padding to ``width`` [16,384] → ``(N, 1, width)`` float32.
+
+The fitted dict is plain JSON data and is saved with the store.
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import gzip
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+GDC_VALUE_COLUMNS = ("tpm_unstranded", "fpkm_unstranded", "fpkm_uq_unstranded", "unstranded")
+_GDC_REQUIRED = ("gene_id", "gene_name", "gene_type")
+
+
+class OmicsError(ValueError):
+    """An omics file that cannot be read for a patient; the message names both."""
+
+
+@dataclass
+class OmicsConfig:
+    """Settings of one omics modality (see the module docstring for the pipeline).
+
+    kind: "auto" (GDC STAR file if its header says so, else a table), "gdc_star" or "table";
+    value: the GDC column; gene_types: GDC ``gene_type`` values kept (empty = all); gene_key:
+    "gene_id" (Ensembl, version stripped) or "gene_name"; values: "raw", "beta" or "m_value"
+    (converted to beta); log1p; sample_norm: "median" or "none"; min_std; width: padded length
+    ``L``; gene_list: a fixed feature list instead of the standard-deviation filter.
+    """
+
+    kind: str = "auto"
+    value: str = "tpm_unstranded"
+    gene_types: tuple[str, ...] = ("protein_coding",)
+    gene_key: str = "gene_id"
+    values: str = "raw"
+    log1p: bool = True
+    sample_norm: str = "median"
+    min_std: float = 0.1
+    width: int = 16384
+    gene_list: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        self.gene_types = tuple(self.gene_types)
+        checks = (("kind", self.kind, ("auto", "gdc_star", "table")), ("value", self.value, GDC_VALUE_COLUMNS),
+                  ("gene_key", self.gene_key, ("gene_id", "gene_name")),
+                  ("values", self.values, ("raw", "beta", "m_value")),
+                  ("sample_norm", self.sample_norm, ("median", "none")))
+        for what, v, choices in checks:
+            if v not in choices:
+                raise ValueError(f"OmicsConfig.{what} must be one of {', '.join(choices)}, got {v!r}")
+        if self.width < 1:
+            raise ValueError(f"OmicsConfig.width must be ≥ 1, got {self.width}")
+
+    @classmethod
+    def rna(cls, **changes: Any) -> OmicsConfig:
+        """The paper's RNA-seq: TPM of protein-coding genes, log1p, std > 0.1, ÷ sample median, 16,384."""
+        return cls(**changes)
+
+    @classmethod
+    def dnam(cls, **changes: Any) -> OmicsConfig:
+        """The paper's DNA methylation: beta values as they are, padded to 24,576."""
+        return cls(**{"values": "beta", "log1p": False, "sample_norm": "none", "min_std": 0.0, "width": 24576,
+                      **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["gene_types"] = list(self.gene_types)
+        return d
+
+
+def _where(path: Path | str, patient: str | None) -> str:
+    return f"{path} (patient {patient!r})" if patient else str(path)
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt") if path.suffix == ".gz" else open(path)
+
+
+def _first_lines(path: Path, n: int = 3) -> list[str]:
+    with _open_text(path) as f:
+        lines = []
+        for line in f:
+            if not line.startswith("#"):
+                lines.append(line.rstrip("\n"))
+            if len(lines) >= n:
+                break
+    return lines
+
+
+def is_gdc_star(path: str | Path) -> bool:
+    """Whether ``path`` looks like a GDC "augmented STAR gene counts" TSV (by its header)."""
+    p = Path(path)
+    if p.suffix == ".parquet":
+        return False
+    try:
+        head = _first_lines(p, 1)
+    except (OSError, UnicodeDecodeError):
+        return False
+    return bool(head) and {"gene_id", "gene_type"} <= set(head[0].split("\t"))
+
+
+def read_gdc_star_counts(path: str | Path, config: OmicsConfig | None = None, patient: str | None = None) -> Any:
+    """One sample of a GDC "augmented STAR gene counts" TSV as a pandas Series (feature → value).
+
+    The ``# gene-model`` comment and the ``N_unmapped``/``N_multimapping``/``N_noFeature``/
+    ``N_ambiguous`` rows are dropped, rows filtered on ``gene_type``, and genes keyed by
+    ``config.gene_key`` (duplicates, e.g. the ``_PAR_Y`` copies, are summed).
+    """
+    import pandas as pd
+
+    cfg = config or OmicsConfig()
+    path = Path(path)
+    try:
+        table = pd.read_csv(path, sep="\t", comment="#", dtype=str, keep_default_na=False)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise OmicsError(f"{_where(path, patient)}: cannot read GDC STAR counts file: {e}") from e
+    need = [*_GDC_REQUIRED, cfg.value]
+    missing = [c for c in need if c not in table.columns]
+    if missing:
+        raise OmicsError(f"{_where(path, patient)}: GDC STAR counts file has no column(s) {missing}; "
+                         f"columns are {list(table.columns)}")
+    table = table[~table["gene_id"].str.startswith("N_")]
+    if cfg.gene_types:
+        table = table[table["gene_type"].isin(cfg.gene_types)]
+    if table.empty:
+        raise OmicsError(f"{_where(path, patient)}: no gene of type {list(cfg.gene_types)} in the file")
+    key = table[cfg.gene_key]
+    if cfg.gene_key == "gene_id":
+        key = key.str.split(".").str[0]
+    values = pd.to_numeric(table[cfg.value], errors="coerce")
+    return values.groupby(key.to_numpy(), sort=False).sum(min_count=1).astype(np.float64)
+
+
+def read_table(path: str | Path) -> Any:
+    """A feature table as a DataFrame indexed by its first column: TSV/CSV/TXT (optionally
+    ``.gz``) or parquet. A header-less two-column file (a GDC methylation beta file:
+    ``probe<TAB>beta``) gets the columns ``["value"]``."""
+    import pandas as pd
+
+    path = Path(path)
+    if path.suffix == ".parquet":
+        table = pd.read_parquet(path)
+        first_is_text = table.shape[1] > 0 and not pd.api.types.is_numeric_dtype(table.dtypes.iloc[0])
+        if isinstance(table.index, pd.RangeIndex) and first_is_text:
+            table = table.set_index(table.columns[0])
+        return table
+    stem = path.with_suffix("") if path.suffix == ".gz" else path
+    first = _first_lines(path, 1)
+    if not first:
+        raise ValueError("the file is empty")
+    if stem.suffix.lower() in (".tsv", ".tab", ".txt"):
+        sep = "\t"
+    elif stem.suffix.lower() == ".csv":
+        sep = ","
+    else:
+        sep = csv.Sniffer().sniff(first[0], delimiters="\t,;").delimiter
+    fields = first[0].split(sep)
+    headerless = len(fields) >= 2 and all(_is_number(v) for v in fields[1:])
+    table = pd.read_csv(path, sep=sep, comment="#", index_col=0, header=None if headerless else 0)
+    if headerless:
+        table.columns = ["value"] if table.shape[1] == 1 else [f"value{i}" for i in range(table.shape[1])]
+    table.index = table.index.astype(str)
+    table.columns = table.columns.astype(str)
+    return table
+
+
+def _is_number(v: str) -> bool:
+    try:
+        float(v)
+    except ValueError:
+        return v.strip().lower() in ("na", "nan", "")
+    return True
+
+
+class _Labels:
+    """Sorted labels of one table axis, for exact and prefix look-ups in O(log n)."""
+
+    def __init__(self, labels: Any) -> None:
+        self.exact = set(labels)
+        self.sorted = sorted(self.exact)
+
+    def prefixed(self, key: str) -> str | None:
+        i = bisect.bisect_left(self.sorted, key)
+        return self.sorted[i] if i < len(self.sorted) and self.sorted[i].startswith(key) else None
+
+
+def find_sample(table: Any, patient: str, select: str | None = None, path: Path | str = "",
+                labels: tuple[_Labels, _Labels] | None = None) -> tuple[str, str]:
+    """Where one sample sits in a feature table of either orientation: ``("column" | "row", label)``.
+
+    ``select`` (or else ``patient``) names a column (features × samples) or a row (samples ×
+    features); failing that, the first in sorted order of the columns/rows whose name starts with
+    it (a TCGA sample barcode ``TCGA-XX-XXXX-01A-…`` for patient ``TCGA-XX-XXXX``: the primary
+    tumour ``-01`` sorts first); failing that, a table with a single value column is the sample.
+    ``labels``: the table's :class:`_Labels` (columns, rows), when looking up many patients.
+    """
+    labels = labels or (_Labels(table.columns), _Labels(table.index))
+    key = select or patient
+    for axis, lab in zip(("column", "row"), labels):
+        if key in lab.exact:
+            return axis, key
+    for axis, lab in zip(("column", "row"), labels):
+        if (hit := lab.prefixed(key)) is not None:
+            return axis, hit
+    if select is None and table.shape[1] == 1:
+        return "column", table.columns[0]
+    raise OmicsError(f"{_where(path, patient)}: no column or row named {key!r} (table of "
+                     f"{table.shape[0]} rows × {table.shape[1]} columns; columns start "
+                     f"{list(table.columns[:5])}, rows start {list(table.index[:5])})")
+
+
+def select_sample(table: Any, patient: str, select: str | None = None, path: Path | str = "") -> Any:
+    """The Series (feature → float) of one sample of a feature table (see :func:`find_sample`)."""
+    axis, label = find_sample(table, patient, select, path)
+    series = table[label] if axis == "column" else table.loc[label]
+    if series.ndim == 2:  # a duplicated row label: the first
+        series = series.iloc[0]
+    return _dedupe(series.astype(np.float64))
+
+
+def _dedupe(series: Any) -> Any:
+    """Mean over duplicated feature names (first-seen order)."""
+    series.index = series.index.astype(str)
+    return series.groupby(level=0, sort=False).mean() if series.index.has_duplicates else series
+
+
+def _load_table(path: Path, patient: str, cache: dict | None) -> Any:
+    import pandas as pd
+
+    key = str(path)
+    if cache is not None and key in cache:
+        return cache[key]
+    try:
+        table = read_table(path)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise OmicsError(f"{_where(path, patient)}: cannot read the omics table: {e}") from e
+    if not all(pd.api.types.is_numeric_dtype(t) for t in table.dtypes):
+        table = table.apply(pd.to_numeric, errors="coerce")
+    if cache is not None:
+        cache[key] = table
+    return table
+
+
+def read_omics(path: str | Path, patient: str, config: OmicsConfig, select: str | None = None,
+               cache: dict | None = None) -> Any:
+    """One patient's raw values (a pandas Series, feature → float) from a GDC STAR file or a table.
+
+    ``cache`` (path → DataFrame) keeps cohort-level matrices read once for all patients.
+    """
+    path = Path(path)
+    if config.kind == "gdc_star" or (config.kind == "auto" and is_gdc_star(path)):
+        return read_gdc_star_counts(path, config, patient)
+    return select_sample(_load_table(path, patient, cache), patient, select, path)
+
+
+def _transform(x: np.ndarray, fitted: dict[str, Any]) -> np.ndarray:
+    """Value-wise steps before imputation: M → beta, log1p (negative values become NaN)."""
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        if fitted["values"] == "m_value":
+            x = np.exp2(x) / (np.exp2(x) + 1.0)
+        if fitted["log1p"]:
+            x = np.where(x >= 0, np.log1p(np.where(x >= 0, x, 0.0)), np.nan)
+    return x
+
+
+def fit_omics(raw: Any, config: OmicsConfig) -> dict[str, Any]:
+    """Fit the feature list and the per-feature medians on ``raw``: **training patients only**,
+    a DataFrame ``(n_train, G)`` (NaN where a patient's file lacks a feature).
+
+    Returns ``{"features": [...], "medians": [...], "width", "values", "log1p", "sample_norm",
+    "min_std", "selection", "n_train"}``.
+    """
+    if raw.shape[0] == 0:
+        raise OmicsError("no training patient has this modality: nothing to fit the feature selection on")
+    fitted: dict[str, Any] = {"values": config.values, "log1p": config.log1p, "sample_norm": config.sample_norm,
+                              "min_std": config.min_std, "width": config.width, "n_train": int(raw.shape[0])}
+    x = _transform(raw.to_numpy(np.float64), fitted)
+    x[~np.isfinite(x)] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        std = np.nanstd(x, axis=0, ddof=1) if x.shape[0] > 1 else np.zeros(x.shape[1])
+        med = np.nanmedian(x, axis=0)
+    names = [str(c) for c in raw.columns]
+    if config.gene_list is not None:
+        pos = {n: j for j, n in enumerate(names)}
+        features = list(dict.fromkeys(str(g) for g in config.gene_list))
+        medians = [float(med[pos[g]]) if g in pos and np.isfinite(med[pos[g]]) else 0.0 for g in features]
+        fitted["selection"] = "gene_list"
+    else:
+        ok = np.isfinite(std) & (std > config.min_std) if config.min_std > 0 else np.isfinite(med)
+        keep = np.flatnonzero(ok)
+        if keep.size > config.width:  # the largest standard deviations, back in file order
+            keep = np.sort(keep[np.argsort(-np.nan_to_num(std[keep]), kind="stable")[: config.width]])
+        features = [names[j] for j in keep]
+        medians = [float(med[j]) for j in keep]
+        fitted["selection"] = f"std>{config.min_std}" if config.min_std > 0 else "all"
+    if len(features) > config.width:
+        raise OmicsError(f"the gene list has {len(features)} features, more than the width {config.width}")
+    if not features:
+        raise OmicsError(f"no feature passes the selection ({fitted['selection']}) on {raw.shape[0]} training patients")
+    fitted["features"], fitted["medians"] = features, medians
+    return fitted
+
+
+def apply_omics(raw: Any, fitted: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Apply a fitted selection to any patients: ``raw`` DataFrame ``(n, G)`` → ``(values (n, 1, width)
+    float32, replaced (n,) int64)`` — the count of NaN/Inf (or absent) values set to training medians."""
+    x = _transform(raw.reindex(columns=fitted["features"]).to_numpy(np.float64), fitted)
+    bad = ~np.isfinite(x)
+    x = np.where(bad, np.asarray(fitted["medians"], dtype=np.float64)[None, :], x)
+    if fitted["sample_norm"] == "median" and x.shape[0]:
+        med = np.median(x, axis=1, keepdims=True)
+        # a sample whose median is not positive (nearly all zeros) is left unscaled
+        x = x / np.where(med > 0, med, 1.0)
+    out = np.zeros((x.shape[0], 1, fitted["width"]), dtype=np.float32)
+    out[:, 0, : x.shape[1]] = x
+    return out, bad.sum(axis=1).astype(np.int64)
+
+
+@dataclass
+class OmicsStage:
+    """The result of reading, fitting and applying one modality for a whole manifest.
+
+    values: ``(N, 1, width)`` float32 (zeros where missing or failed); status: ``(N,)`` "present",
+    "missing" or "failed"; errors: patient index → message; replaced: ``(N,)``; fitted: the dict.
+    """
+
+    values: np.ndarray
+    status: list[str]
+    errors: dict[int, str] = field(default_factory=dict)
+    replaced: np.ndarray | None = None
+    fitted: dict[str, Any] | None = None
+
+
+def read_cohort_omics(ids: list[str], sources: list[Any], config: OmicsConfig, workers: int = 1,
+                      progress: bool = False, name: str = "omics") -> tuple[dict[int, Any], dict[int, str]]:
+    """Every listed patient's raw values: ``({patient index: DataFrame of one or more patients ×
+    features}, {patient index: error})``. A cohort-level table is read once and sliced for all its
+    patients at once; per-patient files (GDC STAR) are read in ``workers`` threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    by_file: dict[Path, list[int]] = {}
+    for i, s in enumerate(sources):
+        if s is not None:
+            by_file.setdefault(Path(s.path), []).append(i)
+    errors: dict[int, str] = {}
+    frames: dict[int, Any] = {}  # first patient of a block → (patients × features) frame
+    single: list[int] = []
+    for path, rows in by_file.items():
+        if config.kind == "gdc_star" or (config.kind == "auto" and is_gdc_star(path)):
+            single += rows
+            continue
+        try:
+            table = _load_table(path, ids[rows[0]], None)
+        except OmicsError as e:
+            errors.update({i: str(e).replace(repr(ids[rows[0]]), repr(ids[i])) for i in rows})
+            continue
+        labels = (_Labels(table.columns), _Labels(table.index))
+        picked: dict[str, list[tuple[int, str]]] = {"column": [], "row": []}
+        for i in rows:
+            try:
+                axis, label = find_sample(table, ids[i], sources[i].select, path, labels)
+            except OmicsError as e:
+                errors[i] = str(e)
+                continue
+            picked[axis].append((i, label))
+        for axis, hits in picked.items():
+            if hits:
+                part = table[[h[1] for h in hits]].T if axis == "column" else table.loc[[h[1] for h in hits]]
+                part = part.astype(np.float64)
+                part.columns = part.columns.astype(str)
+                if part.columns.has_duplicates:
+                    part = part.T.groupby(level=0, sort=False).mean().T
+                part.index = [h[0] for h in hits]
+                frames[hits[0][0]] = part
+
+    def read(i: int) -> Any:
+        return read_gdc_star_counts(sources[i].path, config, ids[i])
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        futures = {i: pool.submit(read, i) for i in single}
+        for i in tqdm(single, desc=f"read {name}", disable=not progress or not single, leave=False):
+            try:
+                frames[i] = futures[i].result().to_frame(i).T
+            except (OmicsError, OSError) as e:
+                errors[i] = str(e)
+    return frames, errors
+
+
+def _concat(frames: list[Any]) -> Any:
+    """Stack patients × features frames; features in first-seen order (never sorted)."""
+    import pandas as pd
+
+    return pd.concat(frames, axis=0, sort=False) if frames else pd.DataFrame()
+
+
+def run_omics(ids: list[str], sources: list[Any], train: np.ndarray, config: OmicsConfig,
+              fitted: dict[str, Any] | None = None, workers: int = 1, progress: bool = False,
+              name: str = "omics") -> OmicsStage:
+    """Read every patient's data, fit on the ``train`` rows (unless ``fitted`` is given), apply to
+    all. A file that fails is recorded for its patient and never stops the others."""
+    frames, errors = read_cohort_omics(ids, sources, config, workers, progress, name)
+    status = ["missing" if s is None else "failed" if i in errors else "present" for i, s in enumerate(sources)]
+    width = (fitted or {}).get("width", config.width)
+    values = np.zeros((len(ids), 1, width), dtype=np.float32)
+    replaced = np.zeros(len(ids), dtype=np.int64)
+    if not frames:
+        return OmicsStage(values, status, errors, replaced, fitted)
+    if fitted is None:
+        # only training patients' data: test patients can change neither the features nor their order
+        train_parts = [f.loc[[i for i in f.index if train[i]]] for f in frames.values()]
+        train_frame = _concat([f for f in train_parts if len(f)])
+        try:
+            fitted = fit_omics(train_frame.dropna(axis=1, how="all"), config)
+        except OmicsError as e:  # nothing to fit on: the modality is unusable for every patient
+            for f in frames.values():
+                for i in f.index:
+                    status[i], errors[i] = "failed", f"patient {ids[i]!r}: {name}: {e}"
+            return OmicsStage(values, status, errors, replaced, None)
+    frame = _concat(list(frames.values()))
+    out, n_bad = apply_omics(frame, fitted)
+    rows = frame.index.to_numpy(np.int64)
+    values = np.zeros((len(ids), 1, fitted["width"]), dtype=np.float32)
+    values[rows] = out
+    replaced[rows] = n_bad
+    return OmicsStage(values, status, errors, replaced, fitted)

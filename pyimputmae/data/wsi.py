@@ -1,0 +1,195 @@
+"""Whole-slide images (OpenSlide): tissue detection, tiling at a set resolution, tile scoring.
+
+One slide → the ``n_keep`` best tiles as ``uint8`` arrays, decoded once at preprocessing time and
+never again per training step:
+
+1. **tissue**: a thumbnail (each tile covers ≥ ~16 thumbnail pixels, the longer side ≤ 2048 px),
+   HSV saturation, Otsu's threshold (floored at ``min_saturation``: a blank slide is not tissue);
+2. **grid**: non-overlapping tiles of ``tile_px`` pixels at ``mpp`` µm/px, read from the pyramid
+   level just finer than that and resized; tiles whose thumbnail tissue fraction is ≥
+   ``min_tissue`` are candidates, the ``n_candidates`` most covered (ties in a seeded,
+   deterministic order spread over the slide) are read;
+3. **score** = mean over the tile's pixels of ``tissue · saturation / 255`` (tissue by the slide's
+   threshold): dense, well-stained tissue first; the best ``n_keep`` are kept, best first.
+
+Training may draw among the kept tiles; inference uses the best one or the mean of all (see
+:mod:`pyimputmae.data.store`). An unreadable slide raises :class:`SlideError` naming the file and
+the patient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class SlideError(RuntimeError):
+    """A slide that cannot be tiled; the message names the file and the patient."""
+
+
+@dataclass
+class WsiConfig:
+    """tile_px: tile side in pixels; mpp: µm per pixel of the tiles; n_candidates: tiles read and
+    scored per slide; n_keep: best tiles stored; min_tissue: thumbnail tissue fraction of a
+    candidate; min_saturation: floor of the Otsu threshold (0–255); default_mpp: used when the
+    slide does not record its resolution (``None``: such a slide is an error); seed: tie order."""
+
+    tile_px: int = 256
+    mpp: float = 0.5
+    n_candidates: int = 100
+    n_keep: int = 10
+    min_tissue: float = 0.5
+    min_saturation: float = 15.0
+    default_mpp: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.tile_px < 8 or self.mpp <= 0 or self.n_keep < 1 or self.n_candidates < self.n_keep:
+            raise ValueError(f"WsiConfig needs tile_px ≥ 8, mpp > 0, 1 ≤ n_keep ≤ n_candidates; got {self}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SlideTiles:
+    """tiles: ``(k, 3, tile_px, tile_px)`` uint8, best first (k ≤ n_keep); scores: ``(k,)``;
+    coords: ``(k, 2)`` level-0 ``(x, y)`` of each tile's corner; slide_mpp: the slide's µm/px;
+    threshold: the saturation threshold; n_tissue: grid tiles that passed ``min_tissue``."""
+
+    tiles: np.ndarray
+    scores: np.ndarray
+    coords: np.ndarray
+    slide_mpp: float
+    threshold: float
+    n_tissue: int
+
+
+def otsu_threshold(values: np.ndarray) -> float:
+    """Otsu's threshold of uint8 ``values`` (any shape): the cut maximising between-class variance."""
+    hist = np.bincount(values.ravel().astype(np.int64), minlength=256)[:256].astype(np.float64)
+    total = hist.sum()
+    if total == 0:
+        return 0.0
+    levels = np.arange(256, dtype=np.float64)
+    w0 = np.cumsum(hist)
+    m0 = np.cumsum(hist * levels)
+    w1 = total - w0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (m0[-1] * w0 - total * m0) ** 2 / (w0 * w1)
+    between[~np.isfinite(between)] = -1.0
+    return float(np.argmax(between))
+
+
+def saturation(rgb: np.ndarray) -> np.ndarray:
+    """HSV saturation of ``(H, W, 3)`` uint8 RGB, as uint8 0–255."""
+    rgb = rgb.astype(np.int32)
+    mx = rgb.max(axis=-1)
+    mn = rgb.min(axis=-1)
+    return np.where(mx > 0, (mx - mn) * 255 // np.maximum(mx, 1), 0).astype(np.uint8)
+
+
+def _rgb(region: Any) -> np.ndarray:
+    """An RGBA PIL image from OpenSlide → RGB uint8, transparent (outside the scan) as white."""
+    a = np.asarray(region, dtype=np.uint8)
+    if a.shape[-1] == 4:
+        alpha = a[..., 3:4].astype(np.uint16)
+        a = ((a[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha)) // 255).astype(np.uint8)
+    return a
+
+
+def slide_mpp(slide: Any, config: WsiConfig, where: str) -> float:
+    """The slide's µm/px at level 0 (``openslide.mpp-x``/``-y``), else ``config.default_mpp``."""
+    props = slide.properties
+    try:
+        return float(props["openslide.mpp-x"]) * 0.5 + float(props["openslide.mpp-y"]) * 0.5
+    except (KeyError, ValueError):
+        if config.default_mpp is None:
+            raise SlideError(f"{where}: the slide does not record its resolution (openslide.mpp-x); "
+                             f"set WsiConfig.default_mpp (--wsi-default-mpp)") from None
+        return float(config.default_mpp)
+
+
+def tile_slide(path: str | Path, config: WsiConfig | None = None, patient: str | None = None) -> SlideTiles:
+    """Tissue detection, tiling and scoring of one slide; see the module docstring."""
+    import openslide
+
+    cfg = config or WsiConfig()
+    where = f"{path} (patient {patient!r})" if patient else str(path)
+    try:
+        slide = openslide.OpenSlide(str(path))
+    except openslide.OpenSlideUnsupportedFormatError as e:
+        raise SlideError(f"{where}: not a slide OpenSlide can read (unsupported or damaged file): {e}") from e
+    except (openslide.OpenSlideError, OSError) as e:
+        raise SlideError(f"{where}: cannot open the slide: {e}") from e
+    try:
+        return _tile_open_slide(slide, cfg, where)
+    except (openslide.OpenSlideError, OSError, ValueError) as e:
+        raise SlideError(f"{where}: cannot read the slide (damaged or truncated?): {e}") from e
+    finally:
+        slide.close()
+
+
+def _tile_open_slide(slide: Any, cfg: WsiConfig, where: str) -> SlideTiles:
+    from PIL import Image
+
+    mpp0 = slide_mpp(slide, cfg, where)
+    if cfg.mpp < 0.95 * mpp0:
+        raise SlideError(f"{where}: the slide's resolution {mpp0:.3f} µm/px is coarser than the requested "
+                         f"{cfg.mpp} µm/px")
+    width0, height0 = slide.dimensions
+    tile0 = cfg.tile_px * cfg.mpp / mpp0  # tile side in level-0 pixels
+    nx, ny = int(width0 // tile0), int(height0 // tile0)
+    if nx == 0 or ny == 0:
+        raise SlideError(f"{where}: slide of {width0}×{height0} px is smaller than one {tile0:.0f} px tile")
+
+    # tissue mask on a thumbnail; the thumbnail's own scale per axis (it keeps the aspect ratio)
+    side = int(min(2048, math.ceil(max(width0, height0) * 16 / tile0)))
+    thumb = _rgb(slide.get_thumbnail((side, side)).convert("RGBA"))
+    sat = saturation(thumb)
+    threshold = max(otsu_threshold(sat), cfg.min_saturation)
+    tissue = sat > threshold
+    sy, sx = tissue.shape[0] / height0, tissue.shape[1] / width0
+    integral = np.pad(tissue.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    xs = np.arange(nx) * tile0
+    ys = np.arange(ny) * tile0
+    x0 = np.clip(np.floor(xs * sx).astype(int), 0, tissue.shape[1] - 1)
+    x1 = np.clip(np.ceil((xs + tile0) * sx).astype(int), x0 + 1, tissue.shape[1])
+    y0 = np.clip(np.floor(ys * sy).astype(int), 0, tissue.shape[0] - 1)
+    y1 = np.clip(np.ceil((ys + tile0) * sy).astype(int), y0 + 1, tissue.shape[0])
+    covered = (integral[y1][:, x1] - integral[y0][:, x1] - integral[y1][:, x0] + integral[y0][:, x0])
+    frac = covered / ((y1 - y0)[:, None] * (x1 - x0)[None, :])  # (ny, nx)
+    cells = np.flatnonzero(frac.ravel() >= cfg.min_tissue)
+    if cells.size == 0:
+        raise SlideError(f"{where}: no tissue found (no {cfg.tile_px} px tile at {cfg.mpp} µm/px has ≥ "
+                         f"{cfg.min_tissue:.0%} tissue; saturation threshold {threshold:.0f})")
+    order = np.random.default_rng(cfg.seed).permutation(cells.size)  # ties: spread, deterministic
+    cells = cells[order]
+    cells = cells[np.argsort(-frac.ravel()[cells], kind="stable")][: cfg.n_candidates]
+
+    level = slide.get_best_level_for_downsample(cfg.mpp / mpp0)
+    down = slide.level_downsamples[level]
+    read = max(1, round(tile0 / down))
+    tiles, scores, coords = [], [], []
+    for c in cells:
+        x, y = round(xs[c % nx]), round(ys[c // nx])
+        region = slide.read_region((x, y), level, (read, read)).convert("RGBA")
+        if read != cfg.tile_px:
+            region = region.resize((cfg.tile_px, cfg.tile_px), Image.Resampling.BOX if read > cfg.tile_px
+                                   else Image.Resampling.BILINEAR)
+        rgb = _rgb(region)
+        s = saturation(rgb).astype(np.float32)
+        scores.append(float(np.mean((s > threshold) * s) / 255.0))
+        tiles.append(rgb.transpose(2, 0, 1))
+        coords.append((x, y))
+    best = np.argsort(-np.asarray(scores), kind="stable")[: cfg.n_keep]
+    return SlideTiles(
+        tiles=np.ascontiguousarray(np.stack([tiles[i] for i in best])),
+        scores=np.asarray([scores[i] for i in best], dtype=np.float32),
+        coords=np.asarray([coords[i] for i in best], dtype=np.int64),
+        slide_mpp=mpp0, threshold=float(threshold), n_tissue=int((frac >= cfg.min_tissue).sum()),
+    )

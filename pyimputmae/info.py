@@ -1,0 +1,99 @@
+"""``pyimputmae info``: versions, the recorded build configuration, and which backend each op
+uses on each device and why not the others."""
+
+from __future__ import annotations
+
+import json
+import platform
+
+import torch
+
+from . import __version__, _backends, _extension
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+def collect() -> dict:
+    """Everything ``pyimputmae info`` prints, as a dict (``--json``)."""
+    cfg = _extension.build_config()
+    ext_ok = _extension.load()
+    info: dict = {
+        "pyimputmae": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _triton_version(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "extension": {
+            "loaded": ext_ok,
+            "why_not": None if ext_ok else _extension.unavailable_reason(),
+            "cpu_kernels": ext_ok,
+            "cuda_kernels_compiled": bool(_extension.cuda_archs()) if ext_ok else False,
+            "cuda_archs": list(_extension.cuda_archs()) if ext_ok else [],
+        },
+        "build": cfg,
+        "backends": {"cpu": _backends.explain(torch.device("cpu"))},
+    }
+    if torch.cuda.is_available():
+        info["backends"]["cuda"] = _backends.explain(torch.device("cuda", torch.cuda.current_device()))
+    else:
+        tri_ok = _triton_module_ok()
+        info["backends"]["cuda"] = {
+            "note": "no CUDA device visible; on a GPU the order is ext → triton → reference",
+            "ext": "CUDA kernels compiled for " + ", ".join(f"sm_{a}" for a in _extension.cuda_archs())
+            if ext_ok and _extension.cuda_archs() else "no CUDA kernels in this build",
+            "triton": "importable" if tri_ok else "not importable",
+        }
+    return info
+
+
+def _triton_module_ok() -> bool:
+    mod, _ = _backends._triton_module()
+    return mod is not None
+
+
+def render(info: dict) -> str:
+    lines = [
+        f"pyimputmae {info['pyimputmae']}  python {info['python']}",
+        f"torch {info['torch']} (CUDA {info['torch_cuda'] or 'none'})  triton {info['triton'] or 'not installed'}",
+        f"GPU: {info['gpu'] or 'none visible'}",
+    ]
+    ext = info["extension"]
+    if ext["loaded"]:
+        archs = ", ".join(f"sm_{a}" for a in ext["cuda_archs"]) or "none"
+        lines.append(f"extension pyimputmae._C: loaded; CPU kernels yes; CUDA kernels compiled: {archs}")
+    else:
+        lines.append(f"extension pyimputmae._C: not used ({ext['why_not']})")
+    b = info["build"]
+    if b and not b.get("extension", True):
+        lines.append(f"build: pure Python install ({b.get('reason')})")
+    elif b:
+        lines.append(
+            f"build: torch {b.get('torch')}, {b.get('cxx_version', b.get('cxx', '?'))}, OpenMP {b.get('openmp')}, "
+            f"CUDA {'yes' if b.get('cuda') else 'no'} ({b.get('cuda_reason', b.get('reason', ''))}), "
+            f"nvcc {b.get('nvcc')}, TORCH_CUDA_ARCH_LIST {b.get('cuda_arch_list')}"
+        )
+    for dev, table in info["backends"].items():
+        lines.append(f"\nops on {dev} tensors:")
+        if "note" in table:
+            lines.append(f"  {table['note']}")
+            lines.append(f"  ext: {table['ext']}; triton: {table['triton']}")
+            continue
+        for family, entry in table.items():
+            lines.append(f"  {family:12s} → {entry['backend']}")
+            for name, cand in entry["candidates"].items():
+                mark = "ok " if cand["ok"] else "no "
+                lines.append(f"      {mark}{name:9s} {cand['why']}")
+    return "\n".join(lines)
+
+
+def main(as_json: bool = False) -> None:
+    info = collect()
+    print(json.dumps(info, indent=1, default=str) if as_json else render(info))

@@ -1,0 +1,518 @@
+"""``pyimputmae.train()``: pre-train an :class:`ImputeMAE`, fine-tune a :class:`SurvivalModel`, evaluate.
+
+One call from a script::
+
+    result = pyimputmae.train(model="small", out_dir="runs/demo", pretrain_epochs=20)
+    result.metrics["test"]["c_index"], result.paths["model"]
+
+The configuration is a :class:`TrainConfig`, a YAML/JSON file, a dict, or keyword arguments (which
+override the others). Batches are drawn from the in-memory cohort (on the GPU when it fits), never
+from files. Checkpoints (``out_dir/checkpoints/last.pt``) are written atomically every
+``checkpoint_every`` optimizer steps and at the end of each stage, and hold everything a resume
+needs: model, optimizer, scheduler, every RNG state and the masking ``(seed, offset)``, the stage,
+epoch and batch position, the accumulation step (with the partial gradients). ``resume=True``
+continues from there; on CPU with ``deterministic=True`` and a fixed thread count a resumed run
+ends with bitwise the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__, checkpoint
+from .data.cohort import Cohort
+from .model.config import ModelConfig, resolve_config
+from .model.mae import ImputeMAE, advance_rng_, new_rng
+from .model.survival import SurvivalModel
+
+STAGES = ("pretrain", "finetune")
+
+
+@dataclass
+class TrainConfig:
+    """Everything :func:`train` needs. Epoch counts are per stage; learning rates follow a linear
+    warm-up then a cosine decay to ``*_min_lr``, per optimizer step."""
+
+    model: Any = "small"  # a ModelConfig, its name ("small", "paper") or its to_dict()
+    data: str | None = None  # a zarr store from `pyimputmae preprocess`; None → synthetic cohort
+    synthetic: dict = field(default_factory=dict)  # make_cohort() arguments for the synthetic cohort
+    out_dir: str = "runs/pyimputmae"
+    seed: int = 0
+    device: str = "auto"  # "auto" → cuda when available
+    val_fold: int | None = None  # hold out this cross-validation fold of the training split
+    # pre-training
+    pretrain: bool = True
+    pretrain_from: str | None = None  # a checkpoint/model file to take the pre-trained MAE from
+    pretrain_epochs: int = 400
+    pretrain_batch_size: int = 96
+    pretrain_lr: float = 1e-3
+    pretrain_min_lr: float = 5e-6
+    pretrain_weight_decay: float = 1e-2
+    pretrain_warmup_epochs: float = 5.0
+    # fine-tuning
+    finetune: bool = True
+    finetune_epochs: int = 50
+    finetune_batch_size: int = 24
+    finetune_lr: float = 1e-4
+    finetune_min_lr: float = 1e-6
+    finetune_weight_decay: float = 1e-2
+    finetune_warmup_epochs: float = 1.0
+    # mechanics
+    grad_accum: int = 1
+    grad_clip: float | None = 1.0
+    amp: str = "auto"  # "auto" (bf16 on GPU, off on CPU), "bf16", "off"
+    checkpoint_every: int = 100  # optimizer steps
+    resume: bool = False
+    log_every: int = 10  # optimizer steps between log records
+    tensorboard: bool = False
+    progress: bool = True
+    num_threads: int | None = None
+    deterministic: bool = False
+    data_on_device: str = "auto"  # "auto", "yes", "no": keep the whole cohort on the GPU
+
+    @classmethod
+    def load(cls, source: TrainConfig | str | os.PathLike | Mapping[str, Any] | None = None,
+             **overrides: Any) -> TrainConfig:
+        """From a TrainConfig, a YAML/JSON path or a dict, with keyword overrides on top."""
+        if source is None:
+            base: dict[str, Any] = {}
+        elif isinstance(source, TrainConfig):
+            base = dataclasses.asdict(source)
+        elif isinstance(source, Mapping):
+            base = dict(source)
+        else:
+            path = Path(source)
+            if not path.exists():
+                raise FileNotFoundError(f"training configuration {path} does not exist")
+            text = path.read_text()
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                base = yaml.safe_load(text) or {}
+            else:
+                base = json.loads(text)
+            if not isinstance(base, dict):
+                raise ValueError(f"{path}: expected a mapping of settings at the top level")
+        base.update(overrides)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(base) - known)
+        if unknown:
+            raise ValueError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
+        cfg = cls(**base)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.amp not in ("auto", "bf16", "off"):
+            raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
+        if self.data_on_device not in ("auto", "yes", "no"):
+            raise ValueError(f"data_on_device must be 'auto', 'yes' or 'no', got {self.data_on_device!r}")
+        for name in ("pretrain_epochs", "finetune_epochs", "pretrain_batch_size", "finetune_batch_size",
+                     "grad_accum", "checkpoint_every", "log_every"):
+            if getattr(self, name) < (0 if name.endswith("epochs") else 1):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.pretrain and not self.finetune:
+            raise ValueError("nothing to do: pretrain and finetune are both off")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if isinstance(self.model, ModelConfig):
+            d["model"] = self.model.to_dict()
+        return d
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the model (a SurvivalModel, or the ImputeMAE when fine-tuning is
+    off), metrics per split, the training history (one dict per log record) and output paths."""
+
+    model: nn.Module
+    metrics: dict[str, dict[str, float]]
+    history: list[dict[str, Any]]
+    paths: dict[str, str]
+    config: TrainConfig
+
+
+# ----------------------------------------------------------------------------------- helpers
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_cohort_for(cfg: TrainConfig, model_cfg: ModelConfig) -> Cohort:
+    """The cohort named by the configuration: a zarr store, or the synthetic one shaped for the model."""
+    if cfg.data:
+        from .data.store import load_cohort
+
+        return load_cohort(cfg.data)
+    from .data.synthetic import make_cohort
+
+    kwargs = {"seed": cfg.seed, **cfg.synthetic}
+    kwargs.setdefault("shapes", {m.name: m.shape for m in model_cfg.modalities})
+    return make_cohort(**kwargs)
+
+
+def check_cohort(cohort: Cohort, model_cfg: ModelConfig, train_idx: np.ndarray) -> None:
+    """Clear errors for a cohort that cannot train this model."""
+    for m in model_cfg.modalities:
+        if m.name not in cohort.inputs:
+            raise ValueError(f"the model expects modality {m.name!r} but the cohort has {list(cohort.inputs)}")
+        got = tuple(cohort.inputs[m.name].shape[1:])
+        if got != m.shape:
+            raise ValueError(f"modality {m.name!r}: the cohort holds inputs of shape {got} per patient, the model "
+                             f"expects {m.shape} (patch {m.patch})")
+    unknown = [n for n in cohort.inputs if n not in model_cfg.names]
+    if unknown:
+        raise ValueError(f"the cohort has modalities {unknown} the model does not know (configured: {model_cfg.names})")
+    if len(train_idx) == 0:
+        raise ValueError("the training split is empty")
+    events = cohort.event[torch.as_tensor(train_idx, device=cohort.event.device)]
+    if float(events.sum()) == 0:
+        raise ValueError(f"no patient of the training split ({len(train_idx)} patients) has an event: "
+                         "survival cannot be learned")
+
+
+def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if cfg.amp == "off" or (cfg.amp == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16
+
+
+def _lr_lambda(total: int, warmup: int, base: float, floor: float):
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return (floor + 0.5 * (base - floor) * (1.0 + math.cos(math.pi * progress))) / base
+    return f
+
+
+def _epoch_order(seed: int, stage: str, epoch: int, idx: np.ndarray) -> np.ndarray:
+    """The data order of an epoch: a permutation fixed by (seed, stage, epoch), so a resumed run
+    sees the same batches without storing a generator."""
+    rs = np.random.default_rng([seed, STAGES.index(stage), epoch])
+    return idx[rs.permutation(len(idx))]
+
+
+class _Logger:
+    """JSONL metrics log (+ optional TensorBoard), rewritten from the checkpoint's history on resume."""
+
+    def __init__(self, path: Path, history: list[dict], tensorboard_dir: Path | None) -> None:
+        self.path, self.history = path, history
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
+            for rec in history:
+                f.write(json.dumps(rec) + "\n")
+        self.tb = None
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(tensorboard_dir))
+
+    def log(self, record: dict) -> None:
+        self.history.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    self.tb.add_scalar(f"{record['stage']}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ----------------------------------------------------------------------------------- stages
+@dataclass
+class _Position:
+    stage: str
+    epoch: int = 0
+    batch: int = 0  # next batch of the epoch
+    step: int = 0  # optimizer steps taken in this stage
+    micro: int = 0  # micro-batches accumulated since the last optimizer step
+
+
+class _Trainer:
+    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, cohort: Cohort, device: torch.device) -> None:
+        self.cfg, self.model_cfg, self.cohort, self.device = cfg, model_cfg, cohort, device
+        self.out = Path(cfg.out_dir)
+        self.ckpt_path = self.out / "checkpoints" / "last.pt"
+        self.amp = _amp_dtype(cfg, device)
+        self.history: list[dict] = []
+        self.saved: dict | None = None
+        if cfg.resume:
+            if self.ckpt_path.exists():
+                self.saved = checkpoint.load(self.ckpt_path)
+                self.history = list(self.saved["history"])
+            else:
+                print(f"resume: no checkpoint at {self.ckpt_path}, starting from scratch")
+        tb = self.out / "tensorboard" if cfg.tensorboard else None
+        self.logger = _Logger(self.out / "metrics.jsonl", self.history, tb)
+
+    # the optimizer: fused AdamW on the GPU (capturable there for CUDA graphs), foreach on CPU
+    def _optimizer(self, params: list[nn.Parameter], lr: float, wd: float) -> torch.optim.Optimizer:
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = self.device.type == "cuda"
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused)
+
+    def _save(self, pos: _Position, model: nn.Module, opt, sched, rng: torch.Tensor | None) -> None:
+        grads = None
+        if pos.micro:
+            grads = {n: p.grad.detach().cpu() for n, p in model.named_parameters() if p.grad is not None}
+        state = {
+            "version": __version__,
+            "train_config": self.cfg.to_dict(),
+            "model_config": self.model_cfg.to_dict(),
+            "position": dataclasses.asdict(pos),
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "mask_rng": None if rng is None else rng.detach().cpu(),
+            "rng": checkpoint.rng_state(),
+            "partial_grads": grads,
+            "history": self.history,
+            "saved_at": time.time(),
+        }
+        checkpoint.atomic_save(state, self.ckpt_path)
+
+    def _restore(self, stage: str, model: nn.Module, opt, sched, rng: torch.Tensor | None) -> _Position | None:
+        s = self.saved
+        if s is None or s["position"]["stage"] != stage:
+            return None
+        model.load_state_dict(s["model"])
+        opt.load_state_dict(s["optimizer"])
+        sched.load_state_dict(s["scheduler"])
+        if rng is not None and s["mask_rng"] is not None:
+            rng.copy_(s["mask_rng"].to(rng.device))
+        if s["partial_grads"]:
+            for n, p in model.named_parameters():
+                if n in s["partial_grads"]:
+                    p.grad = s["partial_grads"][n].to(p.device)
+        checkpoint.set_rng_state(s["rng"])
+        self.saved = None
+        return _Position(**s["position"])
+
+    def _batches(self, stage: str, idx: np.ndarray, batch_size: int, pos: _Position) -> Iterator[tuple[int, int, np.ndarray]]:
+        n_batches = math.ceil(len(idx) / batch_size)
+        epochs = self.cfg.pretrain_epochs if stage == "pretrain" else self.cfg.finetune_epochs
+        for epoch in range(pos.epoch, epochs):
+            order = _epoch_order(self.cfg.seed, stage, epoch, idx)
+            start = pos.batch if epoch == pos.epoch else 0
+            for b in range(start, n_batches):
+                yield epoch, b, order[b * batch_size:(b + 1) * batch_size]
+
+    def run_stage(self, stage: str, model: nn.Module, idx: np.ndarray, step_loss, rng: torch.Tensor | None) -> None:
+        """The loop shared by both stages. ``step_loss(batch) -> (loss, extras)``."""
+        cfg = self.cfg
+        pre = stage == "pretrain"
+        bs = cfg.pretrain_batch_size if pre else cfg.finetune_batch_size
+        epochs = cfg.pretrain_epochs if pre else cfg.finetune_epochs
+        lr = cfg.pretrain_lr if pre else cfg.finetune_lr
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = self._optimizer(params, lr, cfg.pretrain_weight_decay if pre else cfg.finetune_weight_decay)
+        steps_per_epoch = math.ceil(math.ceil(len(idx) / bs) / cfg.grad_accum)
+        total = max(1, epochs * steps_per_epoch)
+        warmup = int(round((cfg.pretrain_warmup_epochs if pre else cfg.finetune_warmup_epochs) * steps_per_epoch))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, _lr_lambda(total, warmup, lr, cfg.pretrain_min_lr if pre else cfg.finetune_min_lr))
+        pos = self._restore(stage, model, opt, sched, rng) or _Position(stage)
+        n_batches = math.ceil(len(idx) / bs)
+        bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=epochs * n_batches, initial=pos.epoch * n_batches + pos.batch, desc=stage,
+                       unit="batch", dynamic_ncols=True, mininterval=0.5)
+        model.train()
+        # the running loss stays on the device: one host sync per log record, not per step
+        window_loss, window_n, window_patients, t0 = torch.zeros((), device=self.device), 0, 0, time.perf_counter()
+        for epoch, b, rows in self._batches(stage, idx, bs, pos):
+            batch = self.cohort.batch(rows).to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, self.amp, enabled=self.amp is not None):
+                loss, extras = step_loss(batch)
+            (loss / cfg.grad_accum).backward()
+            if rng is not None:
+                advance_rng_(rng)
+            pos.micro += 1
+            window_loss += loss.detach().float()
+            window_n += 1
+            window_patients += len(rows)
+            last_of_epoch = b == n_batches - 1
+            if pos.micro == cfg.grad_accum or last_of_epoch:
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                pos.micro = 0
+                pos.step += 1
+            pos.epoch, pos.batch = (epoch + 1, 0) if last_of_epoch else (epoch, b + 1)
+            if bar is not None:
+                bar.update(1)
+            if pos.micro == 0 and (pos.step % cfg.log_every == 0 or last_of_epoch):
+                dt = time.perf_counter() - t0
+                rec = {"stage": stage, "epoch": epoch, "step": pos.step, "loss": float(window_loss) / window_n,
+                       "lr": sched.get_last_lr()[0], "patients_per_s": window_patients / max(dt, 1e-9)}
+                rec.update({k: float(v.detach()) for k, v in extras.items()})
+                self.logger.log(rec)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", pps=f"{rec['patients_per_s']:.0f}")
+                window_loss, window_n, window_patients, t0 = window_loss.zero_(), 0, 0, time.perf_counter()
+            if pos.micro == 0 and pos.step % cfg.checkpoint_every == 0:
+                self._save(pos, model, opt, sched, rng)
+        if bar is not None:
+            bar.close()
+        pos = _Position(stage, epoch=epochs, batch=0, step=pos.step, micro=0)
+        self._save(pos, model, opt, sched, rng)
+
+    def completed(self, stage: str) -> bool:
+        """Was ``stage`` already finished by the run being resumed?"""
+        s = self.saved
+        if s is None:
+            return False
+        saved_stage = s["position"]["stage"]
+        if STAGES.index(saved_stage) > STAGES.index(stage):
+            return True
+        epochs = self.cfg.pretrain_epochs if stage == "pretrain" else self.cfg.finetune_epochs
+        return saved_stage == stage and s["position"]["epoch"] >= epochs and s["position"]["batch"] == 0
+
+
+# ----------------------------------------------------------------------------------- public
+def evaluate_model(model: SurvivalModel, cohort: Cohort, idx: np.ndarray, batch_size: int = 256,
+                   device: torch.device | str | None = None) -> dict[str, float]:
+    """C-index (Antolini), IBS, CS-score and Harrell's C of ``model`` on rows ``idx`` of ``cohort``."""
+    from .metrics import evaluate
+
+    curves = predict_survival(model, cohort, idx, batch_size, device)
+    time_ = cohort.time[torch.as_tensor(idx, device=cohort.time.device)].cpu().numpy()
+    event = cohort.event[torch.as_tensor(idx, device=cohort.event.device)].cpu().numpy()
+    return evaluate(curves, model.cuts.cpu().numpy(), time_, event)
+
+
+def predict_survival(model: SurvivalModel, cohort: Cohort, idx: np.ndarray | None = None, batch_size: int = 256,
+                     device: torch.device | str | None = None) -> np.ndarray:
+    """Survival curves ``(N, n_bins + 1)`` at ``model.cuts`` for rows ``idx`` (default: all)."""
+    idx = np.arange(len(cohort)) if idx is None else np.asarray(idx)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    out = []
+    for start in range(0, len(idx), batch_size):
+        batch = cohort.batch(idx[start:start + batch_size]).to(device)
+        out.append(model.predict_survival(batch).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, model.config.n_bins + 1))
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, metrics: dict | None = None,
+               train_config: TrainConfig | None = None) -> Path:
+    """Write a model file :func:`load` restores (config + weights + everything fitted on train)."""
+    kind = "survival" if isinstance(model, SurvivalModel) else "mae"
+    cfg = model.config
+    state = {"format": "pyimputmae-model", "version": __version__, "kind": kind, "config": cfg.to_dict(),
+             "state_dict": model.state_dict(), "metrics": metrics or {},
+             "train_config": train_config.to_dict() if train_config else None}
+    return checkpoint.atomic_save(state, path)
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Restore a model written by :func:`train` / :func:`save_model`: a :class:`SurvivalModel` (use
+    ``predict_survival``; its ``.mae.impute`` imputes) or an :class:`ImputeMAE` (pre-training only)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model file {path} does not exist")
+    state = checkpoint.load(path, map_location=device)
+    if isinstance(state, dict) and state.get("format") != "pyimputmae-model" and "model_config" in state:
+        raise ValueError(f"{path} is a training checkpoint, not a model file; resume training with resume=True "
+                         f"or load the model file written at the end ({path.parent.parent / 'model.pt'})")
+    if not isinstance(state, dict) or state.get("format") != "pyimputmae-model":
+        raise ValueError(f"{path} is not a pyimputmae model file")
+    cfg = resolve_config(state["config"])
+    mae = ImputeMAE(cfg)
+    model: nn.Module = SurvivalModel(mae, cfg) if state["kind"] == "survival" else mae
+    model.load_state_dict(state["state_dict"])
+    model.to(device).eval()
+    return model
+
+
+def train(config: TrainConfig | str | os.PathLike | Mapping[str, Any] | None = None, *,
+          cohort: Cohort | None = None, **overrides: Any) -> TrainResult:
+    """Pre-train and fine-tune impuTMAE; evaluate on every split; write the model and logs.
+
+    config: a :class:`TrainConfig`, a YAML/JSON path or a dict; ``overrides``: any TrainConfig field.
+    cohort: an in-memory :class:`Cohort` to use instead of ``config.data`` / the synthetic one.
+    Outputs in ``out_dir``: ``model.pt`` (for :func:`load`), ``metrics.json``, ``metrics.jsonl``
+    (the history), ``config.json``, ``checkpoints/last.pt``.
+    """
+    cfg = TrainConfig.load(config, **overrides)
+    model_cfg = resolve_config(cfg.model)
+    device = _device(cfg.device)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    checkpoint.seed_everything(cfg.seed)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({"train": cfg.to_dict(), "model": model_cfg.to_dict()}, indent=1))
+
+    if cohort is None:
+        cohort = load_cohort_for(cfg, model_cfg)
+    train_idx = cohort.indices("train", cfg.val_fold)
+    val_idx = cohort.indices("val", cfg.val_fold) if cfg.val_fold is not None else np.array([], dtype=np.int64)
+    test_idx = cohort.indices("test")
+    check_cohort(cohort, model_cfg, train_idx)
+    if device.type == "cuda" and cfg.data_on_device != "no":
+        free, _ = torch.cuda.mem_get_info(device)
+        if cfg.data_on_device == "yes" or cohort.nbytes() < 0.5 * free:
+            cohort = cohort.to(device)
+
+    trainer = _Trainer(cfg, model_cfg, cohort, device)
+    mae = ImputeMAE(model_cfg).to(device)
+    if cfg.pretrain_from:
+        src = load(cfg.pretrain_from, device)
+        mae.load_state_dict((src.mae if isinstance(src, SurvivalModel) else src).state_dict())
+    if cfg.pretrain and not trainer.completed("pretrain"):
+        # a batch needs at least one modality: patients with clinical data only are left to fine-tuning
+        has_any = cohort.present[torch.as_tensor(train_idx, device=cohort.present.device)].any(1).cpu().numpy()
+        rng = new_rng(cfg.seed, device)
+        trainer.run_stage("pretrain", mae, train_idx[has_any],
+                          lambda batch: mae.forward_pretrain(batch, rng, check=False), rng)
+    elif trainer.completed("pretrain") and trainer.saved["position"]["stage"] == "pretrain":
+        mae.load_state_dict(trainer.saved["model"])
+        checkpoint.set_rng_state(trainer.saved["rng"])
+        trainer.saved = None
+
+    model: nn.Module = mae
+    metrics: dict[str, dict[str, float]] = {}
+    if cfg.finetune:
+        surv = SurvivalModel(mae, model_cfg).to(device)
+        surv.fit_preprocessing(cohort, train_idx)
+        if not trainer.completed("finetune"):
+            trainer.run_stage("finetune", surv, train_idx, lambda batch: (surv.loss(batch), {}), None)
+        elif trainer.saved is not None:
+            surv.load_state_dict(trainer.saved["model"])
+        model = surv
+        for split, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx)):
+            if len(idx) and float(cohort.event[torch.as_tensor(idx, device=cohort.event.device)].sum()) > 0:
+                metrics[split] = evaluate_model(surv, cohort, idx)
+    trainer.logger.close()
+    paths = {"out_dir": str(out), "model": str(out / "model.pt"), "metrics": str(out / "metrics.json"),
+             "history": str(out / "metrics.jsonl"), "checkpoint": str(trainer.ckpt_path),
+             "config": str(out / "config.json")}
+    save_model(model, paths["model"], metrics, cfg)
+    Path(paths["metrics"]).write_text(json.dumps(metrics, indent=1))
+    return TrainResult(model=model, metrics=metrics, history=trainer.history, paths=paths, config=cfg)

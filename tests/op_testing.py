@@ -1,0 +1,138 @@
+"""Shared helpers of the fused-op tests: which backends can run here, tolerances, the bf16 criterion.
+
+Imported by ``conftest.py`` and the test modules (pytest puts ``tests/`` on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import subprocess
+import sys
+from collections.abc import Iterable
+
+import torch
+
+from pyimputmae import _backends
+
+BACKENDS = ("reference", "ext", "triton")
+
+# the kernel-level functions (docs/architecture.md) each op family needs from a backend
+FAMILY_FUNCTIONS = {
+    "patch_embed": ("patch_embed_forward", "patch_embed_backward"),
+    "masking": ("select_keep", "gather_visible", "unshuffle_fill", "hidden_sum"),
+    "masked_mse": ("masked_mse_forward", "scale_grad_"),
+}
+ALL_FAMILIES = tuple(FAMILY_FUNCTIONS)
+
+# (rtol, atol); atol is taken relative to the largest |expected| (at least 1), so a sum of many
+# terms is judged on the scale of the result rather than on each element's own size
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+
+
+def has_kernel(qualname: str, key: str) -> bool:
+    """Is ``qualname`` (``ns::op``) registered with a kernel for dispatch key ``key``?"""
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key))
+    except RuntimeError:  # the operator does not exist
+        return False
+
+
+@functools.lru_cache(maxsize=1)
+def extension_import_crash() -> str | None:
+    """If importing the built ``pyimputmae._C`` next to the Python ops kills the interpreter (an
+    abort in a static initialiser, e.g. a clashing operator registration), what it printed; else None.
+
+    Probed once in a subprocess so that such an extension fails its own test instead of taking the
+    whole session down. An ordinary ImportError is not a crash: the ops fall back and say why.
+    """
+    if importlib.util.find_spec("pyimputmae._C") is None:
+        return None
+    probe = subprocess.run([sys.executable, "-c", "import pyimputmae, pyimputmae._C"],
+                           capture_output=True, text=True, timeout=300)
+    if probe.returncode >= 0:
+        return None
+    lines = [line for line in probe.stderr.strip().splitlines() if not line.startswith("  File")]
+    return f"signal {-probe.returncode}: " + " | ".join(lines[:8])
+
+
+def backend_skip_reason(name: str, device: torch.device, families: Iterable[str] = ALL_FAMILIES) -> str | None:
+    """Why backend ``name`` cannot run ``families`` on ``device`` here, or None when it can."""
+    if name == "ext" and extension_import_crash():
+        return "ext: importing pyimputmae._C kills the process (test_backends.py shows why)"
+    ok, why = _backends.availability(name, device)
+    if not ok:
+        return f"{name}: {why}"
+    needed = [fn for family in families for fn in FAMILY_FUNCTIONS[family]]
+    if name == "triton":
+        kernels = _backends.module("triton")
+        missing = [fn for fn in needed if not callable(getattr(kernels, fn, None))]
+        if missing:
+            return f"triton: pyimputmae.kernels does not implement {', '.join(missing)} yet"
+    if name == "ext":
+        key = "CUDA" if device.type == "cuda" else "CPU"
+        missing = [fn for fn in needed
+                   if not (has_kernel(f"pyimputmae::{fn}", key)
+                           or has_kernel(f"pyimputmae::{fn}", "CompositeExplicitAutograd"))]
+        if missing:
+            return f"ext: pyimputmae._C has no {key} kernel for {', '.join(missing)} yet"
+    return None
+
+
+def kernel_level_op(name: str, device: torch.device) -> tuple[torch._ops.OpOverload | None, str | None]:
+    """The compiled kernel-level op ``torch.ops.pyimputmae.<name>`` of the ext backend, if it can be
+    opchecked here: ``(op, None)``, or ``(None, reason to skip)``."""
+    family = next(f for f, fns in FAMILY_FUNCTIONS.items() if name in fns)
+    reason = backend_skip_reason("ext", device, [family])
+    if reason:
+        return None, reason
+    qualname = f"pyimputmae::{name}"
+    op = getattr(torch.ops.pyimputmae, name).default
+    if any(arg.name == "backend" for arg in op._schema.arguments):
+        return None, f"ext: torch.ops.pyimputmae.{name} is the public Python op, not the compiled kernel"
+    from torch._library import simple_registry
+
+    python_fake = simple_registry.singleton.find(qualname).fake_impl.kernel is not None
+    if not (python_fake or has_kernel(qualname, "Meta")):
+        return None, f"ext: {qualname} has no fake (Meta) kernel, so it cannot be traced on its own"
+    return op, None
+
+
+def _as_float64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", torch.float64)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, dtype: torch.dtype | None = None,
+                 what: str = "") -> None:
+    """Compare with the tolerance of ``dtype`` (default: ``actual``'s dtype), in float64 on the CPU."""
+    rtol, atol = TOLERANCES[dtype or actual.dtype]
+    a, e = _as_float64(actual), _as_float64(expected)
+    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != expected {tuple(e.shape)}"
+    scale = max(1.0, e.abs().max().item()) if e.numel() else 1.0
+    torch.testing.assert_close(a, e, rtol=rtol, atol=atol * scale, equal_nan=False,
+                               msg=lambda m: f"{what}: {m}" if what else m)
+
+
+def max_abs_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    return (_as_float64(actual) - _as_float64(reference)).abs().max().item() if actual.numel() else 0.0
+
+
+def assert_bf16_no_worse_than_torch(actual: torch.Tensor, plain_bf16: torch.Tensor, reference: torch.Tensor, *,
+                                    factor: float = 2.0, what: str = "") -> None:
+    """The bf16 criterion of the GPU issue: a bf16 result passes when its error against an fp32 (or
+    better) reference is at most ``factor`` (twice) that of the same computation in plain PyTorch bf16.
+
+    Errors are the largest absolute difference, computed in float64.
+    """
+    assert actual.dtype == torch.bfloat16, f"{what}: expected a bfloat16 result, got {actual.dtype}"
+    assert actual.shape == reference.shape == plain_bf16.shape, (
+        f"{what}: shapes {tuple(actual.shape)}, plain {tuple(plain_bf16.shape)}, reference {tuple(reference.shape)}")
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values in the bf16 result"
+    err, base = max_abs_error(actual, reference), max_abs_error(plain_bf16, reference)
+    assert err <= factor * base, (
+        f"{what}: bf16 max error {err:.3e} against the fp32 reference exceeds {factor}× that of plain "
+        f"PyTorch bf16 ({base:.3e})")

@@ -1,0 +1,120 @@
+"""Cohort manifest: validation messages name the line and the value; the clinical encoding is fitted
+on the training split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pyimputmae.data.manifest import (
+    ManifestError,
+    ManifestWarning,
+    apply_clinical,
+    fit_clinical,
+    read_manifest,
+)
+
+
+def write(tmp_path: Path, text: str, name: str = "manifest.csv") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Path:
+    (tmp_path / "a.tsv").write_text("x")
+    (tmp_path / "s1.svs").write_text("x")
+    return tmp_path
+
+
+def test_valid_manifest_resolves_paths_relative_to_its_folder(files: Path):
+    path = write(files, "patient_id,time,event,split,fold,age,rna,wsi\n"
+                        "P1,1.5,1,train,0,50,a.tsv#S1,s1.svs\n"
+                        "P2,2.0,0,test,,61,,\n")
+    m = read_manifest(path)
+    assert m.ids == ["P1", "P2"]
+    np.testing.assert_array_equal(m.time, [1.5, 2.0])
+    np.testing.assert_array_equal(m.fold, [0, -1])
+    assert list(m.split) == ["train", "test"]
+    assert m.sources["rna"][0].path == files / "a.tsv" and m.sources["rna"][0].select == "S1"
+    assert m.sources["wsi"][0].path == files / "s1.svs"
+    assert m.sources["rna"][1] is None and m.sources["mri"] == [None, None]
+    assert list(m.clinical.columns) == ["age"]
+    assert len(m.sha256) == 64
+
+
+def test_duplicate_id_is_named_with_both_lines_and_the_rest_is_kept(files: Path):
+    path = write(files, "patient_id,time,event\nP1,1,1\nP2,2,0\nP1,3,0\nP3,4,1\n")
+    with pytest.warns(ManifestWarning) as caught:
+        m = read_manifest(path)
+    assert [str(w.message) for w in caught] == [
+        "manifest.csv line 2 (patient 'P1'): duplicate patient id, also on line(s) 4; row left out",
+        "manifest.csv line 4 (patient 'P1'): duplicate patient id, also on line(s) 2; row left out"]
+    assert m.ids == ["P2", "P3"]  # both rows of the ambiguous id are left out
+    assert len(m.rejected) == 2
+    with pytest.raises(ManifestError, match=r"(?s)manifest.csv: 2 problem\(s\):.*line 2.*duplicate.*line 4.*duplicate"):
+        read_manifest(path, strict=True)
+
+
+@pytest.mark.parametrize(("time", "event", "message"), [
+    ("-0.5", "1", r"line 3 \(patient 'P2'\): time '-0.5' is negative"),
+    ("", "1", r"line 3 \(patient 'P2'\): missing time"),
+    ("soon", "1", r"line 3 \(patient 'P2'\): time 'soon' is not a number"),
+    ("1.0", "2", r"line 3 \(patient 'P2'\): event '2' is not 0/1"),
+    ("1.0", "dead", r"line 3 \(patient 'P2'\): event 'dead' is not 0/1"),
+])
+def test_bad_survival_values_are_named(files: Path, time: str, event: str, message: str):
+    path = write(files, f"patient_id,time,event\nP1,1,0\nP2,{time},{event}\n")
+    with pytest.warns(ManifestWarning, match=message):
+        m = read_manifest(path)
+    assert m.ids == ["P1"]
+    with pytest.raises(ManifestError, match=message):
+        read_manifest(path, strict=True)
+
+
+def test_missing_path_is_a_warning_or_a_strict_error(files: Path):
+    path = write(files, "patient_id,time,event,wsi\nP1,1,1,s1.svs\nP2,2,0,gone.svs\n")
+    with pytest.warns(ManifestWarning, match=r"line 3 \(patient 'P2'\): wsi path 'gone.svs' does not exist; "
+                                             r"wsi counted as missing"):
+        m = read_manifest(path)
+    assert m.ids == ["P1", "P2"] and m.sources["wsi"][1] is None
+    with pytest.raises(ManifestError, match=r"line 3 \(patient 'P2'\): wsi path 'gone.svs' does not exist"):
+        read_manifest(path, strict=True)
+
+
+def test_prediction_manifest_may_lack_survival(files: Path):
+    path = write(files, "patient_id,rna\nNEW1,a.tsv\n")
+    with pytest.raises(ManifestError, match="no time column"):
+        read_manifest(path)
+    m = read_manifest(path, require_survival=False, default_split="test")
+    assert np.isnan(m.time).all() and list(m.split) == ["test"]
+
+
+def test_tsv_with_aliases_and_mri_per_sequence_columns(files: Path):
+    (files / "t1ce.nii.gz").write_text("x")
+    (files / "seg.nii.gz").write_text("x")
+    path = write(files, "case_id\ttime_years\tstatus\tcv_fold\tmri_t1ce\tmri_seg\thas_rna\n"
+                        "P1\t3\t0\t2\tt1ce.nii.gz\tseg.nii.gz\t1\n", "m.tsv")
+    m = read_manifest(path)
+    src = m.sources["mri"][0]
+    assert dict(src.parts) == {"t1ce": files / "t1ce.nii.gz", "tumor_mask": files / "seg.nii.gz"}
+    assert m.fold[0] == 2 and list(m.clinical.columns) == []  # has_* flags are not clinical
+
+
+def test_clinical_encoding_is_fitted_on_train_only(files: Path):
+    path = write(files, "patient_id,time,event,split,radiation,age,grade\n"
+                        "P1,1,1,train,yes,40,G2\nP2,1,0,train,no,,G3\nP3,1,0,train,,60,G3\n"
+                        "P4,1,1,test,yes,200,G4\n")
+    m = read_manifest(path)
+    fitted = fit_clinical(m.clinical, m.split == "train")
+    names = [f["name"] for f in fitted["features"]]
+    assert names == ["radiation", "age", "grade=G3"]  # G4 appears only in test: no feature
+    raw = apply_clinical(m.clinical, fitted)
+    np.testing.assert_array_equal(raw[:, 0], [1, 0, np.nan, 1])
+    np.testing.assert_array_equal(raw[:, 2], [0, 1, 1, np.nan])  # unseen level → unknown
+    assert fitted["mean"][1] == pytest.approx(50.0)  # the test patient's age 200 is not in it
+    z = apply_clinical(m.clinical, fitted, standardize=True)
+    assert z[0, 1] == pytest.approx(-1.0)

@@ -1,0 +1,141 @@
+"""Omics: GDC STAR gene counts in the real layout, tables of either orientation, and the feature
+selection / medians fitted on training patients only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_data_common import GDC_HEADER, GENES, write_gdc_star
+
+from pyimputmae.data.manifest import Source
+from pyimputmae.data.omics import (
+    OmicsConfig,
+    OmicsError,
+    apply_omics,
+    fit_omics,
+    is_gdc_star,
+    read_gdc_star_counts,
+    read_omics,
+    run_omics,
+)
+
+TPM = [27.6, 0.0, 112.3, 3.4, 1.2, 0.5, 14.0, 30.1, 9.9, 4.4, 50.0, 0.0, 2.0, 0.3]
+
+
+def test_gdc_star_counts_parsed_like_the_gdc_file(tmp_path: Path):
+    path = write_gdc_star(tmp_path / "a.rna_seq.augmented_star_gene_counts.tsv", GENES, TPM)
+    assert path.read_text().startswith("# gene-model: GENCODE v36\ngene_id\tgene_name\tgene_type\tunstranded")
+    assert is_gdc_star(path)
+    s = read_gdc_star_counts(path)
+    # N_* summary rows and lncRNAs dropped; versions stripped; the PAR_Y copy summed into CD99
+    assert list(s.index) == [g[0].split(".")[0] for g in GENES[:11]]
+    assert s["ENSG00000000003"] == pytest.approx(27.6) and s["ENSG00000002586"] == pytest.approx(50.0)
+    by_name = read_gdc_star_counts(path, OmicsConfig(value="fpkm_uq_unstranded", gene_key="gene_name", gene_types=()))
+    assert "HOTAIR" in by_name.index and by_name["TSPAN6"] == pytest.approx(27.6 * 0.35, abs=1e-3)
+    counts = read_gdc_star_counts(path, OmicsConfig(value="unstranded"))
+    assert counts["ENSG00000000003"] == int(27.6 * 37)
+
+
+def test_gdc_file_without_the_gene_column_names_file_patient_and_column(tmp_path: Path):
+    columns = tuple(c for c in GDC_HEADER if c != "gene_name")
+    path = write_gdc_star(tmp_path / "broken.tsv", GENES, TPM, columns=columns)
+    with pytest.raises(OmicsError, match=r"broken.tsv \(patient 'TCGA-AA-0001'\): GDC STAR counts file has no "
+                                         r"column\(s\) \['gene_name'\]"):
+        read_gdc_star_counts(path, patient="TCGA-AA-0001")
+
+
+def test_tables_of_both_orientations_parquet_and_headerless_beta(tmp_path: Path):
+    genes = ["G1", "G2", "G3"]
+    wide = pd.DataFrame([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], index=["TCGA-AA-0001-01A-11R", "TCGA-AA-0002-01A"],
+                        columns=genes)
+    wide.T.to_csv(tmp_path / "genes_x_samples.tsv", sep="\t")
+    wide.to_parquet(tmp_path / "samples_x_genes.parquet")
+    (tmp_path / "beta.txt").write_text("cg01\t0.25\ncg02\tNA\ncg03\t0.75\n")
+    cfg = OmicsConfig.dnam()
+    cache: dict = {}
+    a = read_omics(tmp_path / "genes_x_samples.tsv", "TCGA-AA-0001", cfg, cache=cache)  # barcode prefix match
+    b = read_omics(tmp_path / "samples_x_genes.parquet", "X", cfg, select="TCGA-AA-0002-01A")
+    np.testing.assert_array_equal(a.to_numpy(), [1, 2, 3])
+    np.testing.assert_array_equal(b.to_numpy(), [4, 5, 6])
+    beta = read_omics(tmp_path / "beta.txt", "TCGA-AA-0003", cfg)
+    assert list(beta.index) == ["cg01", "cg02", "cg03"] and np.isnan(beta["cg02"])
+    with pytest.raises(OmicsError, match=r"genes_x_samples.tsv \(patient 'TCGA-ZZ-9999'\): no column or row named"):
+        read_omics(tmp_path / "genes_x_samples.tsv", "TCGA-ZZ-9999", cfg, cache=cache)
+
+
+def cohort(n_train: int = 30, n_test: int = 10, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    genes = [f"G{j}" for j in range(40)]
+    sd = np.where(np.arange(40) % 4 == 0, 0.01, 1.0)  # every 4th gene barely varies
+    x = np.exp(rng.normal(3.0, sd, size=(n_train + n_test, 40)))
+    train = np.arange(n_train + n_test) < n_train
+    return pd.DataFrame(x, columns=genes), train
+
+
+def test_feature_selection_ignores_test_patients(monkeypatch: pytest.MonkeyPatch):
+    import pyimputmae.data.omics as omics
+
+    raw, train = cohort()
+    cfg = OmicsConfig.rna(width=64)
+    fitted = fit_omics(raw[train], cfg)
+    assert fitted["features"] == [f"G{j}" for j in range(40) if j % 4]  # std filter, file order
+    # the test patients change wildly (and carry an extra gene): the fit is unchanged
+    wild = raw.copy()
+    wild.loc[~train, "G0"] = np.exp(np.linspace(0, 20, (~train).sum()))
+    wild.insert(0, "EXTRA", np.where(train, np.nan, 5.0))
+    ids = [f"P{i}" for i in range(len(raw))]
+    sources = [Source(Path(f"p{i}.tsv")) for i in range(len(raw))]
+
+    def stage(frame: pd.DataFrame) -> omics.OmicsStage:
+        frames = {i: frame.iloc[[i]].set_axis([i]) for i in range(len(frame))}
+        monkeypatch.setattr(omics, "read_cohort_omics", lambda *a, **k: (frames, {}))
+        return run_omics(ids, sources, train, cfg)
+
+    a, b = stage(raw), stage(wild)
+    assert a.fitted == b.fitted and a.fitted["features"] == fitted["features"]
+    np.testing.assert_array_equal(a.values[train], b.values[train])
+
+
+def test_apply_log1p_median_normalisation_padding_and_nan_replacement():
+    raw, train = cohort()
+    fitted = fit_omics(raw[train], OmicsConfig.rna(width=64, min_std=0.0))
+    medians = np.asarray(fitted["medians"])
+    x = raw.copy()
+    x.iloc[0, 3] = np.nan
+    x.iloc[1, 5] = np.inf
+    x.iloc[2, 7] = -1.0  # invalid for log1p
+    out, replaced = apply_omics(x.drop(columns=["G9"]), fitted)  # G9 absent for every patient
+    assert out.shape == (40, 1, 64) and out.dtype == np.float32
+    assert replaced.tolist()[:4] == [2, 2, 2, 1]
+    assert (out[:, 0, 40:] == 0).all()
+    expected = np.log1p(raw.to_numpy())
+    for (i, j) in ((0, 3), (1, 5), (2, 7)):
+        expected[i, j] = medians[j]
+    expected[:, 9] = medians[9]
+    expected /= np.median(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(out[:, 0, :40], expected, rtol=1e-5)
+
+
+def test_fixed_gene_list_and_m_values():
+    raw, train = cohort()
+    fitted = fit_omics(raw[train], OmicsConfig.rna(gene_list=["G5", "G1", "NOT_MEASURED"], width=8))
+    assert fitted["features"] == ["G5", "G1", "NOT_MEASURED"] and fitted["medians"][2] == 0.0
+    m = pd.DataFrame({"cg1": [0.0, 1.0, -1.0]})
+    beta = fit_omics(m, OmicsConfig.dnam(values="m_value", width=4))
+    out, _ = apply_omics(m, beta)
+    np.testing.assert_allclose(out[:, 0, 0], [0.5, 2 / 3, 1 / 3], rtol=1e-6)
+
+
+def test_run_omics_records_a_bad_file_and_processes_the_rest(tmp_path: Path):
+    good = [write_gdc_star(tmp_path / f"p{i}.tsv", GENES, [t * (1 + 0.3 * i) for t in TPM]) for i in range(4)]
+    no_tpm = tuple(c for c in GDC_HEADER if c != "tpm_unstranded")
+    bad = write_gdc_star(tmp_path / "bad.tsv", GENES, TPM, columns=no_tpm)
+    ids = ["P0", "P1", "P2", "P3", "PBAD", "PNONE"]
+    sources = [Source(p) for p in good] + [Source(bad), None]
+    stage = run_omics(ids, sources, np.array([1, 1, 1, 0, 1, 1], bool), OmicsConfig.rna(min_std=0.0, width=16))
+    assert stage.status == ["present"] * 4 + ["failed", "missing"]
+    assert "bad.tsv (patient 'PBAD')" in stage.errors[4] and "tpm_unstranded" in stage.errors[4]
+    assert (stage.values[4:] == 0).all() and (stage.values[:4] != 0).any()

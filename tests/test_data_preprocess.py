@@ -1,0 +1,278 @@
+"""``preprocess``: manifest → zarr v3 store with bad inputs among good ones; the store's layout,
+provenance and report; loading (whole cohort and per patient); resuming after a crash; reusing the
+fitted preprocessing for new patients; the command line with a process pool."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from test_data_common import GDC_HEADER, GENES, SLIDE, need, write_gdc_star, write_mni_case
+
+import pyimputmae
+from pyimputmae.data import preprocess as pp
+from pyimputmae.data.manifest import ManifestWarning
+from pyimputmae.data.store import (
+    StoreError,
+    completed_patients,
+    load_cohort,
+    load_preprocessing,
+    StoreDataset,
+    make_dataloader,
+    open_store,
+)
+
+pytest.importorskip("zarr", reason="zarr>=3 writes the store")
+pytest.importorskip("openslide", reason="openslide-python + openslide-bin read the slides")
+pytest.importorskip("SimpleITK", reason="SimpleITK reads the MRI")
+
+CONFIG = {
+    "rna": {"min_std": 0.0, "width": 32},
+    "dnam": {"width": 16},
+    "wsi": {"tile_px": 32, "mpp": 2.0, "n_candidates": 6, "n_keep": 3},
+    "mri": {"sequences": ["t1ce"], "spacing": 4.0, "crop": [16, 16, 16]},
+}
+IDS = ["P0", "P1", "P2", "P3", "P4", "P5"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six patients and one duplicated id. RNA: GDC STAR files (P3's lacks the gene_name column);
+    DNAm: one samples × probes table; slides: the real one for P0 and P2, a truncated copy for P4;
+    MRI: the MNI case for P1 and P2, a 2-D NIfTI for P3."""
+    slide = need(SLIDE, "the real Aperio slide cmu_small_region.svs")
+    d = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(0)
+    for i, pid in enumerate(IDS[:5]):
+        cols = tuple(c for c in GDC_HEADER if c != "gene_name") if pid == "P3" else GDC_HEADER
+        write_gdc_star(d / f"{pid}.star.tsv", GENES, list(rng.gamma(2.0, 10.0, len(GENES))), columns=cols)
+    pd.DataFrame(rng.random((6, 10)), index=IDS, columns=[f"cg{j:04d}" for j in range(10)]).to_csv(
+        d / "beta.tsv", sep="\t")
+    (d / "broken.svs").write_bytes(slide.read_bytes()[:300_000])
+    case = write_mni_case(d / "mri_case", sequences=("t1ce",))
+    import nibabel as nib
+
+    img = nib.load(case["t1ce"])
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :, 40], img.affine), d / "slice.nii.gz")
+    rows = [
+        # id, time, event, split, fold, age, radiation, rna, dnam, wsi, mri
+        ("P0", 1.5, 1, "train", 0, 40, "yes", "P0.star.tsv", "beta.tsv", str(slide), ""),
+        ("P1", 3.0, 0, "train", 1, 55, "no", "P1.star.tsv", "beta.tsv", "", "mri_case"),
+        ("P2", 0.7, 1, "train", 0, "", "yes", "P2.star.tsv", "beta.tsv", str(slide), "mri_case"),
+        ("P3", 2.2, 0, "train", 1, 61, "", "P3.star.tsv", "beta.tsv", "", "slice.nii.gz"),
+        ("PDUP", 1.0, 1, "train", 0, 50, "no", "", "", "", ""),
+        ("P4", 4.0, 1, "test", "", 70, "no", "P4.star.tsv", "beta.tsv", "broken.svs", ""),
+        ("P5", 0.2, 0, "test", "", 33, "yes", "", "beta.tsv", "", ""),
+        ("PDUP", 2.0, 0, "test", "", 51, "no", "", "", "", ""),
+    ]
+    cols = ["patient_id", "time", "event", "split", "fold", "age", "radiation", "rna", "dnam", "wsi", "mri"]
+    pd.DataFrame(rows, columns=cols).to_csv(d / "manifest.csv", index=False)
+    (d / "config.json").write_text(json.dumps(CONFIG))
+    return d
+
+
+def run(inputs: Path, out: Path, **kw) -> pp.PreprocessReport:
+    kw.setdefault("workers", 0)
+    with pytest.warns(ManifestWarning, match="PDUP.*duplicate"):
+        return pp.preprocess(inputs / "manifest.csv", out, config=CONFIG, progress=False, verbose=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def store(inputs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("store") / "cohort.zarr"
+    run(inputs, out)
+    return out
+
+
+def arrays(path: Path) -> dict[str, np.ndarray]:
+    root = open_store(path)
+    names = ["rna/data", "dnam/data", "wsi/tiles", "wsi/scores", "wsi/count", "mri/data", "mri/center",
+             "table/present", "table/status", "table/clinical", "table/time"]
+    return {n: root[n][:] for n in names}
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    x, y = arrays(a), arrays(b)
+    for name in x:
+        np.testing.assert_array_equal(x[name], y[name], err_msg=name)
+
+
+def test_bad_inputs_are_reported_and_the_rest_is_processed(store: Path):
+    report = pp.PreprocessReport.from_dict(open_store(store).attrs["report"])
+    assert report.n_patients == 6 and report.counts == {
+        "rna": {"listed": 5, "present": 4, "missing": 1, "failed": 1},
+        "dnam": {"listed": 6, "present": 6, "missing": 0, "failed": 0},
+        "wsi": {"listed": 3, "present": 2, "missing": 3, "failed": 1},
+        "mri": {"listed": 3, "present": 2, "missing": 3, "failed": 1},
+    }
+    failures = {(p, m): e for p, m, e in report.failures}
+    assert set(failures) == {("P3", "rna"), ("P3", "mri"), ("P4", "wsi")}
+    assert "P3.star.tsv (patient 'P3'): GDC STAR counts file has no column(s) ['gene_name']" in failures["P3", "rna"]
+    assert "slice.nii.gz (patient 'P3') [t1ce]: expected a 3-D volume, got a 2-D image" in failures["P3", "mri"]
+    assert "broken.svs (patient 'P4'): not a slide OpenSlide can read" in failures["P4", "wsi"]
+    assert any("PDUP" in r and "duplicate" in r for r in report.rejected)
+    text = report.table()
+    assert "\nwsi             3        2        3       1\n" in text and "failures (3):" in text
+
+
+def test_store_layout_and_provenance(store: Path, inputs: Path):
+    root = open_store(store)
+    attrs = root.attrs.asdict()
+    assert attrs["complete"] and attrs["ids"] == IDS and attrs["modalities"] == ["rna", "dnam", "wsi", "mri"]
+    assert attrs["package_version"] == pyimputmae.__version__ and attrs["codec"] == "zstd"
+    prov = attrs["provenance"]
+    assert prov["manifest"] == str(inputs / "manifest.csv") and len(prov["manifest_sha256"]) == 64
+    assert prov["config"]["wsi"]["tile_px"] == 32
+    assert root["mri/data"].chunks == (1, 1, 16, 16, 16) and root["wsi/tiles"].chunks == (1, 1, 3, 32, 32)
+    assert root["wsi/tiles"].shape == (6, 3, 3, 32, 32) and root["rna/data"].shape == (6, 1, 32)
+    sources = root["provenance"].attrs["sources"]
+    assert sources["wsi"][0]["file"]["path"] == str(SLIDE)
+    assert sources["wsi"][0]["file"]["checksum"].startswith("sha256:")
+    assert sources["mri"][1]["t1ce"]["path"].endswith("case_t1ce.nii.gz")
+    assert sources["rna"][0]["checksum"].startswith("sha256:") and sources["rna"][3] is None
+    fitted = load_preprocessing(store)
+    assert json.loads(json.dumps(fitted)) == fitted  # a plain dict
+    assert fitted["rna"]["features"][0] == "ENSG00000000003" and len(fitted["rna"]["medians"]) == 11
+    assert [f["name"] for f in fitted["clinical"]["features"]] == ["age", "radiation"]
+    assert not (store / "_progress").exists()  # the journal is gone once complete
+
+
+def test_load_cohort(store: Path):
+    c = load_cohort(store)
+    assert c.ids == IDS and c.modalities == ("rna", "dnam", "wsi", "mri")
+    assert c.inputs["wsi"].shape == (6, 3, 32, 32) and c.inputs["mri"].shape == (6, 1, 16, 16, 16)
+    expected = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 1], [1, 1, 1, 1], [0, 1, 0, 0], [1, 1, 0, 0], [0, 1, 0, 0]],
+                            dtype=torch.bool)
+    assert torch.equal(c.present, expected)
+    for m, j in (("rna", 0), ("wsi", 2), ("mri", 3)):
+        assert (c.inputs[m][~c.present[:, j]] == 0).all()  # missing and failed rows are zeros
+        assert all(c.inputs[m][i].abs().sum() > 0 for i in torch.nonzero(c.present[:, j]).flatten())
+    assert 0 <= c.inputs["wsi"].min() and c.inputs["wsi"].max() <= 1
+    torch.testing.assert_close(c.time, torch.tensor([1.5, 3.0, 0.7, 2.2, 4.0, 0.2]))
+    assert list(c.split) == ["train"] * 4 + ["test"] * 2 and list(c.fold) == [0, 1, 0, 1, -1, -1]
+    assert c.clinical_names == ["age", "radiation"] and torch.isnan(c.clinical[2, 0])
+    mean = load_cohort(store, wsi_tile="mean", modalities=["wsi"])
+    assert mean.modalities == ("wsi",) and not torch.equal(mean.inputs["wsi"][0], c.inputs["wsi"][0])
+
+
+def test_forked_dataloader_matches_the_in_memory_cohort(store: Path):
+    c = load_cohort(store)
+    loader = make_dataloader(store, batch_size=4, num_workers=2)
+    batches = list(loader)
+    assert [b.ids for b in batches] == [IDS[:4], IDS[4:]]
+    for b in batches:
+        ref = c.batch(np.array([IDS.index(i) for i in b.ids]))
+        for m in c.modalities:
+            torch.testing.assert_close(b.inputs[m], ref.inputs[m], rtol=0, atol=0)
+        assert torch.equal(b.present, ref.present)
+    train = make_dataloader(store, split="train", fold=1, batch_size=8)
+    assert next(iter(train)).ids == ["P0", "P2"]
+    tiles = torch.from_numpy(open_store(store)["wsi/tiles"][0]).float() / 255
+    random_tiles = StoreDataset(store, wsi_tile="random")
+    torch.manual_seed(0)
+    draws = [random_tiles[0]["inputs"]["wsi"] for _ in range(20)]
+    drawn = {next(k for k in range(3) if torch.equal(tiles[k], x)) for x in draws}
+    assert drawn == {0, 1, 2}  # training draws among the stored tiles; inference takes tile 0
+
+
+def test_resume_after_a_crash(inputs: Path, store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    out = tmp_path / "crashed.zarr"
+    journal = pp._journal_patient
+    calls = []
+
+    def crash_on_third(path: Path, i: int, entry: dict) -> None:
+        calls.append(i)
+        if len(calls) == 3:  # the third patient's arrays are written, its journal entry is not
+            raise RuntimeError("simulated crash")
+        journal(path, i, entry)
+
+    monkeypatch.setattr(pp, "_journal_patient", crash_on_third)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(inputs, out)
+    assert calls == [0, 1, 2]  # image patients in manifest order; P2 crashed
+    with pytest.raises(StoreError, match="incomplete"):
+        load_cohort(out)
+    assert completed_patients(out).tolist() == [True, True, False, False, False, True]  # P5: omics only
+    assert load_cohort(out, allow_incomplete=True).ids == ["P0", "P1", "P5"]
+    # a half-written chunk of the crashed patient: it never reads as complete, and is redone
+    chunk = out / "mri" / "data" / "c" / "2" / "0" / "0" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:10])
+
+    monkeypatch.setattr(pp, "_journal_patient", journal)
+    seen = []
+    process = pp.process_images
+    monkeypatch.setattr(pp, "process_images", lambda task: seen.append(task["id"]) or process(task))
+    report = run(inputs, out)
+    assert seen == ["P2", "P3", "P4"] and report.processed == 3
+    assert_same_store(out, store)
+
+
+def test_killed_run_resumes(inputs: Path, store: Path, tmp_path: Path):
+    out = tmp_path / "killed.zarr"
+    code = f"""
+        import os, warnings
+        warnings.simplefilter("ignore")
+        from pyimputmae.data import preprocess as pp
+        n = []
+        def die(path, i, entry):
+            n.append(i)
+            if len(n) == 2:
+                os._exit(9)  # no cleanup of any kind, like SIGKILL
+            journal(path, i, entry)
+        journal, pp._journal_patient = pp._journal_patient, die
+        pp.preprocess({str(inputs / "manifest.csv")!r}, {str(out)!r}, config={CONFIG!r}, workers=0,
+                      progress=False, verbose=False)
+    """
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 9, proc.stderr
+    assert completed_patients(out).tolist() == [True, False, False, False, False, True]
+    report = run(inputs, out)
+    assert report.processed == 4
+    assert_same_store(out, store)
+
+
+def test_rerun_skips_a_complete_store_and_refuses_other_options(inputs: Path, store: Path, tmp_path: Path):
+    out = tmp_path / "again.zarr"
+    shutil.copytree(store, out)
+    report = run(inputs, out)
+    assert report.processed == 0 and report.resumed == 6
+    with pytest.raises(FileExistsError, match="another manifest or with other options; pass --overwrite"):
+        with pytest.warns(ManifestWarning):
+            pp.preprocess(inputs / "manifest.csv", out, config={**CONFIG, "codec": "lz4"}, progress=False, verbose=False)
+
+
+def test_new_patients_reuse_the_fitted_preprocessing(inputs: Path, store: Path, tmp_path: Path):
+    new = pd.DataFrame({"patient_id": ["NEW0", "NEW2"], "age": [40, ""], "radiation": ["yes", "maybe"],
+                        "rna": [str(inputs / "P0.star.tsv"), str(inputs / "P2.star.tsv")],
+                        "dnam": [str(inputs / "beta.tsv#P0"), str(inputs / "beta.tsv#P2")],
+                        "wsi": [str(SLIDE), ""], "mri": ["", str(inputs / "mri_case")]})
+    new.to_csv(tmp_path / "new.csv", index=False)
+    out = tmp_path / "new.zarr"
+    pp.apply_preprocessing(tmp_path / "new.csv", store, out, workers=0, progress=False, verbose=False)
+    a, b = load_cohort(out), load_cohort(store)
+    assert load_preprocessing(out)["rna"] == load_preprocessing(store)["rna"]
+    assert list(a.split) == ["test", "test"] and torch.isnan(a.time).all()
+    for m in ("rna", "dnam"):
+        torch.testing.assert_close(a.inputs[m], b.inputs[m][[0, 2]], rtol=0, atol=0)
+    torch.testing.assert_close(a.inputs["wsi"][0], b.inputs["wsi"][0], rtol=0, atol=0)
+    torch.testing.assert_close(a.inputs["mri"][1], b.inputs["mri"][2], rtol=0, atol=0)
+    assert a.clinical[0].tolist() == [40.0, 1.0] and torch.isnan(a.clinical[1]).all()  # "maybe": unseen level
+
+
+def test_command_line_with_a_process_pool(inputs: Path, store: Path, tmp_path: Path):
+    out = tmp_path / "cli.zarr"
+    with pytest.warns(ManifestWarning):
+        rc = pp.main([str(inputs / "manifest.csv"), "--out", str(out), "--config", str(inputs / "config.json"),
+                      "--workers", "2", "--no-progress"])
+    assert rc == 0
+    assert_same_store(out, store)

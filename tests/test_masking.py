@@ -1,0 +1,454 @@
+"""random_masking / random_keep / unshuffle_fill on every backend against the spec
+(``pyimputmae.reference.masking``), plus the properties the spec promises: exact-k, missing
+modalities fully masked, sorted ids, identical masks everywhere for one (seed, offset), uniformity.
+
+The Triton interpreter spends ~0.15 s per (row, segment) program of the selection kernel on this
+machine, so batches are small and each backend's selection of a layout is computed once
+(``selection``) and shared by the tests that only need some ids and a mask.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import pytest
+import torch
+from op_testing import assert_bf16_no_worse_than_torch, assert_close, kernel_level_op
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from pyimputmae import _backends, random_keep, random_masking, unshuffle_fill
+from pyimputmae.ops import masking as masking_ops
+from pyimputmae.reference import (
+    gather_visible_reference,
+    keep_counts,
+    select_keep_reference,
+    unshuffle_fill_reference,
+)
+
+FAMILIES = ("masking",)
+
+
+@dataclass(frozen=True)
+class Layout:
+    lengths: tuple[int, ...]
+    ratios: tuple[float, ...] | float
+    batch: int
+
+    @property
+    def keeps(self) -> list[int]:
+        return keep_counts(self.lengths, self.ratios)
+
+    def segments(self):
+        """``(m, token range, visible-slot range)`` of every modality."""
+        o = q = 0
+        for m, (n, k) in enumerate(zip(self.lengths, self.keeps)):
+            yield m, range(o, o + n), range(q, q + k)
+            o, q = o + n, q + k
+
+
+LAYOUTS = {
+    # four modalities of uneven lengths; modality 1 missing in every row, the last row has nothing
+    "four_modalities": Layout((5, 3, 16, 7), 0.5, 3),
+    "one_row": Layout((13,), 0.75, 1),
+    # ratio 0 keeps a whole segment, ratio 1 keeps none of it (K_m = 0)
+    "mixed_ratios": Layout((9, 33, 4, 6), (0.3, 0.5, 0.0, 1.0), 2),
+    # one segment longer than the interpreter's 32-token tiles, last row missing
+    "odd_length": Layout((37,), 0.5, 3),
+}
+RNGS = {
+    "zero": (0, 0),
+    "small": (12345, 7),
+    "minus_one": (-1, -1),
+    "large": (2**62 + 3, -(2**40) - 5),
+}
+DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16}
+WIDTH = 5
+
+
+def _generator(name: str) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(name.encode()))
+
+
+def make_present(layout: str, device: torch.device) -> torch.Tensor:
+    lay = LAYOUTS[layout]
+    B, M = lay.batch, len(lay.lengths)
+    present = torch.rand(B, M, generator=_generator(layout)) < 0.75
+    present[0, 0] = True
+    if M > 1:
+        present[:, 1] = False  # a modality missing in every row
+    if B > 1:
+        present[-1] = False  # a row missing every modality
+    return present.to(device)
+
+
+def make_rng(name: str, device: torch.device) -> torch.Tensor:
+    return torch.tensor(RNGS[name], dtype=torch.int64, device=device)
+
+
+def make_tokens(layout: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    lay = LAYOUTS[layout]
+    t = torch.randn(lay.batch, sum(lay.lengths), WIDTH, generator=_generator(layout + "tokens"))
+    return (t + 3.0).to(device, dtype)  # away from zero, so a zeroed slot can be told from a copied token
+
+
+_SELECTIONS: dict = {}
+
+
+def selection(backend: str, device: torch.device, layout: str) -> dict:
+    """The backend's ``random_masking`` of the layout's fp32 tokens (rng "small"), computed once."""
+    key = (backend, str(device), layout)
+    if key not in _SELECTIONS:
+        lay = LAYOUTS[layout]
+        tokens, present = make_tokens(layout, torch.float32, device), make_present(layout, device)
+        rng = make_rng("small", device)
+        visible, ids_keep, mask = random_masking(tokens, lay.lengths, lay.ratios, present, rng, backend=backend)
+        _SELECTIONS[key] = {"tokens": tokens, "present": present, "rng": rng, "visible": visible,
+                            "ids_keep": ids_keep, "mask": mask}
+    return _SELECTIONS[key]
+
+
+def gather(tokens, ids_keep, mask, backend):
+    """The backend's gather of visible tokens: the op random_masking runs after the selection."""
+    return masking_ops._gather_visible(tokens, ids_keep, mask, backend)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_random_masking_is_identical_to_reference(backend, device, layout):
+    """Same (seed, offset) → bit-identical ids_keep, mask and visible tokens on every backend and
+    device (the spec runs on the CPU, so on a GPU machine this also checks CPU == CUDA)."""
+    lay, sel = LAYOUTS[layout], selection(backend, device, layout)
+    ids_keep, mask = sel["ids_keep"], sel["mask"]
+    assert ids_keep.shape == (lay.batch, sum(lay.keeps)) and ids_keep.dtype == torch.int64
+    assert mask.shape == (lay.batch, sum(lay.lengths)) and mask.dtype == torch.bool
+    assert ids_keep.device == mask.device == sel["rng"].device
+    want_ids, want_mask = select_keep_reference(sel["present"].cpu(), lay.lengths, lay.keeps, sel["rng"].cpu())
+    assert torch.equal(ids_keep.cpu(), want_ids), f"{backend}: ids_keep differs from the spec"
+    assert torch.equal(mask.cpu(), want_mask), f"{backend}: mask differs from the spec"
+    assert torch.equal(sel["visible"].cpu(), gather_visible_reference(sel["tokens"].cpu(), want_ids, want_mask))
+
+
+@pytest.mark.parametrize("rng", RNGS)
+def test_random_keep_follows_the_spec_for_any_int64_seed_and_offset(backend, device, rng):
+    """Negative and large int64 values are read as unsigned 64-bit numbers, as the spec does."""
+    lay = LAYOUTS["odd_length"]
+    present, r = make_present("odd_length", device), make_rng(rng, device)
+    ids_keep, mask = random_keep(present, lay.lengths, lay.ratios, r, backend=backend)
+    want_ids, want_mask = select_keep_reference(present.cpu(), lay.lengths, lay.keeps, r.cpu())
+    assert torch.equal(ids_keep.cpu(), want_ids), f"{backend}: ids_keep differs from the spec for rng {RNGS[rng]}"
+    assert torch.equal(mask.cpu(), want_mask), f"{backend}: mask differs from the spec for rng {RNGS[rng]}"
+
+
+def test_random_keep_equals_the_choice_of_random_masking(backend, device):
+    lay, sel = LAYOUTS["four_modalities"], selection(backend, device, "four_modalities")
+    ids_keep, mask = random_keep(sel["present"], lay.lengths, lay.ratios, sel["rng"], backend=backend)
+    assert torch.equal(ids_keep, sel["ids_keep"]) and torch.equal(mask, sel["mask"])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_exactly_k_kept_per_present_modality(backend, device, layout):
+    lay, sel = LAYOUTS[layout], selection(backend, device, layout)
+    present, ids_keep, mask = sel["present"].cpu(), sel["ids_keep"].cpu(), sel["mask"].cpu()
+    for m, tok, slots in lay.segments():
+        kept = (~mask[:, tok.start:tok.stop]).sum(1)
+        want = torch.where(present[:, m], len(slots), 0)
+        assert torch.equal(kept, want), f"modality {m}: kept {kept.tolist()}, want {want.tolist()}"
+        seg_ids = ids_keep[:, slots.start:slots.stop]
+        assert ((seg_ids >= tok.start) & (seg_ids < tok.stop)).all(), f"modality {m}: id outside its segment"
+        for b in range(lay.batch):
+            assert len(set(seg_ids[b].tolist())) == len(slots), f"row {b}, modality {m}: repeated id"
+            if present[b, m]:
+                assert not mask[b, seg_ids[b]].any(), f"row {b}, modality {m}: a kept id is marked hidden"
+
+
+@pytest.mark.parametrize("layout", ["four_modalities", "mixed_ratios", "odd_length"])
+def test_missing_modality_is_fully_masked(backend, device, layout):
+    lay, sel = LAYOUTS[layout], selection(backend, device, layout)
+    present, ids_keep, mask, visible = sel["present"], sel["ids_keep"], sel["mask"], sel["visible"]
+    mask_token = torch.randn(WIDTH, device=device)
+    filled = unshuffle_fill(visible, ids_keep, mask, mask_token, backend=backend)
+    missing = 0
+    for m, tok, slots in lay.segments():
+        for b in range(lay.batch):
+            if present[b, m]:
+                continue
+            missing += 1
+            assert mask[b, tok.start:tok.stop].all(), f"row {b}, modality {m}: missing but not fully masked"
+            assert ids_keep[b, slots.start:slots.stop].tolist() == list(tok)[:len(slots)], (
+                f"row {b}, modality {m}: ids_keep must hold the segment's first K_m positions")
+            assert (visible[b, slots.start:slots.stop] == 0).all(), f"row {b}, modality {m}: visible slot not zero"
+            assert (filled[b, tok.start:tok.stop] == mask_token).all(), f"row {b}, modality {m}: not mask_token"
+    assert missing > 0
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ids_keep_sorted_within_each_segment(backend, device, layout):
+    lay, ids_keep = LAYOUTS[layout], selection(backend, device, layout)["ids_keep"].cpu()
+    for m, _, slots in lay.segments():
+        seg = ids_keep[:, slots.start:slots.stop]
+        assert (seg[:, 1:] > seg[:, :-1]).all(), f"modality {m}: ids_keep not strictly increasing"
+
+
+def test_different_seed_or_offset_gives_a_different_mask(backend, device):
+    present = torch.ones(2, 1, dtype=torch.bool, device=device)
+
+    def mask_for(seed: int, offset: int) -> torch.Tensor:
+        return random_keep(present, (64,), 0.5, torch.tensor([seed, offset], device=device), backend=backend)[1]
+
+    base = mask_for(7, 100)
+    assert torch.equal(base, mask_for(7, 100)), "the same (seed, offset) gave another mask"
+    for seed, offset in [(8, 100), (7, 101), (-7, 100), (7, 100 + 2**32)]:
+        assert not torch.equal(base, mask_for(seed, offset)), f"rng ({seed}, {offset}) repeats rng (7, 100)"
+    assert not torch.equal(base[0], base[1]), "rows 0 and 1 got the same mask"
+
+
+# chi-square critical value for 15 degrees of freedom at p = 0.001 (used when scipy is absent)
+CHI2_CRITICAL_15DOF_P001 = 37.697
+
+
+def test_selection_is_uniform_over_positions(backend, device):
+    """Over many rows in ONE launch every position of a 16-token segment is kept half the time
+    (chi-square), and no two positions are kept together more or less often than chance.
+
+    Under the Triton interpreter 4000 rows would take ~10 minutes here, so it gets 64 rows (the
+    statistic stays valid, expected count 32); it must match the spec bit for bit anyway, and the
+    spec's uniformity is tested with 4000 rows on the reference backend."""
+    interpreted = backend == "triton" and device.type == "cpu"
+    B, n, k = (64 if interpreted else 4000), 16, 8
+    present = torch.ones(B, 1, dtype=torch.bool, device=device)
+    rng = torch.tensor([2024, 5], device=device)
+    _, mask = random_keep(present, (n,), 0.5, rng, backend=backend)
+    kept = (~mask).cpu().to(torch.float64)
+    assert torch.equal(kept.sum(1), torch.full((B,), float(k), dtype=torch.float64))
+    counts = kept.sum(0)
+    expected = B * k / n
+    stat = float(((counts - expected) ** 2 / expected).sum())
+    try:
+        from scipy.stats import chisquare
+    except ImportError:
+        assert stat < CHI2_CRITICAL_15DOF_P001, f"chi-square {stat:.1f} for counts {counts.tolist()}"
+    else:
+        pvalue = chisquare(counts.numpy()).pvalue
+        assert pvalue > 1e-3, f"chi-square {stat:.1f} (p = {pvalue:.2e}) for counts {counts.tolist()}"
+    # a uniform k-subset gives every pair of indicators the correlation -1/(n-1); its standard
+    # error is about 1/sqrt(B), so 4.5 of them bound the worst of the 120 pairs
+    corr = torch.corrcoef(kept.T)
+    off_diagonal = corr[~torch.eye(n, dtype=torch.bool)]
+    worst = (off_diagonal + 1 / (n - 1)).abs().max().item()
+    assert worst < 4.5 / B**0.5, f"pairs of positions are correlated: worst deviation {worst:.3f} from -1/15"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_unshuffle_fill_inverts_random_masking(backend, device, layout):
+    """unshuffle_fill(random_masking(t)) == t on visible positions and mask_token on hidden ones."""
+    sel = selection(backend, device, layout)
+    tokens, mask = sel["tokens"], sel["mask"]
+    mask_token = torch.randn(WIDTH, device=device)
+    out = unshuffle_fill(sel["visible"], sel["ids_keep"], mask, mask_token, backend=backend)
+    assert out.shape == tokens.shape and out.dtype == tokens.dtype
+    expected = torch.where(mask.unsqueeze(-1), mask_token, tokens)
+    wrong = (out != expected).any(-1).nonzero().tolist()
+    assert not wrong, f"{backend}: (row, position) pairs not restored: {wrong[:10]}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["four_modalities", "mixed_ratios", "odd_length"])
+def test_gather_then_fill_round_trips_in_every_dtype(backend, device, layout, dtype):
+    """The same invariant with the backend's gather and fill in fp64, fp32 and bf16 (pure data
+    movement: exact)."""
+    sel = selection(backend, device, layout)
+    tokens = make_tokens(layout, DTYPES[dtype], device)
+    ids_keep, mask = sel["ids_keep"], sel["mask"]
+    visible = gather(tokens, ids_keep, mask, backend)
+    assert visible.dtype == tokens.dtype
+    assert torch.equal(visible.cpu(), gather_visible_reference(tokens.cpu(), ids_keep.cpu(), mask.cpu()))
+    mask_token = torch.randn(WIDTH).to(device, tokens.dtype)
+    out = unshuffle_fill(visible, ids_keep, mask, mask_token, backend=backend)
+    assert out.dtype == tokens.dtype
+    assert torch.equal(out, torch.where(mask.unsqueeze(-1), mask_token, tokens))
+
+
+def scrambled_mask(ids_keep: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A mask that disagrees with ids_keep: a kept position hidden, some never-named ones visible."""
+    out = mask.clone()
+    out[:, ids_keep[0, 0]] = True
+    named = torch.zeros_like(mask).scatter_(1, ids_keep, True)
+    unnamed_hidden = (~named & mask).nonzero()
+    out[unnamed_hidden[::2, 0], unnamed_hidden[::2, 1]] = False
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unshuffle_fill_and_gather_follow_the_spec_when_mask_and_ids_disagree(backend, device, dtype):
+    """A slot whose position is hidden is neither written nor read (zero), and a visible position
+    that no id names is zero: the kernel-level contract, beyond what random_masking produces."""
+    sel = selection(backend, device, "four_modalities")
+    tokens = make_tokens("four_modalities", DTYPES[dtype], device)
+    ids_keep = sel["ids_keep"]
+    mask = scrambled_mask(ids_keep, sel["mask"])
+    x = torch.randn(ids_keep.shape[0], ids_keep.shape[1], WIDTH).to(device, tokens.dtype)
+    mask_token = torch.randn(WIDTH).to(device, tokens.dtype)
+    out = unshuffle_fill(x, ids_keep, mask, mask_token, backend=backend)
+    assert torch.equal(out.cpu(), unshuffle_fill_reference(x.cpu(), ids_keep.cpu(), mask.cpu(), mask_token.cpu()))
+    gathered = gather(tokens, ids_keep, mask, backend)
+    assert torch.equal(gathered.cpu(), gather_visible_reference(tokens.cpu(), ids_keep.cpu(), mask.cpu()))
+
+
+@pytest.mark.parametrize("dtype", ["fp64", "fp32"])
+def test_hidden_sum_matches_reference(backend, device, dtype):
+    grad = torch.randn(3, 41, 7, dtype=DTYPES[dtype], device=device)
+    mask = torch.rand(3, 41, device=device) < 0.6
+    out = masking_ops._hidden_sum(grad, mask, backend)
+    assert out.shape == (7,) and out.dtype == grad.dtype
+    assert_close(out, (grad * mask.unsqueeze(-1)).sum((0, 1)), what=f"{backend} hidden_sum")
+
+
+def test_hidden_sum_bf16_is_no_worse_than_torch_bf16(backend, device):
+    grad = torch.randn(4, 300, 6, device=device)
+    mask = torch.rand(4, 300, device=device) < 0.5
+    g16 = grad.to(torch.bfloat16)
+    out = masking_ops._hidden_sum(g16, mask, backend)
+    assert_bf16_no_worse_than_torch(out, (g16 * mask.unsqueeze(-1)).sum((0, 1)),
+                                    (g16.float() * mask.unsqueeze(-1)).sum((0, 1)), what=f"{backend} hidden_sum")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["four_modalities", "mixed_ratios"])
+def test_gradients_match_reference(backend, device, layout, dtype):
+    """Backward of gather → encoder → fill: gather and fill transpose each other, and the
+    mask_token gradient sums the hidden positions."""
+    sel = selection(backend, device, layout)
+    ids_keep, mask = sel["ids_keep"], sel["mask"]
+    tokens = make_tokens(layout, DTYPES[dtype], device)
+    token0 = torch.randn(WIDTH).to(device, tokens.dtype)
+    scale = torch.randn(WIDTH).to(device, tokens.dtype)
+    g = torch.randn(tokens.shape).to(device, tokens.dtype)
+
+    t_ours, m_ours = tokens.clone().requires_grad_(True), token0.clone().requires_grad_(True)
+    unshuffle_fill(gather(t_ours, ids_keep, mask, backend) * scale, ids_keep, mask, m_ours,
+                   backend=backend).backward(g)
+    t_ref, m_ref = tokens.clone().requires_grad_(True), token0.clone().requires_grad_(True)
+    unshuffle_fill_reference(gather_visible_reference(t_ref, ids_keep, mask) * scale, ids_keep, mask,
+                             m_ref).backward(g)
+
+    # the tokens' gradient is g·scale moved back and forth: exact in every dtype
+    assert torch.equal(t_ours.grad, t_ref.grad), f"{backend}: tokens gradient differs"
+    if tokens.dtype == torch.bfloat16:
+        fp32_sum = (g.float() * mask.unsqueeze(-1)).sum((0, 1))
+        assert_bf16_no_worse_than_torch(m_ours.grad, m_ref.grad, fp32_sum, what=f"{backend} mask_token grad")
+    else:
+        assert_close(m_ours.grad, m_ref.grad, what=f"{backend} mask_token grad")
+
+
+TINY = Layout((3, 4), 0.5, 2)
+
+
+def test_gradcheck_random_masking_wrt_tokens(backend, device):
+    present = torch.tensor([[True, True], [False, True]], device=device)
+    rng = make_rng("small", device)
+    tokens = torch.randn(2, 7, 2, dtype=torch.float64, device=device, requires_grad=True)
+
+    def fn(t):
+        return random_masking(t, TINY.lengths, TINY.ratios, present, rng, backend=backend)[0]
+
+    assert torch.autograd.gradcheck(fn, (tokens,), fast_mode=True)
+
+
+def test_gradcheck_unshuffle_fill_wrt_x_and_mask_token(backend, device):
+    present = torch.tensor([[True, False], [True, True]], device=device)
+    ids_keep, mask = select_keep_reference(present, TINY.lengths, TINY.keeps, make_rng("small", device))
+    x = torch.randn(2, sum(TINY.keeps), 3, dtype=torch.float64, device=device, requires_grad=True)
+    mask_token = torch.randn(3, dtype=torch.float64, device=device, requires_grad=True)
+
+    def fn(x, token):
+        return unshuffle_fill(x, ids_keep, mask, token, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (x, mask_token), fast_mode=True)
+
+
+def test_opcheck_public_masking_ops(backend, device):
+    """opcheck of the four user-facing custom ops behind random_keep, random_masking and unshuffle_fill."""
+    present = torch.tensor([[True, False]], device=device)
+    torch.library.opcheck(masking_ops._select_keep, (present, [5, 6], [2, 3], make_rng("small", device), backend))
+    sel = selection(backend, device, "four_modalities")
+    ids_keep, mask = sel["ids_keep"], sel["mask"]
+    tokens = sel["tokens"].clone().requires_grad_(True)
+    x = torch.randn(ids_keep.shape[0], ids_keep.shape[1], WIDTH, device=device, requires_grad=True)
+    mask_token = torch.randn(WIDTH, device=device, requires_grad=True)
+    torch.library.opcheck(masking_ops._gather_visible, (tokens, ids_keep, mask, backend))
+    torch.library.opcheck(masking_ops._unshuffle_fill, (x, ids_keep, mask, mask_token, backend))
+    torch.library.opcheck(masking_ops._hidden_sum, (torch.randn_like(sel["tokens"]), mask, backend))
+
+
+@pytest.mark.parametrize("name", ["select_keep", "gather_visible", "unshuffle_fill", "hidden_sum"])
+def test_opcheck_kernel_level_ext_op(device, name):
+    op, reason = kernel_level_op(name, device)
+    if op is None:
+        pytest.skip(reason)
+    lay = LAYOUTS["four_modalities"]
+    present, rng = make_present("four_modalities", device), make_rng("small", device)
+    ids_keep, mask = select_keep_reference(present, lay.lengths, lay.keeps, rng)
+    tokens = make_tokens("four_modalities", torch.float32, device)
+    args = {
+        "select_keep": (present, list(lay.lengths), lay.keeps, rng),
+        "gather_visible": (tokens, ids_keep, mask),
+        "unshuffle_fill": (torch.randn(lay.batch, ids_keep.shape[1], WIDTH, device=device), ids_keep, mask,
+                           torch.randn(WIDTH, device=device)),
+        "hidden_sum": (tokens, mask),
+    }[name]
+    torch.library.opcheck(op, args)
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_rng_is_never_read_on_the_host(backend, device):
+    """The (seed, offset) tensor stays on the device: no .item() (aten._local_scalar_dense) anywhere
+    in the backend's selection. A C++ kernel is one opaque call for a dispatch mode, so "ext" is
+    covered on a GPU machine by the CUDA-synchronisation test below."""
+    if backend == "ext":
+        pytest.skip("ext: the C++ kernel is one opaque call for a dispatch mode; see the CUDA sync test")
+    present, rng = make_present("one_row", device), make_rng("small", device)
+    kernels = _backends.module(backend)
+    with _RecordOps() as rec:
+        kernels.select_keep(present, [13], [3], rng)
+    assert rec.ops, "the dispatch mode saw no operation at all"
+    host_reads = [op for op in rec.ops if "_local_scalar_dense" in op or op.startswith("aten.item")]
+    assert not host_reads, f"{backend}: select_keep reads tensors on the host: {host_reads}"
+
+
+@pytest.mark.gpu
+def test_random_masking_does_not_synchronise_cuda(backend):
+    lay = LAYOUTS["four_modalities"]
+    device = torch.device("cuda")
+    tokens = make_tokens("four_modalities", torch.float32, device).requires_grad_(True)
+    present, rng = make_present("four_modalities", device), make_rng("small", device)
+    mask_token = torch.zeros(WIDTH, device=device, requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        vis, ids_keep, mask = random_masking(tokens, lay.lengths, lay.ratios, present, rng, backend=backend)
+        unshuffle_fill(vis, ids_keep, mask, mask_token, backend=backend).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_masking_rejects_bad_arguments_with_a_clear_message():
+    tokens = torch.zeros(2, 7, 3)
+    present = torch.ones(2, 2, dtype=torch.bool)
+    rng = torch.tensor([0, 0])
+    with pytest.raises(ValueError, match=r"sum to 8, but the tokens have L = 7"):
+        random_masking(tokens, (4, 4), 0.5, present, rng)
+    with pytest.raises(ValueError, match=r"present must be \(B, M\) = \(2, 2\)"):
+        random_masking(tokens, (3, 4), 0.5, present[:, :1], rng)
+    with pytest.raises(ValueError, match="rng must be a"):
+        random_masking(tokens, (3, 4), 0.5, present, rng.to(torch.int32))
+    with pytest.raises(ValueError, match="mask ratio of segment 1"):
+        random_masking(tokens, (3, 4), (0.5, 1.5), present, rng)

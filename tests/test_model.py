@@ -1,0 +1,324 @@
+"""The impuTMAE model on CPU with tiny configurations: pre-training, imputation, fine-tuning, config.
+
+Every test builds its own few-patient batch inline; the whole file runs in well under a minute.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyimputmae.data import Batch
+from pyimputmae.model import (
+    ImputeMAE,
+    ModalityConfig,
+    ModelConfig,
+    SurvivalModel,
+    advance_rng_,
+    count_parameters,
+    new_rng,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CLINICAL = ("radiation", "chemo", "age")
+
+
+def tiny_config(**changes) -> ModelConfig:
+    """1-D, 2-D and 3-D modalities, width 16: a few milliseconds per step."""
+    base = ModelConfig(
+        modalities=(
+            ModalityConfig("rna", 1, (32,), 8, 2),  # 4 tokens, 2 visible
+            ModalityConfig("wsi", 3, (8, 8), 4, 1),  # 4 tokens, 2 visible
+            ModalityConfig("mri", 1, (8, 8, 8), 4, 1),  # 8 tokens, 4 visible
+        ),
+        dim=16, heads=2, mlp=32, decoder_depth=1, decoder_dim=16, decoder_heads=2, decoder_mlp=32,
+        clinical_features=CLINICAL, clinical_hidden=8, fusion_heads=2,
+    )
+    return base.replace(**changes) if changes else base
+
+
+def make_batch(cfg: ModelConfig, present: torch.Tensor | None = None, B: int = 6, seed: int = 0) -> Batch:
+    """Random inputs (zeros where missing), clinical values with some NaN."""
+    g = torch.Generator().manual_seed(seed)
+    M = len(cfg.modalities)
+    if present is None:
+        present = torch.rand(B, M, generator=g) > 0.4
+        present[torch.arange(B), torch.arange(B) % M] = True  # every row has something
+    B = present.shape[0]
+    inputs = {}
+    for i, m in enumerate(cfg.modalities):
+        x = torch.randn(B, *m.shape, generator=g)
+        inputs[m.name] = x * present[:, i].view(-1, *([1] * len(m.shape)))
+    clinical = torch.stack([torch.randint(0, 2, (B,), generator=g).float(),
+                            torch.randint(0, 2, (B,), generator=g).float(),
+                            40 + 15 * torch.randn(B, generator=g)], 1)
+    clinical[0, 1] = float("nan")
+    return Batch(inputs=inputs, present=present.clone(), clinical=clinical,
+                 time=torch.rand(B, generator=g) * 5 + 0.1, event=(torch.arange(B) % 2).float(),
+                 modalities=cfg.names)
+
+
+def fitted_survival_model(cfg: ModelConfig, mae: ImputeMAE | None = None) -> SurvivalModel:
+    model = SurvivalModel(mae or ImputeMAE(cfg), cfg)
+    model.clinical.fit(make_batch(cfg, B=16, seed=1).clinical)
+    return model
+
+
+# ------------------------------------------------------------------------- pre-training
+def test_pretrain_loss_finite_and_decreasing():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = ImputeMAE(cfg)
+    batch = make_batch(cfg)
+    rng = new_rng(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(12):
+        loss, per = model.forward_pretrain(batch, rng)
+        assert torch.isfinite(loss) and set(per) == set(cfg.names)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        advance_rng_(rng)
+        losses.append(loss.item())
+    assert sum(losses[-3:]) < sum(losses[:3])
+    assert rng[1].item() == 12
+
+
+def test_missing_modality_is_excluded_from_loss_and_fully_masked():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = ImputeMAE(cfg)
+    with torch.no_grad():
+        model.mask_token.copy_(torch.randn(cfg.decoder_dim))
+    present = torch.ones(4, 3, dtype=torch.bool)
+    present[1, 2] = False  # patient 1 has no MRI
+    batch = make_batch(cfg, present)
+    seen = {}
+    hook = model.decoder.register_forward_pre_hook(lambda mod, args: seen.update(x=args[0].detach().clone()))
+    loss_a, _ = model.forward_pretrain(batch, new_rng(3))
+    batch.inputs["mri"][1] = torch.randn_like(batch.inputs["mri"][1]) * 100
+    loss_b, _ = model.forward_pretrain(batch, new_rng(3))
+    hook.remove()
+    assert torch.equal(loss_a, loss_b)
+    pos = model.decoder_pos + model.modality_embed[model.token_modality]
+    o, L = model.offsets[2], model.lengths[2]
+    fill = (seen["x"] - pos)[1, o:o + L]
+    torch.testing.assert_close(fill, model.mask_token.detach().expand(L, -1))
+
+
+def test_modality_missing_in_every_row_gives_zero_loss():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = ImputeMAE(cfg)
+    present = torch.ones(5, 3, dtype=torch.bool)
+    present[:, 0] = False  # nobody has RNA
+    loss, per = model.forward_pretrain(make_batch(cfg, present), new_rng(1))
+    assert per["rna"].item() == 0.0 and torch.isfinite(loss)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert model.heads["rna"].weight.grad.abs().sum() == 0
+    # a configured modality the batch does not carry at all counts as missing everywhere
+    batch = make_batch(cfg)
+    del batch.inputs["wsi"]
+    _, per = model.forward_pretrain(batch, new_rng(1))
+    assert per["wsi"].item() == 0.0 and torch.isfinite(per["mri"])
+
+
+def test_present_columns_follow_batch_modality_order():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = ImputeMAE(cfg)
+    batch = make_batch(cfg)
+    loss, _ = model.forward_pretrain(batch, new_rng(5))
+    order = (2, 0, 1)
+    shuffled = Batch(inputs={cfg.names[i]: batch.inputs[cfg.names[i]] for i in order},
+                     present=batch.present[:, list(order)], clinical=batch.clinical, time=batch.time,
+                     event=batch.event, modalities=tuple(cfg.names[i] for i in order))
+    loss2, _ = model.forward_pretrain(shuffled, new_rng(5))
+    assert torch.equal(loss, loss2)
+
+
+@pytest.mark.slow
+def test_pretrain_forward_compiles_fullgraph():
+    torch.manual_seed(0)
+    cfg = tiny_config(modalities=(ModalityConfig("rna", 1, (32,), 8, 1), ModalityConfig("mri", 1, (8, 8, 8), 4, 1)))
+    model = ImputeMAE(cfg)
+    batch, rng = make_batch(cfg), new_rng(2)
+    compiled = torch.compile(model.forward_pretrain, fullgraph=True, backend="aot_eager")
+    loss, _ = compiled(batch, rng)
+    torch.testing.assert_close(loss, model.forward_pretrain(batch, rng)[0])
+    loss.backward()
+    assert model.mask_token.grad is not None
+
+
+# --------------------------------------------------------------------------- imputation
+def test_impute_is_deterministic_and_raw_shaped():
+    torch.manual_seed(0)
+    cfg = tiny_config(dropout=0.1)
+    model = ImputeMAE(cfg).train()
+    batch = make_batch(cfg)
+    a, b = model.impute(batch), model.impute(batch)
+    assert model.training  # the caller's mode is restored
+    for i, m in enumerate(cfg.modalities):
+        assert a[m.name].shape == (batch.size, *m.shape) and a[m.name].dtype == torch.float32
+        assert torch.equal(a[m.name], b[m.name])
+        have = batch.present[:, i]
+        assert torch.equal(a[m.name][have], batch.inputs[m.name][have])  # present rows keep their input
+    raw = model.impute(batch, keep_present=False)
+    missing = ~batch.present[:, 2]
+    assert torch.equal(raw["mri"][missing], a["mri"][missing]) and torch.isfinite(raw["mri"]).all()
+
+
+# --------------------------------------------------------------------------- fine-tuning
+@pytest.mark.parametrize("missing", ["mask", "impute"])
+@pytest.mark.parametrize("clinical_mode", ["tokens", "concat"])
+def test_clinical_only_patient_has_finite_logits(missing, clinical_mode):
+    torch.manual_seed(0)
+    cfg = tiny_config(missing=missing, clinical_mode=clinical_mode, freeze="none")
+    model = fitted_survival_model(cfg)
+    present = torch.ones(3, 3, dtype=torch.bool)
+    present[0] = False  # patient 0: clinical data only
+    batch = make_batch(cfg, present)
+    batch.clinical[0] = float("nan")  # ... and every clinical value unknown
+    logits = model(batch)
+    assert logits.shape == (3, cfg.n_bins) and torch.isfinite(logits).all()
+    logits.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_missing_modality_does_not_reach_the_logits():
+    torch.manual_seed(0)
+    cfg = tiny_config(missing="mask", fusion_dropout=0.0)
+    model = fitted_survival_model(cfg).eval()
+    present = torch.ones(2, 3, dtype=torch.bool)
+    present[0, 1] = False
+    batch = make_batch(cfg, present)
+    before = model(batch)
+    batch.inputs["wsi"][0] = torch.randn_like(batch.inputs["wsi"][0])
+    torch.testing.assert_close(model(batch), before, rtol=0, atol=0)
+
+
+def test_freezing_policies():
+    cfg = tiny_config()
+
+    def trainable(model: SurvivalModel) -> dict[str, set[str]]:
+        out = {}
+        for name, enc in model.mae.encoders.items():
+            out[name] = {n for n, p in enc.named_parameters() if p.requires_grad}
+        return out
+
+    paper = trainable(SurvivalModel(ImputeMAE(cfg), cfg.replace(freeze="paper")))
+    assert paper["wsi"] == set() and paper["mri"] == set()
+    # RNA has 2 blocks: only the last one and the final norm are trainable
+    assert paper["rna"] and all(n.startswith(("transformer.blocks.1.", "transformer.norm.")) for n in paper["rna"])
+    code = trainable(SurvivalModel(ImputeMAE(cfg), cfg.replace(freeze="authors_code")))
+    assert code["wsi"] and all(n.startswith(("transformer.blocks.0.", "transformer.norm.")) for n in code["wsi"])
+    assert code["mri"] == set()
+    model = SurvivalModel(ImputeMAE(cfg), cfg.replace(freeze={"mri": -1, "rna": 0, "wsi": 0}))
+    assert all(p.requires_grad for p in model.mae.encoders["mri"].parameters())
+    assert not any(p.requires_grad for p in model.mae.encoders["rna"].parameters())
+    # the decoder is never fine-tuned; the fusion block and head always are
+    assert not any(p.requires_grad for p in model.mae.decoder.parameters()) and not model.mae.mask_token.requires_grad
+    assert all(p.requires_grad for p in model.head.parameters())
+
+
+def test_survival_prediction_and_saved_state(tmp_path):
+    pytest.importorskip("pyimputmae.survival")
+    from pyimputmae.survival import IntervalCuts
+
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = fitted_survival_model(cfg)
+    batch = make_batch(cfg)
+    model.interval_cuts = IntervalCuts.fit(batch.time, n_bins=cfg.n_bins)
+    model.mae.preprocessing = {"rna": {"genes": ["A", "B"], "median": torch.tensor([1.5])}}
+    loss = model.loss(batch)
+    assert torch.isfinite(loss)
+    surv = model.predict_survival(batch)
+    assert surv.shape == (batch.size, cfg.n_bins + 1)
+    assert torch.all(surv[:, 0] == 1) and torch.all(surv[:, 1:] <= surv[:, :-1])
+    path = tmp_path / "model.pt"
+    torch.save({"config": cfg.to_dict(), "state": model.state_dict()}, path)
+    saved = torch.load(path, weights_only=True)
+    again = SurvivalModel(ImputeMAE(ModelConfig.from_dict(saved["config"])))
+    again.load_state_dict(saved["state"])
+    assert torch.equal(again.predict_survival(batch), surv)
+    assert again.clinical.fitted and again.mae.preprocessing["rna"]["median"] == [1.5]
+    torch.testing.assert_close(again.cuts, model.cuts)
+
+
+# --------------------------------------------------------------------------- configuration
+def test_paper_config_token_counts_and_parameter_count():
+    cfg = ModelConfig.paper()
+    assert cfg.lengths == (32, 24, 256, 64) and cfg.keeps == (16, 12, 128, 32)
+    assert [m.depth for m in cfg.modalities] == [6, 6, 4, 4]
+    n = count_parameters(ImputeMAE("paper"))
+    assert 19_000_000 < n < 23_000_000  # the anchor's plain-PyTorch model has 21.5 M
+
+
+def test_config_round_trips_through_json():
+    for cfg in (ModelConfig.paper(), ModelConfig.small(), tiny_config(mask_ratio={"mri": 0.75}, freeze={"rna": 2})):
+        assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert ImputeMAE("small").config == ModelConfig.small()
+
+
+@pytest.mark.parametrize(("make", "words"), [
+    (lambda: ModalityConfig("mri", 1, (64, 60, 64), 16, 4), ["'mri'", "60", "axis 1", "16"]),
+    (lambda: tiny_config(freeze={"ct": 1}), ["unknown modality", "'ct'"]),
+    (lambda: tiny_config(mask_ratio={"pet": 0.5}), ["unknown modality", "'pet'"]),
+    (lambda: tiny_config(mask_ratio=0.9), ["'rna'", "no visible token"]),
+    (lambda: tiny_config(missing="drop"), ["missing", "'drop'"]),
+    (lambda: tiny_config(dim=17), ["dim", "17", "head"]),
+    (lambda: ModelConfig.from_dict({**tiny_config().to_dict(), "depth": 3}), ["unknown ModelConfig keys", "depth"]),
+    (lambda: ModelConfig.named("huge"), ["huge", "paper"]),
+])
+def test_bad_configuration_is_named(make, words):
+    with pytest.raises(ValueError) as err:
+        make()
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_bad_batches_are_named():
+    cfg = tiny_config()
+    model = ImputeMAE(cfg)
+    batch = make_batch(cfg)
+    extra = Batch({**batch.inputs, "ct": torch.zeros(6, 1, 8)}, torch.ones(6, 4, dtype=torch.bool), batch.clinical,
+                  batch.time, batch.event, (*cfg.names, "ct"))
+    with pytest.raises(ValueError, match=r"'ct'.*not configured"):
+        model.forward_pretrain(extra, new_rng(0))
+    wrong = make_batch(cfg)
+    wrong.inputs["wsi"] = torch.zeros(6, 3, 8, 12)
+    with pytest.raises(ValueError, match=r"'wsi'.*\(6, 3, 8, 12\).*axis 3"):
+        model.forward_pretrain(wrong, new_rng(0))
+    nobody = make_batch(cfg, torch.zeros(4, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="no patient in this batch has any of the modalities rna, wsi, mri"):
+        model.forward_pretrain(nobody, new_rng(0))
+    with pytest.raises(ValueError, match="no patient"):
+        model.impute(nobody)
+    empty = Batch({}, torch.zeros(6, 0, dtype=torch.bool), batch.clinical, batch.time, batch.event, ())
+    with pytest.raises(ValueError, match="none of the model's modalities"):
+        model.forward_pretrain(empty, new_rng(0))
+    fine = fitted_survival_model(cfg, model)
+    with pytest.raises(ValueError, match=r"batch.clinical must be \(N, 3\)"):
+        fine(Batch(batch.inputs, batch.present, batch.clinical[:, :2], batch.time, batch.event, cfg.names))
+
+
+# --------------------------------------------------------------------------- benchmark script
+@pytest.mark.slow
+def test_e2e_benchmark_dry_runs_on_cpu(tmp_path):
+    spec = importlib.util.spec_from_file_location("e2e_step", ROOT / "tools" / "e2e_step.py")
+    e2e_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(e2e_step)
+    out = tmp_path / "e2e.json"
+    rc = e2e_step.main(["--device", "cpu", "--config", "small", "--steps", "2", "--batch", "4", "--warmup", "1",
+                        "--json", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    eager = result["ours"]["eager"]
+    assert eager["patients_per_s"] > 0 and eager["step_ms"] > 0 and result["reference"] is None

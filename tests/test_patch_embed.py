@@ -1,0 +1,295 @@
+"""patch_embed on every backend against the spec (``pyimputmae.reference.patch_embed``) and nn.ConvNd."""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+from op_testing import assert_bf16_no_worse_than_torch, assert_close, kernel_level_op
+from torch import nn
+
+from pyimputmae import patch_embed
+from pyimputmae.reference import patch_embed_reference
+
+# the module, not the function of the same name that pyimputmae.ops re-exports
+patch_ops = importlib.import_module("pyimputmae.ops.patch_embed")
+
+FAMILIES = ("patch_embed",)
+
+
+@dataclass(frozen=True)
+class PatchCase:
+    batch: int
+    channels: int
+    spatial: tuple[int, ...]
+    patch: int
+    embed: int
+
+    @property
+    def tokens(self) -> int:
+        return math.prod(s // self.patch for s in self.spatial)
+
+    @property
+    def features(self) -> int:
+        return self.channels * self.patch ** len(self.spatial)
+
+
+# token counts 6, 4, 6, 15, 16, 12 and widths that are no multiple of a typical block size
+CASES = {
+    "1d_c1": PatchCase(2, 1, (24,), 4, 10),
+    "1d_c3_b1": PatchCase(1, 3, (20,), 5, 7),
+    "2d_c3": PatchCase(2, 3, (8, 12), 4, 16),
+    "2d_grid3x5": PatchCase(3, 2, (6, 10), 2, 6),
+    "3d_c2": PatchCase(2, 2, (4, 8, 4), 2, 12),
+    "3d_p4_b1": PatchCase(1, 1, (8, 8, 12), 4, 5),
+}
+# which optional inputs are given: (bias, pos, keep)
+VARIANTS = {
+    "plain": (False, False, False),
+    "bias_pos": (True, True, False),
+    "keep": (False, False, True),
+    "keep_bias_pos": (True, True, True),
+}
+# tiny shapes for gradcheck: fp64 numerical Jacobians, also under the Triton interpreter
+TINY = {
+    "1d": PatchCase(2, 2, (6,), 2, 3),
+    "2d": PatchCase(2, 1, (4, 6), 2, 3),
+    "3d": PatchCase(1, 2, (2, 4, 2), 2, 2),
+}
+
+
+def random_keep(batch: int, tokens: int, kept: int, device: torch.device) -> torch.Tensor:
+    """``(B, K)`` distinct patch indices per row, in random (unsorted) order."""
+    return torch.stack([torch.randperm(tokens)[:kept] for _ in range(batch)]).to(device)
+
+
+def make_inputs(case: PatchCase, variant: str, dtype: torch.dtype, device: torch.device) -> dict:
+    with_bias, with_pos, with_keep = VARIANTS[variant]
+    E, F, L = case.embed, case.features, case.tokens
+    return {
+        "x": torch.randn(case.batch, case.channels, *case.spatial, dtype=dtype).to(device),
+        "weight": (torch.randn(E, F, dtype=dtype) / math.sqrt(F)).to(device),
+        "bias": torch.randn(E, dtype=dtype).to(device) if with_bias else None,
+        "pos": torch.randn(L, E, dtype=dtype).to(device) if with_pos else None,
+        "keep": random_keep(case.batch, L, max(1, L // 2), device) if with_keep else None,
+    }
+
+
+def as_dtype(inputs: dict, dtype: torch.dtype) -> dict:
+    return {k: (v.to(dtype) if v is not None and v.is_floating_point() else v) for k, v in inputs.items()}
+
+
+def embed(inputs: dict, case: PatchCase, backend: str) -> torch.Tensor:
+    return patch_embed(inputs["x"], inputs["weight"], inputs["bias"], inputs["pos"], inputs["keep"],
+                       patch=case.patch, backend=backend)
+
+
+def embed_reference(inputs: dict, case: PatchCase) -> torch.Tensor:
+    return patch_embed_reference(inputs["x"], inputs["weight"], inputs["bias"], inputs["pos"], inputs["keep"],
+                                 case.patch)
+
+
+def with_grad(inputs: dict) -> dict:
+    return {k: (v.detach().clone().requires_grad_(True) if v is not None and v.is_floating_point() else v)
+            for k, v in inputs.items()}
+
+
+def grads(inputs: dict) -> dict:
+    return {k: v.grad for k, v in inputs.items() if v is not None and v.is_floating_point()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("case", CASES)
+def test_forward_matches_reference(backend, device, case, variant, dtype):
+    c = CASES[case]
+    inputs = make_inputs(c, variant, dtype, device)
+    out = embed(inputs, c, backend)
+    n = c.tokens if inputs["keep"] is None else inputs["keep"].shape[1]
+    assert out.shape == (c.batch, n, c.embed) and out.dtype == dtype and out.device.type == device.type
+    assert_close(out, embed_reference(inputs, c), what=f"{backend} {case} {variant}")
+
+
+@pytest.mark.parametrize("variant", ["plain", "keep_bias_pos"])
+@pytest.mark.parametrize("case", CASES)
+def test_bf16_forward_is_no_worse_than_torch_bf16(backend, device, case, variant):
+    c = CASES[case]
+    inputs = as_dtype(make_inputs(c, variant, torch.float32, device), torch.bfloat16)
+    out = embed(inputs, c, backend)
+    assert out.dtype == torch.bfloat16
+    assert_bf16_no_worse_than_torch(out, embed_reference(inputs, c),
+                                    embed_reference(as_dtype(inputs, torch.float32), c), what=f"{backend} {case}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("with_keep", [False, True], ids=["all_patches", "keep"])
+@pytest.mark.parametrize("dims", [1, 2, 3], ids=["conv1d", "conv2d", "conv3d"])
+def test_equals_conv_with_kernel_equal_to_stride(backend, device, dims, with_keep, dtype):
+    channels, patch, embed_dim = 2, 4, 9
+    spatial = {1: (20,), 2: (8, 12), 3: (4, 8, 12)}[dims]
+    conv = getattr(nn, f"Conv{dims}d")(channels, embed_dim, patch, stride=patch).to(device, dtype)
+    x = torch.randn(3, channels, *spatial, dtype=dtype, device=device)
+    pos = torch.randn(math.prod(s // patch for s in spatial), embed_dim, dtype=dtype, device=device)
+    with torch.no_grad():
+        expected = conv(x).flatten(2).transpose(1, 2) + pos
+        keep = None
+        if with_keep:
+            keep = random_keep(3, pos.shape[0], 3, device)
+            expected = torch.gather(expected, 1, keep.unsqueeze(-1).expand(-1, -1, embed_dim))
+        out = patch_embed(x, conv.weight.flatten(1), conv.bias, pos, keep, patch=patch, backend=backend)
+    assert_close(out, expected, what=f"{backend} vs nn.Conv{dims}d")
+
+
+@pytest.mark.parametrize("case", ["1d_c3_b1", "2d_c3", "3d_c2"])
+def test_keep_ignores_patches_that_are_not_kept(backend, device, case):
+    """Only the kept patches are read: NaNs elsewhere neither leak into the output nor the gradient."""
+    c = CASES[case]
+    inputs = make_inputs(c, "keep_bias_pos", torch.float32, device)
+    clean = embed_reference(inputs, c)
+    # poison every patch a row does not keep
+    grid = [s // c.patch for s in c.spatial]
+    unread = torch.ones(c.batch, c.tokens, dtype=torch.bool, device=device)
+    unread.scatter_(1, inputs["keep"], False)
+    pixel_unread = unread.view(c.batch, 1, *grid)
+    for axis in range(len(grid)):
+        pixel_unread = pixel_unread.repeat_interleave(c.patch, dim=2 + axis)
+    x = inputs["x"].masked_fill(pixel_unread.expand_as(inputs["x"]), float("nan"))
+    inputs = with_grad({**inputs, "x": x})
+    out = embed(inputs, c, backend)
+    assert torch.isfinite(out).all(), f"{backend}: NaN from an unread patch reached the output"
+    assert_close(out, clean, what=f"{backend} {case}")
+    out.backward(torch.randn_like(out))
+    gx = inputs["x"].grad
+    assert torch.isfinite(gx).all()
+    assert (gx[pixel_unread.expand_as(gx)] == 0).all(), f"{backend}: nonzero gradient on an unread patch"
+    assert torch.isfinite(inputs["weight"].grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("variant", ["bias_pos", "keep_bias_pos"])
+@pytest.mark.parametrize("case", CASES)
+def test_backward_matches_reference(backend, device, case, variant, dtype):
+    c = CASES[case]
+    inputs = make_inputs(c, variant, dtype, device)
+    ours, ref = with_grad(inputs), with_grad(inputs)
+    out = embed(ours, c, backend)
+    g = torch.randn_like(out)
+    out.backward(g)
+    embed_reference(ref, c).backward(g)
+    for name, expected in grads(ref).items():
+        assert grads(ours)[name] is not None, f"{backend}: no gradient for {name}"
+        assert_close(grads(ours)[name], expected, what=f"{backend} {case} {variant} grad {name}")
+
+
+@pytest.mark.parametrize("variant", ["bias_pos", "keep_bias_pos"])
+@pytest.mark.parametrize("case", ["1d_c1", "2d_c3", "3d_c2"])
+def test_bf16_backward_is_no_worse_than_torch_bf16(backend, device, case, variant):
+    c = CASES[case]
+    base = as_dtype(make_inputs(c, variant, torch.float32, device), torch.bfloat16)
+    ours, plain, ref = with_grad(base), with_grad(base), with_grad(as_dtype(base, torch.float32))
+    g = torch.randn(c.batch, base["keep"].shape[1] if base["keep"] is not None else c.tokens, c.embed,
+                    device=device).to(torch.bfloat16)
+    embed(ours, c, backend).backward(g)
+    embed_reference(plain, c).backward(g)
+    embed_reference(ref, c).backward(g.float())
+    for name in grads(ref):
+        assert_bf16_no_worse_than_torch(grads(ours)[name], grads(plain)[name], grads(ref)[name],
+                                        what=f"{backend} {case} grad {name}")
+
+
+@pytest.mark.parametrize("with_keep", [False, True], ids=["all_patches", "keep"])
+@pytest.mark.parametrize("case", TINY)
+def test_gradcheck_fp64(backend, device, case, with_keep):
+    c = TINY[case]
+    inputs = with_grad(make_inputs(c, "keep_bias_pos" if with_keep else "bias_pos", torch.float64, device))
+    keep = inputs["keep"]
+
+    def fn(x, weight, bias, pos):
+        return patch_embed(x, weight, bias, pos, keep, patch=c.patch, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (inputs["x"], inputs["weight"], inputs["bias"], inputs["pos"]),
+                                    fast_mode=True)
+
+
+@pytest.mark.parametrize("wanted", ["x", "weight"])
+def test_gradient_of_one_input_alone_matches_reference(backend, device, wanted):
+    """The backward skips the GEMM whose gradient nobody asked for and still gets the other right."""
+    c = CASES["2d_c3"]
+    inputs = make_inputs(c, "keep_bias_pos", torch.float32, device)
+    ours = {**inputs, wanted: inputs[wanted].clone().requires_grad_(True)}
+    embed(ours, c, backend).sum().backward()
+    ref = {**inputs, wanted: inputs[wanted].clone().requires_grad_(True)}
+    embed_reference(ref, c).sum().backward()
+    assert_close(ours[wanted].grad, ref[wanted].grad, what=f"{backend} grad {wanted} alone")
+
+
+def test_non_contiguous_input_matches_contiguous(backend, device):
+    c = CASES["2d_c3"]
+    inputs = make_inputs(c, "bias_pos", torch.float32, device)
+    x_t = inputs["x"].transpose(2, 3).contiguous().transpose(2, 3)  # same values, other strides
+    assert not x_t.is_contiguous()
+    out = patch_embed(x_t, inputs["weight"], inputs["bias"], inputs["pos"], patch=c.patch, backend=backend)
+    assert_close(out, embed_reference(inputs, c))
+
+
+@pytest.mark.parametrize("variant", ["bias_pos", "keep_bias_pos"])
+def test_opcheck_patch_embed(backend, device, variant):
+    c = CASES["2d_grid3x5"]
+    i = with_grad(make_inputs(c, variant, torch.float32, device))
+    torch.library.opcheck(patch_ops._patch_embed,
+                          (i["x"], i["weight"], i["bias"], i["pos"], i["keep"], c.patch, backend))
+
+
+@pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)], ids=["x_and_w", "x_only", "w_only"])
+@pytest.mark.parametrize("with_keep", [False, True], ids=["all_patches", "keep"])
+def test_opcheck_patch_embed_backward(backend, device, with_keep, need):
+    c = CASES["3d_c2"]
+    i = make_inputs(c, "keep" if with_keep else "plain", torch.float32, device)
+    n = i["keep"].shape[1] if with_keep else c.tokens
+    grad_out = torch.randn(c.batch, n, c.embed, device=device)
+    torch.library.opcheck(patch_ops._patch_embed_backward,
+                          (grad_out, i["x"], i["weight"], i["keep"], c.patch, *need, backend))
+
+
+@pytest.mark.parametrize("with_keep", [False, True], ids=["all_patches", "keep"])
+def test_opcheck_kernel_level_ext_ops(device, with_keep):
+    c = CASES["2d_c3"]
+    i = make_inputs(c, "keep_bias_pos" if with_keep else "bias_pos", torch.float32, device)
+    n = i["keep"].shape[1] if with_keep else c.tokens
+    grad_out = torch.randn(c.batch, n, c.embed, device=device)
+    calls = {
+        "patch_embed_forward": (i["x"], i["weight"], i["bias"], i["pos"], i["keep"], c.patch),
+        "patch_embed_backward": (grad_out, i["x"], i["weight"], i["keep"], c.patch, True, True),
+    }
+    for name, args in calls.items():
+        op, reason = kernel_level_op(name, device)
+        if op is None:
+            pytest.skip(reason)
+        torch.library.opcheck(op, args)
+
+
+def test_autocast_runs_in_the_autocast_dtype(backend, device):
+    c = CASES["1d_c1"]
+    inputs = make_inputs(c, "bias_pos", torch.float32, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out = embed(inputs, c, backend)
+    assert out.dtype == torch.bfloat16
+    assert_close(out, embed_reference(inputs, c), dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"x": torch.zeros(2, 1, 10)}, "not divisible by the patch size 4"),
+    ({"x": torch.zeros(2, 8)}, "1 to 3 spatial dims"),
+    ({"weight": torch.zeros(5, 7)}, r"weight must be \(E, C·p\^k\)"),
+    ({"bias": torch.zeros(4)}, r"bias must be \(5,\)"),
+    ({"pos": torch.zeros(3, 5)}, r"pos must be \(L, E\) = \(2, 5\)"),
+    ({"keep": torch.zeros(2, 1, dtype=torch.int32)}, "keep must be"),
+], ids=["indivisible", "no_spatial_dim", "weight_shape", "bias_shape", "pos_shape", "keep_dtype"])
+def test_rejects_bad_shapes_with_a_clear_message(bad, message):
+    args = {"x": torch.zeros(2, 1, 8), "weight": torch.zeros(5, 4), "bias": torch.zeros(5), "pos": torch.zeros(2, 5),
+            "keep": None, **bad}
+    with pytest.raises(ValueError, match=message):
+        patch_embed(args["x"], args["weight"], args["bias"], args["pos"], args["keep"], patch=4)
