@@ -18,8 +18,9 @@ gather with computed addresses and the ``(B, L, C·p^k)`` patch matrix never exi
 
 Operand modes (``DOT``): 0 = ``tl.dot`` on the input dtype (bf16/fp16 tensor cores); 1 = operands
 cast to fp32 first (fp32 inputs, and every 16-bit input under ``TRITON_INTERPRET=1``, whose bf16 dot
-is wrong); 2 = fp64 as broadcast products and ``tl.sum`` (``tl.dot`` has no fp64 path on the GPU).
-fp32 inputs use ``input_precision="tf32x3"`` on the GPU: tensor cores with about fp32 accuracy.
+is wrong); 2 = fp64 as a loop of outer products in fp64 (no ``tl.dot``: no fp64 tensor-core path;
+slow, there for gradcheck and exactness, not speed). fp32 inputs use ``input_precision="tf32x3"``
+on the GPU: tensor cores with about fp32 accuracy.
 """
 
 from __future__ import annotations
@@ -36,34 +37,39 @@ from ._utils import cast_rn, device_guard, interpreting, num_sms
 @triton.jit
 def patch_row_offsets(b, g, sample, H, W, GH, GW, PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr):
     """Offset of ``x[b, 0, gd·PD, gh·PH, gw·PW]``, the first element of patch ``g`` of row ``b``."""
-    g = g.to(tl.int64)
+    g = tl.cast(g, tl.int64)
     gw = g % GW
     gh = (g // GW) % GH
     gd = g // (GW * GH)
-    return b.to(tl.int64) * sample + (gd * PD * H + gh * PH) * W + gw * PW
+    return tl.cast(b, tl.int64) * sample + (gd * PD * H + gh * PH) * W + gw * PW
+
+
+@triton.jit
+def feature_offsets(f, D, H, W, PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr):
+    """Offset of feature ``f = (c, i, j, l)`` (a scalar or a block) inside a patch."""
+    f = tl.cast(f, tl.int64)
+    l = f % PW
+    j = (f // PW) % PH
+    i = (f // (PW * PH)) % PD
+    c = f // (PW * PH * PD)
+    return c * D * H * W + (i * H + j) * W + l
 
 
 @triton.jit
 def patch_feature_offsets(f, D, H, W, PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, VEC: tl.constexpr):
-    """Offset of feature ``f = (c, i, j, l)`` inside a patch: runs of ``PW`` contiguous elements.
+    """:func:`feature_offsets` of a block of features: runs of ``PW`` contiguous elements.
 
     ``VEC`` (the largest power of two dividing ``PW``, at most the block) tells the compiler that each
     run of ``VEC`` starts at a multiple of ``VEC``: ``W`` is a multiple of ``PW``, so it does.
     """
-    l = f % PW
-    j = (f // PW) % PH
-    i = (f // (PW * PH)) % PD
-    c = (f // (PW * PH * PD)).to(tl.int64)
-    offs = c * D * H * W + (i * H + j) * W + l
+    offs = feature_offsets(f, D, H, W, PD, PH, PW)
     return tl.max_contiguous(tl.multiple_of(offs, VEC), VEC)
 
 
 @triton.jit
 def _mma(acc, a, b, DOT: tl.constexpr, PRECISION: tl.constexpr):
-    """acc += a @ b in the operand mode ``DOT`` (see the module docstring)."""
-    if DOT == 2:
-        acc += tl.sum(a.to(tl.float64)[:, :, None] * b.to(tl.float64)[None, :, :], axis=1)
-    elif DOT == 1:
+    """acc += a @ b on tensor cores: in the input dtype (DOT 0) or in fp32 (DOT 1)."""
+    if DOT == 1:
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
     else:
         acc = tl.dot(a, b, acc)
@@ -76,10 +82,15 @@ def _patch_embed_fwd_kernel(
     rows, N, E, F, sample, D, H, W, GH, GW,
     PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, VEC: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, HAS_KEEP: tl.constexpr,
-    DOT: tl.constexpr, PRECISION: tl.constexpr,
+    DOT: tl.constexpr, PRECISION: tl.constexpr, SEPARABLE: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out ``(B·N, E)``: row ``r = (b, m)`` embeds patch ``keep[b, m]`` (or ``m``) of row ``b``."""
+    """out ``(B·N, E)``: row ``r = (b, m)`` embeds patch ``keep[b, m]`` (or ``m``) of row ``b``.
+
+    SEPARABLE: ``BLOCK_K`` sits on a digit boundary of ``(c, i, j, l)``, so the offsets of chunk ``k0``
+    are ``feature_offsets(k0)`` (a scalar) plus those of ``[0, BLOCK_K)``: the A pointers are built
+    once and advanced by a scalar, the canonical form the software pipeliner handles best.
+    """
     pid = tl.program_id(0).to(tl.int64)
     n_tiles = tl.cdiv(E, BLOCK_N)
     # the E tiles of one row block are neighbours in launch order: its patches are read once from HBM
@@ -95,20 +106,36 @@ def _patch_embed_fwd_kernel(
     else:
         g = r - b * N
     row_off = tl.multiple_of(patch_row_offsets(b, g, sample, H, W, GH, GW, PD, PH, PW), VEC)
-    acc_dtype = tl.float64 if DOT == 2 else tl.float32
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
-    for k0 in range(0, F, BLOCK_K):
-        f = k0 + tl.arange(0, BLOCK_K)
-        f_ok = f < F
-        feat = patch_feature_offsets(f, D, H, W, PD, PH, PW, VEC)
-        a = tl.load(x_ptr + row_off[:, None] + feat[None, :], mask=r_ok[:, None] & f_ok[None, :], other=0.0)
-        wt = tl.load(w_ptr + e[None, :].to(tl.int64) * F + f[:, None], mask=f_ok[:, None] & e_ok[None, :], other=0.0)
-        acc = _mma(acc, a, wt, DOT, PRECISION)
+    if DOT == 2:
+        # fp64: outer products, one feature at a time (tl.dot has no fp64 tensor-core path)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float64)
+        for k in range(0, F):
+            a = tl.load(x_ptr + row_off + feature_offsets(k, D, H, W, PD, PH, PW), mask=r_ok, other=0.0)
+            wk = tl.load(w_ptr + e.to(tl.int64) * F + k, mask=e_ok, other=0.0)
+            acc += a.to(tl.float64)[:, None] * wk.to(tl.float64)[None, :]
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        t = tl.arange(0, BLOCK_K)
+        a_ptrs = x_ptr + row_off[:, None] + patch_feature_offsets(t, D, H, W, PD, PH, PW, VEC)[None, :]
+        w_ptrs = w_ptr + e[None, :].to(tl.int64) * F + t[:, None]
+        for k0 in range(0, F, BLOCK_K):
+            if SEPARABLE:
+                a_src = a_ptrs + feature_offsets(k0, D, H, W, PD, PH, PW)
+            else:
+                a_src = x_ptr + row_off[:, None] + patch_feature_offsets(k0 + t, D, H, W, PD, PH, PW, VEC)[None, :]
+            if EVEN_K:
+                a = tl.load(a_src, mask=r_ok[:, None], other=0.0)
+                wt = tl.load(w_ptrs + k0, mask=e_ok[None, :], other=0.0)
+            else:
+                f_ok = (k0 + t) < F
+                a = tl.load(a_src, mask=r_ok[:, None] & f_ok[None, :], other=0.0)
+                wt = tl.load(w_ptrs + k0, mask=f_ok[:, None] & e_ok[None, :], other=0.0)
+            acc = _mma(acc, a, wt, DOT, PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + e, mask=e_ok, other=0.0).to(acc_dtype)[None, :]
+        acc += tl.load(bias_ptr + e, mask=e_ok, other=0.0).to(acc.dtype)[None, :]
     if HAS_POS:
         pos = tl.load(pos_ptr + g.to(tl.int64)[:, None] * E + e[None, :], mask=r_ok[:, None] & e_ok[None, :], other=0.0)
-        acc += pos.to(acc_dtype)
+        acc += pos.to(acc.dtype)
     tl.store(out_ptr + r[:, None] * E + e[None, :], cast_rn(acc, out_ptr.dtype.element_ty),
              mask=r_ok[:, None] & e_ok[None, :])
 
@@ -135,14 +162,21 @@ def _patch_embed_grad_x_kernel(
         g = tl.load(keep_ptr + r, mask=r_ok, other=0)
     else:
         g = r - b * N
-    acc_dtype = tl.float64 if DOT == 2 else tl.float32
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
-    for k0 in range(0, E, BLOCK_K):
-        e = k0 + tl.arange(0, BLOCK_K)
-        e_ok = e < E
-        go = tl.load(gout_ptr + r[:, None] * E + e[None, :], mask=r_ok[:, None] & e_ok[None, :], other=0.0)
-        wt = tl.load(w_ptr + e[:, None].to(tl.int64) * F + f[None, :], mask=e_ok[:, None] & f_ok[None, :], other=0.0)
-        acc = _mma(acc, go, wt, DOT, PRECISION)
+    if DOT == 2:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float64)
+        for k in range(0, E):
+            go = tl.load(gout_ptr + r * E + k, mask=r_ok, other=0.0)
+            wk = tl.load(w_ptr + k * F + f, mask=f_ok, other=0.0)
+            acc += go.to(tl.float64)[:, None] * wk.to(tl.float64)[None, :]
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, E, BLOCK_K):
+            e = k0 + tl.arange(0, BLOCK_K)
+            e_ok = e < E
+            go = tl.load(gout_ptr + r[:, None] * E + e[None, :], mask=r_ok[:, None] & e_ok[None, :], other=0.0)
+            wt = tl.load(w_ptr + e[:, None].to(tl.int64) * F + f[None, :], mask=e_ok[:, None] & f_ok[None, :],
+                         other=0.0)
+            acc = _mma(acc, go, wt, DOT, PRECISION)
     row_off = tl.multiple_of(patch_row_offsets(b, g, sample, H, W, GH, GW, PD, PH, PW), VEC)
     feat = patch_feature_offsets(f, D, H, W, PD, PH, PW, VEC)
     tl.store(gx_ptr + row_off[:, None] + feat[None, :], cast_rn(acc, gx_ptr.dtype.element_ty),
@@ -172,20 +206,32 @@ def _patch_embed_grad_w_kernel(
     feat = patch_feature_offsets(f, D, H, W, PD, PH, PW, VEC)
     first = split * rows_per_split
     last = tl.minimum(first + rows_per_split, rows)
-    acc_dtype = tl.float64 if DOT == 2 else tl.float32
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
-    for r0 in range(first, last, BLOCK_K):
-        r = r0 + tl.arange(0, BLOCK_K)
-        r_ok = r < last
-        b = r // N
-        if HAS_KEEP:
-            g = tl.load(keep_ptr + r, mask=r_ok, other=0)
-        else:
-            g = r - b * N
-        row_off = tl.multiple_of(patch_row_offsets(b, g, sample, H, W, GH, GW, PD, PH, PW), VEC)
-        go_t = tl.load(gout_ptr + r[None, :] * E + e[:, None], mask=e_ok[:, None] & r_ok[None, :], other=0.0)
-        a = tl.load(x_ptr + row_off[:, None] + feat[None, :], mask=r_ok[:, None] & f_ok[None, :], other=0.0)
-        acc = _mma(acc, go_t, a, DOT, PRECISION)
+    if DOT == 2:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float64)
+        for r in range(first, last):
+            b = r // N
+            if HAS_KEEP:
+                g = tl.load(keep_ptr + r)
+            else:
+                g = r - b * N
+            go = tl.load(gout_ptr + r * E + e, mask=e_ok, other=0.0)
+            xa = tl.load(x_ptr + patch_row_offsets(b, g, sample, H, W, GH, GW, PD, PH, PW) + feat, mask=f_ok,
+                         other=0.0)
+            acc += go.to(tl.float64)[:, None] * xa.to(tl.float64)[None, :]
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for r0 in range(first, last, BLOCK_K):
+            r = r0 + tl.arange(0, BLOCK_K)
+            r_ok = r < last
+            b = r // N
+            if HAS_KEEP:
+                g = tl.load(keep_ptr + r, mask=r_ok, other=0)
+            else:
+                g = r - b * N
+            row_off = tl.multiple_of(patch_row_offsets(b, g, sample, H, W, GH, GW, PD, PH, PW), VEC)
+            go_t = tl.load(gout_ptr + r[None, :] * E + e[:, None], mask=e_ok[:, None] & r_ok[None, :], other=0.0)
+            a = tl.load(x_ptr + row_off[:, None] + feat[None, :], mask=r_ok[:, None] & f_ok[None, :], other=0.0)
+            acc = _mma(acc, go_t, a, DOT, PRECISION)
     tl.store(gw_ptr + split * E * F + e[:, None].to(tl.int64) * F + f[None, :], cast_rn(acc, gw_ptr.dtype.element_ty),
              mask=e_ok[:, None] & f_ok[None, :])
 
@@ -228,6 +274,18 @@ def vector_width(pw: int, block: int) -> int:
     return min(pw & -pw, 16, block)
 
 
+def separable(block: int, radices: tuple[int, ...]) -> bool:
+    """Is ``feature_offsets(f0 + t) == feature_offsets(f0) + feature_offsets(t)`` for every multiple
+    ``f0`` of ``block`` and ``t < block``? True when ``block`` sits on a digit boundary of the mixed
+    radix ``radices`` (least significant first: ``PW, PH, PD, C``), so adding ``t`` never carries."""
+    low = 1
+    for radix in radices:
+        if block <= low * radix:
+            return block % low == 0 and (low * radix) % block == 0
+        low *= radix
+    return True  # one chunk covers every feature
+
+
 def _dot_mode(dtype: torch.dtype) -> tuple[int, str]:
     if dtype == torch.float64:
         return 2, "ieee"
@@ -237,7 +295,7 @@ def _dot_mode(dtype: torch.dtype) -> tuple[int, str]:
 
 
 def _gemm_config(dtype: torch.dtype) -> dict:
-    """Fixed tiles: small ones for the interpreter and for fp64 broadcast products; H100/H200 ones else."""
+    """Fixed tiles: small ones for the interpreter and for fp64 outer products; H100/H200 ones else."""
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
     if dtype == torch.float64:
@@ -247,11 +305,13 @@ def _gemm_config(dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
+FORWARD_BLOCK_K = 64  # every tuned config shares it: SEPARABLE and EVEN_K are computed for it
 _FORWARD_CONFIGS = [
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), num_warps=8, num_stages=3),
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), num_warps=4, num_stages=4),
-    triton.Config(dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64), num_warps=4, num_stages=4),
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64), num_warps=4, num_stages=4),
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=FORWARD_BLOCK_K), num_warps=8, num_stages=3),
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=FORWARD_BLOCK_K), num_warps=4, num_stages=4),
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=FORWARD_BLOCK_K), num_warps=8, num_stages=4),
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=FORWARD_BLOCK_K), num_warps=4, num_stages=4),
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=FORWARD_BLOCK_K), num_warps=4, num_stages=4),
 ]
 # a handful of H100/H200 tiles for 16-bit inputs, tried once per (rows, E, F, dtypes)
 _patch_embed_fwd_tuned = triton.autotune(configs=_FORWARD_CONFIGS, key=["rows", "E", "F", "PD", "PH", "PW"])(
@@ -288,16 +348,20 @@ def patch_embed_forward(
     )
     flags = dict(PD=geo["PD"], PH=geo["PH"], PW=geo["PW"], HAS_BIAS=bias is not None, HAS_POS=pos is not None,
                  HAS_KEEP=keep is not None, DOT=dot, PRECISION=precision)
+    radices = (geo["PW"], geo["PH"], geo["PD"], geo["C"])
     with device_guard(x):
         if dot == 0:
-            flags["VEC"] = vector_width(geo["PW"], 64)
+            block_k = FORWARD_BLOCK_K
             grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(E, meta["BLOCK_N"]),)
-            _patch_embed_fwd_tuned[grid](*args, **flags)
+            kernel, cfg = _patch_embed_fwd_tuned[grid], {}
         else:
             cfg = _gemm_config(x.dtype)
-            flags["VEC"] = vector_width(geo["PW"], cfg["BLOCK_K"])
+            block_k = cfg["BLOCK_K"]
             grid = (triton.cdiv(rows, cfg["BLOCK_M"]) * triton.cdiv(E, cfg["BLOCK_N"]),)
-            _patch_embed_fwd_kernel[grid](*args, **flags, **cfg)
+            kernel = _patch_embed_fwd_kernel[grid]
+        flags.update(VEC=vector_width(geo["PW"], block_k), SEPARABLE=separable(block_k, radices),
+                     EVEN_K=F % block_k == 0)
+        kernel(*args, **flags, **cfg)
     return out
 
 

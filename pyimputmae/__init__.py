@@ -10,4 +10,26 @@ __version__ = "0.1.0"
 from . import ops, reference
 from .ops import masked_mse, patch_embed, random_keep, random_masking, unshuffle_fill
 
-__all__ = ["__version__", "masked_mse", "ops", "patch_embed", "random_keep", "random_masking", "reference", "unshuffle_fill"]
+
+def __getattr__(name: str):
+    # the training entry points import the model, lazily: `import pyimputmae` stays light
+    if name in ("train", "load", "TrainConfig"):
+        from . import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module 'pyimputmae' has no attribute {name!r}")
+
+
+__all__ = [
+    "TrainConfig",
+    "__version__",
+    "load",
+    "masked_mse",
+    "ops",
+    "patch_embed",
+    "random_keep",
+    "random_masking",
+    "reference",
+    "train",
+    "unshuffle_fill",
+]

@@ -47,8 +47,34 @@ def _triton_module() -> tuple[ModuleType | None, str | None]:
         return None, f"triton is not installed ({err})"
     try:
         return importlib.import_module("pyimputmae.kernels"), None
+    except ModuleNotFoundError as err:
+        if err.name != "pyimputmae.kernels":
+            return None, f"pyimputmae.kernels failed to import: {err!r}"
+        return _kernels_from_checkout()
     except Exception as err:  # a broken triton install must not break the other backends
         return None, f"pyimputmae.kernels failed to import: {err!r}"
+
+
+def _kernels_from_checkout() -> tuple[ModuleType | None, str | None]:
+    """Running from a source checkout that was never installed: ``kernels/`` beside the package
+    is ``pyimputmae.kernels`` (the mapping setup.py makes at install time)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    init = Path(__file__).resolve().parent.parent / "kernels" / "__init__.py"
+    if not init.exists():
+        return None, "pyimputmae.kernels is not installed and no kernels/ folder lies beside the package"
+    spec = importlib.util.spec_from_file_location("pyimputmae.kernels", init,
+                                                  submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["pyimputmae.kernels"] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:
+        del sys.modules["pyimputmae.kernels"]
+        return None, f"kernels/ from the source checkout failed to import: {err!r}"
+    return module, None
 
 
 def _ext_module() -> ModuleType:

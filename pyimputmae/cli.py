@@ -57,7 +57,7 @@ def _parse_set(items: list[str]) -> dict:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train import train
+    from .training import train
 
     overrides = _parse_set(args.set)
     if args.out:
@@ -74,7 +74,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _load_for_inference(args: argparse.Namespace):
     from .data.store import load_cohort
-    from .train import load
+    from .training import load
 
     model = load(args.model, args.device)
     cohort = load_cohort(args.data)
@@ -87,7 +87,7 @@ def _predict(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from .model.survival import SurvivalModel
-    from .train import predict_survival
+    from .training import predict_survival
 
     model, cohort, rows = _load_for_inference(args)
     if not isinstance(model, SurvivalModel):

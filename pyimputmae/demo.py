@@ -23,7 +23,7 @@ from .baselines import coxph_clinical
 from .data.cohort import Cohort
 from .data.synthetic import make_cohort
 from .model.config import ModelConfig
-from .train import TrainResult, predict_survival, train
+from .training import TrainResult, predict_survival, train
 
 #: Settings of the demo's training runs (small model; sized for ~2 minutes per arm on 2 CPU cores).
 DEMO_SETTINGS: dict[str, Any] = {

@@ -42,22 +42,32 @@ def has_kernel(qualname: str, key: str) -> bool:
         return False
 
 
+def _start_extension_probe() -> subprocess.Popen | None:
+    if importlib.util.find_spec("pyimputmae._C") is None:
+        return None
+    return subprocess.Popen([sys.executable, "-c", "import pyimputmae, pyimputmae._C"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+# started at import, so that it runs while pytest collects
+_EXTENSION_PROBE = _start_extension_probe()
+
+
 @functools.lru_cache(maxsize=1)
 def extension_import_crash() -> str | None:
     """If importing the built ``pyimputmae._C`` next to the Python ops kills the interpreter (an
     abort in a static initialiser, e.g. a clashing operator registration), what it printed; else None.
 
-    Probed once in a subprocess so that such an extension fails its own test instead of taking the
-    whole session down. An ordinary ImportError is not a crash: the ops fall back and say why.
+    Probed in a subprocess so that such an extension fails its own test (test_backends.py) instead
+    of taking the whole session down. An ordinary ImportError is not a crash: the ops fall back.
     """
-    if importlib.util.find_spec("pyimputmae._C") is None:
+    if _EXTENSION_PROBE is None:
         return None
-    probe = subprocess.run([sys.executable, "-c", "import pyimputmae, pyimputmae._C"],
-                           capture_output=True, text=True, timeout=300)
-    if probe.returncode >= 0:
+    _, stderr = _EXTENSION_PROBE.communicate(timeout=300)
+    if _EXTENSION_PROBE.returncode >= 0:
         return None
-    lines = [line for line in probe.stderr.strip().splitlines() if not line.startswith("  File")]
-    return f"signal {-probe.returncode}: " + " | ".join(lines[:8])
+    lines = [line for line in stderr.strip().splitlines() if not line.startswith("  File")]
+    return f"signal {-_EXTENSION_PROBE.returncode}: " + " | ".join(lines[:8])
 
 
 def backend_skip_reason(name: str, device: torch.device, families: Iterable[str] = ALL_FAMILIES) -> str | None:

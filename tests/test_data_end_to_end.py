@@ -77,13 +77,14 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFrame,
 
 
 def test_real_cohort_preprocessed_with_bad_inputs_reported(built):
-    store, table, info = built
+    _, table, info = built
     report, bad = info["report"], info["bad"]
     assert report.n_patients == len(table)
     assert {(p, m) for p, m, _ in report.failures} == {(bad["wsi"], "wsi"), (bad["mri"], "mri")}
     messages = {m: e for _, m, e in report.failures}
     assert f"truncated.svs (patient '{bad['wsi']}')" in messages["wsi"]
-    assert f"two_volumes.nii.gz (patient '{bad['mri']}') [t1ce]: expected a 3-D volume, got a 4-D image" in messages["mri"]
+    expected = f"two_volumes.nii.gz (patient '{bad['mri']}') [t1ce]: expected a 3-D volume, got a 4-D image"
+    assert expected in messages["mri"]
     assert report.counts["wsi"]["present"] == 2 and report.counts["mri"]["present"] == 2
     assert report.counts["rna"]["present"] == int((table.has_rna == 1).sum())
 

@@ -58,7 +58,7 @@ def test_resampling_to_isotropic_spacing_and_centre_fallbacks(case: dict[str, Pa
 
 
 def test_mismatched_geometry_names_files_and_values(case: dict[str, Path], tmp_path: Path):
-    t1, gm, _, affine = mni_volumes()
+    _, gm, _, affine = mni_volumes()
     shifted = affine.copy()
     shifted[:3, 3] += 6.0
     nib.save(nib.Nifti1Image(gm, shifted), tmp_path / "t2_moved.nii.gz")
@@ -112,10 +112,11 @@ def write_dicom_series(image: sitk.Image, folder: Path) -> None:
     writer.KeepOriginalImageUIDOn()
     for k in range(image.GetDepth()):
         s = image[:, :, k]
+        position = "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k)))
         for tag, value in (("0008|0060", "MR"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"),
                            ("0020|000e", "1.2.826.0.1.3680043.2.1125.1.2"), ("0020|0013", str(k + 1)),
                            ("0020|0037", orientation), ("0018|0050", str(image.GetSpacing()[2])),
-                           ("0020|0032", "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k))))):
+                           ("0020|0032", position)):
             s.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
         writer.Execute(s)

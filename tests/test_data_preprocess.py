@@ -22,11 +22,11 @@ import pyimputmae
 from pyimputmae.data import preprocess as pp
 from pyimputmae.data.manifest import ManifestWarning
 from pyimputmae.data.store import (
+    StoreDataset,
     StoreError,
     completed_patients,
     load_cohort,
     load_preprocessing,
-    StoreDataset,
     make_dataloader,
     open_store,
 )
@@ -52,7 +52,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     slide = need(SLIDE, "the real Aperio slide cmu_small_region.svs")
     d = tmp_path_factory.mktemp("inputs")
     rng = np.random.default_rng(0)
-    for i, pid in enumerate(IDS[:5]):
+    for pid in IDS[:5]:
         cols = tuple(c for c in GDC_HEADER if c != "gene_name") if pid == "P3" else GDC_HEADER
         write_gdc_star(d / f"{pid}.star.tsv", GENES, list(rng.gamma(2.0, 10.0, len(GENES))), columns=cols)
     pd.DataFrame(rng.random((6, 10)), index=IDS, columns=[f"cg{j:04d}" for j in range(10)]).to_csv(
@@ -248,7 +248,8 @@ def test_rerun_skips_a_complete_store_and_refuses_other_options(inputs: Path, st
     assert report.processed == 0 and report.resumed == 6
     with pytest.raises(FileExistsError, match="another manifest or with other options; pass --overwrite"):
         with pytest.warns(ManifestWarning):
-            pp.preprocess(inputs / "manifest.csv", out, config={**CONFIG, "codec": "lz4"}, progress=False, verbose=False)
+            pp.preprocess(inputs / "manifest.csv", out, config={**CONFIG, "codec": "lz4"}, progress=False,
+                          verbose=False)
 
 
 def test_new_patients_reuse_the_fitted_preprocessing(inputs: Path, store: Path, tmp_path: Path):

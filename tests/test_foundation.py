@@ -50,7 +50,8 @@ def test_no_ext_env_falls_back_to_reference_silently():
         import pyimputmae
         from pyimputmae import _backends
         x = torch.randn(2, 1, 8); pred = torch.randn(2, 2, 4); mask = torch.ones(2, 2, dtype=torch.bool)
-        print(float(pyimputmae.masked_mse(pred, x, mask, patch=4)), _backends.resolve("masked_mse", torch.device("cpu")))
+        loss = pyimputmae.masked_mse(pred, x, mask, patch=4)
+        print(float(loss), _backends.resolve("masked_mse", torch.device("cpu")))
     """, env={"PYIMPUTMAE_NO_EXT": "1"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[-1] == "reference"
@@ -79,10 +80,10 @@ def test_broken_extension_warns_once_and_falls_back(tmp_path):
     shutil.copytree(Path(pyimputmae.__file__).parent, pkg, ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
     _compile_broken_extension(pkg / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}")
     (pkg / "_build_config.json").write_text(json.dumps({"extension": True, "torch": "0.0.0-other"}))
-    out = _run("""
+    out = _run(f"""
         import warnings, torch
         import pyimputmae
-        assert pyimputmae.__file__.startswith(%r), pyimputmae.__file__
+        assert pyimputmae.__file__.startswith({str(tmp_path)!r}), pyimputmae.__file__
         x = torch.randn(2, 1, 8); pred = torch.randn(2, 2, 4); mask = torch.ones(2, 2, dtype=torch.bool)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -90,7 +91,7 @@ def test_broken_extension_warns_once_and_falls_back(tmp_path):
             b = pyimputmae.masked_mse(pred, x, mask, patch=4)
         ours = [str(w.message) for w in caught if "pyimputmae" in str(w.message)]
         print(len(ours)); print(ours[0] if ours else ""); print(float(a) == float(b))
-    """ % str(tmp_path), env={"PYTHONPATH": str(tmp_path), "PYIMPUTMAE_NO_EXT": ""}, cwd=str(tmp_path))
+    """, env={"PYTHONPATH": str(tmp_path), "PYIMPUTMAE_NO_EXT": ""}, cwd=str(tmp_path))
     assert out.returncode == 0, out.stderr
     count, message, same = out.stdout.strip().splitlines()
     assert count == "1", f"expected exactly one warning, got {count}: {out.stdout}"

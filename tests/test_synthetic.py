@@ -134,7 +134,6 @@ def test_survival_is_learnable_from_a_modality_beyond_clinical_covariates(cohort
     cox = CoxPHFitter(penalizer=0.1).fit(frame, duration_col="time", event_col="event")
     c_rna = concordance_index(t[test], -cox.predict_partial_hazard(pd.DataFrame(pcs[test])).to_numpy(), e[test])
     c_clinical = coxph_clinical(cohort, train, test)["harrell_c"]
-    print("c_rna", c_rna, "clin", c_clinical)
     assert c_rna > 0.65, c_rna
     assert c_rna > c_clinical + 0.03, (c_rna, c_clinical)
     assert c_clinical > 0.55, "clinical covariates must carry some signal too"
@@ -165,7 +164,6 @@ def test_all_modalities_beat_the_clinical_baseline(cohort):
     ours = evaluate(surv, grid, t[test], e[test])
     baseline = coxph_clinical(cohort, train, test)
     assert set(baseline) == {"c_index", "ibs", "cs_score", "harrell_c"}
-    print("ours", ours, "base", baseline)
     assert ours["c_index"] > baseline["c_index"] + 0.05, (ours, baseline)
     assert ours["cs_score"] > baseline["cs_score"], (ours, baseline)
 
@@ -182,7 +180,6 @@ def test_one_modality_is_partly_predictable_from_another(cohort):
     coef = torch.linalg.lstsq(design[train], target[train]).solution
     residual = target[test] - design[test] @ coef
     r2 = 1 - float(residual.pow(2).sum() / (target[test] - target[train].mean(0)).pow(2).sum())
-    print("r2", r2)
     assert 0.25 < r2 < 0.9, r2
 
 

@@ -80,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor> select_keep_cpu(const at::Tensor& present, at
   const bool* present_data = present.const_data_ptr<bool>();
   int64_t* ids_data = ids_keep.mutable_data_ptr<int64_t>();
   bool* mask_data = mask.mutable_data_ptr<bool>();
-  const int64_t longest = *std::max_element(lengths.begin(), lengths.end());
+  const int64_t longest = segments > 0 ? *std::max_element(lengths.begin(), lengths.end()) : 0;
 
   at::parallel_for(0, batch, 1, [&](int64_t first_row, int64_t last_row) {
     std::vector<uint64_t> ranked(longest);  // (key << 32 | index): integer order = (key, index) order
@@ -92,10 +92,10 @@ std::tuple<at::Tensor, at::Tensor> select_keep_cpu(const at::Tensor& present, at
       for (int64_t m = 0; m < segments; ++m) {
         const int64_t length = lengths[m], keep = keeps[m];
         bool* seg_mask = mask_row + start;
-        if (!present_data[b * segments + m] || keep == 0) {
-          // missing modality: the first K_m slots, all hidden (a present one with K_m = 0: no slots)
+        if (!present_data[b * segments + m]) {
+          // missing modality: its slots name the segment's first K_m positions, all hidden
           for (int64_t i = 0; i < keep; ++i) ids_row[i] = start + i;
-        } else {
+        } else if (keep > 0) {  // (a present segment with K_m = 0 stays hidden throughout)
           if (keep < length) {
             for (int64_t t = 0; t < length; ++t) {
               const uint32_t key = philox_token_key(static_cast<uint32_t>(start + t), static_cast<uint32_t>(b), seed,

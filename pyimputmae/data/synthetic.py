@@ -91,8 +91,9 @@ def make_cohort(
     frequencies (modalities outside rna/dnam/wsi/mri are always present), or name → fraction,
     independent per modality (a name left out is always present).
     cohort_csv: the real cohort table (``tcga_gbmlgg_cohort.csv``): per-patient availability
-    (``has_<name>``), split, folds and which clinical values are unknown are taken row by row
-    from it; row ``i`` of the cohort is row ``i`` of the table. Content and survival stay synthetic.
+    (``has_<name>``; a modality without that column is always present), split, folds and which
+    clinical values are unknown are taken row by row from it; row ``i`` of the cohort is row ``i``
+    of the table. Content and survival stay synthetic.
     n_latent: number of shared latent factors; event_rate: fraction of observed deaths.
 
     Returns a :class:`Cohort`: ``inputs[name]`` ``(N, C, *S)`` float32 (zeros where missing),
@@ -147,8 +148,13 @@ def make_cohort(
         out = torch.zeros((n, *shape), dtype=torch.float32)
         if rows.size:
             view = np.concatenate([z[rows] * sens, private[rows]], axis=1)  # (n_m, K + private)
-            render = {1: _render_omics, 2: _render_tile, 3: _render_volume}[len(shape) - 1]
-            out[torch.as_tensor(rows)] = render(rng, gen, view, shape, beta_values=(name == "dnam"))
+            if len(shape) == 2:
+                content = _render_omics(rng, gen, view, shape, beta_values=name == "dnam")
+            elif len(shape) == 3:
+                content = _render_tile(rng, gen, view, shape)
+            else:
+                content = _render_volume(rng, gen, view, shape)
+            out[torch.as_tensor(rows)] = content
         inputs[name] = out
         modality_params[name] = {"shape": list(shape), "strong_factors": np.flatnonzero(strong).tolist(),
                                  "present": int(rows.size)}
@@ -190,7 +196,11 @@ def make_cohort(
 # ----------------------------------------------------------------------------- layout
 
 
-def _layout_from_csv(path: Path, names: list[str]):
+def _layout_from_csv(
+    path: Path, names: list[str]
+) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Size, presence ``(N, M)``, split, fold and unknown-clinical masks of the real cohort table;
+    a modality without a ``has_<name>`` column is present for everybody."""
     import pandas as pd
 
     if not path.is_file():
@@ -342,7 +352,9 @@ def _loadings(rng: np.random.Generator, n_in: int, n_out: int, block: int, per_b
     return per_output
 
 
-def _render_omics(rng, gen, view: np.ndarray, shape, beta_values: bool) -> torch.Tensor:
+def _render_omics(
+    rng: np.random.Generator, gen: torch.Generator, view: np.ndarray, shape: tuple[int, ...], beta_values: bool
+) -> torch.Tensor:
     """Omics vectors ``(n, C, L)``: per-feature offset + block loadings on the view + noise; beta values
     (sigmoid of a bimodal offset + signal, in [0, 1]) for DNA methylation."""
     n, d = len(view), int(np.prod(shape))
@@ -375,7 +387,9 @@ def _plane_waves(coef: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor, phase: 
     return rows.transpose(-1, -2) @ cols
 
 
-def _render_tile(rng, gen, view: np.ndarray, shape, beta_values: bool) -> torch.Tensor:
+def _render_tile(
+    rng: np.random.Generator, gen: torch.Generator, view: np.ndarray, shape: tuple[int, ...]
+) -> torch.Tensor:
     """H&E-like tiles ``(n, C, H, W)`` in [0, 1] (Beer–Lambert mix of two stains).
 
     Haematoxylin density: a grid of "nuclei" (product of two perpendicular sinusoids) whose
@@ -423,7 +437,9 @@ def _render_tile(rng, gen, view: np.ndarray, shape, beta_values: bool) -> torch.
     return out
 
 
-def _render_volume(rng, gen, view: np.ndarray, shape, beta_values: bool) -> torch.Tensor:
+def _render_volume(
+    rng: np.random.Generator, gen: torch.Generator, view: np.ndarray, shape: tuple[int, ...]
+) -> torch.Tensor:
     """Brain-like volumes ``(n, C, D, H, W)`` with a tumour, z-scored inside the brain (0 outside).
 
     Tumour centre, radius, enhancement and necrotic core follow the view; the brain's shape and

@@ -146,10 +146,10 @@ class ImputeMAE(nn.Module):
         if absent:
             raise ValueError(f"batch.inputs has {absent[0]!r} but batch.modalities {order} does not list it")
         present = batch.present
-        B = present.shape[0] if present.dim() == 2 else -1
         if present.dim() != 2 or present.shape[1] != len(order):
             raise ValueError(f"batch.present must be (B, {len(order)}) for modalities {order}, "
                              f"got {tuple(present.shape)}")
+        B = present.shape[0]
         for n, x in inputs.items():
             want = (B, *self.config.modality(n).shape)
             if tuple(x.shape) != want:

@@ -308,7 +308,8 @@ class _Trainer:
         self.saved = None
         return _Position(**s["position"])
 
-    def _batches(self, stage: str, idx: np.ndarray, batch_size: int, pos: _Position) -> Iterator[tuple[int, int, np.ndarray]]:
+    def _batches(self, stage: str, idx: np.ndarray, batch_size: int,
+                 pos: _Position) -> Iterator[tuple[int, int, np.ndarray]]:
         n_batches = math.ceil(len(idx) / batch_size)
         epochs = self.cfg.pretrain_epochs if stage == "pretrain" else self.cfg.finetune_epochs
         for epoch in range(pos.epoch, epochs):
@@ -328,7 +329,7 @@ class _Trainer:
         opt = self._optimizer(params, lr, cfg.pretrain_weight_decay if pre else cfg.finetune_weight_decay)
         steps_per_epoch = math.ceil(math.ceil(len(idx) / bs) / cfg.grad_accum)
         total = max(1, epochs * steps_per_epoch)
-        warmup = int(round((cfg.pretrain_warmup_epochs if pre else cfg.finetune_warmup_epochs) * steps_per_epoch))
+        warmup = round((cfg.pretrain_warmup_epochs if pre else cfg.finetune_warmup_epochs) * steps_per_epoch)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, _lr_lambda(total, warmup, lr, cfg.pretrain_min_lr if pre else cfg.finetune_min_lr))
         pos = self._restore(stage, model, opt, sched, rng) or _Position(stage)
