@@ -56,11 +56,31 @@ def _arch_numbers(arch_list: str) -> list[int]:
     return sorted(set(nums))
 
 
+def _cuda_toolkit() -> str | None:
+    """A CUDA toolkit folder holding bin/nvcc and lib64/libcudart*, or None."""
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates += ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
+    for home in candidates:
+        libs = glob.glob(os.path.join(home, "lib64", "libcudart*")) + glob.glob(os.path.join(home, "lib", "libcudart*"))
+        if os.path.exists(os.path.join(home, "bin", "nvcc")) and libs:
+            return home
+    return None
+
+
 def _resolve() -> tuple[dict, list]:
     config: dict = {"python": platform.python_version()}
     if _flag("PYIMPUTMAE_NO_EXT") == "1":
         config.update(extension=False, reason="PYIMPUTMAE_NO_EXT=1")
         return config, []
+    if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
+        # torch takes CUDA_HOME as nvcc's grandparent: /usr/local for a /usr/local/bin/nvcc wrapper,
+        # where libcudart is not. Point it at a toolkit that has both nvcc and the runtime library.
+        home = _cuda_toolkit()
+        if home:
+            os.environ["CUDA_HOME"] = home
     try:
         import torch
         from torch.utils import cpp_extension
@@ -105,7 +125,8 @@ def _resolve() -> tuple[dict, list]:
     if cuda:
         macros.append(("PYIMPUTMAE_WITH_CUDA", None))
         archs = ",".join(str(a) for a in _arch_numbers(arch_list))
-        macros.append(("PYIMPUTMAE_CUDA_ARCHS", archs))
+        # C++ only (csrc/ops.cpp reads it): nvcc would split "-D...=80,90" at the comma
+        cxx_flags.append(f"-DPYIMPUTMAE_CUDA_ARCHS={archs}")
         # ATen/cuda/CUDAContext.h needs cusparse.h, which pip's CUDA torch keeps here
         for path in sys.path:
             inc = os.path.join(path, "nvidia", "cu13", "include")

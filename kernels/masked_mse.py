@@ -26,7 +26,7 @@ from ._utils import cast_rn, device_guard, interpreting, num_sms
 from .patch_embed import patch_feature_offsets, patch_geometry, patch_row_offsets, vector_width
 
 NORM_PIX_EPS = 1e-6
-MAX_TILE = 4096  # elements of one program's (rows × features) tile on a GPU: 16 per thread at 8 warps
+MAX_TILE = 4096  # elements of one program's (rows × features) tile on a GPU: 32 per thread at 4 warps
 MAX_TILE_INTERPRET = 1024
 
 
@@ -161,7 +161,7 @@ def _tile(P: int) -> tuple[bool, int, int, int]:
         single = True
     else:
         block_p, block_r, single = max_tile, 1, False
-    return single, block_r, block_p, (8 if block_r * block_p >= 4096 else 4)
+    return single, block_r, block_p, (8 if block_r * block_p >= 8192 else 4)
 
 
 def masked_mse_forward(

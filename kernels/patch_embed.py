@@ -56,6 +56,19 @@ def feature_offsets(f, D, H, W, PD: tl.constexpr, PH: tl.constexpr, PW: tl.const
 
 
 @triton.jit
+def chunk_offset(k0, D, H, W, PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, VEC: tl.constexpr):
+    """:func:`feature_offsets` of a scalar feature ``k0`` that is a multiple of ``VEC``, written so that
+    the compiler sees the result is a multiple of ``VEC`` too (``l = k0 mod PW`` as ``VEC``-steps;
+    ``W`` is a multiple of 16 for every input that gets vector loads)."""
+    f = tl.cast(k0, tl.int64)
+    l = ((f // VEC) % (PW // VEC)) * VEC
+    j = (f // PW) % PH
+    i = (f // (PW * PH)) % PD
+    c = f // (PW * PH * PD)
+    return c * D * H * W + (i * H + j) * W + l
+
+
+@triton.jit
 def patch_feature_offsets(f, D, H, W, PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, VEC: tl.constexpr):
     """:func:`feature_offsets` of a block of features: runs of ``PW`` contiguous elements.
 
@@ -120,7 +133,7 @@ def _patch_embed_fwd_kernel(
         w_ptrs = w_ptr + e[None, :].to(tl.int64) * F + t[:, None]
         for k0 in range(0, F, BLOCK_K):
             if SEPARABLE:
-                a_src = a_ptrs + feature_offsets(k0, D, H, W, PD, PH, PW)
+                a_src = a_ptrs + chunk_offset(k0, D, H, W, PD, PH, PW, VEC)  # VEC divides BLOCK_K
             else:
                 a_src = x_ptr + row_off[:, None] + patch_feature_offsets(k0 + t, D, H, W, PD, PH, PW, VEC)[None, :]
             if EVEN_K:
@@ -300,8 +313,6 @@ def _gemm_config(dtype: torch.dtype) -> dict:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
     if dtype == torch.float64:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=8, num_warps=4, num_stages=1)
-    if dtype == torch.float32:
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
@@ -310,6 +321,7 @@ _FORWARD_CONFIGS = [
     triton.Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=FORWARD_BLOCK_K), num_warps=8, num_stages=3),
     triton.Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=FORWARD_BLOCK_K), num_warps=4, num_stages=4),
     triton.Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=FORWARD_BLOCK_K), num_warps=8, num_stages=4),
+    triton.Config(dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=FORWARD_BLOCK_K), num_warps=8, num_stages=3),
     triton.Config(dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=FORWARD_BLOCK_K), num_warps=4, num_stages=4),
     triton.Config(dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=FORWARD_BLOCK_K), num_warps=4, num_stages=4),
 ]

@@ -28,6 +28,13 @@ NAMES = ("ext", "triton", "reference")
 ALIASES = {"cpp": "ext", "cpu": "ext", "cuda": "ext", "c++": "ext", "ref": "reference", "torch": "reference"}
 
 
+#: (backend, family) pairs whose GPU kernels have been checked against the reference on real
+#: hardware (docs/benchmarks.md, "GPU validation"). On CUDA tensors the automatic choice uses only
+#: these; the others run when asked for by name (backend= or PYIMPUTMAE_BACKEND), or for all of
+#: them with PYIMPUTMAE_GPU_UNVALIDATED=1 (what tools/gpu_check.sh sets to validate them).
+GPU_VALIDATED = frozenset({("triton", "masking"), ("triton", "masked_mse")})
+
+
 class BackendError(RuntimeError):
     """A backend was asked for by name but cannot run here."""
 
@@ -141,9 +148,15 @@ def resolve(family: str, device: torch.device, requested: str = "auto") -> str:
             raise BackendError(f"{family}: backend {requested!r} (from {source}) cannot run on {device}: {why}")
         return requested
     for name in default_order(device):
-        if availability(name, device)[0]:
+        if availability(name, device)[0] and _validated(name, family, device):
             return name
     return "reference"
+
+
+def _validated(name: str, family: str, device: torch.device) -> bool:
+    if device.type != "cuda" or name == "reference" or os.environ.get("PYIMPUTMAE_GPU_UNVALIDATED") == "1":
+        return True
+    return (name, family) in GPU_VALIDATED
 
 
 def module(name: str) -> ModuleType:
@@ -166,6 +179,12 @@ def explain(device: torch.device) -> dict[str, dict]:
             chosen = resolve(family, device)
         except BackendError as err:
             chosen = f"error: {err}"
-        reasons = {name: availability(name, device) for name in NAMES}
+        reasons = {}
+        for name in NAMES:
+            ok, why = availability(name, device)
+            if ok and not _validated(name, family, device):
+                ok, why = False, (f"{why}; not yet validated on a GPU, so used only when asked for by name "
+                                  "(backend=, PYIMPUTMAE_BACKEND) or with PYIMPUTMAE_GPU_UNVALIDATED=1")
+            reasons[name] = (ok, why)
         out[family] = {"backend": chosen, "candidates": {n: {"ok": ok, "why": why} for n, (ok, why) in reasons.items()}}
     return out

@@ -46,7 +46,8 @@ def collect() -> dict:
     else:
         tri_ok = _triton_module_ok()
         info["backends"]["cuda"] = {
-            "note": "no CUDA device visible; on a GPU the order is ext → triton → reference",
+            "note": "no CUDA device visible; on a GPU the order is ext → triton → reference, among the kernels "
+                    "validated on a GPU: " + ", ".join(f"{b} {f}" for b, f in sorted(_backends.GPU_VALIDATED)),
             "ext": "CUDA kernels compiled for " + ", ".join(f"sm_{a}" for a in _extension.cuda_archs())
             if ext_ok and _extension.cuda_archs() else "no CUDA kernels in this build",
             "triton": "importable" if tri_ok else "not importable",

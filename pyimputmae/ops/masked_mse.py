@@ -43,6 +43,9 @@ def _setup(ctx, inputs, output):
     # held as an attribute, not through save_for_backward: the backward scales it in place
     ctx.grad, ctx.applied = output[1], None
     ctx.mark_non_differentiable(output[1])
+    # the gradient output takes no gradient: without this, autograd would allocate a zero tensor
+    # of pred's size for it on every backward (twice the memory the op needs)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, _grad_grad):

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from ..reference.masked_mse import accumulation_dtype
 from ..reference.patch_embed import check_patch_input
 from ._common import autocast_dtype, backend_for, check_backend_arg
 
@@ -66,10 +67,11 @@ def _backward(ctx, grad):
         gx = gx if need_x else None
         gw = gw if need_w else None
     E = grad.shape[-1]
+    acc = accumulation_dtype(grad.dtype)
     if need_b and ctx.has_bias:
-        gb = grad.sum((0, 1), dtype=torch.float32).to(grad.dtype)
+        gb = grad.sum((0, 1), dtype=acc).to(grad.dtype)
     if need_pos and ctx.pos_rows:
-        flat = grad.reshape(-1, E).to(torch.float32)
+        flat = grad.reshape(-1, E).to(acc)
         if keep is None:
             gpos = flat.view(grad.shape[0], -1, E).sum(0)
         else:

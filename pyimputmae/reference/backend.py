@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .masked_mse import masked_mse_forward_reference
+from .masked_mse import accumulation_dtype, masked_mse_forward_reference
 from .masking import gather_visible_reference, select_keep_reference, unshuffle_fill_reference
 from .patch_embed import check_patch_input, patch_embed_reference, patchify, unpatchify
 
@@ -19,18 +19,19 @@ def patch_embed_forward(x, weight, bias, pos, keep, patch: int) -> torch.Tensor:
 
 
 def patch_embed_backward(grad_out, x, weight, keep, patch: int, need_x: bool, need_weight: bool):
-    """grad_out: ``(B, N, E)`` → ``(grad_x or empty, grad_weight or empty)``; fp32 accumulation."""
+    """grad_out: ``(B, N, E)`` → ``(grad_x or empty, grad_weight or empty)``; fp32 accumulation (fp64 for fp64)."""
     grid = check_patch_input(x, patch)
     E, F = weight.shape
     grad_x = grad_weight = x.new_empty(0)
-    g = grad_out.to(torch.float32)
+    acc = accumulation_dtype(grad_out.dtype)
+    g = grad_out.to(acc)
     if need_weight:
         cols = patchify(x, patch)
         if keep is not None:
             cols = torch.gather(cols, 1, keep.unsqueeze(-1).expand(-1, -1, F))
-        grad_weight = (g.reshape(-1, E).t() @ cols.reshape(-1, F).to(torch.float32)).to(weight.dtype)
+        grad_weight = (g.reshape(-1, E).t() @ cols.reshape(-1, F).to(acc)).to(weight.dtype)
     if need_x:
-        gcols = g @ weight.to(torch.float32)  # (B, N, F)
+        gcols = g @ weight.to(acc)  # (B, N, F)
         if keep is not None:
             full = gcols.new_zeros(x.shape[0], int(torch.tensor(grid).prod()), F)
             gcols = full.scatter_(1, keep.unsqueeze(-1).expand(-1, -1, F), gcols)
@@ -51,8 +52,9 @@ def unshuffle_fill(x, ids_keep, mask, mask_token) -> torch.Tensor:
 
 
 def hidden_sum(grad, mask) -> torch.Tensor:
-    """grad: ``(B, L, E)``, mask: ``(B, L)`` bool → ``(E,)`` in grad's dtype, fp32 accumulation."""
-    return (grad.to(torch.float32) * mask.unsqueeze(-1)).sum((0, 1)).to(grad.dtype)
+    """grad: ``(B, L, E)``, mask: ``(B, L)`` bool → ``(E,)`` in grad's dtype, fp32 accumulation (fp64 for fp64)."""
+    acc = accumulation_dtype(grad.dtype)
+    return (grad.to(acc) * mask.unsqueeze(-1)).sum((0, 1)).to(grad.dtype)
 
 
 def masked_mse_forward(pred, x, weight, patch: int, norm_pix: bool):
