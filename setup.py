@@ -113,7 +113,7 @@ def _resolve() -> tuple[dict, list]:
         m = re.search(r"release ([\d.]+)", out)
         nvcc_version = m.group(1) if m else out.strip().splitlines()[-1]
 
-    cpu_sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cpu_sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) if cuda else []
     cxx_flags = ["-O3", "-DPYIMPUTMAE_PYTHON_MODULE"]
     link_flags = []
@@ -194,7 +194,7 @@ setup(
     ext_modules=extensions,
     cmdclass=cmdclass,
     package_dir={"pyimputmae": "pyimputmae", "pyimputmae.kernels": "kernels"},
-    packages=find_packages(include=["pyimputmae", "pyimputmae.*"]) + ["pyimputmae.kernels"],
+    packages=[*find_packages(include=["pyimputmae", "pyimputmae.*"]), "pyimputmae.kernels"],
     package_data={"pyimputmae": [CONFIG_NAME]},
     options={"bdist_wheel": {"py_limited_api": "cp39"}} if extensions else {},
 )

@@ -40,6 +40,19 @@ INTERPRET = tl.constexpr(interpreting())
 
 
 @triton.jit
+def loop_bound(x):
+    """A runtime scalar ``x`` as a ``range`` bound: ``x`` itself when compiled.
+
+    Under ``TRITON_INTERPRET=1`` every scalar is a 1-element NumPy array and ``range`` asks for
+    ``__index__``: Triton 3.6's interpreter answers with ``int(data)``, which NumPy ≥ 2.4 refuses for
+    an array of shape ``(1,)``. There the bound is handed over as a plain Python int instead.
+    """
+    if INTERPRET:
+        return x.handle.data.item()
+    return x
+
+
+@triton.jit
 def cast_rn(x, dtype: tl.constexpr):
     """``x.to(dtype)`` rounding to nearest even, as the GPU does.
 

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cast_rn, device_guard, interpreting, num_sms
+from ._utils import cast_rn, device_guard, interpreting, loop_bound, num_sms
 from .patch_embed import patch_feature_offsets, patch_geometry, patch_row_offsets, vector_width
 
 NORM_PIX_EPS = 1e-6
@@ -43,7 +43,7 @@ def _weight_sum_kernel(den_ptr, w_ptr, n, ACC_FP64: tl.constexpr, BLOCK: tl.cons
     """den = Σ w over all ``n`` weights, in one program (fixed order)."""
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     acc = tl.zeros([BLOCK], dtype=acc_dtype)
-    for i0 in range(0, n, BLOCK):
+    for i0 in range(0, loop_bound(n), BLOCK):
         i = i0 + tl.arange(0, BLOCK)
         acc += tl.load(w_ptr + i, mask=i < n, other=0.0).to(acc_dtype)
     tl.store(den_ptr, tl.sum(acc, axis=0))
@@ -98,20 +98,20 @@ def _masked_mse_kernel(
     else:
         if NORM_PIX:
             total = tl.zeros([BLOCK_R], dtype=acc_dtype)
-            for p0 in range(0, P, BLOCK_P):
+            for p0 in range(0, loop_bound(P), BLOCK_P):
                 t, ok = _load_target(x_ptr, row_off, p0 + tl.arange(0, BLOCK_P), live, P, D, H, W,
                                      PD, PH, PW, VEC, ACC_FP64)
                 total += tl.sum(t, axis=1)
             mean = total / P
             total = tl.zeros([BLOCK_R], dtype=acc_dtype)
-            for p0 in range(0, P, BLOCK_P):
+            for p0 in range(0, loop_bound(P), BLOCK_P):
                 t, ok = _load_target(x_ptr, row_off, p0 + tl.arange(0, BLOCK_P), live, P, D, H, W,
                                      PD, PH, PW, VEC, ACC_FP64)
                 dev = tl.where(ok, t - mean[:, None], 0.0)
                 total += tl.sum(dev * dev, axis=1)
             std = _sqrt(total / (P - 1) + EPS, ACC_FP64)
         sq = tl.zeros([BLOCK_R], dtype=acc_dtype)
-        for p0 in range(0, P, BLOCK_P):
+        for p0 in range(0, loop_bound(P), BLOCK_P):
             f = p0 + tl.arange(0, BLOCK_P)
             t, ok = _load_target(x_ptr, row_off, f, live, P, D, H, W, PD, PH, PW, VEC, ACC_FP64)
             if NORM_PIX:
@@ -128,7 +128,7 @@ def _masked_mse_kernel(
 def _loss_kernel(loss_ptr, partial_ptr, den_ptr, n_part, P, BLOCK: tl.constexpr):
     """loss = Σ partials / (P·Σw), in one program (fixed order); 0 when Σw = 0 (the partials are 0)."""
     acc = tl.zeros([BLOCK], dtype=partial_ptr.dtype.element_ty)
-    for i0 in range(0, n_part, BLOCK):
+    for i0 in range(0, loop_bound(n_part), BLOCK):
         i = i0 + tl.arange(0, BLOCK)
         acc += tl.load(partial_ptr + i, mask=i < n_part, other=0.0)
     den = tl.load(den_ptr)
@@ -145,7 +145,7 @@ def _scale_grad_kernel(grad_ptr, scale_ptr, n, ACC_FP64: tl.constexpr, BLOCK: tl
         s_acc = s.to(acc_dtype)
         pid = tl.program_id(0).to(tl.int64)
         step = tl.num_programs(0).to(tl.int64) * BLOCK
-        for start in range(pid * BLOCK, n, step):
+        for start in range(loop_bound(pid * BLOCK), loop_bound(n), loop_bound(step)):
             i = start + tl.arange(0, BLOCK)
             ok = i < n
             g = tl.load(grad_ptr + i, mask=ok, other=0.0)

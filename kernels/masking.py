@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cast_rn, device_guard, interpreting
+from ._utils import cast_rn, device_guard, interpreting, loop_bound
 from .philox import load_rng, token_keys
 
 SEGMENTS_PER_LAUNCH = 4  # segment lengths travel as scalar arguments, four per launch
@@ -68,13 +68,13 @@ def _select_keep_kernel(
     seed, off_lo, off_hi = load_rng(rng_ptr)
 
     kept_before = 0
-    for t0 in range(0, n, BLOCK_T):
+    for t0 in range(0, loop_bound(n), BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         in_seg = t < n
         if have:
             key_t = token_keys(start + t, row, seed, off_lo, off_hi)
             rank = tl.zeros([BLOCK_T], dtype=tl.int32)
-            for s0 in range(0, n, BLOCK_S):
+            for s0 in range(0, loop_bound(n), BLOCK_S):
                 s = s0 + tl.arange(0, BLOCK_S)
                 key_s = token_keys(start + s, row, seed, off_lo, off_hi)
                 # (key_s, s) < (key_t, t), keys compared as unsigned 32-bit numbers
@@ -164,7 +164,7 @@ def _hidden_sum_partial_kernel(
     acc = tl.zeros([BLOCK_R, BLOCK_E], dtype=acc_dtype)
     first = g * rows_per_group
     last = tl.minimum(first + rows_per_group, rows)
-    for r0 in range(first, last, BLOCK_R):
+    for r0 in range(loop_bound(first), loop_bound(last), BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         r_ok = r < last
         hidden = tl.load(mask_ptr + r, mask=r_ok, other=0) != 0
@@ -179,7 +179,7 @@ def _sum_rows_kernel(out_ptr, partial_ptr, G, E, BLOCK_G: tl.constexpr, BLOCK_E:
     e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     e_ok = e < E
     acc = tl.zeros([BLOCK_G, BLOCK_E], dtype=partial_ptr.dtype.element_ty)
-    for g0 in range(0, G, BLOCK_G):
+    for g0 in range(0, loop_bound(G), BLOCK_G):
         g = g0 + tl.arange(0, BLOCK_G)
         acc += tl.load(partial_ptr + g[:, None] * E + e[None, :], mask=(g < G)[:, None] & e_ok[None, :], other=0)
     tl.store(out_ptr + e, cast_rn(tl.sum(acc, axis=0), out_ptr.dtype.element_ty), mask=e_ok)

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cast_rn, device_guard, interpreting, num_sms
+from ._utils import cast_rn, device_guard, interpreting, loop_bound, num_sms
 
 
 @triton.jit
@@ -122,7 +122,7 @@ def _patch_embed_fwd_kernel(
     if DOT == 2:
         # fp64: outer products, one feature at a time (tl.dot has no fp64 tensor-core path)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float64)
-        for k in range(0, F):
+        for k in range(0, loop_bound(F)):
             a = tl.load(x_ptr + row_off + feature_offsets(k, D, H, W, PD, PH, PW), mask=r_ok, other=0.0)
             wk = tl.load(w_ptr + e.to(tl.int64) * F + k, mask=e_ok, other=0.0)
             acc += a.to(tl.float64)[:, None] * wk.to(tl.float64)[None, :]
@@ -131,7 +131,7 @@ def _patch_embed_fwd_kernel(
         t = tl.arange(0, BLOCK_K)
         a_ptrs = x_ptr + row_off[:, None] + patch_feature_offsets(t, D, H, W, PD, PH, PW, VEC)[None, :]
         w_ptrs = w_ptr + e[None, :].to(tl.int64) * F + t[:, None]
-        for k0 in range(0, F, BLOCK_K):
+        for k0 in range(0, loop_bound(F), BLOCK_K):
             if SEPARABLE:
                 a_src = a_ptrs + chunk_offset(k0, D, H, W, PD, PH, PW, VEC)  # VEC divides BLOCK_K
             else:
@@ -177,13 +177,13 @@ def _patch_embed_grad_x_kernel(
         g = r - b * N
     if DOT == 2:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float64)
-        for k in range(0, E):
+        for k in range(0, loop_bound(E)):
             go = tl.load(gout_ptr + r * E + k, mask=r_ok, other=0.0)
             wk = tl.load(w_ptr + k * F + f, mask=f_ok, other=0.0)
             acc += go.to(tl.float64)[:, None] * wk.to(tl.float64)[None, :]
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, E, BLOCK_K):
+        for k0 in range(0, loop_bound(E), BLOCK_K):
             e = k0 + tl.arange(0, BLOCK_K)
             e_ok = e < E
             go = tl.load(gout_ptr + r[:, None] * E + e[None, :], mask=r_ok[:, None] & e_ok[None, :], other=0.0)
@@ -221,7 +221,7 @@ def _patch_embed_grad_w_kernel(
     last = tl.minimum(first + rows_per_split, rows)
     if DOT == 2:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float64)
-        for r in range(first, last):
+        for r in range(loop_bound(first), loop_bound(last)):
             b = r // N
             if HAS_KEEP:
                 g = tl.load(keep_ptr + r)
@@ -233,7 +233,7 @@ def _patch_embed_grad_w_kernel(
             acc += go.to(tl.float64)[:, None] * xa.to(tl.float64)[None, :]
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for r0 in range(first, last, BLOCK_K):
+        for r0 in range(loop_bound(first), loop_bound(last), BLOCK_K):
             r = r0 + tl.arange(0, BLOCK_K)
             r_ok = r < last
             b = r // N
@@ -256,7 +256,7 @@ def _sum_splits_kernel(out_ptr, part_ptr, n, S, BLOCK: tl.constexpr):
     ok = i < n
     acc = tl.zeros([BLOCK], dtype=part_ptr.dtype.element_ty)
     src = i
-    for _ in range(0, S):
+    for _ in range(0, loop_bound(S)):
         acc += tl.load(part_ptr + src, mask=ok, other=0.0)
         src += n
     tl.store(out_ptr + i, cast_rn(acc, out_ptr.dtype.element_ty), mask=ok)
@@ -316,19 +316,19 @@ def _gemm_config(dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
-FORWARD_BLOCK_K = 64  # every tuned config shares it: SEPARABLE and EVEN_K are computed for it
-_FORWARD_CONFIGS = [
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=FORWARD_BLOCK_K), num_warps=8, num_stages=3),
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=FORWARD_BLOCK_K), num_warps=4, num_stages=4),
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=FORWARD_BLOCK_K), num_warps=8, num_stages=4),
-    triton.Config(dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=FORWARD_BLOCK_K), num_warps=8, num_stages=3),
-    triton.Config(dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=FORWARD_BLOCK_K), num_warps=4, num_stages=4),
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=FORWARD_BLOCK_K), num_warps=4, num_stages=4),
-]
-# a handful of H100/H200 tiles for 16-bit inputs, tried once per (rows, E, F, dtypes)
-_patch_embed_fwd_tuned = triton.autotune(configs=_FORWARD_CONFIGS, key=["rows", "E", "F", "PD", "PH", "PW"])(
-    _patch_embed_fwd_kernel
-)
+def _forward_config(dtype: torch.dtype, rows: int, E: int, sms: int) -> dict:
+    """Forward tiles, a fixed choice (no ``triton.autotune``: one launch path, the same under the
+    interpreter and on the GPU, and nothing to bind but the kernel's own arguments).
+
+    The H100/H200 GEMM tile of :func:`_gemm_config` (128 × 128 × 64, 8 warps, 3 stages); for the
+    16-bit tensor-core path, 64-row tiles (4 warps) when 128-row ones would leave SMs idle.
+    """
+    cfg = _gemm_config(dtype)
+    if _dot_mode(dtype)[0] != 0:  # fp32 / fp64 / the interpreter: one tile
+        return cfg
+    if triton.cdiv(rows, cfg["BLOCK_M"]) * triton.cdiv(E, cfg["BLOCK_N"]) < sms:
+        cfg = dict(cfg, BLOCK_M=64, num_warps=4)
+    return cfg
 
 
 def patch_embed_forward(
@@ -361,19 +361,13 @@ def patch_embed_forward(
     flags = dict(PD=geo["PD"], PH=geo["PH"], PW=geo["PW"], HAS_BIAS=bias is not None, HAS_POS=pos is not None,
                  HAS_KEEP=keep is not None, DOT=dot, PRECISION=precision)
     radices = (geo["PW"], geo["PH"], geo["PD"], geo["C"])
+    cfg = _forward_config(x.dtype, rows, E, num_sms(x))
+    block_k = cfg["BLOCK_K"]
+    flags.update(VEC=vector_width(geo["PW"], block_k), SEPARABLE=separable(block_k, radices),
+                 EVEN_K=F % block_k == 0)
+    grid = (triton.cdiv(rows, cfg["BLOCK_M"]) * triton.cdiv(E, cfg["BLOCK_N"]),)
     with device_guard(x):
-        if dot == 0:
-            block_k = FORWARD_BLOCK_K
-            grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(E, meta["BLOCK_N"]),)
-            kernel, cfg = _patch_embed_fwd_tuned[grid], {}
-        else:
-            cfg = _gemm_config(x.dtype)
-            block_k = cfg["BLOCK_K"]
-            grid = (triton.cdiv(rows, cfg["BLOCK_M"]) * triton.cdiv(E, cfg["BLOCK_N"]),)
-            kernel = _patch_embed_fwd_kernel[grid]
-        flags.update(VEC=vector_width(geo["PW"], block_k), SEPARABLE=separable(block_k, radices),
-                     EVEN_K=F % block_k == 0)
-        kernel(*args, **flags, **cfg)
+        _patch_embed_fwd_kernel[grid](*args, **flags, **cfg)
     return out
 
 

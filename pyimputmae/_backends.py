@@ -41,7 +41,7 @@ class BackendError(RuntimeError):
 
 def canonical(name: str) -> str:
     name = ALIASES.get(name.lower(), name.lower())
-    if name not in NAMES + ("auto",):
+    if name not in (*NAMES, "auto"):
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)} or 'auto'")
     return name
 

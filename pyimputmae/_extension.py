@@ -79,7 +79,7 @@ def cuda_archs() -> tuple[int, ...]:
     return tuple(torch.ops.pyimputmae.compiled_cuda_archs())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cuda_support(device_index: int) -> tuple[bool, str]:
     """Can the extension's CUDA kernels run on this GPU? ``(ok, reason)``."""
     if not load():

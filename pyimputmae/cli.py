@@ -123,12 +123,6 @@ def _impute(args: argparse.Namespace) -> int:
     return 0
 
 
-def _preprocess(args: argparse.Namespace) -> int:
-    from .data.preprocess import main
-
-    return int(main(args.argv) or 0)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyimputmae", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -166,9 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="cpu")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("preprocess", help="turn a cohort manifest into a zarr store", add_help=False)
-    p.add_argument("argv", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_preprocess)
+    from .data.preprocess import add_parser
+
+    add_parser(sub)  # `pyimputmae preprocess MANIFEST --out STORE.zarr`
     return parser
 
 

@@ -27,7 +27,7 @@ from .training import TrainResult, predict_survival, train
 
 #: Settings of the demo's training runs (small model; sized for ~2 minutes per arm on 2 CPU cores).
 DEMO_SETTINGS: dict[str, Any] = {
-    "pretrain_epochs": 25,
+    "pretrain_epochs": 15,
     "pretrain_batch_size": 64,
     "pretrain_lr": 1e-3,
     "pretrain_warmup_epochs": 2.0,

@@ -267,12 +267,13 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
-def _run_tasks(tasks: list[dict[str, Any]], workers: int, on_result: Any, fn: Any = process_images,
+def _run_tasks(tasks: list[dict[str, Any]], workers: int, on_result: Any, fn: Any = None,
                initializer: Any = _init_worker) -> None:
     """Run ``fn`` (:func:`process_images`) over ``tasks`` (in this process when ``workers`` ≤ 0),
     calling ``on_result`` here for each. At most ``2·workers`` tasks are in flight, so when a worker
     dies (a crash inside a native reader) only those few are suspects: each is retried alone, and
     one that kills its worker again is recorded as failed."""
+    fn = fn or process_images
     if workers <= 0:
         for t in tasks:
             on_result(fn(t))

@@ -41,7 +41,8 @@ def _patch_embed_backward(
     need_weight: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return backend_for("patch_embed", grad_out.device, backend).patch_embed_backward(grad_out.contiguous(), x, weight, keep, patch, need_x, need_weight)
+    mod = backend_for("patch_embed", grad_out.device, backend)
+    return mod.patch_embed_backward(grad_out.contiguous(), x, weight, keep, patch, need_x, need_weight)
 
 
 @_patch_embed_backward.register_fake

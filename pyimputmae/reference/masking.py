@@ -38,7 +38,7 @@ def keep_counts(lengths: Sequence[int], ratios: Sequence[float] | float) -> list
             raise ValueError(f"segment {m} has length {n}; every segment needs at least one token")
         if not 0.0 <= r <= 1.0:
             raise ValueError(f"mask ratio of segment {m} must lie in [0, 1], got {r}")
-        out.append(int(math.floor(n * (1.0 - r) + 1e-9)))
+        out.append(math.floor(n * (1.0 - r) + 1e-9))
     return out
 
 
@@ -101,7 +101,7 @@ def unshuffle_fill_reference(
     position is visible; a visible position no ``ids_keep`` entry names is zero.
     Differentiable in x and mask_token through plain autograd.
     """
-    B, K, E = x.shape
+    B, _, E = x.shape
     L = mask.shape[1]
     written = ~torch.gather(mask, 1, ids_keep)  # (B, K): does slot k land on a visible position?
     src = x * written.unsqueeze(-1).to(x.dtype)
