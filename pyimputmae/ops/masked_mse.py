@@ -49,6 +49,8 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, _grad_grad):
+    if grad_loss is None:  # nothing flows back into the loss (no materialised zero gradient)
+        return None, None, None, None, None, None
     scale = grad_loss.reshape(1).to(accumulation_dtype(ctx.grad.dtype))
     if ctx.applied is None:
         # the usual single backward: scale the saved gradient in place, no extra pass when scale == 1

@@ -1,0 +1,193 @@
+"""Compile every Triton kernel of pyimputmae for a CUDA GPU, without a GPU: a pre-flight check.
+
+    python tools/triton_compile_check.py [--arch 90] [--dtypes fp32,bf16] [--size large|small]
+
+The real launchers (``pyimputmae.kernels``) run on ``meta`` tensors of the benchmark shapes, with
+``JITFunction.run`` swapped for a recorder: every launch they would make is caught with its
+arguments, grid and options, bound and specialized by Triton's own launch code for the target
+(``GPUTarget("cuda", arch, 32)``), and compiled with ``triton.compile(ASTSource(...))`` down to a
+cubin (ptxas ships inside triton). One line per distinct kernel configuration: ``ok`` with the
+shared memory it needs, or the error. Exit status 1 when any fails. Works with triton 3.6 and 3.8.
+
+Shapes (``--size large``, those of ``tools/bench.py --size large``): masked MSE pred
+``(32, 512, 2048)`` on x ``(32, 4, 64, 64, 64)``, p = 8 (with and without norm_pix); masking
+``B = 64``, 4 segments of 256 tokens, half kept, ``E = 384``; patch embedding of x
+``(32, 4, 64, 64, 64)``, p = 8, ``E = 384``, with and without ``keep`` (half the patches),
+forward and backward. ``--size small`` shrinks every one of them (a quicker smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # the launchers must pick their GPU configurations
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime import jit as triton_jit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pyimputmae import _backends
+
+#: shared memory a block may use on sm_90 (H100 / H200): 227 KiB
+SHARED_LIMIT = {90: 232448, 100: 232448}
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+class Launch:
+    """One launch the launchers asked for: kernel, positional and keyword arguments, grid."""
+
+    def __init__(self, fn, args, kwargs, grid, case: str):
+        self.fn, self.args, self.kwargs, self.grid, self.case = fn, args, kwargs, grid, case
+
+
+def record_launches(case: str, call, sink: list[Launch]) -> None:
+    """Run ``call()`` with every ``JITFunction`` launch recorded into ``sink`` instead of run."""
+    original = triton_jit.JITFunction.run
+
+    def recorder(self, *args, grid, warmup, **kwargs):
+        sink.append(Launch(self, args, dict(kwargs), grid, case))
+        return None
+
+    triton_jit.JITFunction.run = recorder
+    try:
+        call()
+    finally:
+        triton_jit.JITFunction.run = original
+
+
+def meta(*shape, dtype=torch.float32) -> torch.Tensor:
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def cases(k, dtype: torch.dtype, size: str) -> list[tuple[str, object]]:
+    """(name, thunk) pairs: each thunk calls one launcher on meta tensors of the benchmark shapes."""
+    if size == "large":
+        B, C, S, p, E = 32, 4, 64, 8, 384
+        mB, seg, mE = 64, 256, 384
+    else:
+        B, C, S, p, E = 2, 2, 16, 4, 96
+        mB, seg, mE = 4, 32, 96
+    x = meta(B, C, S, S, S, dtype=dtype)
+    L, F = (S // p) ** 3, C * p**3
+    K = L // 2
+    keep = meta(B, K, dtype=torch.int64)
+    weight, bias, pos = meta(E, F, dtype=dtype), meta(E, dtype=dtype), meta(L, E, dtype=dtype)
+    pred, w = meta(B, L, F, dtype=dtype), meta(B, L)
+    lengths = [seg] * 4
+    keeps = [seg // 2] * 4
+    mL, mK = sum(lengths), sum(keeps)
+    tokens, visible = meta(mB, mL, mE, dtype=dtype), meta(mB, mK, mE, dtype=dtype)
+    ids, mask = meta(mB, mK, dtype=torch.int64), meta(mB, mL, dtype=torch.bool)
+    present, rng = meta(mB, 4, dtype=torch.bool), meta(2, dtype=torch.int64)
+    return [
+        ("masked_mse", lambda: k.masked_mse_forward(pred, x, w, p, False)),
+        ("masked_mse norm_pix", lambda: k.masked_mse_forward(pred, x, w, p, True)),
+        ("scale_grad_", lambda: k.scale_grad_(pred, meta(1))),
+        ("select_keep", lambda: k.select_keep(present, lengths, keeps, rng)),
+        ("gather_visible", lambda: k.gather_visible(tokens, ids, mask)),
+        ("unshuffle_fill", lambda: k.unshuffle_fill(visible, ids, mask, meta(mE, dtype=dtype))),
+        ("hidden_sum", lambda: k.hidden_sum(tokens, mask)),
+        ("patch_embed fwd", lambda: k.patch_embed_forward(x, weight, bias, pos, None, p)),
+        ("patch_embed fwd keep", lambda: k.patch_embed_forward(x, weight, bias, pos, keep, p)),
+        ("patch_embed bwd", lambda: k.patch_embed_backward(meta(B, L, E, dtype=dtype), x, weight, None, p,
+                                                           True, True)),
+        ("patch_embed bwd keep", lambda: k.patch_embed_backward(meta(B, K, E, dtype=dtype), x, weight, keep, p,
+                                                                True, True)),
+    ]
+
+
+def describe(fn, constexprs: dict, options) -> str:
+    names = fn.arg_names
+    flags = []
+    for key, value in sorted(constexprs.items()):
+        name = names[key[0]] if isinstance(key, tuple) and len(key) == 1 else str(key)
+        if name.isupper() or name.startswith("BLOCK"):
+            flags.append(f"{name}={value}")
+    return " ".join([*flags, f"warps={options.num_warps}", f"stages={options.num_stages}"])
+
+
+def compile_launch(launch: Launch, target: GPUTarget, backend, seen: set) -> tuple[str, str] | None:
+    """Bind and specialize like ``JITFunction.run``, then compile; ``(label, result)`` or None if seen."""
+    fn = launch.fn
+    kwargs = dict(launch.kwargs)
+    kwargs.setdefault("debug", fn.debug or triton.knobs.runtime.debug)
+    kwargs["instrumentation_mode"] = triton.knobs.compilation.instrumentation_mode
+    binder = triton_jit.create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    key = (fn.fn.__qualname__, str(signature), str(sorted(constexprs.items())), str(attrs), str(options))
+    if key in seen:
+        return None
+    seen.add(key)
+    label = f"{fn.__name__} [{describe(fn, constexprs, options)}]"
+    start = time.perf_counter()
+    try:
+        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                                  options=options.__dict__)
+    except Exception as err:  # report and go on with the others
+        last = traceback.format_exception_only(type(err), err)[-1].strip()
+        return label, f"ERROR {last[:2000]}"
+    shared = compiled.metadata.shared
+    limit = SHARED_LIMIT.get(target.arch)
+    took = time.perf_counter() - start
+    if limit is not None and shared > limit:
+        return label, f"ERROR needs {shared} bytes of shared memory, sm_{target.arch} has {limit} ({took:.1f}s)"
+    if "cubin" not in compiled.asm:
+        return label, f"ERROR no cubin produced ({took:.1f}s)"
+    return label, f"ok shared={shared} ({took:.1f}s)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 (H100/H200)")
+    parser.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated, from {','.join(DTYPES)}")
+    parser.add_argument("--size", choices=("large", "small"), default="large")
+    parser.add_argument("-k", dest="only", default="", help="only the cases whose name contains this")
+    opts = parser.parse_args(argv)
+
+    kernels, why = _backends._triton_module()
+    if kernels is None:
+        print(f"cannot import the Triton kernels: {why}")
+        return 1
+    target = GPUTarget("cuda", opts.arch, 32)
+    backend = make_backend(target)
+    print(f"triton {triton.__version__}, torch {torch.__version__}, target sm_{opts.arch}, size {opts.size}")
+    seen: set = set()
+    failed = 0
+    for dname in [d.strip() for d in opts.dtypes.split(",") if d.strip()]:
+        for case, thunk in cases(kernels, DTYPES[dname], opts.size):
+            if opts.only and opts.only not in case:
+                continue
+            launches: list[Launch] = []
+            try:
+                record_launches(case, thunk, launches)
+            except Exception as err:
+                print(f"{dname:5s} {case}: ERROR in the launcher: {err!r}", flush=True)
+                failed += 1
+                continue
+            for launch in launches:
+                try:
+                    result = compile_launch(launch, target, backend, seen)
+                except Exception as err:
+                    result = (launch.fn.__name__, f"ERROR binding the arguments: {err!r}")
+                if result is None:
+                    continue
+                label, status = result
+                failed += status.startswith("ERROR")
+                print(f"{dname:5s} {case}: {label}: {status}", flush=True)
+    print(f"{'FAILED: ' + str(failed) if failed else 'all ok'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
