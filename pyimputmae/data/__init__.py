@@ -8,7 +8,9 @@ from .cohort import Batch, Cohort
 from .manifest import Manifest, ManifestError, ManifestWarning, Source, read_manifest
 from .mri import MriConfig, MriError, preprocess_mri
 from .omics import OmicsConfig, OmicsError, apply_omics, fit_omics, read_gdc_star_counts
-from .preprocess import PreprocessConfig, PreprocessReport, apply_preprocessing, preprocess
+# `preprocess` (the function) stays in its module: exported here it would shadow the submodule
+# pyimputmae.data.preprocess for `import pyimputmae.data.preprocess as ...`
+from .preprocess import PreprocessConfig, PreprocessReport, apply_preprocessing
 from .store import (
     StoreDataset,
     StoreError,
@@ -54,7 +56,6 @@ __all__ = [
     "make_cohort",
     "make_dataloader",
     "open_store",
-    "preprocess",
     "preprocess_mri",
     "read_gdc_star_counts",
     "read_manifest",
