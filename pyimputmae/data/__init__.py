@@ -1,15 +1,14 @@
 """Data: the in-memory cohort, the synthetic demo cohort, real-data readers and the zarr store.
 
 Heavy readers (openslide, SimpleITK, zarr, pandas) are imported inside the functions that use them,
-so everything here imports with torch and numpy alone.
+so everything here imports with torch and numpy alone. ``preprocess()`` itself stays in
+:mod:`pyimputmae.data.preprocess`: exported here it would shadow that submodule.
 """
 
 from .cohort import Batch, Cohort
 from .manifest import Manifest, ManifestError, ManifestWarning, Source, read_manifest
 from .mri import MriConfig, MriError, preprocess_mri
 from .omics import OmicsConfig, OmicsError, apply_omics, fit_omics, read_gdc_star_counts
-# `preprocess` (the function) stays in its module: exported here it would shadow the submodule
-# pyimputmae.data.preprocess for `import pyimputmae.data.preprocess as ...`
 from .preprocess import PreprocessConfig, PreprocessReport, apply_preprocessing
 from .store import (
     StoreDataset,
