@@ -48,7 +48,7 @@ int main() {
 
   // select_keep: exactly K kept per present segment, missing segment fully hidden
   {
-    auto present = at::tensor({1, 1, 1, 0}, at::kBool).view({2, 2});
+    auto present = at::tensor({1, 1, 1, 0}).to(at::kBool).view({2, 2});
     auto rng = at::tensor({int64_t{7}, int64_t{3}});
     auto out = op("pyimputmae::select_keep")
                    .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, c10::IntArrayRef,
