@@ -23,7 +23,9 @@ if not HAS_CUDA:
                       "the triton backend may not run on CPU tensors", stacklevel=1)
     os.environ["TRITON_INTERPRET"] = "1"
 
-from op_testing import ALL_FAMILIES, BACKENDS, backend_skip_reason, extension_import_crash  # noqa: E402  (after TRITON_INTERPRET is set)
+from op_testing import ALL_FAMILIES, TEST_BACKENDS, backend_skip_reason, cuda_emu_ops, extension_import_crash  # noqa: E402  (after TRITON_INTERPRET is set)
+
+from pyimputmae import _backends  # noqa: E402
 
 # "cuda" only where there is a GPU, so that CPU runs do not list hundreds of skipped copies
 DEVICES = [pytest.param("cpu", id="cpu")]
@@ -43,7 +45,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_report_header(config: pytest.Config) -> list[str]:
     lines = []
     for dev in ["cpu"] + (["cuda"] if HAS_CUDA else []):
-        states = [f"{name}: {backend_skip_reason(name, torch.device(dev)) or 'runs'}" for name in BACKENDS]
+        states = [f"{name}: {backend_skip_reason(name, torch.device(dev)) or 'runs'}" for name in TEST_BACKENDS]
         lines.append(f"pyimputmae backends on {dev}: " + "; ".join(states))
     return lines
 
@@ -54,14 +56,21 @@ def device(request: pytest.FixtureRequest) -> torch.device:
     return torch.device(request.param)
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest, device: torch.device) -> str:
+@pytest.fixture(params=TEST_BACKENDS)
+def backend(request: pytest.FixtureRequest, device: torch.device, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every backend that runs the module's op families (``FAMILIES``) on ``device``; the others skip
-    with the reason (extension not built, kernel not written yet, no Triton interpreter...)."""
+    with the reason (extension not built, kernel not written yet, no Triton interpreter...).
+
+    ``cuda_emu`` runs the CUDA kernels under the host emulator: for the test's duration the "ext"
+    backend calls them instead of the C++ CPU kernels, so the test sees the name "ext".
+    """
     families = getattr(request.module, "FAMILIES", ALL_FAMILIES)
     reason = backend_skip_reason(request.param, device, families)
     if reason:
         pytest.skip(reason)
+    if request.param == "cuda_emu":
+        monkeypatch.setattr(_backends.module("ext"), "_ops", cuda_emu_ops())
+        return "ext"
     return request.param
 
 

@@ -10,12 +10,17 @@ import importlib.util
 import subprocess
 import sys
 from collections.abc import Iterable
+from pathlib import Path
+from types import ModuleType
 
 import torch
 
 from pyimputmae import _backends
 
 BACKENDS = ("reference", "ext", "triton")
+#: the backends the op tests run: the library's, plus "cuda_emu" = our CUDA kernels (csrc/cuda/)
+#: compiled as host C++ under the emulator in tests/cuda_emu/, run on CPU tensors as the "ext" backend
+TEST_BACKENDS = (*BACKENDS, "cuda_emu")
 
 # the kernel-level functions (docs/architecture.md) each op family needs from a backend
 FAMILY_FUNCTIONS = {
@@ -70,8 +75,32 @@ def extension_import_crash() -> str | None:
     return f"signal {-_EXTENSION_PROBE.returncode}: " + " | ".join(lines[:8])
 
 
+@functools.lru_cache(maxsize=1)
+def cuda_emu_build() -> ModuleType:
+    """tests/cuda_emu/build.py, which builds csrc/cuda/ for the host emulator (cached in build/cuda_emu)."""
+    path = Path(__file__).resolve().parent / "cuda_emu" / "build.py"
+    spec = importlib.util.spec_from_file_location("pyimputmae_tests_cuda_emu_build", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_emu_ops() -> object:
+    """``torch.ops.pyimputmae_cuda_emu``: our CUDA kernels, built and loaded once for the host emulator.
+
+    A build failure is an error, not a skip: wherever the real extension was built, this can be.
+    """
+    return cuda_emu_build().build()
+
+
 def backend_skip_reason(name: str, device: torch.device, families: Iterable[str] = ALL_FAMILIES) -> str | None:
     """Why backend ``name`` cannot run ``families`` on ``device`` here, or None when it can."""
+    if name == "cuda_emu":
+        if device.type != "cpu":
+            return "cuda_emu: the emulated CUDA kernels run on CPU tensors; on a GPU the real ones are tested"
+        reason = backend_skip_reason("ext", device, families)
+        return reason and f"cuda_emu needs the C++ extension for its CPU fallbacks and schemas; {reason}"
     if name == "ext" and extension_import_crash():
         return "ext: importing pyimputmae._C kills the process (test_backends.py shows why)"
     ok, why = _backends.availability(name, device)

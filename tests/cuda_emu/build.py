@@ -1,0 +1,153 @@
+"""Build csrc/cuda/*.cu as host C++ under the CUDA emulator (``emu_runtime.h``) and load it.
+
+The translation is textual and small: each ``kernel<<<grid, block[, shared, stream]>>>(args)``
+launch becomes ``::emu::launch("kernel", grid, block, shared, stream, &kernel, args)``,
+``is_cuda()`` device checks become ``is_cpu()`` (the emulated device's tensors live on the CPU),
+and the ``CUDA`` dispatch-key registrations become ``CPU`` ones. Everything else — launchers,
+grid arithmetic, vector-width choices, the kernels themselves — compiles unchanged. The library
+is built together with ``csrc/ops.cpp`` under the operator namespace ``pyimputmae_cuda_emu``, so it
+loads beside the real extension: ``torch.ops.pyimputmae_cuda_emu.<op>`` runs the CUDA code path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+NAMESPACE = "pyimputmae_cuda_emu"
+
+_LAUNCH_START = re.compile(r"<<<")
+
+
+def _match_backwards(text: str, end: int, open_ch: str, close_ch: str) -> int:
+    """Index of the ``open_ch`` that balances the ``close_ch`` at ``text[end]``."""
+    depth = 0
+    for i in range(end, -1, -1):
+        if text[i] == close_ch:
+            depth += 1
+        elif text[i] == open_ch:
+            depth -= 1
+            if depth == 0:
+                return i
+    raise ValueError(f"unbalanced {open_ch}{close_ch} before offset {end}")
+
+
+def _match_forwards(text: str, start: int, open_ch: str, close_ch: str) -> int:
+    """Index of the ``close_ch`` that balances the ``open_ch`` at ``text[start]``."""
+    depth = 0
+    for i in range(start, len(text)):
+        if text[i] == open_ch:
+            depth += 1
+        elif text[i] == close_ch:
+            depth -= 1
+            if depth == 0:
+                return i
+    raise ValueError(f"unbalanced {open_ch}{close_ch} after offset {start}")
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split ``a, f(b, c), d<e, f>`` at the commas outside brackets."""
+    parts, depth, last = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "([{<":
+            depth += 1
+        elif ch in ")]}>":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[last:i].strip())
+            last = i + 1
+    parts.append(text[last:].strip())
+    return parts
+
+
+def translate(source: str) -> str:
+    """The host-emulator C++ of one .cu file."""
+    out, pos = [], 0
+    for match in _LAUNCH_START.finditer(source):
+        if match.start() < pos:
+            continue
+        # the kernel expression: an identifier, optionally with <template arguments>
+        end = match.start() - 1
+        start = end
+        if source[end] == ">":
+            start = _match_backwards(source, end, "<", ">") - 1
+        while start >= 0 and (source[start].isalnum() or source[start] in "_:"):
+            start -= 1
+        kernel = source[start + 1:match.start()].strip()
+        config_end = source.index(">>>", match.end())
+        config = _split_top_level(source[match.end():config_end])
+        if not 2 <= len(config) <= 4:
+            raise ValueError(f"launch of {kernel}: cannot read the configuration {config}")
+        config += ["0", "nullptr"][len(config) - 2:]
+        args_open = source.index("(", config_end)
+        args_close = _match_forwards(source, args_open, "(", ")")
+        args = source[args_open + 1:args_close].strip()
+        out.append(source[pos:start + 1])
+        call_args = [f'"{kernel}"', *config, f"&{kernel}"] + ([args] if args else [])
+        out.append("::emu::launch(" + ", ".join(call_args) + ")")
+        pos = args_close + 1
+    out.append(source[pos:])
+    text = "".join(out)
+    text = text.replace(".is_cuda()", ".is_cpu()")
+    return re.sub(r"TORCH_LIBRARY_IMPL\((\w+),\s*CUDA,", r"TORCH_LIBRARY_IMPL(\1, CPU,", text)
+
+
+def build_directory() -> Path:
+    return Path(os.environ.get("PYIMPUTMAE_CUDA_EMU_BUILD", REPO / "build" / "cuda_emu"))
+
+
+def _compile(name: str, cuda_sources: list[Path], cpp_sources: list[Path], defines: list[str],
+             verbose: bool) -> None:
+    from torch.utils import cpp_extension
+
+    directory = build_directory() / name
+    sources_dir = directory / "sources"
+    sources_dir.mkdir(parents=True, exist_ok=True)
+    # the CUDA headers of csrc/include are translated too and found first (same names)
+    translated = [(cuh, sources_dir / cuh.name) for cuh in sorted((REPO / "csrc" / "include").glob("*.cuh"))]
+    translated += [(cu, sources_dir / f"{cu.stem}.emu.cpp") for cu in cuda_sources]
+    sources = [str(s) for s in cpp_sources]
+    for original, target in translated:
+        text = f'#line 1 "{original}"\n' + translate(original.read_text())
+        if not target.exists() or target.read_text() != text:  # keep ninja's timestamps when unchanged
+            target.write_text(text)
+        if target.suffix == ".cpp":
+            sources.append(str(target))
+    # PYIMPUTMAE_CUDA_EMU_SANITIZE=address builds with AddressSanitizer, which then catches the
+    # kernels' out-of-bounds accesses (run python with LD_PRELOAD=$(gcc -print-file-name=libasan.so))
+    sanitize = os.environ.get("PYIMPUTMAE_CUDA_EMU_SANITIZE", "")
+    sanitize_flags = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"] if sanitize else []
+    cpp_extension.load(
+        name=name,
+        sources=sources,
+        extra_cflags=["-O1" if sanitize else "-O2", "-g0", "-Wno-unknown-pragmas", *sanitize_flags, *defines,
+                      "-include", str(HERE / "emu_runtime.h")],
+        extra_ldflags=sanitize_flags,
+        extra_include_paths=[str(sources_dir), str(HERE / "include"), str(REPO / "csrc" / "include")],
+        build_directory=str(directory),
+        is_python_module=False,
+        with_cuda=False,
+        verbose=verbose,
+    )
+
+
+def build(verbose: bool = False) -> object:
+    """Compile (incrementally) and load csrc/cuda/ under the emulator; returns ``torch.ops.pyimputmae_cuda_emu``."""
+    _compile(NAMESPACE, sorted((REPO / "csrc" / "cuda").glob("*.cu")), [REPO / "csrc" / "ops.cpp"],
+             [f"-Dpyimputmae={NAMESPACE}"], verbose)
+    return getattr(torch.ops, NAMESPACE)
+
+
+def build_selftest(verbose: bool = False) -> object:
+    """The emulator's own test kernels (selftest.cu); returns ``torch.ops.cuda_emu_selftest``."""
+    _compile("cuda_emu_selftest", [HERE / "selftest.cu"], [], [], verbose)
+    return torch.ops.cuda_emu_selftest
+
+
+if __name__ == "__main__":
+    print("loaded", build(verbose=True), build_selftest(verbose=True))
