@@ -97,8 +97,8 @@ def cuda_emu_ops() -> object:
 def backend_skip_reason(name: str, device: torch.device, families: Iterable[str] = ALL_FAMILIES) -> str | None:
     """Why backend ``name`` cannot run ``families`` on ``device`` here, or None when it can."""
     if name == "cuda_emu":
-        if device.type != "cpu":
-            return "cuda_emu: the emulated CUDA kernels run on CPU tensors; on a GPU the real ones are tested"
+        if device.type != "cpu" or torch.cuda.is_available():
+            return "cuda_emu: a GPU machine tests the real CUDA kernels; the emulated ones are for machines without"
         reason = backend_skip_reason("ext", device, families)
         return reason and f"cuda_emu needs the C++ extension for its CPU fallbacks and schemas; {reason}"
     if name == "ext" and extension_import_crash():

@@ -4,7 +4,6 @@ scales the gradient saved by the forward (incoming gradient ≠ 1, repeated back
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 
@@ -13,10 +12,8 @@ import torch
 from op_testing import assert_bf16_no_worse_than_torch, assert_close, kernel_level_op
 
 from pyimputmae import _backends, masked_mse
+from pyimputmae.ops import _masked_mse as mse_ops
 from pyimputmae.reference import masked_mse_reference, mse_weights, patchify
-
-# the module, not the function of the same name that pyimputmae.ops re-exports
-mse_ops = importlib.import_module("pyimputmae.ops.masked_mse")
 
 FAMILIES = ("masked_mse",)
 

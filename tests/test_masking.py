@@ -18,7 +18,7 @@ from op_testing import assert_bf16_no_worse_than_torch, assert_close, kernel_lev
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pyimputmae import _backends, random_keep, random_masking, unshuffle_fill
-from pyimputmae.ops import masking as masking_ops
+from pyimputmae.ops import _masking as masking_ops
 from pyimputmae.reference import (
     gather_visible_reference,
     keep_counts,

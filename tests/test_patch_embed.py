@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 
@@ -12,10 +11,8 @@ from op_testing import assert_bf16_no_worse_than_torch, assert_close, kernel_lev
 from torch import nn
 
 from pyimputmae import patch_embed
+from pyimputmae.ops import _patch_embed as patch_ops
 from pyimputmae.reference import patch_embed_reference
-
-# the module, not the function of the same name that pyimputmae.ops re-exports
-patch_ops = importlib.import_module("pyimputmae.ops.patch_embed")
 
 FAMILIES = ("patch_embed",)
 
