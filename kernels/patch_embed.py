@@ -308,11 +308,18 @@ def _dot_mode(dtype: torch.dtype) -> tuple[int, str]:
 
 
 def _gemm_config(dtype: torch.dtype) -> dict:
-    """Fixed tiles: small ones for the interpreter and for fp64 outer products; H100/H200 ones else."""
+    """Fixed tiles: small ones for the interpreter and for fp64 outer products; H100/H200 ones else.
+
+    fp32 (tf32x3: three tensor-core products per tile, two fp32 operand copies) gets 128 × 64 × 32
+    tiles: the 16-bit tile below spills up to 156 bytes per thread there, this one none, and needs
+    64 KiB of shared memory instead of 192 (``tools/triton_compile_check.py`` reports both).
+    """
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
     if dtype == torch.float64:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=8, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 
 

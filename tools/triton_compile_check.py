@@ -7,7 +7,9 @@ The real launchers (``pyimputmae.kernels``) run on ``meta`` tensors of the bench
 arguments, grid and options, bound and specialized by Triton's own launch code for the target
 (``GPUTarget("cuda", arch, 32)``), and compiled with ``triton.compile(ASTSource(...))`` down to a
 cubin (ptxas ships inside triton). One line per distinct kernel configuration: ``ok`` with the
-shared memory it needs, or the error. Exit status 1 when any fails. Works with triton 3.6 and 3.8.
+shared memory it needs, the registers and spill bytes ``ptxas -v`` reports, and whether it uses
+tensor cores (``wgmma`` / ``mma``) and asynchronous copies (``cp.async`` / ``tma``); or the error.
+Exit status 1 when any fails. Works with triton 3.6 and 3.8.
 
 Shapes (``--size large``, those of ``tools/bench.py --size large``): masked MSE pred
 ``(32, 512, 2048)`` on x ``(32, 4, 64, 64, 64)``, p = 8 (with and without norm_pix); masking
@@ -20,7 +22,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -144,7 +149,36 @@ def compile_launch(launch: Launch, target: GPUTarget, backend, seen: set) -> tup
         return label, f"ERROR needs {shared} bytes of shared memory, sm_{target.arch} has {limit} ({took:.1f}s)"
     if "cubin" not in compiled.asm:
         return label, f"ERROR no cubin produced ({took:.1f}s)"
-    return label, f"ok shared={shared} ({took:.1f}s)"
+    return label, f"ok shared={shared} {machine_code_report(compiled.asm['ptx'], target.arch)} ({took:.1f}s)"
+
+
+#: what the PTX of a kernel uses, as the words of the report: tensor cores and asynchronous copies
+PTX_FEATURES = (("wgmma", "wgmma.mma_async"), ("mma", "mma.sync"), ("tma", "cp.async.bulk.tensor"),
+                ("cp.async", "cp.async.cg"), ("cp.async", "cp.async.ca"))
+
+
+def machine_code_report(ptx: str, arch: int) -> str:
+    """``regs=N spills=S uses=wgmma,cp.async``: registers and spill bytes from ``ptxas -v`` on the
+    kernel's PTX (the figures the GPU would report), and the instruction families it uses."""
+    uses = sorted({word for word, needle in PTX_FEATURES if needle in ptx})
+    if "wgmma" in uses and "mma" in uses and "mma.sync" not in ptx.replace("wgmma.mma_async", ""):
+        uses.remove("mma")
+    words = [f"uses={','.join(uses) or 'none'}"]
+    try:
+        ptxas = triton.knobs.nvidia.ptxas.path
+        suffix = "a" if arch >= 90 else ""
+        with tempfile.TemporaryDirectory() as tmp:
+            src = Path(tmp) / "kernel.ptx"
+            src.write_text(ptx)
+            out = subprocess.run([ptxas, f"-arch=sm_{arch}{suffix}", "-v", str(src), "-o", str(Path(tmp) / "k.cubin")],
+                                 capture_output=True, text=True, timeout=120)
+        info = out.stderr + out.stdout
+        regs = re.search(r"Used (\d+) registers", info)
+        spills = re.findall(r"(\d+) bytes spill stores", info)
+        words.insert(0, f"regs={regs.group(1) if regs else '?'} spills={max(map(int, spills), default=0)}")
+    except Exception as err:  # the report is informative; compiling already succeeded
+        words.insert(0, f"regs=? ({type(err).__name__})")
+    return " ".join(words)
 
 
 def main(argv: list[str] | None = None) -> int:
