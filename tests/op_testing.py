@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import subprocess
 import sys
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -37,6 +39,25 @@ TOLERANCES = {
     torch.float32: (1e-5, 1e-5),
     torch.bfloat16: (2e-2, 2e-2),
 }
+
+
+@dataclass(frozen=True)
+class PatchInput:
+    """The shape of a patch op's raw input ``x: (batch, channels, *spatial)`` cut into patches of
+    ``patch`` per axis: ``tokens`` = L patches of ``features`` = C·p^k values."""
+
+    batch: int
+    channels: int
+    spatial: tuple[int, ...]
+    patch: int
+
+    @property
+    def tokens(self) -> int:
+        return math.prod(s // self.patch for s in self.spatial)
+
+    @property
+    def features(self) -> int:
+        return self.channels * self.patch ** len(self.spatial)
 
 
 def has_kernel(qualname: str, key: str) -> bool:

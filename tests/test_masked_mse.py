@@ -4,12 +4,9 @@ scales the gradient saved by the forward (incoming gradient ≠ 1, repeated back
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import pytest
 import torch
-from op_testing import assert_bf16_no_worse_than_torch, assert_close, kernel_level_op
+from op_testing import PatchInput, assert_bf16_no_worse_than_torch, assert_close, kernel_level_op
 
 from pyimputmae import _backends, masked_mse
 from pyimputmae.ops import _masked_mse as mse_ops
@@ -17,35 +14,18 @@ from pyimputmae.reference import masked_mse_reference, mse_weights, patchify
 
 FAMILIES = ("masked_mse",)
 
-
-@dataclass(frozen=True)
-class MseCase:
-    batch: int
-    channels: int
-    spatial: tuple[int, ...]
-    patch: int
-
-    @property
-    def tokens(self) -> int:
-        return math.prod(s // self.patch for s in self.spatial)
-
-    @property
-    def features(self) -> int:
-        return self.channels * self.patch ** len(self.spatial)
-
-
 CASES = {
-    "1d": MseCase(3, 1, (40,), 8),  # L = 5, P = 8
-    "1d_b1_c2": MseCase(1, 2, (36,), 6),  # L = 6, P = 12
-    "2d_c3": MseCase(2, 3, (8, 12), 4),  # L = 6, P = 48
-    "2d_p5": MseCase(3, 1, (10, 15), 5),  # L = 6, P = 25
-    "3d_c2": MseCase(2, 2, (4, 4, 6), 2),  # L = 12, P = 16
+    "1d": PatchInput(3, 1, (40,), 8),  # L = 5, P = 8
+    "1d_b1_c2": PatchInput(1, 2, (36,), 6),  # L = 6, P = 12
+    "2d_c3": PatchInput(2, 3, (8, 12), 4),  # L = 6, P = 48
+    "2d_p5": PatchInput(3, 1, (10, 15), 5),  # L = 6, P = 25
+    "3d_c2": PatchInput(2, 2, (4, 4, 6), 2),  # L = 12, P = 16
 }
 NORM_PIX = [pytest.param(False, id="raw"), pytest.param(True, id="norm_pix")]
 FP = [pytest.param(torch.float64, id="fp64"), pytest.param(torch.float32, id="fp32")]
 
 
-def make_inputs(case: MseCase, dtype: torch.dtype, device: torch.device, x_dtype: torch.dtype | None = None):
+def make_inputs(case: PatchInput, dtype: torch.dtype, device: torch.device, x_dtype: torch.dtype | None = None):
     """pred, x, mask (bool, about half hidden) and present (last row absent when B > 1)."""
     x = torch.randn(case.batch, case.channels, *case.spatial).to(device, x_dtype or dtype)
     pred = torch.randn(case.batch, case.tokens, case.features).to(device, dtype)
@@ -176,7 +156,7 @@ def test_repeated_backward_with_different_scales_gives_each_its_own_gradient(bac
 
 @pytest.mark.parametrize("norm_pix", NORM_PIX)
 def test_gradcheck_fp64_wrt_pred(backend, device, norm_pix):
-    c = MseCase(2, 1, (8,), 4)
+    c = PatchInput(2, 1, (8,), 4)
     pred, x, _, present = make_inputs(c, torch.float64, device)
     mask = torch.tensor([[True, False], [True, True]], device=device)
     present = torch.ones_like(present)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from op_testing import assert_bf16_no_worse_than_torch, assert_close, kernel_level_op
+from op_testing import PatchInput, assert_bf16_no_worse_than_torch, assert_close, kernel_level_op
 from torch import nn
 
 from pyimputmae import patch_embed
@@ -18,20 +18,8 @@ FAMILIES = ("patch_embed",)
 
 
 @dataclass(frozen=True)
-class PatchCase:
-    batch: int
-    channels: int
-    spatial: tuple[int, ...]
-    patch: int
-    embed: int
-
-    @property
-    def tokens(self) -> int:
-        return math.prod(s // self.patch for s in self.spatial)
-
-    @property
-    def features(self) -> int:
-        return self.channels * self.patch ** len(self.spatial)
+class PatchCase(PatchInput):
+    embed: int  # E
 
 
 # token counts 6, 4, 6, 15, 16, 12 and widths that are no multiple of a typical block size

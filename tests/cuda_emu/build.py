@@ -24,30 +24,22 @@ NAMESPACE = "pyimputmae_cuda_emu"
 _LAUNCH_START = re.compile(r"<<<")
 
 
-def _match_backwards(text: str, end: int, open_ch: str, close_ch: str) -> int:
-    """Index of the ``open_ch`` that balances the ``close_ch`` at ``text[end]``."""
+def _matching(text: str, index: int) -> int:
+    """Index of the bracket that balances the one at ``text[index]`` (``(`` or ``)``, ``<`` or ``>``),
+    scanning forwards from an opening one, backwards from a closing one."""
+    pairs = {"(": ")", "<": ">"}
+    opening = text[index] in pairs
+    own = text[index]
+    other = pairs[own] if opening else next(o for o, c in pairs.items() if c == own)
+    step = 1 if opening else -1
     depth = 0
-    for i in range(end, -1, -1):
-        if text[i] == close_ch:
-            depth += 1
-        elif text[i] == open_ch:
-            depth -= 1
-            if depth == 0:
-                return i
-    raise ValueError(f"unbalanced {open_ch}{close_ch} before offset {end}")
-
-
-def _match_forwards(text: str, start: int, open_ch: str, close_ch: str) -> int:
-    """Index of the ``close_ch`` that balances the ``open_ch`` at ``text[start]``."""
-    depth = 0
-    for i in range(start, len(text)):
-        if text[i] == open_ch:
-            depth += 1
-        elif text[i] == close_ch:
-            depth -= 1
-            if depth == 0:
-                return i
-    raise ValueError(f"unbalanced {open_ch}{close_ch} after offset {start}")
+    i = index
+    while 0 <= i < len(text):
+        depth += (text[i] == own) - (text[i] == other)
+        if depth == 0:
+            return i
+        i += step
+    raise ValueError(f"unbalanced {own!r} at offset {index}")
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -75,7 +67,7 @@ def translate(source: str) -> str:
         end = match.start() - 1
         start = end
         if source[end] == ">":
-            start = _match_backwards(source, end, "<", ">") - 1
+            start = _matching(source, end) - 1
         while start >= 0 and (source[start].isalnum() or source[start] in "_:"):
             start -= 1
         kernel = source[start + 1:match.start()].strip()
@@ -85,7 +77,7 @@ def translate(source: str) -> str:
             raise ValueError(f"launch of {kernel}: cannot read the configuration {config}")
         config += ["0", "nullptr"][len(config) - 2:]
         args_open = source.index("(", config_end)
-        args_close = _match_forwards(source, args_open, "(", ")")
+        args_close = _matching(source, args_open)
         args = source[args_open + 1:args_close].strip()
         out.append(source[pos:start + 1])
         call_args = [f'"{kernel}"', *config, f"&{kernel}"] + ([args] if args else [])
