@@ -80,6 +80,18 @@ def patch_feature_offsets(f, D, H, W, PD: tl.constexpr, PH: tl.constexpr, PW: tl
 
 
 @triton.jit
+def row_patches(r, r_ok, N, keep_ptr, HAS_KEEP: tl.constexpr):
+    """Rows ``r = b·N + m`` of the embedded matrix → ``(b, g)``: batch item and the patch it embeds,
+    ``keep[b, m]`` with ``keep``, else ``m``."""
+    b = r // N
+    if HAS_KEEP:
+        g = tl.load(keep_ptr + r, mask=r_ok, other=0)
+    else:
+        g = r - b * N
+    return b, g
+
+
+@triton.jit
 def _mma(acc, a, b, DOT: tl.constexpr, PRECISION: tl.constexpr):
     """acc += a @ b on tensor cores: in the input dtype (DOT 0) or in fp32 (DOT 1)."""
     if DOT == 1:
@@ -113,11 +125,7 @@ def _patch_embed_fwd_kernel(
     e = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     r_ok = r < rows
     e_ok = e < E
-    b = r // N
-    if HAS_KEEP:
-        g = tl.load(keep_ptr + r, mask=r_ok, other=0)
-    else:
-        g = r - b * N
+    b, g = row_patches(r, r_ok, N, keep_ptr, HAS_KEEP)
     row_off = tl.multiple_of(patch_row_offsets(b, g, sample, H, W, GH, GW, PD, PH, PW), VEC)
     if DOT == 2:
         # fp64: outer products, one feature at a time (tl.dot has no fp64 tensor-core path)
@@ -170,11 +178,7 @@ def _patch_embed_grad_x_kernel(
     f = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     r_ok = r < rows
     f_ok = f < F
-    b = r // N
-    if HAS_KEEP:
-        g = tl.load(keep_ptr + r, mask=r_ok, other=0)
-    else:
-        g = r - b * N
+    b, g = row_patches(r, r_ok, N, keep_ptr, HAS_KEEP)
     if DOT == 2:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float64)
         for k in range(0, loop_bound(E)):
@@ -236,11 +240,7 @@ def _patch_embed_grad_w_kernel(
         for r0 in range(loop_bound(first), loop_bound(last), BLOCK_K):
             r = r0 + tl.arange(0, BLOCK_K)
             r_ok = r < last
-            b = r // N
-            if HAS_KEEP:
-                g = tl.load(keep_ptr + r, mask=r_ok, other=0)
-            else:
-                g = r - b * N
+            b, g = row_patches(r, r_ok, N, keep_ptr, HAS_KEEP)
             row_off = tl.multiple_of(patch_row_offsets(b, g, sample, H, W, GH, GW, PD, PH, PW), VEC)
             go_t = tl.load(gout_ptr + r[None, :] * E + e[:, None], mask=e_ok[:, None] & r_ok[None, :], other=0.0)
             a = tl.load(x_ptr + row_off[:, None] + feat[None, :], mask=r_ok[:, None] & f_ok[None, :], other=0.0)
