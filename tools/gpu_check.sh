@@ -2,13 +2,17 @@
 # Checks for a fresh GPU machine (H100/H200; torch, triton, nvcc, ncu there; no network).
 #
 #   tools/gpu_check.sh OUTDIR [stages...]        default stages: env build test bench
+#                                               (others: e2e, sanitize)
 #
 #   env    nvidia-smi, python/torch/triton/nvcc versions              -> OUTDIR/env.txt
 #   build  pip install --no-build-isolation --no-deps -e .            -> stage1_build.log, build_time.txt, info.txt
 #          (MAX_JOBS=16, TORCH_CUDA_ARCH_LIST=9.0); on failure a pure-Python install (PYIMPUTMAE_NO_EXT=1)
 #          so that the Triton backend can still be tested and timed
 #   test   the op tests on the GPU, -m "not slow" -k "not synthetic"  -> stage1_test.log, junit_ops.xml
-#          (only the Triton cases, with PYIMPUTMAE_NO_EXT=1, when the extension does not load)
+#          (only the Triton cases, with PYIMPUTMAE_NO_EXT=1, when the extension does not load), then
+#          tools/cuda_kernel_check.py: every CUDA code path once     -> stage1_kernel_check.log
+#   sanitize  tools/cuda_kernel_check.py under compute-sanitizer memcheck, racecheck and synccheck
+#          (not a default stage; ~1 minute each)                     -> stage4_sanitize_<tool>.log
 #   bench  tools/bench.py --device cuda --quick, size large then paper -> bench_large.json, bench_paper.json
 #   e2e    tools/e2e_step.py (pre-training step) and the plain-PyTorch anchor
 #          ref_step_bench.py                                         -> e2e.json, ref_step.json
@@ -21,7 +25,8 @@
 #
 # Knobs (environment): PYTHON (python3), GPU_CHECK_BUDGET_S (570: the whole script), BUILD_TIMEOUT_S
 # (240), TEST_TIMEOUT_S (180), BENCH_LARGE_TIMEOUT_S (180), BENCH_PAPER_TIMEOUT_S (150),
-# E2E_TIMEOUT_S (360), REF_STEP_TIMEOUT_S (180), GPU_CHECK_FORCE=1 (run the GPU stages without a visible GPU).
+# E2E_TIMEOUT_S (360), REF_STEP_TIMEOUT_S (180), SANITIZE_TIMEOUT_S (150 per tool), GPU_CHECK_FORCE=1 (run
+# the GPU stages without a visible GPU).
 
 set -u
 set -o pipefail
@@ -166,11 +171,31 @@ stage_test() {
   local log="$OUT/stage1_test.log"
   if ext_loads; then
     run_step test "${TEST_TIMEOUT_S:-180}" "$log" "$PY" -m pytest "${files[@]}" "${args[@]}" -k "not synthetic"
+    run_step kernel-check 120 "$OUT/stage1_kernel_check.log" "$PY" tools/cuda_kernel_check.py
   else
     echo "the extension does not load: only the Triton tests, with PYIMPUTMAE_NO_EXT=1" | tee -a "$log"
     run_step test-triton-only "${TEST_TIMEOUT_S:-180}" "$log" \
       env PYIMPUTMAE_NO_EXT=1 "$PY" -m pytest "${files[@]}" "${args[@]}" -k "not synthetic and triton"
   fi
+}
+
+stage_sanitize() {
+  local sanitizer tool
+  sanitizer=$(command -v compute-sanitizer || true)
+  [[ -z $sanitizer && -n ${CUDA_HOME:-} && -x $CUDA_HOME/bin/compute-sanitizer ]] && sanitizer=$CUDA_HOME/bin/compute-sanitizer
+  [[ -z $sanitizer && -x /usr/local/cuda/bin/compute-sanitizer ]] && sanitizer=/usr/local/cuda/bin/compute-sanitizer
+  if [[ -z $sanitizer ]]; then
+    skip sanitize "compute-sanitizer not found (PATH, \$CUDA_HOME/bin, /usr/local/cuda/bin)"
+    return
+  fi
+  if ! ext_loads; then
+    skip sanitize "the extension does not load"
+    return
+  fi
+  for tool in memcheck racecheck synccheck; do
+    run_step "sanitize-$tool" "${SANITIZE_TIMEOUT_S:-150}" "$OUT/stage4_sanitize_$tool.log" \
+      "$sanitizer" --tool "$tool" --error-exitcode 9 "$PY" tools/cuda_kernel_check.py
+  done
 }
 
 stage_bench() {
@@ -219,14 +244,14 @@ echo "gpu_check: stages ${STAGES[*]} -> $OUT (budget ${BUDGET}s)"
 for stage in "${STAGES[@]}"; do
   case $stage in
     env) stage_env ;;
-    build | test | bench | e2e)
+    build | test | bench | e2e | sanitize)
       if [[ $HAVE_GPU != 1 ]]; then
         skip "$stage" "no GPU ($GPU_WHY); GPU_CHECK_FORCE=1 runs it anyway"
       else
         "stage_$stage"
       fi
       ;;
-    *) skip "$stage" "unknown stage (env build test bench e2e)" ;;
+    *) skip "$stage" "unknown stage (env build test bench e2e sanitize)" ;;
   esac
 done
 
