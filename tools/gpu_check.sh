@@ -8,9 +8,9 @@
 #   build  pip install --no-build-isolation --no-deps -e .            -> stage1_build.log, build_time.txt, info.txt
 #          (MAX_JOBS=16, TORCH_CUDA_ARCH_LIST=9.0); on failure a pure-Python install (PYIMPUTMAE_NO_EXT=1)
 #          so that the Triton backend can still be tested and timed
-#   test   the op tests on the GPU, -m "not slow" -k "not synthetic"  -> stage1_test.log, junit_ops.xml
-#          (only the Triton cases, with PYIMPUTMAE_NO_EXT=1, when the extension does not load), then
-#          tools/cuda_kernel_check.py: every CUDA code path once     -> stage1_kernel_check.log
+#   test   tools/cuda_kernel_check.py: every CUDA code path once     -> stage1_kernel_check.log
+#          then the op tests' GPU cases, -m "gpu and not slow"       -> stage1_test.log, junit_ops.xml
+#          (only the Triton cases, with PYIMPUTMAE_NO_EXT=1, when the extension does not load)
 #   sanitize  tools/cuda_kernel_check.py under compute-sanitizer memcheck, racecheck and synccheck
 #          (not a default stage; ~1 minute each)                     -> stage4_sanitize_<tool>.log
 #   bench  tools/bench.py --device cuda --quick, size large then paper -> bench_large.json, bench_paper.json
@@ -166,12 +166,15 @@ stage_test() {
     skip test "none of ${OP_TESTS[*]} exists yet"
     return
   fi
-  local args=(-x -q -m "not slow" -p no:cacheprovider --junitxml="$OUT/junit_ops.xml")
+  # only the GPU cases (device "cuda" and the tests marked gpu): CI checks the CPU ones on every run.
+  # -v: a run cut short by its timeout still names every test it finished in the log
+  local args=(-v -rfE --maxfail=25 -m "gpu and not slow" -p no:cacheprovider --junitxml="$OUT/junit_ops.xml")
   "$PY" -c "import pytest_timeout" >/dev/null 2>&1 && args+=(--timeout 120)
   local log="$OUT/stage1_test.log"
   if ext_loads; then
-    run_step test "${TEST_TIMEOUT_S:-180}" "$log" "$PY" -m pytest "${files[@]}" "${args[@]}" -k "not synthetic"
+    # first: every CUDA code path once (seconds), so its verdict exists even if the suite overruns
     run_step kernel-check 120 "$OUT/stage1_kernel_check.log" "$PY" tools/cuda_kernel_check.py
+    run_step test "${TEST_TIMEOUT_S:-180}" "$log" "$PY" -m pytest "${files[@]}" "${args[@]}" -k "not synthetic"
   else
     echo "the extension does not load: only the Triton tests, with PYIMPUTMAE_NO_EXT=1" | tee -a "$log"
     run_step test-triton-only "${TEST_TIMEOUT_S:-180}" "$log" \
