@@ -322,3 +322,18 @@ def test_e2e_benchmark_dry_runs_on_cpu(tmp_path):
     result = json.loads(out.read_text())
     eager = result["ours"]["eager"]
     assert eager["patients_per_s"] > 0 and eager["step_ms"] > 0 and result["reference"] is None
+
+
+def test_saved_activation_report_counts_both_models(capsys):
+    """tools/saved_activations.py: ours and the anchor's model (when ../shared is beside the checkout)
+    at batch 2, each with a positive figure; the anchor's figure is larger, as at batch 96."""
+    spec = importlib.util.spec_from_file_location("saved_activations", ROOT / "tools" / "saved_activations.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--device", "cpu", "--batch", "2"]) == 0
+    lines = {line.split(" saved ")[0].strip(): float(line.split(" saved ")[1].split()[0])
+             for line in capsys.readouterr().out.splitlines() if " saved " in line}
+    ours = lines["ours (ImputeMAE, paper config)"]
+    assert ours > 0
+    if tool.DEFAULT_REF.exists():
+        assert lines["anchor (ref_step_bench.py Ref)"] > ours
