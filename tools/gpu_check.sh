@@ -16,6 +16,7 @@
 #   bench  tools/bench.py --device cuda --quick, size large then paper -> bench_large.json, bench_paper.json
 #   e2e    tools/e2e_step.py (pre-training step) and the plain-PyTorch anchor
 #          ref_step_bench.py                                         -> e2e.json, ref_step.json
+#          and tools/saved_activations.py (activation memory, both)  -> stage3_activations.log
 #          (the anchor is looked for in ../shared/anchors, then shared/anchors in the repo; e2e_step.py
 #          runs it in the same call and ref_step.json is taken from e2e.json, else it runs on its own)
 #
@@ -224,6 +225,11 @@ stage_e2e() {
     run_step e2e "$limit" "$OUT/stage3_e2e.log" "$PY" tools/e2e_step.py "${args[@]}"
   else
     skip e2e "tools/e2e_step.py does not exist yet"
+  fi
+  # what each model keeps for backward: the part of the peak memory the model decides
+  if [[ -n $anchor ]]; then
+    run_step activations 90 "$OUT/stage3_activations.log" \
+      "$PY" tools/saved_activations.py --device cuda --batch 96 --ref "$anchor" --top 10
   fi
   # ref_step.json: the anchor's result as e2e_step.py measured it, else a run of its own
   if [[ -f $OUT/e2e.json ]] && "$PY" - "$OUT/e2e.json" "$OUT/ref_step.json" <<'PYEOF'; then
