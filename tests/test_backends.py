@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
 from op_testing import ALL_FAMILIES, BACKENDS, backend_skip_reason, extension_import_crash
 
 from pyimputmae import _backends
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_extension_import_does_not_kill_the_process():
@@ -35,3 +38,29 @@ def test_auto_backend_is_one_that_runs(family, device):
 def test_unknown_backend_name_is_rejected():
     with pytest.raises(ValueError, match="unknown backend 'fortran'"):
         _backends.resolve("masking", torch.device("cpu"), "fortran")
+
+
+def test_gpu_validated_reads_which_pairs_passed_on_the_gpu(tmp_path, capsys):
+    """tools/gpu_validated.py: a (backend, family) pair is validated only when its CUDA cases passed,
+    none failed and, for ext, the kernel check of the family passed; CPU cases do not count."""
+    spec = importlib.util.spec_from_file_location("gpu_validated", ROOT / "tools" / "gpu_validated.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    cases = [
+        ("tests.test_masking", "test_a[ext-cuda-x]", ""),
+        ("tests.test_masking", "test_a[triton-cuda-x]", "<failure message='boom'/>"),
+        ("tests.test_masked_mse", "test_b[ext-cuda]", ""),
+        ("tests.test_masked_mse", "test_b[triton-cuda]", ""),
+        ("tests.test_patch_embed", "test_c[triton-cuda]", "<skipped/>"),
+        ("tests.test_patch_embed", "test_c[triton-cpu]", ""),  # a CPU case: not evidence
+        ("tests.test_compile", "test_d[ext-cuda]", ""),  # every family
+    ]
+    (tmp_path / "junit_ops.xml").write_text(
+        "<testsuites><testsuite>" + "".join(f'<testcase classname="{c}" name="{n}">{body}</testcase>'
+                                           for c, n, body in cases) + "</testsuite></testsuites>")
+    (tmp_path / "stage1_kernel_check.log").write_text(
+        "select_keep/long                   ok (0.1s)\nmasked_mse/fp32_raw                ok (0.1s)\n"
+        "patch_embed/3d_fp32_16B_all        FAIL AssertionError: out (0.2s)\n")
+    assert tool.main([str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert 'GPU_VALIDATED = frozenset({("ext", "masking"), ("ext", "masked_mse"), ("triton", "masked_mse")})' in out

@@ -10,6 +10,7 @@
 #          so that the Triton backend can still be tested and timed
 #   test   tools/cuda_kernel_check.py: every CUDA code path once     -> stage1_kernel_check.log
 #          then the op tests' GPU cases, -m "gpu and not slow"       -> stage1_test.log, junit_ops.xml
+#          and the pairs they validated (tools/gpu_validated.py)    -> validated.txt
 #          (only the Triton cases, with PYIMPUTMAE_NO_EXT=1, when the extension does not load)
 #   sanitize  tools/cuda_kernel_check.py under compute-sanitizer memcheck, racecheck and synccheck
 #          (not a default stage; ~1 minute each)                     -> stage4_sanitize_<tool>.log
@@ -280,5 +281,10 @@ for s in (r for r in data["records"] if r.get("summary")):
           + (f"  vs conv {fmt(s.get('speedup_vs_conv'))}" if "speedup_vs_conv" in s else ""))
 PYEOF
 done
+if [[ -f $OUT/junit_ops.xml || -f $OUT/stage1_kernel_check.log ]]; then
+  echo
+  echo "== which (backend, family) pairs this run validated (tools/gpu_validated.py)"
+  "$PY" tools/gpu_validated.py "$OUT" | tee "$OUT/validated.txt"
+fi
 # 1 when a stage failed or ran out of time (the others still ran and left their files)
 ! cut -f2 "$SUMMARY" | grep -q -e '^FAIL' -e '^TIMEOUT'

@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Which (backend, op family) pairs a GPU run validated, from the files ``tools/gpu_check.sh`` wrote.
+
+    python tools/gpu_validated.py OUTDIR
+
+Reads ``OUTDIR/junit_ops.xml`` (the op tests' GPU cases) and ``OUTDIR/stage1_kernel_check.log``
+(``tools/cuda_kernel_check.py``: every CUDA code path once). A pair is validated when at least one
+of its CUDA test cases passed and none failed; for ``ext`` also every kernel-check case of the
+family passed. Cases of ``tests/test_compile.py`` exercise every family at once, so they count for
+each. Prints one line per pair and the set to put into ``pyimputmae._backends.GPU_VALIDATED``.
+Exit status 1 when a case failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+FAMILIES = ("patch_embed", "masking", "masked_mse")
+BACKENDS = ("ext", "triton")
+#: test module → the op family its cases exercise (None: every family)
+MODULE_FAMILY = {"test_patch_embed": "patch_embed", "test_masking": "masking", "test_masked_mse": "masked_mse",
+                 "test_philox": "masking", "test_compile": None}
+#: tools/cuda_kernel_check.py case prefix → family
+CHECK_FAMILY = {"select_keep": "masking", "row_moves": "masking", "hidden_sum": "masking",
+                "masked_mse": "masked_mse", "scale_grad": "masked_mse", "patch_embed": "patch_embed"}
+
+
+def junit_outcomes(path: Path) -> collections.Counter:
+    """(backend, family, outcome) → count over the CUDA cases of the op tests."""
+    counts: collections.Counter = collections.Counter()
+    for case in ET.parse(path).getroot().iter("testcase"):
+        module = case.get("classname", "").rsplit(".", 1)[-1]
+        if module not in MODULE_FAMILY:
+            continue
+        params = re.search(r"\[(.*)\]$", case.get("name", ""))
+        ids = params.group(1).split("-") if params else []
+        if "cuda" not in ids:
+            continue
+        backend = next((b for b in BACKENDS if b in ids), None)
+        if backend is None:
+            continue
+        tags = {child.tag for child in case}
+        outcome = "failed" if tags & {"failure", "error"} else "skipped" if "skipped" in tags else "passed"
+        for family in [MODULE_FAMILY[module]] if MODULE_FAMILY[module] else FAMILIES:
+            counts[(backend, family, outcome)] += 1
+    return counts
+
+
+def kernel_check_outcomes(path: Path) -> collections.Counter:
+    """(family, outcome) → count over the cases of the kernel check's log."""
+    counts: collections.Counter = collections.Counter()
+    for line in path.read_text().splitlines():
+        match = re.match(r"^(\w+)/\S+\s+(ok|FAIL)\b", line)
+        if match and match.group(1) in CHECK_FAMILY:
+            counts[(CHECK_FAMILY[match.group(1)], "passed" if match.group(2) == "ok" else "failed")] += 1
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("outdir", type=Path)
+    opts = parser.parse_args(argv)
+    junit, check_log = opts.outdir / "junit_ops.xml", opts.outdir / "stage1_kernel_check.log"
+    tests = junit_outcomes(junit) if junit.exists() else collections.Counter()
+    checks = kernel_check_outcomes(check_log) if check_log.exists() else collections.Counter()
+    if not junit.exists():
+        print(f"no {junit}: the op tests did not finish (their log may say how far they got)")
+    if not check_log.exists():
+        print(f"no {check_log}: the CUDA kernel check did not run")
+    validated, any_failed = [], False
+    for backend in BACKENDS:
+        for family in FAMILIES:
+            passed, failed, skipped = (tests[(backend, family, o)] for o in ("passed", "failed", "skipped"))
+            line = f"{backend:7s} {family:12s} tests: {passed} passed, {failed} failed, {skipped} skipped"
+            ok = passed > 0 and failed == 0
+            if backend == "ext":
+                c_ok, c_fail = checks[(family, "passed")], checks[(family, "failed")]
+                line += f"; kernel check: {c_ok} ok, {c_fail} failed"
+                ok = ok and c_ok > 0 and c_fail == 0
+                failed += c_fail
+            any_failed |= failed > 0
+            print(f"{line}  -> {'VALIDATED' if ok else 'not validated'}")
+            if ok:
+                validated.append((backend, family))
+    print("GPU_VALIDATED = frozenset({" + ", ".join(f'("{b}", "{f}")' for b, f in validated) + "})")
+    return 1 if any_failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
