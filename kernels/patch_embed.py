@@ -151,7 +151,8 @@ def _patch_embed_fwd_kernel(
                 f_ok = (k0 + t) < F
                 a = tl.load(a_src, mask=r_ok[:, None] & f_ok[None, :], other=0.0)
                 wt = tl.load(w_ptrs + k0, mask=f_ok[:, None] & e_ok[None, :], other=0.0)
-            acc = _mma(acc, a, wt, DOT, PRECISION)
+            # x may be wider than the weight (fp32 input, bf16 weight): round the patches to its dtype
+            acc = _mma(acc, cast_rn(a, w_ptr.dtype.element_ty), wt, DOT, PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + e, mask=e_ok, other=0.0).to(acc.dtype)[None, :]
     if HAS_POS:
@@ -244,7 +245,7 @@ def _patch_embed_grad_w_kernel(
             row_off = tl.multiple_of(patch_row_offsets(b, g, sample, H, W, GH, GW, PD, PH, PW), VEC)
             go_t = tl.load(gout_ptr + r[None, :] * E + e[:, None], mask=e_ok[:, None] & r_ok[None, :], other=0.0)
             a = tl.load(x_ptr + row_off[:, None] + feat[None, :], mask=r_ok[:, None] & f_ok[None, :], other=0.0)
-            acc = _mma(acc, go_t, a, DOT, PRECISION)
+            acc = _mma(acc, go_t, cast_rn(a, gout_ptr.dtype.element_ty), DOT, PRECISION)
     tl.store(gw_ptr + split * E * F + e[:, None].to(tl.int64) * F + f[None, :], cast_rn(acc, gw_ptr.dtype.element_ty),
              mask=e_ok[:, None] & f_ok[None, :])
 
@@ -347,7 +348,8 @@ def patch_embed_forward(
     patch: int,
 ) -> torch.Tensor:
     """x: ``(B, C, *S)``; weight: ``(E, C·p^k)``; bias: ``(E,)``; pos: ``(L, E)``; keep: ``(B, K)`` int64
-    → ``(B, L or K, E)`` in x's dtype, fp32 accumulation (fp64 for fp64)."""
+    → ``(B, L or K, E)`` in weight's dtype (bias and pos share it; x may be wider, its patches are
+    rounded to it as they are read), fp32 accumulation (fp64 for fp64)."""
     geo = patch_geometry(x, patch)
     E, F = weight.shape
     if F != geo["F"]:
@@ -355,20 +357,20 @@ def patch_embed_forward(
                          f"got {tuple(weight.shape)}")
     B = x.shape[0]
     N = keep.shape[1] if keep is not None else geo["L"]
-    out = torch.empty(B, N, E, dtype=x.dtype, device=x.device)
+    out = torch.empty(B, N, E, dtype=weight.dtype, device=x.device)
     rows = B * N
     if out.numel() == 0:
         return out
-    dot, precision = _dot_mode(x.dtype)
+    dot, precision = _dot_mode(weight.dtype)
     args = (
-        out, x, weight.to(x.dtype), bias if bias is not None else x, pos if pos is not None else x,
+        out, x, weight, bias if bias is not None else x, pos if pos is not None else x,
         keep if keep is not None else x,
         rows, N, E, F, geo["sample"], geo["D"], geo["H"], geo["W"], geo["GH"], geo["GW"],
     )
     flags = dict(PD=geo["PD"], PH=geo["PH"], PW=geo["PW"], HAS_BIAS=bias is not None, HAS_POS=pos is not None,
                  HAS_KEEP=keep is not None, DOT=dot, PRECISION=precision)
     radices = (geo["PW"], geo["PH"], geo["PD"], geo["C"])
-    cfg = _forward_config(x.dtype, rows, E, num_sms(x))
+    cfg = _forward_config(weight.dtype, rows, E, num_sms(x))
     block_k = cfg["BLOCK_K"]
     flags.update(VEC=vector_width(geo["PW"], block_k), SEPARABLE=separable(block_k, radices),
                  EVEN_K=F % block_k == 0)
@@ -387,7 +389,8 @@ def patch_embed_backward(
     need_x: bool,
     need_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """grad_out: ``(B, N, E)`` → ``(grad_x (B, C, *S) or empty(0), grad_weight (E, F) or empty(0))``.
+    """grad_out: ``(B, N, E)`` → ``(grad_x (B, C, *S) in x's dtype or empty(0), grad_weight (E, F) in
+    weight's dtype or empty(0))``.
 
     Both are Triton GEMMs with fp32 accumulation (fp64 for fp64); grad_x is zero at patches no row
     of ``keep`` names. A patch named twice by ``keep`` gets one row's gradient, not their sum.
@@ -397,11 +400,10 @@ def patch_embed_backward(
     B = x.shape[0]
     N = grad_out.shape[1]
     rows = B * N
-    grad_x = grad_weight = x.new_empty(0)
-    grad_out = grad_out.to(x.dtype).contiguous()
-    weight = weight.to(x.dtype)
-    dot, precision = _dot_mode(x.dtype)
-    cfg = _gemm_config(x.dtype)
+    grad_x, grad_weight = x.new_empty(0), weight.new_empty(0)
+    grad_out = grad_out.to(weight.dtype).contiguous()
+    dot, precision = _dot_mode(weight.dtype)
+    cfg = _gemm_config(weight.dtype)
     keep_arg = keep if keep is not None else x
     dims = (N, E, F, geo["sample"], geo["D"], geo["H"], geo["W"], geo["GH"], geo["GW"])
     flags = dict(PD=geo["PD"], PH=geo["PH"], PW=geo["PW"], HAS_KEEP=keep is not None, DOT=dot, PRECISION=precision)
@@ -432,7 +434,7 @@ def _grad_weight(grad_out, x, weight, keep_arg, rows, dims, flags, cfg, geo) -> 
         splits = max(1, min(row_blocks // 4, triton.cdiv(2 * num_sms(x), tiles), 32))
     rows_per_split = triton.cdiv(row_blocks, splits) * cfg["BLOCK_K"]
     splits = max(1, triton.cdiv(rows, rows_per_split))
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     out = torch.empty(E, F, dtype=weight.dtype, device=x.device)
     part = out if splits == 1 else torch.empty(splits, E, F, dtype=acc_dtype, device=x.device)
     _patch_embed_grad_w_kernel[(tiles, splits)](

@@ -10,7 +10,7 @@ import torch
 from op_testing import PatchInput, assert_bf16_no_worse_than_torch, assert_close, kernel_level_op
 from torch import nn
 
-from pyimputmae import patch_embed
+from pyimputmae import _backends, patch_embed
 from pyimputmae.ops import _patch_embed as patch_ops
 from pyimputmae.reference import patch_embed_reference
 
@@ -272,6 +272,53 @@ def test_autocast_runs_in_the_autocast_dtype(backend, device):
         out = embed(inputs, c, backend)
     assert out.dtype == torch.bfloat16
     assert_close(out, embed_reference(inputs, c), dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("variant", ["plain", "keep_bias_pos"])
+@pytest.mark.parametrize("case", ["1d_c1", "2d_c3", "3d_c2"])
+def test_fp32_input_under_bf16_autocast_is_rounded_as_it_is_read(backend, device, case, variant):
+    """Autocast hands the kernels x in float32 with bfloat16 weight, bias and pos: the result is
+    bfloat16 and equals the embedding of everything rounded to bfloat16 (the bf16 criterion), and
+    so do the gradients; at the kernel level grad_x comes back in x's dtype, grad_weight in weight's."""
+    c = CASES[case]
+    leaves = with_grad(make_inputs(c, variant, torch.float32, device))
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out = embed(leaves, c, backend)
+    assert out.dtype == torch.bfloat16
+    rounded = with_grad(as_dtype(as_dtype(leaves, torch.bfloat16), torch.float32))  # fp32 values of bf16
+    expected = embed_reference(rounded, c)
+    assert_bf16_no_worse_than_torch(out, embed_reference(as_dtype(leaves, torch.bfloat16), c), expected,
+                                    what=f"{backend} {case} {variant}")
+    grad_out = torch.randn(out.shape, device=device).to(torch.bfloat16)
+    out.backward(grad_out)
+    expected.backward(grad_out.float())
+    for name, grad in grads(leaves).items():
+        assert_close(grad, rounded[name].grad, dtype=torch.bfloat16, what=f"{backend} {case} {variant} grad {name}")
+    x, weight = leaves["x"].detach(), leaves["weight"].detach().to(torch.bfloat16)
+    grad_x, grad_w = _backends.module(backend).patch_embed_backward(grad_out, x, weight, leaves["keep"], c.patch,
+                                                                    True, True)
+    assert (grad_x.dtype, grad_w.dtype) == (torch.float32, torch.bfloat16)
+
+
+def test_autocast_keeps_no_half_precision_copy_of_the_input(backend, device):
+    """Under autocast the op reads x as it is: what it saves for backward is x itself, not a bf16
+    copy of the whole input (with keep, the patches not kept are never read at all)."""
+    c = CASES["3d_c2"]
+    inputs = with_grad(make_inputs(c, "keep_bias_pos", torch.float32, device))
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autocast(device.type, dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = embed(inputs, c, backend)
+    x = inputs["x"]
+    assert out.dtype == torch.bfloat16
+    assert not [t for t in saved if t.shape == x.shape and t.dtype != x.dtype], "a converted copy of x was saved"
+    assert any(t.data_ptr() == x.data_ptr() for t in saved), "x itself is not what backward reads"
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -54,7 +54,7 @@ def junit_outcomes(path: Path) -> collections.Counter:
 def kernel_check_outcomes(path: Path) -> collections.Counter:
     """(family, outcome) → count over the cases of the kernel check's log."""
     counts: collections.Counter = collections.Counter()
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         match = re.match(r"^(\w+)/\S+\s+(ok|FAIL)\b", line)
         if match and match.group(1) in CHECK_FAMILY:
             counts[(CHECK_FAMILY[match.group(1)], "passed" if match.group(2) == "ok" else "failed")] += 1

@@ -6,8 +6,10 @@
 
 The figure is the bytes of the distinct storages autograd keeps for backward after one forward
 (``torch.autograd.graph.saved_tensors_hooks``) under bf16 autocast, batch ``--batch``, every
-modality present, at the authors' configuration: the part of a step's peak memory that the model
-decides (the rest is parameters, optimizer state, inputs and transient buffers). The anchor's model
+modality present, at the authors' configuration, leaving out the storages of the parameters and of
+the inputs (they are held anyway): the memory the forward adds and keeps until backward, the part of
+a step's peak memory the model decides (the rest is parameters, optimizer state, inputs and
+transient buffers). The anchor's model
 (``Ref`` of ``../shared/anchors/ref_step_bench.py``) is taken from the script's source without running
 its benchmark. ``--top N`` lists the largest saved tensors by shape and dtype.
 """
@@ -29,13 +31,16 @@ if str(ROOT) not in sys.path:
 DEFAULT_REF = ROOT.parent / "shared" / "anchors" / "ref_step_bench.py"
 
 
-def saved_storages(forward) -> dict[int, tuple[int, tuple[int, ...], torch.dtype]]:
-    """Run ``forward()``; → storage address → (bytes, shape, dtype) of every tensor saved for backward."""
+def saved_storages(forward, held: list[torch.Tensor]) -> dict[int, tuple[int, tuple[int, ...], torch.dtype]]:
+    """Run ``forward()``; → storage address → (bytes, shape, dtype) of every tensor saved for backward,
+    except those sharing storage with a tensor of ``held`` (parameters, inputs)."""
+    held_ptrs = {t.untyped_storage().data_ptr() for t in held}
     seen: dict[int, tuple[int, tuple[int, ...], torch.dtype]] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        seen[storage.data_ptr()] = (storage.nbytes(), tuple(t.shape), t.dtype)
+        if storage.data_ptr() not in held_ptrs:
+            seen[storage.data_ptr()] = (storage.nbytes(), tuple(t.shape), t.dtype)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -57,7 +62,7 @@ def report(name: str, seen: dict, seconds: float, top: int) -> None:
 
 def anchor_model(path: Path, device: str) -> tuple[torch.nn.Module, dict]:
     """The anchor's ``Ref`` model and its inputs, from the script's source up to its timing code."""
-    source = path.read_text().split("\ndef run(")[0].replace('dev = "cuda"', f'dev = "{device}"')
+    source = path.read_text(encoding="utf-8").split("\ndef run(")[0].replace('dev = "cuda"', f'dev = "{device}"')
     namespace: dict = {}
     exec(compile(source, str(path), "exec"), namespace)  # the project's own anchor script
     return namespace["Ref"]().to(device), namespace["MODS"]
@@ -85,14 +90,15 @@ def main(argv: list[str] | None = None) -> int:
                   torch.zeros(B, 0, device=dev), zeros, zeros, cfg.names)
     start = time.perf_counter()
     with torch.autocast(**amp):
-        seen = saved_storages(lambda: model.forward_pretrain(batch, new_rng(0, dev), check=False))
+        seen = saved_storages(lambda: model.forward_pretrain(batch, new_rng(0, dev), check=False),
+                              [*model.parameters(), *inputs.values()])
     report("ours (ImputeMAE, paper config)", seen, time.perf_counter() - start, opts.top)
     if opts.ref.exists():
         ref, mods = anchor_model(opts.ref, opts.device)
         ref_batch = {m: torch.randn(B, *shape, device=dev) for m, (_, _, _, shape) in mods.items()}
         start = time.perf_counter()
         with torch.autocast(**amp):
-            seen = saved_storages(lambda: ref(ref_batch))
+            seen = saved_storages(lambda: ref(ref_batch), [*ref.parameters(), *ref_batch.values()])
         report("anchor (ref_step_bench.py Ref)", seen, time.perf_counter() - start, opts.top)
     else:
         print(f"anchor script not found at {opts.ref}: pass --ref")

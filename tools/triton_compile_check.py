@@ -94,7 +94,7 @@ def cases(k, dtype: torch.dtype, size: str) -> list[tuple[str, object]]:
     tokens, visible = meta(mB, mL, mE, dtype=dtype), meta(mB, mK, mE, dtype=dtype)
     ids, mask = meta(mB, mK, dtype=torch.int64), meta(mB, mL, dtype=torch.bool)
     present, rng = meta(mB, 4, dtype=torch.bool), meta(2, dtype=torch.int64)
-    return [
+    cases = [
         ("masked_mse", lambda: k.masked_mse_forward(pred, x, w, p, False)),
         ("masked_mse norm_pix", lambda: k.masked_mse_forward(pred, x, w, p, True)),
         ("scale_grad_", lambda: k.scale_grad_(pred, meta(1))),
@@ -109,6 +109,14 @@ def cases(k, dtype: torch.dtype, size: str) -> list[tuple[str, object]]:
         ("patch_embed bwd keep", lambda: k.patch_embed_backward(meta(B, K, E, dtype=dtype), x, weight, keep, p,
                                                                 True, True)),
     ]
+    if dtype != torch.float32:  # what autocast hands the kernels: x in float32, the rest in `dtype`
+        x32 = meta(B, C, S, S, S)
+        cases += [
+            ("patch_embed fwd keep, fp32 x", lambda: k.patch_embed_forward(x32, weight, bias, pos, keep, p)),
+            ("patch_embed bwd keep, fp32 x", lambda: k.patch_embed_backward(meta(B, K, E, dtype=dtype), x32, weight,
+                                                                            keep, p, True, True)),
+        ]
+    return cases
 
 
 def describe(fn, constexprs: dict, options) -> str:

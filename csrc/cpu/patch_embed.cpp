@@ -116,30 +116,37 @@ PatchGeometry check_embed_inputs(const at::Tensor& x, const at::Tensor& weight, 
   check_float_dtype(x, "x", op);
   const PatchGeometry g = make_patch_geometry(x, patch, op);
   check_cpu_tensor(weight, "weight", op);
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight dtype ", weight.scalar_type(),
-              " differs from x dtype ", x.scalar_type());
+  check_float_dtype(weight, "weight", op);
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == g.features, op, ": weight must be (E, C*p^k) = (E, ",
               g.features, ") for x ", x.sizes(), " and patch ", patch, ", got shape ", weight.sizes());
   return g;
 }
 
-at::Tensor patch_embed_forward_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                   const std::optional<at::Tensor>& pos, const std::optional<at::Tensor>& keep,
-                                   int64_t patch) {
+// x may be wider than the weight (an fp32 input with bf16 weights under autocast): its patches are
+// rounded to the weight's dtype. Here by converting x once (the CPU kernels gather every row block
+// in the accumulation type anyway); everything after runs in the weight's dtype.
+at::Tensor in_weight_dtype(const at::Tensor& x, const at::Tensor& weight) {
+  return x.scalar_type() == weight.scalar_type() ? x : x.to(weight.scalar_type());
+}
+
+at::Tensor patch_embed_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight,
+                                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& pos,
+                                   const std::optional<at::Tensor>& keep, int64_t patch) {
   constexpr const char* op = "patch_embed_forward";
-  const PatchGeometry g = check_embed_inputs(x, weight, patch, op);
+  const PatchGeometry g = check_embed_inputs(x_in, weight, patch, op);
+  const at::Tensor x = in_weight_dtype(x_in, weight);
   const int64_t embed = weight.size(0);
   if (bias.has_value()) {
     check_cpu_tensor(*bias, "bias", op);
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias dtype ", bias->scalar_type(),
-                " differs from x dtype ", x.scalar_type());
+    TORCH_CHECK(bias->scalar_type() == weight.scalar_type(), op, ": bias dtype ", bias->scalar_type(),
+                " differs from weight dtype ", weight.scalar_type());
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == embed, op, ": bias must be (", embed, ",), got shape ",
                 bias->sizes());
   }
   if (pos.has_value()) {
     check_cpu_tensor(*pos, "pos", op);
-    TORCH_CHECK(pos->scalar_type() == x.scalar_type(), op, ": pos dtype ", pos->scalar_type(),
-                " differs from x dtype ", x.scalar_type());
+    TORCH_CHECK(pos->scalar_type() == weight.scalar_type(), op, ": pos dtype ", pos->scalar_type(),
+                " differs from weight dtype ", weight.scalar_type());
     TORCH_CHECK(pos->dim() == 2 && pos->size(0) == g.num_patches && pos->size(1) == embed, op,
                 ": pos must be (L, E) = (", g.num_patches, ", ", embed, "), got shape ", pos->sizes());
   }
@@ -244,18 +251,19 @@ void zero_unkept_patches(const std::vector<uint8_t>& kept, const PatchGeometry& 
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> patch_embed_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+std::tuple<at::Tensor, at::Tensor> patch_embed_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x_in,
                                                             const at::Tensor& weight,
                                                             const std::optional<at::Tensor>& keep, int64_t patch,
                                                             bool need_x, bool need_weight) {
   constexpr const char* op = "patch_embed_backward";
-  const PatchGeometry g = check_embed_inputs(x, weight, patch, op);
+  const PatchGeometry g = check_embed_inputs(x_in, weight, patch, op);
+  const at::Tensor x = in_weight_dtype(x_in, weight);  // grad_x goes back to x_in's dtype at the end
   const int64_t embed = weight.size(0);
   if (keep.has_value()) check_keep(*keep, g, op);
   const int64_t rows_per_sample = keep.has_value() ? keep->size(1) : g.num_patches;
   check_cpu_tensor(grad_out, "grad_out", op);
-  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), op, ": grad_out dtype ", grad_out.scalar_type(),
-              " differs from x dtype ", x.scalar_type());
+  TORCH_CHECK(grad_out.scalar_type() == weight.scalar_type(), op, ": grad_out dtype ", grad_out.scalar_type(),
+              " differs from weight dtype ", weight.scalar_type());
   TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == g.batch && grad_out.size(1) == rows_per_sample &&
                   grad_out.size(2) == embed,
               op, ": grad_out must be (B, N, E) = (", g.batch, ", ", rows_per_sample, ", ", embed, "), got shape ",
@@ -264,11 +272,11 @@ std::tuple<at::Tensor, at::Tensor> patch_embed_backward_cpu(const at::Tensor& gr
   const int64_t rows = g.batch * rows_per_sample;
   at::Tensor grad_x = need_x ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
   at::Tensor grad_weight = need_weight ? at::empty(weight.sizes(), weight.options()) : at::empty({0}, weight.options());
-  if (!need_x && !need_weight) return {grad_x, grad_weight};
+  if (!need_x && !need_weight) return {grad_x.to(x_in.scalar_type()), grad_weight};
   if (rows == 0 || embed == 0) {
     if (need_x) grad_x.zero_();
     if (need_weight) grad_weight.zero_();
-    return {grad_x, grad_weight};
+    return {grad_x.to(x_in.scalar_type()), grad_weight};
   }
 
   // With keep, only kept patches get a gradient; a patch kept twice gets the sum of both rows,
@@ -356,7 +364,7 @@ std::tuple<at::Tensor, at::Tensor> patch_embed_backward_cpu(const at::Tensor& gr
       });
     }
   });
-  return {grad_x, grad_weight};
+  return {grad_x.to(x_in.scalar_type()), grad_weight};
 }
 
 }  // namespace

@@ -8,7 +8,9 @@
 // Backward: grad_weight = grad_outᵀ · patches (patches gathered again), grad_x = col2im of
 // grad_out · weight, a kernel writing every element of grad_x (zeros for patches not read).
 // The gather and scatter move raw elements (2, 4 or 8 bytes), 16 bytes at a time when the
-// patch's innermost run allows it, so they need no dtype dispatch.
+// patch's innermost run allows it, so they need no dtype dispatch. x may be wider than the weight
+// (fp32 input, bf16 weights under autocast): the gathered patches are then rounded to the weight's
+// dtype, and grad_x is moved back in x's dtype.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
@@ -187,8 +189,8 @@ Checked check_patch_args(const char* op, const at::Tensor& x, const at::Tensor& 
   TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got one on ", x.device());
   check_cuda_tensor(weight, std::string(op) + ": weight", x);
   TORCH_CHECK(is_float_kind(x.scalar_type()), op, ": x must be float32, float64 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight has dtype ", weight.scalar_type(),
-              " but x has ", x.scalar_type());
+  TORCH_CHECK(is_float_kind(weight.scalar_type()), op, ": weight must be float32, float64 or bfloat16, got ",
+              weight.scalar_type());
   const PatchGeometry shape = make_patch_geometry(x, patch, 1);
   const int64_t F = shape.features, L = shape.patches, B = x.size(0);
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == F, op, ": weight must be (E, C·p^k) = (E, ", F, ") for input ",
@@ -205,21 +207,31 @@ Checked check_patch_args(const char* op, const at::Tensor& x, const at::Tensor& 
   return {B, N, L, F, weight.size(0)};
 }
 
+// cols (rows, F) of the kept patches of x in dtype `dtype`: gathered in x's dtype, then rounded
+// to `dtype` when x is wider than the weight (an fp32 input with bf16 weights under autocast), so
+// only the kept patches are read and converted.
+at::Tensor gather_in(at::ScalarType dtype, const at::Tensor& x, const at::Tensor* keep, int64_t patch, int64_t rows,
+                     const Checked& d, cudaStream_t stream) {
+  at::Tensor cols = at::empty({rows, d.F}, x.options());
+  gather_patches(cols, x, keep, patch, d.N, stream);
+  return cols.scalar_type() == dtype ? cols : cols.to(dtype);
+}
+
 at::Tensor patch_embed_forward_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
                                     const std::optional<at::Tensor>& bias_in, const std::optional<at::Tensor>& pos_in,
                                     const std::optional<at::Tensor>& keep_in, int64_t patch) {
   const Checked d = check_patch_args("patch_embed_forward", x_in, weight_in, keep_in, patch);
   if (bias_in.has_value()) {
     check_cuda_tensor(*bias_in, "patch_embed_forward: bias", x_in);
-    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == d.E && bias_in->scalar_type() == x_in.scalar_type(),
-                "patch_embed_forward: bias must be (E,) = (", d.E, ",) of dtype ", x_in.scalar_type(), ", got shape ",
+    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == d.E && bias_in->scalar_type() == weight_in.scalar_type(),
+                "patch_embed_forward: bias must be (E,) = (", d.E, ",) of dtype ", weight_in.scalar_type(), ", got shape ",
                 bias_in->sizes(), " dtype ", bias_in->scalar_type());
   }
   if (pos_in.has_value()) {
     check_cuda_tensor(*pos_in, "patch_embed_forward: pos", x_in);
     TORCH_CHECK(pos_in->dim() == 2 && pos_in->size(0) == d.L && pos_in->size(1) == d.E &&
-                    pos_in->scalar_type() == x_in.scalar_type(),
-                "patch_embed_forward: pos must be (L, E) = (", d.L, ", ", d.E, ") of dtype ", x_in.scalar_type(),
+                    pos_in->scalar_type() == weight_in.scalar_type(),
+                "patch_embed_forward: pos must be (L, E) = (", d.L, ", ", d.E, ") of dtype ", weight_in.scalar_type(),
                 ", got shape ", pos_in->sizes(), " dtype ", pos_in->scalar_type());
   }
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -229,20 +241,19 @@ at::Tensor patch_embed_forward_cuda(const at::Tensor& x_in, const at::Tensor& we
   if (keep_in.has_value()) keep = keep_in->contiguous();
   const int64_t rows = d.B * d.N;
 
-  at::Tensor cols = at::empty({rows, d.F}, x.options());
-  gather_patches(cols, x, keep.has_value() ? &*keep : nullptr, patch, d.N, stream);
+  const at::Tensor cols = gather_in(weight.scalar_type(), x, keep.has_value() ? &*keep : nullptr, patch, rows, d, stream);
   const at::Tensor weight_t = weight.t();
   at::Tensor out;
   if (pos_in.has_value()) {
     const at::Tensor pos = pos_in->contiguous();
     std::optional<at::Tensor> bias;
     if (bias_in.has_value()) bias = bias_in->contiguous();
-    out = at::empty({rows, d.E}, x.options());
+    out = at::empty({rows, d.E}, weight.options());
     if (rows > 0 && d.E > 0) {
       const dim3 block(32, kRowThreads / 32);
       const int64_t blocks = ceil_div(rows, block.y);
       TORCH_CHECK(blocks < (int64_t(1) << 31), "patch_embed_forward: too many rows (", rows, ")");
-      AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "patch_embed_pos_bias", [&] {
+      AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, weight.scalar_type(), "patch_embed_pos_bias", [&] {
         pos_bias_kernel<scalar_t><<<static_cast<unsigned>(blocks), block, 0, stream>>>(
             out.data_ptr<scalar_t>(), pos.data_ptr<scalar_t>(), bias ? bias->data_ptr<scalar_t>() : nullptr,
             keep ? keep->data_ptr<int64_t>() : nullptr, rows, d.N, d.L, d.E);
@@ -265,9 +276,9 @@ std::tuple<at::Tensor, at::Tensor> patch_embed_backward_cuda(const at::Tensor& g
   const Checked d = check_patch_args("patch_embed_backward", x_in, weight_in, keep_in, patch);
   check_cuda_tensor(grad_out_in, "patch_embed_backward: grad_out", x_in);
   TORCH_CHECK(grad_out_in.dim() == 3 && grad_out_in.size(0) == d.B && grad_out_in.size(1) == d.N &&
-                  grad_out_in.size(2) == d.E && grad_out_in.scalar_type() == x_in.scalar_type(),
+                  grad_out_in.size(2) == d.E && grad_out_in.scalar_type() == weight_in.scalar_type(),
               "patch_embed_backward: grad_out must be (B, N, E) = (", d.B, ", ", d.N, ", ", d.E, ") of dtype ",
-              x_in.scalar_type(), ", got shape ", grad_out_in.sizes(), " dtype ", grad_out_in.scalar_type());
+              weight_in.scalar_type(), ", got shape ", grad_out_in.sizes(), " dtype ", grad_out_in.scalar_type());
   const c10::cuda::CUDAGuard guard(x_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
@@ -278,13 +289,13 @@ std::tuple<at::Tensor, at::Tensor> patch_embed_backward_cuda(const at::Tensor& g
 
   at::Tensor grad_weight = at::empty({0}, weight.options());
   if (need_weight) {
-    at::Tensor cols = at::empty({rows, d.F}, x.options());
-    gather_patches(cols, x, keep.has_value() ? &*keep : nullptr, patch, d.N, stream);
+    const at::Tensor cols = gather_in(weight.scalar_type(), x, keep.has_value() ? &*keep : nullptr, patch, rows, d,
+                                      stream);
     grad_weight = at::mm(grad.t(), cols);  // (E, F)
   }
   at::Tensor grad_x = at::empty({0}, x.options());
   if (need_x) {
-    const at::Tensor gcols = at::mm(grad, weight);  // (B·N, F)
+    const at::Tensor gcols = at::mm(grad, weight).to(x.scalar_type());  // (B·N, F), moved in x's dtype
     grad_x = at::empty(x.sizes(), x.options());
     const int64_t patch_rows = d.B * d.L;
     if (patch_rows > 0) {

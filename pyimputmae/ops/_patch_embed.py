@@ -27,7 +27,7 @@ def _patch_embed(
 @_patch_embed.register_fake
 def _(x, weight, bias, pos, keep, patch, backend):
     n = keep.shape[1] if keep is not None else math.prod(s // patch for s in x.shape[2:])
-    return x.new_empty(x.shape[0], n, weight.shape[0])
+    return weight.new_empty(x.shape[0], n, weight.shape[0])
 
 
 @torch.library.custom_op("pyimputmae::patch_embed_grad", mutates_args=())
@@ -100,6 +100,8 @@ def patch_embed(
     weight: ``(E, C·p^k)`` (an ``nn.Conv{k}d`` weight flattened); bias: ``(E,)``; pos: ``(L, E)``;
     keep: ``(B, K)`` int64 patch indices → ``(B, L, E)``, or ``(B, K, E)`` with ``keep``.
     Equals ``conv(x).flatten(2).transpose(1, 2) (+ pos)``. Differentiable in x, weight, bias, pos.
+    Runs in autocast's dtype when autocast is on (the patches read are rounded to it; the result and
+    the weight gradient are in it, x's gradient in x's dtype), else in x's dtype.
     """
     backend = check_backend_arg(backend)
     grid = check_patch_input(x, patch)
@@ -116,8 +118,13 @@ def patch_embed(
         if keep.dim() != 2 or keep.shape[0] != x.shape[0] or keep.dtype != torch.int64:
             raise ValueError(f"keep must be (B, K) int64 with B = {x.shape[0]}, got {tuple(keep.shape)} {keep.dtype}")
         keep = keep.contiguous()
+    # The compute dtype: autocast's, else x's. x itself is not cast when it is float32, float64 or
+    # bfloat16: the kernels round the patches they read to the weight's dtype, so under autocast only
+    # the kept patches are read and no half-precision copy of the whole input is made or saved.
     dtype = autocast_dtype(x.device) or x.dtype
-    weight, x = weight.to(dtype), x.to(dtype)
+    weight = weight.to(dtype)
+    if x.dtype not in (torch.float32, torch.float64, torch.bfloat16):
+        x = x.to(dtype)
     bias = bias.to(dtype) if bias is not None else None
     pos = pos.to(dtype) if pos is not None else None
     return _patch_embed(x.contiguous(), weight.contiguous(), bias, pos.contiguous() if pos is not None else None,

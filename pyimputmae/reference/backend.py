@@ -19,17 +19,18 @@ def patch_embed_forward(x, weight, bias, pos, keep, patch: int) -> torch.Tensor:
 
 
 def patch_embed_backward(grad_out, x, weight, keep, patch: int, need_x: bool, need_weight: bool):
-    """grad_out: ``(B, N, E)`` → ``(grad_x or empty, grad_weight or empty)``; fp32 accumulation (fp64 for fp64)."""
+    """grad_out: ``(B, N, E)`` in weight's dtype → ``(grad_x in x's dtype or empty, grad_weight in
+    weight's dtype or empty)``; fp32 accumulation (fp64 for fp64); patches rounded to weight's dtype."""
     grid = check_patch_input(x, patch)
     E, F = weight.shape
-    grad_x = grad_weight = x.new_empty(0)
+    grad_x, grad_weight = x.new_empty(0), weight.new_empty(0)
     acc = accumulation_dtype(grad_out.dtype)
     g = grad_out.to(acc)
     if need_weight:
         cols = patchify(x, patch)
         if keep is not None:
             cols = torch.gather(cols, 1, keep.unsqueeze(-1).expand(-1, -1, F))
-        grad_weight = (g.reshape(-1, E).t() @ cols.reshape(-1, F).to(acc)).to(weight.dtype)
+        grad_weight = (g.reshape(-1, E).t() @ cols.reshape(-1, F).to(weight.dtype).to(acc)).to(weight.dtype)
     if need_x:
         gcols = g @ weight.to(acc)  # (B, N, F)
         if keep is not None:

@@ -65,13 +65,15 @@ def patch_embed_reference(
     """Embed the patches of ``x``.
 
     x: ``(B, C, *S)``; weight: ``(E, C·p^k)``; bias: ``(E,)``; pos: ``(L, E)``;
-    keep: ``(B, K)`` int64 patch indices in ``[0, L)`` → ``(B, L, E)``, or ``(B, K, E)`` with keep.
+    keep: ``(B, K)`` int64 patch indices in ``[0, L)`` → ``(B, L, E)``, or ``(B, K, E)`` with keep,
+    in weight's dtype. x may have another float dtype than the weight (fp32 input, bf16 weights
+    under autocast): the patches read are rounded to weight's dtype, and only they are read.
     Differentiable in x, weight, bias and pos through plain autograd.
     """
     patches = patchify(x, patch)  # (B, L, F)
     if keep is not None:
         patches = torch.gather(patches, 1, keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-    out = F.linear(patches, weight, bias)
+    out = F.linear(patches.to(weight.dtype), weight, bias)
     if pos is not None:
         out = out + (pos[keep] if keep is not None else pos)
     return out

@@ -105,9 +105,9 @@ def _compile(name: str, cuda_sources: list[Path], cpp_sources: list[Path], defin
     translated += [(cu, sources_dir / f"{cu.stem}.emu.cpp") for cu in cuda_sources]
     sources = [str(s) for s in cpp_sources]
     for original, target in translated:
-        text = f'#line 1 "{original}"\n' + translate(original.read_text())
-        if not target.exists() or target.read_text() != text:  # keep ninja's timestamps when unchanged
-            target.write_text(text)
+        text = f'#line 1 "{original}"\n' + translate(original.read_text(encoding="utf-8"))
+        if not target.exists() or target.read_text(encoding="utf-8") != text:  # keep ninja's timestamps when unchanged
+            target.write_text(text, encoding="utf-8")
         if target.suffix == ".cpp":
             sources.append(str(target))
     # PYIMPUTMAE_CUDA_EMU_SANITIZE=address builds with AddressSanitizer, which then catches the
