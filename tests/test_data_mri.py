@@ -4,6 +4,7 @@ the other file formats SimpleITK reads."""
 
 from __future__ import annotations
 
+import locale
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +105,18 @@ def test_nrrd_mha_and_dicom_series_read_like_the_nifti(case: dict[str, Path], tm
 
 
 def write_dicom_series(image: sitk.Image, folder: Path) -> None:
-    """One file per axial slice with the position/orientation tags a reader needs."""
+    """One file per axial slice with the position/orientation tags a reader needs.
+
+    GDCM's DICOM writer sets the process locale to "C" and leaves it there (Python's default text
+    encoding becomes ASCII for every later test in the process), so the locale is put back."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_dicom_slices(image, folder)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom_slices(image: sitk.Image, folder: Path) -> None:
     folder.mkdir()
     d = image.GetDirection()
     orientation = "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))
