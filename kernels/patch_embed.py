@@ -80,6 +80,17 @@ def patch_feature_offsets(f, D, H, W, PD: tl.constexpr, PH: tl.constexpr, PW: tl
 
 
 @triton.jit
+def row_tile(rows, cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's tile of a ``(rows, cols)`` output → ``(r, c, r_ok, c_ok)``. The column tiles of
+    one row block are neighbours in launch order, so its patches are read from HBM once."""
+    pid = tl.program_id(0).to(tl.int64)
+    col_tiles = tl.cdiv(cols, BLOCK_N)
+    r = (pid // col_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    c = (pid % col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return r, c, r < rows, c < cols
+
+
+@triton.jit
 def row_patches(r, r_ok, N, keep_ptr, HAS_KEEP: tl.constexpr):
     """Rows ``r = b·N + m`` of the embedded matrix → ``(b, g)``: batch item and the patch it embeds,
     ``keep[b, m]`` with ``keep``, else ``m``."""
@@ -116,15 +127,7 @@ def _patch_embed_fwd_kernel(
     are ``feature_offsets(k0)`` (a scalar) plus those of ``[0, BLOCK_K)``: the A pointers are built
     once and advanced by a scalar, the canonical form the software pipeliner handles best.
     """
-    pid = tl.program_id(0).to(tl.int64)
-    n_tiles = tl.cdiv(E, BLOCK_N)
-    # the E tiles of one row block are neighbours in launch order: its patches are read once from HBM
-    pid_m = pid // n_tiles
-    pid_n = pid % n_tiles
-    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    e = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    r_ok = r < rows
-    e_ok = e < E
+    r, e, r_ok, e_ok = row_tile(rows, E, BLOCK_M, BLOCK_N)
     b, g = row_patches(r, r_ok, N, keep_ptr, HAS_KEEP)
     row_off = tl.multiple_of(patch_row_offsets(b, g, sample, H, W, GH, GW, PD, PH, PW), VEC)
     if DOT == 2:
@@ -171,14 +174,7 @@ def _patch_embed_grad_x_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """grad_x at patch ``keep[b, m]`` (or ``m``), features ``f``: ``Σ_e grad_out[r, e]·weight[e, f]``."""
-    pid = tl.program_id(0).to(tl.int64)
-    f_tiles = tl.cdiv(F, BLOCK_N)
-    pid_m = pid // f_tiles
-    pid_n = pid % f_tiles
-    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    f = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    r_ok = r < rows
-    f_ok = f < F
+    r, f, r_ok, f_ok = row_tile(rows, F, BLOCK_M, BLOCK_N)
     b, g = row_patches(r, r_ok, N, keep_ptr, HAS_KEEP)
     if DOT == 2:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float64)

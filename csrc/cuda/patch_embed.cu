@@ -207,14 +207,27 @@ Checked check_patch_args(const char* op, const at::Tensor& x, const at::Tensor& 
   return {B, N, L, F, weight.size(0)};
 }
 
-// cols (rows, F) of the kept patches of x in dtype `dtype`: gathered in x's dtype, then rounded
-// to `dtype` when x is wider than the weight (an fp32 input with bf16 weights under autocast), so
-// only the kept patches are read and converted.
-at::Tensor gather_in(at::ScalarType dtype, const at::Tensor& x, const at::Tensor* keep, int64_t patch, int64_t rows,
-                     const Checked& d, cudaStream_t stream) {
-  at::Tensor cols = at::empty({rows, d.F}, x.options());
-  gather_patches(cols, x, keep, patch, d.N, stream);
-  return cols.scalar_type() == dtype ? cols : cols.to(dtype);
+// The checked inputs made contiguous (under the caller's device guard, as the copies may launch).
+struct Operands {
+  at::Tensor x, weight;
+  std::optional<at::Tensor> keep;
+  int64_t rows;  // B·N rows of the embedded matrix
+
+  Operands(const at::Tensor& x_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& keep_in,
+           const Checked& d)
+      : x(x_in.contiguous()), weight(weight_in.contiguous()), rows(d.B * d.N) {
+    if (keep_in.has_value()) keep = keep_in->contiguous();
+  }
+  const at::Tensor* keep_or_null() const { return keep.has_value() ? &*keep : nullptr; }
+};
+
+// cols (rows, F) of the kept patches of x in the weight's dtype: gathered in x's dtype, then rounded
+// when x is wider than the weight (an fp32 input with bf16 weights under autocast), so only the kept
+// patches are read and converted.
+at::Tensor gather_in_weight_dtype(const Operands& o, const Checked& d, int64_t patch, cudaStream_t stream) {
+  at::Tensor cols = at::empty({o.rows, d.F}, o.x.options());
+  gather_patches(cols, o.x, o.keep_or_null(), patch, d.N, stream);
+  return cols.scalar_type() == o.weight.scalar_type() ? cols : cols.to(o.weight.scalar_type());
 }
 
 at::Tensor patch_embed_forward_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
@@ -236,12 +249,12 @@ at::Tensor patch_embed_forward_cuda(const at::Tensor& x_in, const at::Tensor& we
   }
   const c10::cuda::CUDAGuard guard(x_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
-  std::optional<at::Tensor> keep;
-  if (keep_in.has_value()) keep = keep_in->contiguous();
-  const int64_t rows = d.B * d.N;
+  const Operands o(x_in, weight_in, keep_in, d);
+  const at::Tensor &x = o.x, &weight = o.weight;
+  const std::optional<at::Tensor>& keep = o.keep;
+  const int64_t rows = o.rows;
 
-  const at::Tensor cols = gather_in(weight.scalar_type(), x, keep.has_value() ? &*keep : nullptr, patch, rows, d, stream);
+  const at::Tensor cols = gather_in_weight_dtype(o, d, patch, stream);
   const at::Tensor weight_t = weight.t();
   at::Tensor out;
   if (pos_in.has_value()) {
@@ -281,18 +294,13 @@ std::tuple<at::Tensor, at::Tensor> patch_embed_backward_cuda(const at::Tensor& g
               weight_in.scalar_type(), ", got shape ", grad_out_in.sizes(), " dtype ", grad_out_in.scalar_type());
   const c10::cuda::CUDAGuard guard(x_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
-  std::optional<at::Tensor> keep;
-  if (keep_in.has_value()) keep = keep_in->contiguous();
-  const int64_t rows = d.B * d.N;
-  const at::Tensor grad = grad_out_in.contiguous().view({rows, d.E});
+  const Operands o(x_in, weight_in, keep_in, d);
+  const at::Tensor &x = o.x, &weight = o.weight;
+  const std::optional<at::Tensor>& keep = o.keep;
+  const at::Tensor grad = grad_out_in.contiguous().view({o.rows, d.E});
 
   at::Tensor grad_weight = at::empty({0}, weight.options());
-  if (need_weight) {
-    const at::Tensor cols = gather_in(weight.scalar_type(), x, keep.has_value() ? &*keep : nullptr, patch, rows, d,
-                                      stream);
-    grad_weight = at::mm(grad.t(), cols);  // (E, F)
-  }
+  if (need_weight) grad_weight = at::mm(grad.t(), gather_in_weight_dtype(o, d, patch, stream));  // (E, F)
   at::Tensor grad_x = at::empty({0}, x.options());
   if (need_x) {
     const at::Tensor gcols = at::mm(grad, weight).to(x.scalar_type());  // (B·N, F), moved in x's dtype
