@@ -64,3 +64,27 @@ def test_gpu_validated_reads_which_pairs_passed_on_the_gpu(tmp_path, capsys):
     assert tool.main([str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert 'GPU_VALIDATED = frozenset({("ext", "masking"), ("ext", "masked_mse"), ("triton", "masked_mse")})' in out
+
+
+def test_gpu_validated_falls_back_to_the_verbose_log_of_a_stopped_run(tmp_path, capsys):
+    """A test stage stopped by its timeout writes no junit file: the verdicts its ``-v`` log printed
+    (plain pytest and pytest-xdist lines) are counted instead, each case once."""
+    spec = importlib.util.spec_from_file_location("gpu_validated", ROOT / "tools" / "gpu_validated.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    (tmp_path / "stage1_test.log").write_text(
+        "tests/test_masking.py::test_a[ext-cuda-x] PASSED                     [  1%]\n"
+        "[gw2] [  2%] PASSED tests/test_masked_mse.py::test_b[triton-cuda] \n"
+        "[gw0] [  3%] FAILED tests/test_masked_mse.py::test_b[ext-cuda] \n"
+        "[gw1] [  4%] SKIPPED tests/test_patch_embed.py::test_c[triton-cuda] \n"
+        "tests/test_patch_embed.py::test_c[triton-cpu] PASSED                 [  5%]\n"
+        "FAILED tests/test_masked_mse.py::test_b[ext-cuda] - AssertionError: boom\n"  # the -rfE summary
+        "== test: TIMEOUT after 120s\n")
+    (tmp_path / "stage1_kernel_check.log").write_text(
+        "select_keep/long                   ok (0.1s)\nmasked_mse/fp32_raw                ok (0.1s)\n")
+    assert tool.main([str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "counting the verdicts stage1_test.log printed" in out
+    assert "ext     masked_mse   tests: 0 passed, 1 failed, 0 skipped" in out
+    assert "triton  patch_embed  tests: 0 passed, 0 failed, 1 skipped" in out
+    assert 'GPU_VALIDATED = frozenset({("ext", "masking"), ("triton", "masked_mse")})' in out

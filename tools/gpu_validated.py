@@ -3,7 +3,8 @@
 
     python tools/gpu_validated.py OUTDIR
 
-Reads ``OUTDIR/junit_ops.xml`` (the op tests' GPU cases) and ``OUTDIR/stage1_kernel_check.log``
+Reads ``OUTDIR/junit_ops.xml`` (the op tests' GPU cases; when pytest was stopped before it wrote
+that file, the verdicts its ``-v`` log ``OUTDIR/stage1_test.log`` printed) and ``OUTDIR/stage1_kernel_check.log``
 (``tools/cuda_kernel_check.py``: every CUDA code path once). A pair is validated when at least one
 of its CUDA test cases passed and none failed; for ``ext`` also every kernel-check case of the
 family passed. Cases of ``tests/test_compile.py`` exercise every family at once, so they count for
@@ -30,24 +31,47 @@ CHECK_FAMILY = {"select_keep": "masking", "row_moves": "masking", "hidden_sum": 
                 "masked_mse": "masked_mse", "scale_grad": "masked_mse", "patch_embed": "patch_embed"}
 
 
+def _count(counts: collections.Counter, module: str, name: str, outcome: str) -> None:
+    """Count one test case ``module``, ``name`` (with its ``[param-ids]``) if it is a CUDA case of a backend."""
+    if module not in MODULE_FAMILY:
+        return
+    params = re.search(r"\[(.*)\]$", name)
+    ids = params.group(1).split("-") if params else []
+    backend = next((b for b in BACKENDS if b in ids), None)
+    if "cuda" not in ids or backend is None:
+        return
+    for family in [MODULE_FAMILY[module]] if MODULE_FAMILY[module] else FAMILIES:
+        counts[(backend, family, outcome)] += 1
+
+
 def junit_outcomes(path: Path) -> collections.Counter:
     """(backend, family, outcome) → count over the CUDA cases of the op tests."""
     counts: collections.Counter = collections.Counter()
     for case in ET.parse(path).getroot().iter("testcase"):
-        module = case.get("classname", "").rsplit(".", 1)[-1]
-        if module not in MODULE_FAMILY:
-            continue
-        params = re.search(r"\[(.*)\]$", case.get("name", ""))
-        ids = params.group(1).split("-") if params else []
-        if "cuda" not in ids:
-            continue
-        backend = next((b for b in BACKENDS if b in ids), None)
-        if backend is None:
-            continue
         tags = {child.tag for child in case}
         outcome = "failed" if tags & {"failure", "error"} else "skipped" if "skipped" in tags else "passed"
-        for family in [MODULE_FAMILY[module]] if MODULE_FAMILY[module] else FAMILIES:
-            counts[(backend, family, outcome)] += 1
+        _count(counts, case.get("classname", "").rsplit(".", 1)[-1], case.get("name", ""), outcome)
+    return counts
+
+
+#: a verdict line of ``pytest -v``, with or without pytest-xdist:
+#: ``tests/test_masking.py::test_x[triton-cuda] PASSED [ 3%]`` or ``[gw1] [ 3%] PASSED tests/...::test_x[...]``
+VERBOSE_LINE = re.compile(r"(?:(?P<a>PASSED|FAILED|ERROR|SKIPPED) )?tests/(?P<module>test_\w+)\.py::(?P<name>\S+)"
+                          r"(?: (?P<b>PASSED|FAILED|ERROR|SKIPPED))?")
+
+
+def log_outcomes(path: Path) -> collections.Counter:
+    """The same count from a ``pytest -v`` log: what a run stopped by its timeout had printed."""
+    counts: collections.Counter = collections.Counter()
+    seen: set[str] = set()
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        match = VERBOSE_LINE.search(line)
+        word = match and (match["a"] or match["b"])
+        if not word or f"{match['module']}::{match['name']}" in seen:
+            continue
+        seen.add(f"{match['module']}::{match['name']}")
+        outcome = {"PASSED": "passed", "SKIPPED": "skipped"}.get(word, "failed")
+        _count(counts, match["module"], match["name"], outcome)
     return counts
 
 
@@ -66,10 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("outdir", type=Path)
     opts = parser.parse_args(argv)
     junit, check_log = opts.outdir / "junit_ops.xml", opts.outdir / "stage1_kernel_check.log"
-    tests = junit_outcomes(junit) if junit.exists() else collections.Counter()
+    test_log = opts.outdir / "stage1_test.log"
+    tests = collections.Counter()
+    if junit.exists():
+        tests = junit_outcomes(junit)
+    elif test_log.exists():
+        print(f"no {junit}: the op tests did not finish; counting the verdicts {test_log.name} printed")
+        tests = log_outcomes(test_log)
+    else:
+        print(f"no {junit} nor {test_log}: the op tests did not run")
     checks = kernel_check_outcomes(check_log) if check_log.exists() else collections.Counter()
-    if not junit.exists():
-        print(f"no {junit}: the op tests did not finish (their log may say how far they got)")
     if not check_log.exists():
         print(f"no {check_log}: the CUDA kernel check did not run")
     validated, any_failed = [], False
