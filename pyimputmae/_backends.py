@@ -6,7 +6,8 @@ Every backend offers the same kernel-level functions (the schemas in ``csrc/ops.
 
 Backends: ``ext`` (our compiled C++ / CUDA kernels, ``pyimputmae._C``), ``triton``
 (``pyimputmae.kernels``), ``reference`` (plain PyTorch, ``pyimputmae.reference.backend``).
-Order for CUDA tensors: ext → triton → reference; for CPU tensors: ext → reference. Triton runs
+Order for CUDA tensors: per op family ``CUDA_ORDER`` (ext → triton → reference until a GPU run
+measures which is faster), among the pairs in ``GPU_VALIDATED``; for CPU tensors: ext → reference. Triton runs
 on CPU tensors only when asked for by name, under ``TRITON_INTERPRET=1``. A per-call ``backend=``
 wins over ``PYIMPUTMAE_BACKEND`` (one name for every op, or ``family=name`` pairs separated by
 commas, e.g. ``masked_mse=triton,patch_embed=ext``), which wins over the default order.
@@ -33,6 +34,12 @@ ALIASES = {"cpp": "ext", "cpu": "ext", "cuda": "ext", "c++": "ext", "ref": "refe
 #: these; the others run when asked for by name (backend= or PYIMPUTMAE_BACKEND), or for all of
 #: them with PYIMPUTMAE_GPU_UNVALIDATED=1 (what tools/gpu_check.sh sets to validate them).
 GPU_VALIDATED = frozenset({("triton", "masking"), ("triton", "masked_mse")})
+
+#: the automatic order on CUDA tensors per op family, fastest first: tools/gpu_validated.py prints it
+#: from a GPU run's bench_large.json (the family's training-pass times of its validated backends).
+#: The CUDA patch embedding is a gather + cuBLAS, the Triton one an implicit GEMM: which wins is
+#: for the measurement to say.
+CUDA_ORDER: dict[str, tuple[str, ...]] = {family: ("ext", "triton", "reference") for family in FAMILIES}
 
 
 class BackendError(RuntimeError):
@@ -131,8 +138,11 @@ def _env_choice(family: str) -> str | None:
     return None
 
 
-def default_order(device: torch.device) -> tuple[str, ...]:
-    return ("ext", "triton", "reference") if device.type == "cuda" else ("ext", "reference")
+def default_order(device: torch.device, family: str | None = None) -> tuple[str, ...]:
+    """The automatic order of backends for ``family`` (any family when None) on ``device``."""
+    if device.type != "cuda":
+        return ("ext", "reference")
+    return CUDA_ORDER.get(family, ("ext", "triton", "reference")) if family else ("ext", "triton", "reference")
 
 
 def resolve(family: str, device: torch.device, requested: str = "auto") -> str:
@@ -147,7 +157,7 @@ def resolve(family: str, device: torch.device, requested: str = "auto") -> str:
         if not ok:
             raise BackendError(f"{family}: backend {requested!r} (from {source}) cannot run on {device}: {why}")
         return requested
-    for name in default_order(device):
+    for name in default_order(device, family):
         if availability(name, device)[0] and _validated(name, family, device):
             return name
     return "reference"

@@ -46,8 +46,10 @@ def collect() -> dict:
     else:
         tri_ok = _triton_module_ok()
         info["backends"]["cuda"] = {
-            "note": "no CUDA device visible; on a GPU the order is ext → triton → reference, among the kernels "
-                    "validated on a GPU: " + ", ".join(f"{b} {f}" for b, f in sorted(_backends.GPU_VALIDATED)),
+            "note": "no CUDA device visible; on a GPU the order per op family is "
+                    + "; ".join(f"{f}: {' → '.join(o)}" for f, o in _backends.CUDA_ORDER.items())
+                    + ", among the kernels validated on a GPU: "
+                    + ", ".join(f"{b} {f}" for b, f in sorted(_backends.GPU_VALIDATED)),
             "ext": "CUDA kernels compiled for " + ", ".join(f"sm_{a}" for a in _extension.cuda_archs())
             if ext_ok and _extension.cuda_archs() else "no CUDA kernels in this build",
             "triton": "importable" if tri_ok else "not importable",

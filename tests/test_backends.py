@@ -29,7 +29,7 @@ def test_auto_backend_is_one_that_runs(family, device):
     if extension_import_crash():
         pytest.skip("ext: importing pyimputmae._C kills the process, so auto cannot be resolved safely")
     chosen = _backends.resolve(family, device)
-    order = _backends.default_order(device)
+    order = _backends.default_order(device, family)
     runnable = [name for name in order if backend_skip_reason(name, device, [family]) is None]
     assert chosen in BACKENDS
     assert chosen == (runnable[0] if runnable else "reference"), f"{family}: auto chose {chosen}, runnable {runnable}"
@@ -88,3 +88,48 @@ def test_gpu_validated_falls_back_to_the_verbose_log_of_a_stopped_run(tmp_path, 
     assert "ext     masked_mse   tests: 0 passed, 1 failed, 0 skipped" in out
     assert "triton  patch_embed  tests: 0 passed, 0 failed, 1 skipped" in out
     assert 'GPU_VALIDATED = frozenset({("ext", "masking"), ("triton", "masked_mse")})' in out
+
+
+def test_gpu_validated_orders_each_family_by_its_measured_training_pass(tmp_path, capsys):
+    """CUDA_ORDER from bench_large.json: validated backends fastest first (fwd+bwd, training dtype,
+    every op of the family, check ok), then the reference; unvalidated or mismatching ones left out."""
+    spec = importlib.util.spec_from_file_location("gpu_validated", ROOT / "tools" / "gpu_validated.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+
+    def rec(op, backend, ms, dtype="bf16", pass_="fwd+bwd", check="ok", baseline=None):
+        return {"op": op, "backend": backend, "baseline": baseline, "pass": pass_, "dtype": dtype,
+                "median_ms": ms, "check": check}
+
+    bench = {"records": [
+        rec("patch_embed3d", "ext", 0.30), rec("patch_embed3d_keep50", "ext", 0.20),
+        rec("patch_embed3d", "triton", 0.25), rec("patch_embed3d_keep50", "triton", 0.15),
+        rec("patch_embed3d", "triton", 9.0, dtype="fp32"),  # another dtype: not counted
+        rec("patch_embed3d", "compile", 0.01, baseline="compile"),  # a baseline, not ours
+        rec("masking_fill", "ext", 0.1, dtype="fp32"), rec("masking_fill", "triton", 0.2, dtype="fp32"),
+        rec("masked_mse", "ext", 0.1, dtype="fp32"), rec("masked_mse_normpix", "ext", 0.1, dtype="fp32"),
+        rec("masked_mse", "triton", 0.3, dtype="fp32"),
+        rec("masked_mse_normpix", "triton", 0.3, dtype="fp32", check="MISMATCH max err"),
+    ]}
+    validated = [("ext", "patch_embed"), ("triton", "patch_embed"), ("ext", "masked_mse"), ("triton", "masked_mse"),
+                 ("triton", "masking")]
+    order = tool.cuda_order(bench, validated)
+    assert order == {"patch_embed": ("triton", "ext", "reference"), "masking": ("triton", "reference"),
+                     "masked_mse": ("ext", "reference")}
+
+
+def test_auto_follows_the_per_family_cuda_order(monkeypatch):
+    """On CUDA tensors the automatic choice walks CUDA_ORDER[family] (availability and validation
+    permitting); CPU tensors keep ext → reference."""
+    order = {**_backends.CUDA_ORDER, "patch_embed": ("triton", "ext", "reference")}
+    monkeypatch.setattr(_backends, "CUDA_ORDER", order)
+    monkeypatch.setattr(_backends, "availability", lambda name, device: (True, "stub"))
+    monkeypatch.setenv("PYIMPUTMAE_GPU_UNVALIDATED", "1")
+    monkeypatch.delenv("PYIMPUTMAE_BACKEND", raising=False)
+    cuda = torch.device("cuda")
+    assert _backends.resolve("patch_embed", cuda) == "triton"
+    assert _backends.resolve("masking", cuda) == "ext"
+    assert _backends.resolve("patch_embed", torch.device("cpu")) == "ext"
+    monkeypatch.delenv("PYIMPUTMAE_GPU_UNVALIDATED")
+    monkeypatch.setattr(_backends, "GPU_VALIDATED", frozenset({("ext", "patch_embed")}))
+    assert _backends.resolve("patch_embed", cuda) == "ext", "an unvalidated backend is skipped even when first"

@@ -9,6 +9,9 @@ that file, the verdicts its ``-v`` log ``OUTDIR/stage1_test.log`` printed) and `
 of its CUDA test cases passed and none failed; for ``ext`` also every kernel-check case of the
 family passed. Cases of ``tests/test_compile.py`` exercise every family at once, so they count for
 each. Prints one line per pair and the set to put into ``pyimputmae._backends.GPU_VALIDATED``.
+With ``OUTDIR/bench_large.json`` it also prints ``CUDA_ORDER``: per family its validated backends,
+fastest first by the summed ``fwd+bwd`` median time of the family's bench ops in the training dtype
+(bf16 for patch embedding, fp32 for the others) whose correctness guard passed, then the reference.
 Exit status 1 when a case failed.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import re
 import sys
 import xml.etree.ElementTree as ET
@@ -85,6 +89,29 @@ def kernel_check_outcomes(path: Path) -> collections.Counter:
     return counts
 
 
+#: op family → (its bench ops, the dtype training runs them in)
+BENCH_OPS = {"patch_embed": (("patch_embed3d", "patch_embed3d_keep50"), "bf16"),
+             "masking": (("masking_fill",), "fp32"), "masked_mse": (("masked_mse", "masked_mse_normpix"), "fp32")}
+
+
+def cuda_order(bench: dict, validated: list[tuple[str, str]]) -> dict[str, tuple[str, ...]]:
+    """Per family: the validated backends, fastest first (summed fwd+bwd medians over the family's
+    bench ops; a backend missing one of them, or failing its check, is left out), then "reference"."""
+    order = {}
+    for family, (ops, dtype) in BENCH_OPS.items():
+        totals = {}
+        for backend in (b for b, f in validated if f == family):
+            times = [r.get("median_ms") for r in bench["records"]
+                     if r.get("op") in ops and r.get("backend") == backend and r.get("baseline") is None
+                     and r.get("pass") == "fwd+bwd" and r.get("dtype") == dtype and r.get("check") == "ok"]
+            if len(times) == len(ops) and all(t is not None for t in times):
+                totals[backend] = sum(times)
+        for backend, total in sorted(totals.items(), key=lambda kv: kv[1]):
+            print(f"{family:12s} {backend:7s} {total:8.3f} ms (fwd+bwd {dtype}, {' + '.join(ops)})")
+        order[family] = (*sorted(totals, key=totals.get), "reference")
+    return order
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("outdir", type=Path)
@@ -118,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
             if ok:
                 validated.append((backend, family))
     print("GPU_VALIDATED = frozenset({" + ", ".join(f'("{b}", "{f}")' for b, f in validated) + "})")
+    bench_path = opts.outdir / "bench_large.json"
+    if bench_path.exists():
+        order = cuda_order(json.loads(bench_path.read_text(encoding="utf-8")), validated)
+        print("CUDA_ORDER = {" + ", ".join(f'"{f}": {o!r}' for f, o in order.items()) + "}")
+    else:
+        print(f"no {bench_path}: CUDA_ORDER needs the bench's timings")
     return 1 if any_failed else 0
 
 

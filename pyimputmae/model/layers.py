@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .prenorm import norm_linear, norm_mlp
+
 
 def sincos_pos_embed(grid: tuple[int, ...], dim: int) -> torch.Tensor:
     """Fixed sin-cos positions of a row-major patch grid: ``(Π grid, dim)`` float32.
@@ -63,17 +65,26 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                norm: nn.LayerNorm | None = None) -> torch.Tensor:
+        """``norm``: a LayerNorm applied to ``x`` first, fused with the qkv projection
+        (:func:`~.prenorm.norm_linear`: only ``x`` is kept for backward)."""
         B, N, D = x.shape
+        qkv = norm_linear(x, norm, self.qkv) if norm is not None else self.qkv(x)
         # (B, N, 3·D) → 3 × (B, H, N, D/H)
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = qkv.view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         p = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
         return F.dropout(self.proj(out.transpose(1, 2).reshape(B, N, D)), p, self.training)
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: ``x: (B, N, D)`` → ``(B, N, D)``."""
+    """Pre-norm transformer block: ``x: (B, N, D)`` → ``(B, N, D)``.
+
+    Without dropout (pre-training, evaluation) each LayerNorm runs fused with the matmul after it
+    and the MLP recomputes its GELU in backward (:mod:`.prenorm`): the same function and gradients,
+    less activation memory. With dropout in training it runs the plain autograd path.
+    """
 
     def __init__(self, dim: int, heads: int, mlp: int, dropout: float = 0.0) -> None:
         super().__init__()
@@ -85,6 +96,9 @@ class Block(nn.Module):
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if not (self.training and self.dropout > 0):
+            x = x + self.attn(x, attn_mask, norm=self.norm1)
+            return x + norm_mlp(x, self.norm2, self.fc1, self.fc2)
         x = x + self.attn(self.norm1(x), attn_mask)
         h = F.dropout(F.gelu(self.fc1(self.norm2(x))), self.dropout, self.training)
         return x + F.dropout(self.fc2(h), self.dropout, self.training)
