@@ -1,8 +1,25 @@
-"""Shared helpers of the user-facing ops: backend dispatch inside a custom op, autocast."""
+"""Shared helpers of the user-facing ops: backend dispatch, the eager fast path, autocast.
+
+Every op exists twice over the same kernel-level functions (``pyimputmae._backends``):
+
+- a ``torch.library.custom_op`` (``torch.ops.pyimputmae.*``), which ``torch.compile`` and
+  ``torch.export`` trace as one opaque node with a fake (meta) implementation;
+- an eager path: an ``autograd.Function`` built from the *same* ``setup_context`` and ``backward``
+  functions, calling the backend module directly. ``custom_op``'s Python layers (schema checks,
+  pytree, the autograd wrapper, two trips through the dispatcher) cost tens of microseconds a call;
+  on a GPU the ops' kernels take about as long, so a user's eager step (and ``tools/bench.py``)
+  would time Python rather than kernels.
+
+The public functions take the custom op while ``torch.compiler.is_compiling()``, else the eager
+path. Their backwards reach the kernels through ``ctx.kernels``: the backend module itself on the
+eager path, :class:`CustomOpKernels` (the same functions, as the custom ops) on the traced one.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -25,3 +42,48 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
 
 def check_backend_arg(backend: str) -> str:
     return _backends.canonical(backend)
+
+
+def traced() -> bool:
+    """Is ``torch.compile`` / ``torch.export`` tracing this call (take the custom op)?"""
+    return torch.compiler.is_compiling()
+
+
+class CustomOpKernels:
+    """Kernel-level functions with a backend module's signatures that call the custom ops instead:
+    what a backward reaches the kernels through when it is traced. ``ops``: name → custom op
+    taking the module function's arguments followed by the backend name."""
+
+    def __init__(self, ops: dict[str, Callable[..., Any]], backend: str) -> None:
+        self._ops, self._backend = ops, backend
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        op = self._ops[name]
+        return lambda *args: op(*args, self._backend)
+
+
+def kernels(spec: ModuleType | str, ops: dict[str, Callable[..., Any]]) -> ModuleType | CustomOpKernels:
+    """The last argument of an op's forward → what its backward calls kernels through: a backend
+    module (the eager path) as it is, a backend name (the custom op) as :class:`CustomOpKernels`."""
+    return CustomOpKernels(ops, spec) if isinstance(spec, str) else spec
+
+
+def eager_function(name: str, forward: Callable[..., Any], setup_context: Callable[..., None],
+                   backward: Callable[..., Any]) -> type[torch.autograd.Function]:
+    """An ``autograd.Function`` from a custom op's implementation and its registered autograd
+    functions: ``forward(*args)``, ``setup_context(ctx, inputs, output)``, ``backward(ctx, *grads)``.
+    Its last argument is the backend module where the custom op takes the backend's name, so
+    ``ctx.needs_input_grad`` means the same on both paths. (The classic ``forward(ctx, ...)`` form:
+    with a ``setup_context`` method, ``Function.apply`` binds the arguments through ``inspect`` on
+    every call, ~50 µs.)"""
+
+    def run(ctx, *args):
+        output = forward(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(run),
+        "backward": staticmethod(backward),
+        "__doc__": f"The eager path of ``pyimputmae::{name}`` (see ``pyimputmae.ops._common``).",
+    })

@@ -10,10 +10,11 @@ second pass over ``pred`` exist. A repeated backward through the same graph
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..reference.masked_mse import accumulation_dtype, mse_weights
 from ..reference.patch_embed import check_patch_input
-from ._common import backend_for, check_backend_arg
+from ._common import backend_for, check_backend_arg, eager_function, kernels, traced
 
 
 @torch.library.custom_op("pyimputmae::masked_mse", mutates_args=())
@@ -39,7 +40,7 @@ def _(grad, scale, backend):
 
 
 def _setup(ctx, inputs, output):
-    ctx.backend = inputs[-1]
+    ctx.kernels = kernels(inputs[-1], {"scale_grad_": _scale_grad})  # a backend name or module (_common)
     # held as an attribute, not through save_for_backward: the backward scales it in place
     ctx.grad, ctx.applied = output[1], None
     ctx.mark_non_differentiable(output[1])
@@ -54,7 +55,7 @@ def _backward(ctx, grad_loss, _grad_grad):
     scale = grad_loss.reshape(1).to(accumulation_dtype(ctx.grad.dtype))
     if ctx.applied is None:
         # the usual single backward: scale the saved gradient in place, no extra pass when scale == 1
-        _scale_grad(ctx.grad, scale, ctx.backend)
+        ctx.kernels.scale_grad_(ctx.grad, scale)
         ctx.applied = scale
         return ctx.grad, None, None, None, None, None
     # a repeated backward through the same graph (retain_graph=True, gradcheck): the saved gradient
@@ -64,6 +65,9 @@ def _backward(ctx, grad_loss, _grad_grad):
 
 
 _masked_mse.register_autograd(_backward, setup_context=_setup)
+_MaskedMSEEager = eager_function(
+    "masked_mse", lambda pred, x, w, patch, norm_pix, mod: mod.masked_mse_forward(pred, x, w, patch, norm_pix),
+    _setup, once_differentiable(_backward))
 
 
 def masked_mse(
@@ -99,6 +103,7 @@ def masked_mse(
         raise ValueError(f"present must be (B,) = ({B},), got {tuple(present.shape)}")
     if norm_pix and P < 2:
         raise ValueError("norm_pix needs at least 2 values per patch")
-    w = mse_weights(mask, present).contiguous()
-    loss, _ = _masked_mse(pred.contiguous(), x.detach().contiguous(), w, patch, norm_pix, backend)
-    return loss
+    args = (pred.contiguous(), x.detach().contiguous(), mse_weights(mask, present).contiguous(), patch, norm_pix)
+    if traced():
+        return _masked_mse(*args, backend)[0]
+    return _MaskedMSEEager.apply(*args, backend_for("masked_mse", pred.device, backend))[0]

@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..reference.masking import keep_counts
-from ._common import autocast_dtype, backend_for, check_backend_arg
+from ._common import autocast_dtype, backend_for, check_backend_arg, eager_function, kernels, traced
 
 
 @torch.library.custom_op("pyimputmae::random_keep", mutates_args=())
@@ -61,36 +62,52 @@ def _(grad, mask, backend):
     return grad.new_empty(grad.shape[2])
 
 
+#: what a traced backward calls the kernels through (``_common.kernels``)
+_OPS = {"gather_visible": _gather_visible, "unshuffle_fill": _unshuffle_fill, "hidden_sum": _hidden_sum}
+
+
 def _gather_setup(ctx, inputs, output):
-    _, ids_keep, mask, backend = inputs
+    _, ids_keep, mask, spec = inputs  # spec: the backend's name (custom op) or module (eager path)
     ctx.save_for_backward(ids_keep, mask)
-    ctx.backend = backend
+    ctx.kernels = kernels(spec, _OPS)
 
 
 def _gather_backward(ctx, grad):
     ids_keep, mask = ctx.saved_tensors
     zero = grad.new_zeros(grad.shape[-1])
-    return _unshuffle_fill(grad.contiguous(), ids_keep, mask, zero, ctx.backend), None, None, None
+    return ctx.kernels.unshuffle_fill(grad.contiguous(), ids_keep, mask, zero), None, None, None
 
 
 _gather_visible.register_autograd(_gather_backward, setup_context=_gather_setup)
+_GatherEager = eager_function("gather_kept", lambda tokens, ids, mask, mod: mod.gather_visible(tokens, ids, mask),
+                              _gather_setup, once_differentiable(_gather_backward))
 
 
 def _fill_setup(ctx, inputs, output):
-    _, ids_keep, mask, _, backend = inputs
+    _, ids_keep, mask, _, spec = inputs
     ctx.save_for_backward(ids_keep, mask)
-    ctx.backend = backend
+    ctx.kernels = kernels(spec, _OPS)
 
 
 def _fill_backward(ctx, grad):
     ids_keep, mask = ctx.saved_tensors
     grad = grad.contiguous()
-    gx = _gather_visible(grad, ids_keep, mask, ctx.backend) if ctx.needs_input_grad[0] else None
-    gt = _hidden_sum(grad, mask, ctx.backend) if ctx.needs_input_grad[3] else None
+    gx = ctx.kernels.gather_visible(grad, ids_keep, mask) if ctx.needs_input_grad[0] else None
+    gt = ctx.kernels.hidden_sum(grad, mask) if ctx.needs_input_grad[3] else None
     return gx, None, None, gt, None
 
 
 _unshuffle_fill.register_autograd(_fill_backward, setup_context=_fill_setup)
+_FillEager = eager_function("fill_masked", lambda x, ids, mask, token, mod: mod.unshuffle_fill(x, ids, mask, token),
+                            _fill_setup, once_differentiable(_fill_backward))
+
+
+def _select(present: torch.Tensor, lengths: list[int], keeps: list[int], rng: torch.Tensor, backend: str):
+    """``select_keep`` on the traced path (the custom op) or the eager one (the backend's function)."""
+    present = present.to(torch.bool).contiguous()
+    if traced():
+        return _select_keep(present, lengths, keeps, rng, backend)
+    return backend_for("masking", present.device, backend).select_keep(present, lengths, keeps, rng)
 
 
 def _check_layout(B: int, L: int, lengths: Sequence[int], present: torch.Tensor) -> None:
@@ -122,8 +139,7 @@ def random_keep(
         raise ValueError(f"rng must be a (2,) int64 tensor (seed, offset), got {tuple(rng.shape)} {rng.dtype}")
     if rng.device != present.device:
         raise ValueError(f"rng is on {rng.device} but present is on {present.device}: keep rng on the device")
-    keeps = keep_counts(lengths, ratios)
-    return _select_keep(present.to(torch.bool).contiguous(), lengths, keeps, rng, backend)
+    return _select(present, lengths, keep_counts(lengths, ratios), rng, backend)
 
 
 def random_masking(
@@ -154,10 +170,11 @@ def random_masking(
         raise ValueError(f"rng must be a (2,) int64 tensor (seed, offset), got {tuple(rng.shape)} {rng.dtype}")
     if rng.device != tokens.device:
         raise ValueError(f"rng is on {rng.device} but tokens are on {tokens.device}: keep rng on the device")
-    keeps = keep_counts(lengths, ratios)
-    ids_keep, mask = _select_keep(present.to(torch.bool).contiguous(), lengths, keeps, rng, backend)
-    visible = _gather_visible(tokens.contiguous(), ids_keep, mask, backend)
-    return visible, ids_keep, mask
+    ids_keep, mask = _select(present, lengths, keep_counts(lengths, ratios), rng, backend)
+    if traced():
+        return _gather_visible(tokens.contiguous(), ids_keep, mask, backend), ids_keep, mask
+    mod = backend_for("masking", tokens.device, backend)
+    return _GatherEager.apply(tokens.contiguous(), ids_keep, mask, mod), ids_keep, mask
 
 
 def unshuffle_fill(
@@ -181,5 +198,8 @@ def unshuffle_fill(
     if mask_token.shape != (x.shape[2],):
         raise ValueError(f"mask_token must be (E,) = ({x.shape[2]},), got {tuple(mask_token.shape)}")
     dtype = autocast_dtype(x.device) or x.dtype
-    return _unshuffle_fill(x.to(dtype).contiguous(), ids_keep.contiguous(), mask.to(torch.bool).contiguous(),
-                           mask_token.to(dtype).contiguous(), backend)
+    args = (x.to(dtype).contiguous(), ids_keep.contiguous(), mask.to(torch.bool).contiguous(),
+            mask_token.to(dtype).contiguous())
+    if traced():
+        return _unshuffle_fill(*args, backend)
+    return _FillEager.apply(*args, backend_for("masking", x.device, backend))

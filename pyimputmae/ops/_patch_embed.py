@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..reference.masked_mse import accumulation_dtype
 from ..reference.patch_embed import check_patch_input
-from ._common import autocast_dtype, backend_for, check_backend_arg
+from ._common import autocast_dtype, backend_for, check_backend_arg, eager_function, kernels, traced
 
 
 @torch.library.custom_op("pyimputmae::patch_embed", mutates_args=())
@@ -53,9 +54,9 @@ def _(grad_out, x, weight, keep, patch, need_x, need_weight, backend):
 
 
 def _setup(ctx, inputs, output):
-    x, weight, bias, pos, keep, patch, backend = inputs
+    x, weight, bias, pos, keep, patch, spec = inputs  # spec: a backend name or module (_common)
     ctx.save_for_backward(x, weight, keep)
-    ctx.patch, ctx.backend = patch, backend
+    ctx.patch, ctx.kernels = patch, kernels(spec, {"patch_embed_backward": _patch_embed_backward})
     ctx.has_bias, ctx.pos_rows = bias is not None, (pos.shape[0] if pos is not None else 0)
 
 
@@ -64,7 +65,7 @@ def _backward(ctx, grad):
     need_x, need_w, need_b, need_pos = ctx.needs_input_grad[:4]
     gx = gw = gb = gpos = None
     if need_x or need_w:
-        gx, gw = _patch_embed_backward(grad, x, weight, keep, ctx.patch, need_x, need_w, ctx.backend)
+        gx, gw = ctx.kernels.patch_embed_backward(grad.contiguous(), x, weight, keep, ctx.patch, need_x, need_w)
         gx = gx if need_x else None
         gw = gw if need_w else None
     E = grad.shape[-1]
@@ -82,6 +83,9 @@ def _backward(ctx, grad):
 
 
 _patch_embed.register_autograd(_backward, setup_context=_setup)
+_PatchEmbedEager = eager_function(
+    "patch_embed", lambda x, w, b, pos, keep, patch, mod: mod.patch_embed_forward(x, w, b, pos, keep, patch),
+    _setup, once_differentiable(_backward))
 
 
 def patch_embed(
@@ -127,5 +131,7 @@ def patch_embed(
         x = x.to(dtype)
     bias = bias.to(dtype) if bias is not None else None
     pos = pos.to(dtype) if pos is not None else None
-    return _patch_embed(x.contiguous(), weight.contiguous(), bias, pos.contiguous() if pos is not None else None,
-                        keep, patch, backend)
+    args = (x.contiguous(), weight.contiguous(), bias, pos.contiguous() if pos is not None else None, keep, patch)
+    if traced():
+        return _patch_embed(*args, backend)
+    return _PatchEmbedEager.apply(*args, backend_for("patch_embed", x.device, backend))

@@ -1,0 +1,87 @@
+"""The ops' two paths (pyimputmae.ops._common): eager calls reach the backend's kernels without the
+custom op's Python layers; torch.compile traces the custom ops; both give the same results."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from pyimputmae import masked_mse, patch_embed, random_masking, unshuffle_fill
+
+#: the custom ops (what torch.compile sees), as opposed to the kernel-level ops of the extension
+CUSTOM_OPS = {"random_keep", "gather_kept", "fill_masked", "masked_token_grad", "masked_mse", "scale_grad",
+              "patch_embed", "patch_embed_grad"}
+
+
+class OpNames(TorchDispatchMode):
+    """Records the ``pyimputmae::`` ops that reach the dispatcher."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "pyimputmae":
+            self.names.add(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+def _forward(backend: str, x: torch.Tensor, w: torch.Tensor, token: torch.Tensor, head: torch.Tensor):
+    """Every op's forward on small inputs → (masked-MSE loss, the filled tokens)."""
+    tokens = patch_embed(x, w, None, patch=4, backend=backend)  # (2, 4, 6)
+    present = torch.tensor([[True, True], [True, False]])
+    visible, ids, mask = random_masking(tokens, (2, 2), 0.5, present, torch.tensor([3, 4]), backend=backend)
+    full = unshuffle_fill(visible * 2, ids, mask, token, backend=backend)
+    return masked_mse(full @ head, x, mask, present[:, 0], patch=4, backend=backend), full
+
+
+def _step(backend: str, forward=_forward) -> tuple[torch.Tensor, ...]:
+    """``forward`` and the backward of its loss → the loss, the filled tokens and the gradients."""
+    torch.manual_seed(0)
+    x, head = torch.randn(2, 1, 8, 8), torch.randn(6, 16)
+    w, token = torch.randn(6, 16, requires_grad=True), torch.randn(6, requires_grad=True)
+    loss, full = forward(backend, x, w, token, head)
+    return (loss, full, *torch.autograd.grad(loss, (w, token)))
+
+
+def test_eager_calls_reach_the_kernels_without_the_custom_ops(ext_backend_or_skip):
+    with OpNames() as seen:
+        _step("ext")
+    assert seen.names, "the extension's kernel-level ops should reach the dispatcher"
+    assert not seen.names & CUSTOM_OPS, f"eager calls went through the custom ops {seen.names & CUSTOM_OPS}"
+
+
+def test_compiled_step_traces_the_custom_ops_and_equals_eager():
+    torch._dynamo.reset()
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(_forward, backend=record, fullgraph=True)
+    got, want = _step("reference", compiled), _step("reference")
+    targets = {str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"}
+    assert any("pyimputmae.fill_masked" in t for t in targets), f"no custom op in the traced graph: {targets}"
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_eager_backward_refuses_a_second_order_gradient():
+    """The backwards are first-order only: asking for a second order raises, it is never silently 0."""
+    x = torch.randn(2, 1, 8, 8)
+    w = torch.randn(6, 16, requires_grad=True)
+    out = patch_embed(x, w, None, patch=4, backend="reference")
+    (gw,) = torch.autograd.grad(out.square().sum(), w, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice|not have been used in the graph"):
+        torch.autograd.grad(gw.sum(), w)
+
+
+@pytest.fixture
+def ext_backend_or_skip():
+    from pyimputmae import _backends
+
+    ok, why = _backends.availability("ext", torch.device("cpu"))
+    if not ok:
+        pytest.skip(f"ext: {why}")
