@@ -19,6 +19,7 @@
 #          (tools/gpu_validated.py)                                 -> validated.txt
 #          (only the Triton cases, with PYIMPUTMAE_NO_EXT=1, when the extension does not load)
 #   bench  tools/bench.py --device cuda --size large --quick          -> bench_large.json
+#          then tools/op_overhead.py (host time per op call), ext and triton -> stage2_op_overhead.log
 #   e2e    tools/e2e_step.py (pre-training step) and the plain-PyTorch anchor
 #          ref_step_bench.py                                         -> e2e.json, ref_step.json
 #          (the anchor is looked for in ../shared/anchors, then shared/anchors in the repo; e2e_step.py
@@ -283,6 +284,12 @@ stage_bench() {
   wait_warmups
   run_step bench-large "${BENCH_LARGE_TIMEOUT_S:-150}" "$OUT/stage2_bench_large.log" \
     "$PY" tools/bench.py --device cuda --size large --quick --json "$OUT/bench_large.json"
+  # host time per op call (tiny tensors): what a bench figure is made of when it is not the kernels
+  local backend
+  for backend in ext triton; do
+    run_step "overhead-$backend" 30 "$OUT/stage2_op_overhead.log" \
+      env PYIMPUTMAE_GPU_UNVALIDATED=1 "$PY" tools/op_overhead.py --device cuda --backend "$backend" --rounds 5
+  done
 }
 
 stage_paper() {
