@@ -13,10 +13,14 @@ from .ops import masked_mse, patch_embed, random_keep, random_masking, unshuffle
 
 def __getattr__(name: str):
     # the training entry points import the model, lazily: `import pyimputmae` stays light
-    if name in ("train", "load", "TrainConfig"):
+    if name in ("train", "TrainConfig"):
         from . import training
 
         return getattr(training, name)
+    if name == "load":
+        from .inference import load
+
+        return load
     raise AttributeError(f"module 'pyimputmae' has no attribute {name!r}")
 
 

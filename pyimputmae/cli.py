@@ -74,7 +74,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _load_for_inference(args: argparse.Namespace):
     from .data.store import load_cohort
-    from .training import load
+    from .inference import load
 
     model = load(args.model, args.device)
     cohort = load_cohort(args.data)
@@ -86,8 +86,8 @@ def _predict(args: argparse.Namespace) -> int:
     import numpy as np
     import pandas as pd
 
+    from .inference import predict_survival
     from .model.survival import SurvivalModel
-    from .training import predict_survival
 
     model, cohort, rows = _load_for_inference(args)
     if not isinstance(model, SurvivalModel):

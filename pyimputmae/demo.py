@@ -22,8 +22,9 @@ import torch
 from .baselines import coxph_clinical
 from .data.cohort import Cohort
 from .data.synthetic import make_cohort
+from .inference import predict_survival
 from .model.config import ModelConfig
-from .training import TrainResult, predict_survival, train
+from .training import TrainResult, train
 
 #: Settings of the demo's training runs (small model; sized for ~2 minutes per arm on 2 CPU cores).
 DEMO_SETTINGS: dict[str, Any] = {
