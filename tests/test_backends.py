@@ -64,6 +64,8 @@ def test_gpu_validated_reads_which_pairs_passed_on_the_gpu(tmp_path, capsys):
     assert tool.main([str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert 'GPU_VALIDATED = frozenset({("ext", "masking"), ("ext", "masked_mse"), ("triton", "masked_mse")})' in out
+    # no bench_large.json: the default order among the validated pairs names what e2e runs with
+    assert out.rstrip().endswith("PYIMPUTMAE_BACKEND=patch_embed=reference,masking=ext,masked_mse=ext")
 
 
 def test_gpu_validated_falls_back_to_the_verbose_log_of_a_stopped_run(tmp_path, capsys):

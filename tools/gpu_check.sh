@@ -24,7 +24,9 @@
 #          ref_step_bench.py                                         -> e2e.json, ref_step.json
 #          (the anchor is looked for in ../shared/anchors, then shared/anchors in the repo; e2e_step.py
 #          runs it in the same call and ref_step.json is taken from e2e.json, else it runs on its own)
-#          and, with what is left, tools/saved_activations.py       -> stage3_activations.log
+#          with PYIMPUTMAE_BACKEND set to the fastest backend per op family among those the test
+#          stage validated (tools/gpu_validated.py); with what is left, tools/saved_activations.py
+#                                                                    -> stage3_activations.log
 #          (builds the extension first when the machine has none: a second call on a fresh machine)
 #   paper  tools/bench.py --device cuda --size paper --quick          -> bench_paper.json
 #   sanitize  tools/cuda_kernel_check.py under compute-sanitizer memcheck, racecheck and synccheck
@@ -306,6 +308,12 @@ stage_e2e() {
     stage_build
   fi
   wait_warmups
+  # the backends this run validated and found fastest (tools/gpu_validated.py), when it tested any
+  local choice=""
+  if [[ -f $OUT/junit_ops.xml || -f $OUT/stage1_test.log ]]; then
+    choice=$("$PY" tools/gpu_validated.py "$OUT" 2>/dev/null | grep '^PYIMPUTMAE_BACKEND=' | cut -d= -f2-)
+    echo "== e2e: backends from this run's validation: ${choice:-none found, the automatic choice}"
+  fi
   if [[ -f tools/e2e_step.py ]]; then
     local limit=${E2E_TIMEOUT_S:-240} left args=(--json "$OUT/e2e.json")
     left=$(remaining)
@@ -313,7 +321,8 @@ stage_e2e() {
     # e2e_step.py keeps inside its own budget and runs the anchor itself, on the same card
     grep -q -- '"--budget-s"' tools/e2e_step.py && args+=(--budget-s "$((limit > 40 ? limit - 20 : 20))")
     [[ -n $anchor ]] && grep -q -- '"--ref"' tools/e2e_step.py && args+=(--ref "$anchor")
-    run_step e2e "$limit" "$OUT/stage3_e2e.log" "$PY" tools/e2e_step.py "${args[@]}"
+    run_step e2e "$limit" "$OUT/stage3_e2e.log" env ${choice:+PYIMPUTMAE_BACKEND="$choice"} \
+      "$PY" tools/e2e_step.py "${args[@]}"
   else
     skip e2e "tools/e2e_step.py does not exist yet"
   fi

@@ -12,6 +12,9 @@ each. Prints one line per pair and the set to put into ``pyimputmae._backends.GP
 With ``OUTDIR/bench_large.json`` it also prints ``CUDA_ORDER``: per family its validated backends,
 fastest first by the summed ``fwd+bwd`` median time of the family's bench ops in the training dtype
 (bf16 for patch embedding, fp32 for the others) whose correctness guard passed, then the reference.
+The last line, ``PYIMPUTMAE_BACKEND=family=backend,...``, names the first of each family's order:
+``tools/gpu_check.sh`` runs the end-to-end step with it, so that the step uses what the same run
+validated and found fastest.
 Exit status 1 when a case failed.
 """
 
@@ -150,7 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         order = cuda_order(json.loads(bench_path.read_text(encoding="utf-8")), validated)
         print("CUDA_ORDER = {" + ", ".join(f'"{f}": {o!r}' for f, o in order.items()) + "}")
     else:
-        print(f"no {bench_path}: CUDA_ORDER needs the bench's timings")
+        print(f"no {bench_path}: CUDA_ORDER needs the bench's timings; the default order below")
+        order = {f: (*(b for b in BACKENDS if (b, f) in validated), "reference") for f in FAMILIES}
+    # what the end-to-end stage runs with: per family the first of that order (validated in this run)
+    print("PYIMPUTMAE_BACKEND=" + ",".join(f"{f}={o[0]}" for f, o in order.items()))
     return 1 if any_failed else 0
 
 
