@@ -342,10 +342,13 @@ def patch_embed_forward(
     pos: torch.Tensor | None,
     keep: torch.Tensor | None,
     patch: int,
+    config: dict | None = None,
 ) -> torch.Tensor:
     """x: ``(B, C, *S)``; weight: ``(E, C·p^k)``; bias: ``(E,)``; pos: ``(L, E)``; keep: ``(B, K)`` int64
     → ``(B, L or K, E)`` in weight's dtype (bias and pos share it; x may be wider, its patches are
-    rounded to it as they are read), fp32 accumulation (fp64 for fp64)."""
+    rounded to it as they are read), fp32 accumulation (fp64 for fp64). ``config``: tiles to use
+    instead of the fixed choice (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``num_warps``, ``num_stages``;
+    ``tools/patch_embed_sweep.py`` times a few on a GPU)."""
     geo = patch_geometry(x, patch)
     E, F = weight.shape
     if F != geo["F"]:
@@ -366,7 +369,7 @@ def patch_embed_forward(
     flags = dict(PD=geo["PD"], PH=geo["PH"], PW=geo["PW"], HAS_BIAS=bias is not None, HAS_POS=pos is not None,
                  HAS_KEEP=keep is not None, DOT=dot, PRECISION=precision)
     radices = (geo["PW"], geo["PH"], geo["PD"], geo["C"])
-    cfg = _forward_config(weight.dtype, rows, E, num_sms(x))
+    cfg = dict(config) if config is not None else _forward_config(weight.dtype, rows, E, num_sms(x))
     block_k = cfg["BLOCK_K"]
     flags.update(VEC=vector_width(geo["PW"], block_k), SEPARABLE=separable(block_k, radices),
                  EVEN_K=F % block_k == 0)

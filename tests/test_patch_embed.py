@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from op_testing import PatchInput, assert_bf16_no_worse_than_torch, assert_close, kernel_level_op
+from op_testing import PatchInput, assert_bf16_no_worse_than_torch, assert_close, backend_skip_reason, kernel_level_op
 from torch import nn
 
 from pyimputmae import _backends, patch_embed
@@ -334,3 +334,24 @@ def test_rejects_bad_shapes_with_a_clear_message(bad, message):
             "keep": None, **bad}
     with pytest.raises(ValueError, match=message):
         patch_embed(args["x"], args["weight"], args["bias"], args["pos"], args["keep"], patch=4)
+
+
+def test_tile_sweep_tool_dry_runs_and_checks_every_configuration(tmp_path):
+    """tools/patch_embed_sweep.py (a GPU measurement) on CPU tensors under the Triton interpreter:
+    every configuration is checked against F.linear of the patchified input before it is timed."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    reason = backend_skip_reason("triton", torch.device("cpu"), ["patch_embed"])
+    if reason:
+        pytest.skip(reason)
+    path = Path(__file__).resolve().parents[1] / "tools" / "patch_embed_sweep.py"
+    spec = importlib.util.spec_from_file_location("patch_embed_sweep", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--device", "cpu", "--size", "tiny", "--json", str(tmp_path / "sweep.json")]) == 0
+    records = json.loads((tmp_path / "sweep.json").read_text())["records"]
+    triton_runs = [r for r in records if r["impl"] == "triton"]
+    assert len(triton_runs) == 2 * len(tool.TINY_CONFIGS)
+    assert all(r["max_rel_err"] < 1e-4 for r in triton_runs)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Checks for a fresh GPU machine (H100/H200; torch, triton, nvcc, ncu there; no network).
 #
-#   tools/gpu_check.sh OUTDIR [stages...]        default stages: env build test bench e2e paper
+#   tools/gpu_check.sh OUTDIR [stages...]        default stages: env build test bench e2e sweep paper
 #                                               (other: sanitize)
 #
 #   env    nvidia-smi, python/torch/triton/nvcc versions              -> OUTDIR/env.txt
@@ -28,17 +28,21 @@
 #          stage validated (tools/gpu_validated.py); with what is left, tools/saved_activations.py
 #                                                                    -> stage3_activations.log
 #          (builds the extension first when the machine has none: a second call on a fresh machine)
+#   sweep  tools/patch_embed_sweep.py: the Triton patch-embedding forward under a few tile
+#          configurations, large size, bf16                          -> patch_embed_sweep.json
 #   paper  tools/bench.py --device cuda --size paper --quick          -> bench_paper.json
 #   sanitize  tools/cuda_kernel_check.py under compute-sanitizer memcheck, racecheck and synccheck
 #          (~1 minute each)                                          -> stage4_sanitize_<tool>.log
 #
-# Every stage runs under its own timeout, clamped to what is left of GPU_CHECK_BUDGET_S, and
-# writes its files into OUTDIR as it finishes, so a stage that overruns leaves the others' results.
+# Every stage runs under its own timeout, clamped to what is left of GPU_CHECK_BUDGET_S, and its
+# files are bundled as it finishes, so a stage that overruns leaves the others' results. The files
+# named above are inside OUTDIR/gpu_check.tar.gz (the device tool returns at most 8 files); copies
+# of summary.tsv, validated.txt, bench_large.json, e2e.json and patch_embed_sweep.json lie beside it.
 # A stage runs even when the one before it failed. OUTDIR/summary.tsv: stage, status, seconds, log.
 #
 # Knobs (environment): PYTHON (python3), GPU_CHECK_BUDGET_S (580: the whole script), BUILD_TIMEOUT_S
 # (240), TEST_TIMEOUT_S (120), TEST_WORKERS (8), BENCH_LARGE_TIMEOUT_S (150), E2E_TIMEOUT_S (240),
-# BENCH_PAPER_TIMEOUT_S (120), REF_STEP_TIMEOUT_S (180), SANITIZE_TIMEOUT_S (150 per tool),
+# SWEEP_TIMEOUT_S (90), BENCH_PAPER_TIMEOUT_S (120), REF_STEP_TIMEOUT_S (180), SANITIZE_TIMEOUT_S (150 per tool),
 # GPU_CHECK_WARM=0 (no background compilation), WARM_WAIT_S (60: how long a timed stage waits for
 # an unfinished warm-up before stopping it), GPU_CHECK_FORCE=1 (run the GPU stages without a
 # visible GPU).
@@ -51,10 +55,15 @@ if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
   exit 2
 fi
 mkdir -p "$1" || exit 2
-OUT=$(cd "$1" && pwd)
+# The device tool brings back at most 8 files from its $OUT: every stage writes into a work folder,
+# and after each stage bundle() puts all of it into OUTDIR/gpu_check.tar.gz, beside copies of the
+# few files read first (KEY_FILES). So OUTDIR never holds more than 1 + ${#KEY_FILES[@]} files.
+FINAL=$(cd "$1" && pwd)
+OUT=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX") || exit 2
+KEY_FILES=(summary.tsv validated.txt bench_large.json e2e.json patch_embed_sweep.json)
 shift
 STAGES=("$@")
-[[ ${#STAGES[@]} -eq 0 ]] && STAGES=(env build test bench e2e paper)
+[[ ${#STAGES[@]} -eq 0 ]] && STAGES=(env build test bench e2e sweep paper)
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT" || exit 2
@@ -69,6 +78,12 @@ OP_TESTS=(tests/test_patch_embed.py tests/test_masking.py tests/test_masked_mse.
           tests/test_compile.py)
 
 remaining() { echo $((BUDGET - ($(date +%s) - START))); }
+
+bundle() {  # OUTDIR/gpu_check.tar.gz: everything written so far (written aside, then moved in)
+  local f tmp="$OUT.tar.gz"
+  for f in "${KEY_FILES[@]}"; do [[ -f $OUT/$f ]] && cp "$OUT/$f" "$FINAL/$f"; done
+  tar -czf "$tmp" -C "$OUT" . 2>/dev/null && mv -f "$tmp" "$FINAL/gpu_check.tar.gz"
+}
 
 note() {  # stage status seconds detail
   printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$SUMMARY"
@@ -99,6 +114,7 @@ run_step() {
   esac
   note "$name" "$status" "$(($(date +%s) - t0))" "$(basename "$log")"
   echo "== $name: $status" | tee -a "$log"
+  bundle
   return $rc
 }
 
@@ -294,6 +310,12 @@ stage_bench() {
   done
 }
 
+stage_sweep() {
+  wait_warmups
+  run_step sweep "${SWEEP_TIMEOUT_S:-90}" "$OUT/stage2_sweep.log" \
+    "$PY" tools/patch_embed_sweep.py --json "$OUT/patch_embed_sweep.json"
+}
+
 stage_paper() {
   wait_warmups
   run_step bench-paper "${BENCH_PAPER_TIMEOUT_S:-120}" "$OUT/stage2_bench_paper.log" \
@@ -353,20 +375,20 @@ echo "gpu_check: stages ${STAGES[*]} -> $OUT (budget ${BUDGET}s)"
 for stage in "${STAGES[@]}"; do
   case $stage in
     env) stage_env ;;
-    build | test | bench | e2e | paper | sanitize)
+    build | test | bench | e2e | sweep | paper | sanitize)
       if [[ $HAVE_GPU != 1 ]]; then
         skip "$stage" "no GPU ($GPU_WHY); GPU_CHECK_FORCE=1 runs it anyway"
       else
         "stage_$stage"
       fi
       ;;
-    *) skip "$stage" "unknown stage (env build test bench e2e paper sanitize)" ;;
+    *) skip "$stage" "unknown stage (env build test bench e2e sweep paper sanitize)" ;;
   esac
 done
 
 wait_warmups
 echo
-echo "== gpu_check summary ($(($(date +%s) - START))s of ${BUDGET}s; files in $OUT)"
+echo "== gpu_check summary ($(($(date +%s) - START))s of ${BUDGET}s; work folder $OUT)"
 column -t -s $'\t' "$SUMMARY" 2>/dev/null || cat "$SUMMARY"
 for f in "$OUT"/bench_*.json; do
   [[ -f $f ]] || continue
@@ -386,5 +408,7 @@ if [[ -f $OUT/junit_ops.xml || -f $OUT/stage1_kernel_check.log ]]; then
   echo "== which (backend, family) pairs this run validated (tools/gpu_validated.py)"
   "$PY" tools/gpu_validated.py "$OUT" | tee "$OUT/validated.txt"
 fi
+bundle
+echo "== files: $FINAL/gpu_check.tar.gz (everything; tar -xzf it) and $(cd "$FINAL" && ls | grep -v '^gpu_check.tar.gz$' | tr '\n' ' ')"
 # 1 when a stage failed or ran out of time (the others still ran and left their files)
 ! cut -f2 "$SUMMARY" | grep -q -e '^FAIL' -e '^TIMEOUT'

@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""Time the Triton patch-embedding forward under a few fixed tile configurations (a GPU measurement).
+
+    python tools/patch_embed_sweep.py --json out/patch_embed_sweep.json          # H100 / H200, ~1 minute
+    TRITON_INTERPRET=1 python tools/patch_embed_sweep.py --device cpu --size tiny  # the CPU dry run
+
+The library launches one fixed configuration (``kernels/patch_embed.py``: ``_forward_config``); this
+measures the alternatives on the bench's ``large`` shape (x ``(32, 4, 64, 64, 64)``, patch 8, E = 384,
+bf16), every patch and a random half (``keep``), so that the fixed choice can follow a measurement.
+Each configuration is checked against ``F.linear`` of the patchified input first (a mismatch is
+reported, never timed), then timed with ``triton.testing.do_bench`` (median). Reshape + ``F.linear``
+(eager, the bench's baseline without compilation) is timed in the same run as the anchor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+#: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); the first is the library's fixed choice
+CONFIGS = [
+    (128, 128, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+    (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+    (128, 128, 128, 8, 2),
+    (64, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4),
+]
+TINY_CONFIGS = [(16, 16, 16, 4, 1), (32, 16, 16, 4, 1)]
+SIZES = {"large": dict(B=32, C=4, S=64, patch=8, E=384), "tiny": dict(B=2, C=2, S=8, patch=4, E=16)}
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """``(B, C, S, S, S)`` → ``(B, L, C·p³)`` in the kernels' feature order ``(c, i, j, l)``."""
+    B, C, S = x.shape[0], x.shape[1], x.shape[2]
+    g = S // p
+    return x.view(B, C, g, p, g, p, g, p).permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(B, g**3, C * p**3)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--size", default="large", choices=tuple(SIZES))
+    parser.add_argument("--json", type=Path, default=None)
+    opts = parser.parse_args(argv)
+    from pyimputmae import _backends
+
+    kernels = _backends.module("triton")
+    dev = torch.device(opts.device)
+    shape = SIZES[opts.size]
+    B, C, S, p, E = (shape[k] for k in ("B", "C", "S", "patch", "E"))
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    x = torch.randn(B, C, S, S, S, device=dev, dtype=dtype)
+    w = torch.randn(E, C * p**3, device=dev, dtype=dtype) * (C * p**3) ** -0.5
+    b = torch.randn(E, device=dev, dtype=dtype)
+    L = (S // p) ** 3
+    keep = torch.rand(B, L, device=dev).argsort(1)[:, : L // 2].contiguous()
+    cases = {"all": None, "keep50": keep}
+    if dev.type == "cuda":
+        from triton.testing import do_bench
+
+        def time_ms(fn):
+            return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    else:
+        def time_ms(fn):
+            start = time.perf_counter()
+            fn()
+            return (time.perf_counter() - start) * 1e3
+
+    records = []
+    patches = patchify(x, p)
+    for case, k in cases.items():
+        n = L if k is None else k.shape[1]
+        flops = 2 * B * n * E * C * p**3
+        rows = patches if k is None else patches.gather(1, k[..., None].expand(-1, -1, patches.shape[2]))
+        want = F.linear(rows, w, b)
+        ms = time_ms(lambda: F.linear(patchify(x, p), w, b))  # every patch, as eager code embeds them
+        records.append({"case": case, "impl": "eager reshape + F.linear (all patches)", "median_ms": ms,
+                        "tflops": 2 * B * L * E * C * p**3 / (ms * 1e-3) / 1e12})
+        for cfg in TINY_CONFIGS if opts.size == "tiny" else CONFIGS:
+            config = dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), cfg))
+            rec = {"case": case, "impl": "triton", "config": config}
+            try:
+                got = kernels.patch_embed_forward(x, w, b, None, k, p, config=config)
+                err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+                rec["max_rel_err"] = err
+                if not err <= 2e-2:
+                    rec["error"] = f"MISMATCH: max relative error {err:.3g}"
+                else:
+                    rec["median_ms"] = time_ms(lambda k=k, config=config: kernels.patch_embed_forward(
+                        x, w, b, None, k, p, config=config))
+                    rec["tflops"] = flops / (rec["median_ms"] * 1e-3) / 1e12
+            except Exception as err:  # a tile that does not fit (shared memory, registers) is a result too
+                rec["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+            records.append(rec)
+            if opts.json:
+                opts.json.parent.mkdir(parents=True, exist_ok=True)
+                opts.json.write_text(json.dumps({"device": str(dev), "shape": shape, "dtype": str(dtype),
+                                                 "records": records}, indent=1))
+    print(f"{'case':7s} {'implementation':44s} {'ms':>8s} {'TFLOP/s':>8s}")
+    for r in records:
+        name = r["impl"] if "config" not in r else "triton " + "x".join(str(v) for v in r["config"].values())
+        if "median_ms" in r:
+            print(f"{r['case']:7s} {name:44s} {r['median_ms']:8.3f} {r['tflops']:8.1f}")
+        else:
+            print(f"{r['case']:7s} {name:44s} {r['error']}")
+    return 0 if all("median_ms" in r for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
