@@ -42,6 +42,11 @@ GPU_VALIDATED = frozenset({("triton", "masking"), ("triton", "masked_mse")})
 CUDA_ORDER: dict[str, tuple[str, ...]] = {family: ("ext", "triton", "reference") for family in FAMILIES}
 
 
+#: the floating dtypes a backend's kernels take, where not every one (the automatic choice passes a
+#: backend by for others: float16 autocast, torch.autocast("cuda")'s default, runs on Triton / the reference)
+DTYPES = {"ext": frozenset({torch.float32, torch.float64, torch.bfloat16})}
+
+
 class BackendError(RuntimeError):
     """A backend was asked for by name but cannot run here."""
 
@@ -145,8 +150,10 @@ def default_order(device: torch.device, family: str | None = None) -> tuple[str,
     return CUDA_ORDER.get(family, ("ext", "triton", "reference")) if family else ("ext", "triton", "reference")
 
 
-def resolve(family: str, device: torch.device, requested: str = "auto") -> str:
-    """The backend that runs op family ``family`` on ``device``."""
+def resolve(family: str, device: torch.device, requested: str = "auto",
+            dtypes: tuple[torch.dtype, ...] = ()) -> str:
+    """The backend that runs op family ``family`` on ``device`` for floating tensors of ``dtypes``
+    (the automatic choice skips a backend whose kernels do not take one of them)."""
     requested = canonical(requested)
     source = "backend="
     if requested == "auto":
@@ -158,6 +165,8 @@ def resolve(family: str, device: torch.device, requested: str = "auto") -> str:
             raise BackendError(f"{family}: backend {requested!r} (from {source}) cannot run on {device}: {why}")
         return requested
     for name in default_order(device, family):
+        if name in DTYPES and not DTYPES[name].issuperset(dtypes):
+            continue
         if availability(name, device)[0] and _validated(name, family, device):
             return name
     return "reference"

@@ -349,6 +349,9 @@ class _Trainer:
             with torch.autocast(self.device.type, self.amp, enabled=self.amp is not None):
                 loss, extras = step_loss(batch)
             (loss / cfg.grad_accum).backward()
+            # drop the graph now, not when the next forward reassigns these: masked_mse keeps its
+            # (pred-sized) gradient on the graph, which would otherwise live through that forward
+            loss, extras = loss.detach(), {k: v.detach() for k, v in extras.items()}
             if rng is not None:
                 advance_rng_(rng)
             pos.micro += 1

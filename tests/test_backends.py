@@ -135,3 +135,31 @@ def test_auto_follows_the_per_family_cuda_order(monkeypatch):
     monkeypatch.delenv("PYIMPUTMAE_GPU_UNVALIDATED")
     monkeypatch.setattr(_backends, "GPU_VALIDATED", frozenset({("ext", "patch_embed")}))
     assert _backends.resolve("patch_embed", cuda) == "ext", "an unvalidated backend is skipped even when first"
+
+
+def test_auto_passes_by_a_backend_whose_kernels_lack_the_dtype():
+    """float16 (torch.autocast("cuda")'s default dtype): the automatic choice skips ext, whose kernels
+    take float32, float64 and bfloat16, and gives the reference's result; asked for by name, ext says
+    what it lacks."""
+    from pyimputmae import masked_mse, patch_embed, random_masking, unshuffle_fill
+
+    assert _backends.resolve("patch_embed", torch.device("cpu"), "auto", (torch.float16,)) == "reference"
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 1, 8, 8), torch.randn(6, 16)
+    present, rng = torch.ones(2, 2, dtype=torch.bool), torch.tensor([1, 2])
+
+    def run(backend):
+        with torch.autocast("cpu", dtype=torch.float16):
+            tokens = patch_embed(x, w, None, patch=4, backend=backend)
+            visible, ids, mask = random_masking(tokens, (2, 2), 0.5, present, rng, backend=backend)
+            full = unshuffle_fill(visible, ids, mask, torch.zeros(6), backend=backend)
+            loss = masked_mse(full.half() @ torch.randn(6, 16, generator=torch.Generator().manual_seed(1)).half(),
+                              x, mask, patch=4, backend=backend)
+        return tokens, full, loss
+
+    for got, want in zip(run("auto"), run("reference")):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want)
+    if _backends.availability("ext", torch.device("cpu"))[0]:
+        with torch.autocast("cpu", dtype=torch.float16), pytest.raises(RuntimeError, match="bfloat16, got Half"):
+            patch_embed(x, w, None, patch=4, backend="ext")

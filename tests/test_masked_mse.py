@@ -263,3 +263,18 @@ def test_rejects_mismatched_shapes_with_a_clear_message():
         masked_mse(torch.zeros(2, 4, 4), x, torch.ones(2, 3), patch=4)
     with pytest.raises(ValueError, match=r"present must be \(B,\)"):
         masked_mse(torch.zeros(2, 4, 4), x, torch.ones(2, 4), torch.ones(3), patch=4)
+
+
+def test_repeated_backward_after_the_gradient_was_changed_in_place_raises(backend):
+    """pred a view of a leaf: the first backward's gradient becomes (a view of) the leaf's .grad and the
+    next accumulation changes it in place. A further backward through the same graph must then refuse
+    (the saved gradient no longer holds d loss / d pred), not return a wrong gradient."""
+    x = torch.randn(2, 1, 8, 8)
+    leaf = torch.randn(2, 64, requires_grad=True)
+    loss = masked_mse(leaf.view(2, 4, 16), x, torch.ones(2, 4, dtype=torch.bool), patch=4, backend=backend)
+    loss.backward(retain_graph=True)
+    first = leaf.grad.clone()
+    loss.backward(retain_graph=True)  # still right: the saved gradient was not changed before this one
+    assert_close(leaf.grad, 2 * first, what=f"{backend}: second accumulated gradient")
+    with pytest.raises(RuntimeError, match="changed in place"):
+        loss.backward()

@@ -355,3 +355,13 @@ def test_tile_sweep_tool_dry_runs_and_checks_every_configuration(tmp_path):
     triton_runs = [r for r in records if r["impl"] == "triton"]
     assert len(triton_runs) == 2 * len(tool.TINY_CONFIGS)
     assert all(r["max_rel_err"] < 1e-4 for r in triton_runs)
+
+
+def test_empty_batch_gives_zero_gradients_to_weight_and_positions(backend, device):
+    x = torch.randn(0, 2, 4, 4, device=device)
+    w = torch.randn(5, 8, device=device, requires_grad=True)
+    pos = torch.randn(4, 5, device=device, requires_grad=True)
+    out = patch_embed(x, w, None, pos, patch=2, backend=backend)
+    assert out.shape == (0, 4, 5)
+    gw, gpos = torch.autograd.grad(out.sum(), (w, pos))
+    assert torch.equal(gw, torch.zeros_like(w)) and torch.equal(gpos, torch.zeros_like(pos))

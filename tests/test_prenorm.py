@@ -151,3 +151,25 @@ def test_norm_mlp_compiles_without_graph_breaks():
     (gx_ref,) = torch.autograd.grad(eager, x)
     torch.testing.assert_close(loss, eager)
     torch.testing.assert_close(gx, gx_ref)
+
+
+def test_second_order_gradient_raises_instead_of_dropping_terms():
+    """norm_mlp saves fc1's output without a graph: a second-order gradient through it would silently
+    miss terms, so the backwards are first-order only."""
+    norm, fc1, fc2 = _sublayers(torch.float64)
+    x = torch.randn(3, D, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(norm_mlp(x, norm, fc1, fc2).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(gx.sum(), x)
+
+
+@pytest.mark.parametrize("make", [lambda: (nn.LayerNorm(D, bias=False), nn.Linear(D, MLP), nn.Linear(MLP, D)),
+                                  lambda: (nn.LayerNorm(D, elementwise_affine=False), nn.Linear(D, MLP),
+                                           nn.Linear(MLP, D)),
+                                  lambda: (nn.LayerNorm(D), nn.Linear(D, MLP, bias=False), nn.Linear(MLP, D))],
+                         ids=["norm-without-bias", "norm-without-affine", "linear-without-bias"])
+def test_layers_without_a_bias_or_affine_take_the_plain_path(make):
+    norm, fc1, fc2 = make()
+    x = torch.randn(2, 5, D, requires_grad=True)
+    torch.testing.assert_close(norm_mlp(x, norm, fc1, fc2), fc2(F.gelu(fc1(norm(x)))))
+    torch.testing.assert_close(norm_linear(x, norm, fc1), fc1(norm(x)))

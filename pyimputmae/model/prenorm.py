@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 def _dtypes(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
@@ -72,6 +73,7 @@ class _NormLinear(torch.autograd.Function):
         return out.view(*x.shape[:-1], w.shape[0])
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         x, norm_w, norm_b, w, b = ctx.saved_tensors
         ln_dtype, mm_dtype = ctx.dtypes
@@ -102,6 +104,7 @@ class _NormMLP(torch.autograd.Function):
         return out.view(*x.shape[:-1], w2.shape[0])
 
     @staticmethod
+    @once_differentiable  # h was computed without a graph: second-order terms through it would be lost
     def backward(ctx, grad):
         x, norm_w, norm_b, w1, b1, w2, b2, h = ctx.saved_tensors
         ln_dtype, mm_dtype = ctx.dtypes
@@ -119,12 +122,23 @@ class _NormMLP(torch.autograd.Function):
         return gx, gnw, gnb, None, _cast_back(gw1, w1), gb1, _cast_back(gw2, w2), gb2
 
 
+def _complete(*modules: nn.Module) -> bool:
+    """Do all these LayerNorms / Linears have a weight and a bias (what the fused functions take)?"""
+    return all(getattr(m, "weight", None) is not None and getattr(m, "bias", None) is not None for m in modules)
+
+
 def norm_linear(x: torch.Tensor, norm: nn.LayerNorm, linear: nn.Linear) -> torch.Tensor:
-    """``linear(norm(x))``, keeping only ``x`` for backward. x: ``(..., D)`` → ``(..., linear.out_features)``."""
+    """``linear(norm(x))``, keeping only ``x`` for backward. x: ``(..., D)`` → ``(..., linear.out_features)``.
+    Gradients are first-order only. Without an affine LayerNorm or a Linear bias: the plain path."""
+    if not _complete(norm, linear):
+        return linear(norm(x))
     return _NormLinear.apply(x, norm.weight, norm.bias, norm.eps, linear.weight, linear.bias)
 
 
 def norm_mlp(x: torch.Tensor, norm: nn.LayerNorm, fc1: nn.Linear, fc2: nn.Linear) -> torch.Tensor:
     """``fc2(gelu(fc1(norm(x))))`` (exact GELU), keeping ``x`` and ``fc1``'s output for backward.
-    x: ``(..., D)`` → ``(..., fc2.out_features)``."""
+    x: ``(..., D)`` → ``(..., fc2.out_features)``. Gradients are first-order only. Without an affine
+    LayerNorm or Linear biases: the plain path."""
+    if not _complete(norm, fc1, fc2):
+        return fc2(F.gelu(fc1(norm(x))))
     return _NormMLP.apply(x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias)

@@ -26,9 +26,11 @@ import torch
 from .. import _backends
 
 
-def backend_for(family: str, device: torch.device, requested: str) -> ModuleType:
-    """The kernel module that runs ``family`` on ``device`` (see ``pyimputmae._backends``)."""
-    return _backends.module(_backends.resolve(family, device, requested))
+def backend_for(family: str, device: torch.device, requested: str, *tensors: torch.Tensor) -> ModuleType:
+    """The kernel module that runs ``family`` on ``device`` for ``tensors`` (their floating dtypes
+    matter to the automatic choice; see ``pyimputmae._backends``)."""
+    dtypes = tuple({t.dtype for t in tensors if t.is_floating_point()})
+    return _backends.module(_backends.resolve(family, device, requested, dtypes))
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:

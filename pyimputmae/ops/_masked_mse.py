@@ -21,7 +21,7 @@ from ._common import backend_for, check_backend_arg, eager_function, kernels, tr
 def _masked_mse(
     pred: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, patch: int, norm_pix: bool, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return backend_for("masked_mse", pred.device, backend).masked_mse_forward(pred, x, weight, patch, norm_pix)
+    return backend_for("masked_mse", pred.device, backend, pred, x).masked_mse_forward(pred, x, weight, patch, norm_pix)
 
 
 @_masked_mse.register_fake
@@ -31,7 +31,7 @@ def _(pred, x, weight, patch, norm_pix, backend):
 
 @torch.library.custom_op("pyimputmae::scale_grad", mutates_args=("grad",))
 def _scale_grad(grad: torch.Tensor, scale: torch.Tensor, backend: str) -> None:
-    backend_for("masked_mse", grad.device, backend).scale_grad_(grad, scale)
+    backend_for("masked_mse", grad.device, backend, grad).scale_grad_(grad, scale)
 
 
 @_scale_grad.register_fake
@@ -56,10 +56,17 @@ def _backward(ctx, grad_loss, _grad_grad):
     if ctx.applied is None:
         # the usual single backward: scale the saved gradient in place, no extra pass when scale == 1
         ctx.kernels.scale_grad_(ctx.grad, scale)
-        ctx.applied = scale
+        ctx.applied, ctx.version = scale, ctx.grad._version
         return ctx.grad, None, None, None, None, None
     # a repeated backward through the same graph (retain_graph=True, gradcheck): the saved gradient
-    # already carries the first scale; undo it out of place (NaN, not a silent error, if that was 0)
+    # already carries the first scale; undo it out of place (NaN, not a silent error, if that was 0).
+    # The first backward handed that tensor itself to autograd, which may keep it (or a view of it) as
+    # a .grad and change it in place (accumulation, clipping): then it no longer holds the gradient.
+    if ctx.grad._version != ctx.version:
+        raise RuntimeError(
+            "masked_mse: a second backward through the same graph, after the gradient the first one "
+            "returned was changed in place (accumulated into a .grad, clipped, ...); it can no longer "
+            "be computed from the saved gradient. Recompute the loss for each backward.")
     ratio = torch.where(ctx.applied != 0, scale / ctx.applied, torch.full_like(scale, float("nan")))
     return ctx.grad * ratio.to(ctx.grad.dtype), None, None, None, None, None
 
@@ -106,4 +113,4 @@ def masked_mse(
     args = (pred.contiguous(), x.detach().contiguous(), mse_weights(mask, present).contiguous(), patch, norm_pix)
     if traced():
         return _masked_mse(*args, backend)[0]
-    return _MaskedMSEEager.apply(*args, backend_for("masked_mse", pred.device, backend))[0]
+    return _MaskedMSEEager.apply(*args, backend_for("masked_mse", pred.device, backend, *args[:2]))[0]

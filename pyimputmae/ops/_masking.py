@@ -32,7 +32,7 @@ def _(present, lengths, keeps, rng, backend):
 
 @torch.library.custom_op("pyimputmae::gather_kept", mutates_args=())
 def _gather_visible(tokens: torch.Tensor, ids_keep: torch.Tensor, mask: torch.Tensor, backend: str) -> torch.Tensor:
-    return backend_for("masking", tokens.device, backend).gather_visible(tokens, ids_keep, mask)
+    return backend_for("masking", tokens.device, backend, tokens).gather_visible(tokens, ids_keep, mask)
 
 
 @_gather_visible.register_fake
@@ -44,7 +44,7 @@ def _(tokens, ids_keep, mask, backend):
 def _unshuffle_fill(
     x: torch.Tensor, ids_keep: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor, backend: str
 ) -> torch.Tensor:
-    return backend_for("masking", x.device, backend).unshuffle_fill(x, ids_keep, mask, mask_token)
+    return backend_for("masking", x.device, backend, x).unshuffle_fill(x, ids_keep, mask, mask_token)
 
 
 @_unshuffle_fill.register_fake
@@ -54,7 +54,7 @@ def _(x, ids_keep, mask, mask_token, backend):
 
 @torch.library.custom_op("pyimputmae::masked_token_grad", mutates_args=())
 def _hidden_sum(grad: torch.Tensor, mask: torch.Tensor, backend: str) -> torch.Tensor:
-    return backend_for("masking", grad.device, backend).hidden_sum(grad, mask)
+    return backend_for("masking", grad.device, backend, grad).hidden_sum(grad, mask)
 
 
 @_hidden_sum.register_fake
@@ -173,7 +173,7 @@ def random_masking(
     ids_keep, mask = _select(present, lengths, keep_counts(lengths, ratios), rng, backend)
     if traced():
         return _gather_visible(tokens.contiguous(), ids_keep, mask, backend), ids_keep, mask
-    mod = backend_for("masking", tokens.device, backend)
+    mod = backend_for("masking", tokens.device, backend, tokens)
     return _GatherEager.apply(tokens.contiguous(), ids_keep, mask, mod), ids_keep, mask
 
 
@@ -202,4 +202,4 @@ def unshuffle_fill(
             mask_token.to(dtype).contiguous())
     if traced():
         return _unshuffle_fill(*args, backend)
-    return _FillEager.apply(*args, backend_for("masking", x.device, backend))
+    return _FillEager.apply(*args, backend_for("masking", x.device, backend, args[0]))

@@ -22,7 +22,8 @@ def _patch_embed(
     patch: int,
     backend: str,
 ) -> torch.Tensor:
-    return backend_for("patch_embed", x.device, backend).patch_embed_forward(x, weight, bias, pos, keep, patch)
+    mod = backend_for("patch_embed", x.device, backend, x, weight)
+    return mod.patch_embed_forward(x, weight, bias, pos, keep, patch)
 
 
 @_patch_embed.register_fake
@@ -42,7 +43,7 @@ def _patch_embed_backward(
     need_weight: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    mod = backend_for("patch_embed", grad_out.device, backend)
+    mod = backend_for("patch_embed", grad_out.device, backend, grad_out, x)
     return mod.patch_embed_backward(grad_out.contiguous(), x, weight, keep, patch, need_x, need_weight)
 
 
@@ -73,10 +74,10 @@ def _backward(ctx, grad):
     if need_b and ctx.has_bias:
         gb = grad.sum((0, 1), dtype=acc).to(grad.dtype)
     if need_pos and ctx.pos_rows:
-        flat = grad.reshape(-1, E).to(acc)
         if keep is None:
-            gpos = flat.view(grad.shape[0], -1, E).sum(0)
+            gpos = grad.sum(0, dtype=acc)  # (L, E); zeros for an empty batch
         else:
+            flat = grad.reshape(-1, E).to(acc)
             gpos = flat.new_zeros(ctx.pos_rows, E).index_add_(0, keep.reshape(-1), flat)
         gpos = gpos.to(grad.dtype)
     return gx, gw, gb, gpos, None, None, None
@@ -134,4 +135,4 @@ def patch_embed(
     args = (x.contiguous(), weight.contiguous(), bias, pos.contiguous() if pos is not None else None, keep, patch)
     if traced():
         return _patch_embed(*args, backend)
-    return _PatchEmbedEager.apply(*args, backend_for("patch_embed", x.device, backend))
+    return _PatchEmbedEager.apply(*args, backend_for("patch_embed", x.device, backend, *args[:2]))
