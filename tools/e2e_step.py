@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -131,17 +132,31 @@ def run_mode(args: argparse.Namespace) -> dict:
 
 
 # --------------------------------------------------------------------------- orchestration
+_CHILD: subprocess.Popen | None = None  # the mode running now, in a session (process group) of its own
+
+
+def _stop_child_and_exit(signum: int, _frame) -> None:
+    """SIGTERM / SIGINT to this script (its caller's timeout): take the running mode down with it,
+    since its own session does not receive the caller's signal."""
+    if _CHILD is not None and _CHILD.poll() is None:
+        os.killpg(_CHILD.pid, signal.SIGKILL)
+    raise SystemExit(128 + signum)
+
+
 def _run_child(cmd: list[str], limit: float, env: dict | None = None) -> tuple[int | None, str]:
     """Run ``cmd`` for at most ``limit`` s → (return code or None on timeout, stdout + stderr)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
+    global _CHILD
+    proc = _CHILD = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                     start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=max(limit, 1.0))
         return proc.returncode, out
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
+        os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         return None, out
+    finally:
+        _CHILD = None
 
 
 def measure_ours(args: argparse.Namespace, mode: str, limit: float) -> dict:
@@ -199,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         print(RESULT_TAG + json.dumps(run_mode(args)), flush=True)
         return 0
 
+    signal.signal(signal.SIGTERM, _stop_child_and_exit)
+    signal.signal(signal.SIGINT, _stop_child_and_exit)
     t0 = time.monotonic()
     left = lambda: args.budget_s - SPARE_S - (time.monotonic() - t0)
     cuda = args.device == "cuda"
@@ -229,7 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     if cuda and not args.no_ref:
         if args.ref.exists():
             print(f"reference: {args.ref}", flush=True)
-            result["reference"] = measure_reference(args.ref, min(REF_LIMIT, left()))
+            if left() < 10:
+                result["reference"] = {"error": "skipped: time budget spent"}
+            else:
+                result["reference"] = measure_reference(args.ref, min(REF_LIMIT, left()))
         else:
             print(f"reference script not found at {args.ref}: skipped (pass --ref)", flush=True)
     if "compile" in modes:

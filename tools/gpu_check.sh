@@ -11,7 +11,7 @@
 #          While it compiles (CPU work; the GPU is idle), the torch.compile graphs that later stages
 #          time are compiled once in the background to fill Inductor's on-disk cache: the anchor's
 #          "compile bf16" mode (it once took over 200 s cold on an H200) and bench.py's compile
-#          baselines at size large (warm_*.log); after the build, our model's compile mode too.
+#          baselines at size large (warm_*.log).
 #          The later stages then find them compiled. The stage that times anything waits for them.
 #   test   tools/cuda_kernel_check.py: every CUDA code path once     -> stage1_kernel_check.log
 #          then the op tests' GPU cases, -m "gpu and not slow"       -> stage1_test.log, junit_ops.xml
@@ -78,6 +78,7 @@ OP_TESTS=(tests/test_patch_embed.py tests/test_masking.py tests/test_masked_mse.
           tests/test_compile.py)
 
 remaining() { echo $((BUDGET - ($(date +%s) - START))); }
+KILL_GRACE=10  # seconds between a step's TERM and KILL
 
 bundle() {  # OUTDIR/gpu_check.tar.gz: everything written so far (written aside, then moved in)
   local f tmp="$OUT.tar.gz"
@@ -95,7 +96,7 @@ run_step() {
   local name=$1 limit=$2 log=$3
   shift 3
   local left
-  left=$(remaining)
+  left=$(($(remaining) - KILL_GRACE - 2))  # `timeout -k` may take KILL_GRACE more after the limit
   if ((left < 15)); then
     echo "== $name: skipped, the ${BUDGET}s budget is spent" | tee -a "$log"
     note "$name" "skipped (budget spent)" 0 "$(basename "$log")"
@@ -103,16 +104,18 @@ run_step() {
   fi
   ((limit > left)) && limit=$left
   echo "== $name (timeout ${limit}s): $*" | tee -a "$log"
-  local t0 rc status
+  local t0 rc status took
   t0=$(date +%s)
-  timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$log"
+  timeout -k "$KILL_GRACE" "$limit" "$@" 2>&1 | tee -a "$log"
   rc=$?
+  took=$(($(date +%s) - t0))
   case $rc in
     0) status=ok ;;
-    124 | 137) status="TIMEOUT after ${limit}s" ;;
+    124) status="TIMEOUT after ${limit}s" ;;
+    137) if ((took >= limit)); then status="TIMEOUT after ${limit}s"; else status="KILLED (exit 137: out of memory?)"; fi ;;
     *) status="FAIL (exit $rc)" ;;
   esac
-  note "$name" "$status" "$(($(date +%s) - t0))" "$(basename "$log")"
+  note "$name" "$status" "$took" "$(basename "$log")"
   echo "== $name: $status" | tee -a "$log"
   bundle
   return $rc
@@ -139,7 +142,11 @@ fi
 # Does the built extension load next to the Python ops? Asked in a child process: a broken build
 # can abort the process that loads it.
 ext_loads() {
-  timeout 120 "$PY" -c "import sys, pyimputmae._extension as e; sys.exit(0 if e.load() else 1)" >/dev/null 2>&1
+  local limit=$(($(remaining) - KILL_GRACE))
+  ((limit > 120)) && limit=120
+  ((limit < 5)) && return 1
+  timeout -k 5 "$limit" "$PY" -c "import sys, pyimputmae._extension as e; sys.exit(0 if e.load() else 1)" \
+    >/dev/null 2>&1
 }
 
 # the anchor script: ../shared does not travel to the GPU machine, so the lead copies it into shared/
@@ -177,20 +184,42 @@ start_warmup() {  # start_warmup NAME LIMIT_S COMMAND...
   WARM_NAMES+=("$name")
 }
 
-wait_warmups() {  # before a timed stage: the warm-ups must not share the GPU and CPUs with it
-  local i left
-  for i in "${!WARM_PIDS[@]}"; do
-    left=$(($(remaining) - 60))
-    ((left > ${WARM_WAIT_S:-60})) && left=${WARM_WAIT_S:-60}
-    ((left < 1)) && left=1
-    local waited=0
-    while kill -0 "${WARM_PIDS[$i]}" 2>/dev/null && ((waited < left)); do sleep 1; waited=$((waited + 1)); done
-    if kill -0 "${WARM_PIDS[$i]}" 2>/dev/null; then
-      echo "== warm-up ${WARM_NAMES[$i]}: still running, stopped (its stage compiles what is missing)"
-      pkill -TERM -P "${WARM_PIDS[$i]}" 2>/dev/null  # its `timeout`, which passes TERM on to the command
-    fi
-    wait "${WARM_PIDS[$i]}" 2>/dev/null
+stop_warmups() {  # TERM to each warm-up's `timeout` (it passes TERM on to its command), then KILL
+  local pid child pgid alive _
+  ((${#WARM_PIDS[@]})) || return 0
+  for pid in "${WARM_PIDS[@]}"; do pkill -TERM -P "$pid" 2>/dev/null; done
+  for _ in 1 2 3 4 5 6; do
+    alive=0
+    for pid in "${WARM_PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    ((alive)) || return 0
+    sleep 1
   done
+  # still there: KILL each warm-up's process group (`timeout` leads one, with its command in it)
+  for pid in "${WARM_PIDS[@]}"; do
+    for child in $(pgrep -P "$pid"); do
+      pgid=$(ps -o pgid= -p "$child" | tr -d ' ')
+      [[ -n $pgid ]] && kill -KILL -- "-$pgid" 2>/dev/null
+    done
+  done
+}
+
+wait_warmups() {  # before a timed stage: the warm-ups must not share the GPU and CPUs with it
+  ((${#WARM_PIDS[@]})) || return 0
+  # one deadline for all of them: at most WARM_WAIT_S, and never into the last minute of the budget
+  local wait_s=$(($(remaining) - 60)) pid busy deadline
+  ((wait_s > ${WARM_WAIT_S:-60})) && wait_s=${WARM_WAIT_S:-60}
+  deadline=$(($(date +%s) + wait_s))
+  while (($(date +%s) < deadline)); do
+    busy=0
+    for pid in "${WARM_PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && busy=1; done
+    ((busy)) || break
+    sleep 1
+  done
+  for pid in "${WARM_PIDS[@]}"; do
+    kill -0 "$pid" 2>/dev/null && echo "== a warm-up is still running: stopped (its stage compiles what is missing)"
+  done
+  stop_warmups
+  for pid in "${WARM_PIDS[@]}"; do wait "$pid" 2>/dev/null; done
   WARM_PIDS=()
   WARM_NAMES=()
 }
@@ -230,7 +259,8 @@ stage_build() {
   local log="$OUT/stage1_build.log" t0 rc anchor
   anchor=$(find_anchor)
   if wants e2e && [[ -n $anchor ]]; then
-    start_warmup anchor 300 env ANCHOR_MODES="compile bf16" OUT="$(mktemp -d)" "$PY" "$anchor"
+    mkdir -p "$OUT/anchor_warm"
+    start_warmup anchor 300 env ANCHOR_MODES="compile bf16" OUT="$OUT/anchor_warm" "$PY" "$anchor"
   fi
   if wants bench; then
     start_warmup bench-compile 300 "$PY" tools/bench.py --device cuda --size large --quick \
@@ -248,9 +278,6 @@ stage_build() {
   fi
   if [[ -f pyimputmae/__main__.py ]]; then
     run_step info 60 "$OUT/info.txt" "$PY" -m pyimputmae info
-  fi
-  if wants e2e; then
-    start_warmup e2e-compile 300 "$PY" tools/e2e_step.py --worker compile --steps 1 --warmup 1
   fi
 }
 
@@ -341,7 +368,8 @@ stage_e2e() {
     left=$(remaining)
     ((limit > left)) && limit=$left
     # e2e_step.py keeps inside its own budget and runs the anchor itself, on the same card
-    grep -q -- '"--budget-s"' tools/e2e_step.py && args+=(--budget-s "$((limit > 40 ? limit - 20 : 20))")
+    # e2e_step.py ends inside its own budget, before the step's timeout would stop it
+    grep -q -- '"--budget-s"' tools/e2e_step.py && args+=(--budget-s "$((limit > 40 ? limit - 20 : limit / 2))")
     [[ -n $anchor ]] && grep -q -- '"--ref"' tools/e2e_step.py && args+=(--ref "$anchor")
     run_step e2e "$limit" "$OUT/stage3_e2e.log" env ${choice:+PYIMPUTMAE_BACKEND="$choice"} \
       "$PY" tools/e2e_step.py "${args[@]}"
@@ -371,6 +399,8 @@ PYEOF
 }
 
 printf 'stage\tstatus\tseconds\tlog\n' >"$SUMMARY"
+# killed from outside (the device call's own limit): stop the background warm-ups, keep what was written
+trap 'stop_warmups; bundle; exit 143' TERM INT
 echo "gpu_check: stages ${STAGES[*]} -> $OUT (budget ${BUDGET}s)"
 for stage in "${STAGES[@]}"; do
   case $stage in

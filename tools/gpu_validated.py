@@ -12,7 +12,8 @@ each. Prints one line per pair and the set to put into ``pyimputmae._backends.GP
 With ``OUTDIR/bench_large.json`` it also prints ``CUDA_ORDER``: per family its validated backends,
 fastest first by the summed ``fwd+bwd`` median time of the family's bench ops in the training dtype
 (bf16 for patch embedding, fp32 for the others) whose correctness guard passed, then the reference.
-The last line, ``PYIMPUTMAE_BACKEND=family=backend,...``, names the first of each family's order:
+The last line, ``PYIMPUTMAE_BACKEND=family=backend,...``, names the first of each family's order
+(families with no validated backend left out, so that they keep the automatic choice):
 ``tools/gpu_check.sh`` runs the end-to-end step with it, so that the step uses what the same run
 validated and found fastest.
 Exit status 1 when a case failed.
@@ -85,7 +86,7 @@ def log_outcomes(path: Path) -> collections.Counter:
 def kernel_check_outcomes(path: Path) -> collections.Counter:
     """(family, outcome) → count over the cases of the kernel check's log."""
     counts: collections.Counter = collections.Counter()
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         match = re.match(r"^(\w+)/\S+\s+(ok|FAIL)\b", line)
         if match and match.group(1) in CHECK_FAMILY:
             counts[(CHECK_FAMILY[match.group(1)], "passed" if match.group(2) == "ok" else "failed")] += 1
@@ -111,7 +112,12 @@ def cuda_order(bench: dict, validated: list[tuple[str, str]]) -> dict[str, tuple
                 totals[backend] = sum(times)
         for backend, total in sorted(totals.items(), key=lambda kv: kv[1]):
             print(f"{family:12s} {backend:7s} {total:8.3f} ms (fwd+bwd {dtype}, {' + '.join(ops)})")
-        order[family] = (*sorted(totals, key=totals.get), "reference")
+        # validated but not timed (the bench was cut short): after the timed ones, in the default order;
+        # left out when the bench's correctness guard failed it on any of the family's ops
+        failed = {r.get("backend") for r in bench["records"] if r.get("op") in ops and r.get("baseline") is None
+                  and str(r.get("check", "")).startswith("MISMATCH")}
+        untimed = [b for b in BACKENDS if (b, family) in validated and b not in totals and b not in failed]
+        order[family] = (*sorted(totals, key=totals.get), *untimed, "reference")
     return order
 
 
@@ -155,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"no {bench_path}: CUDA_ORDER needs the bench's timings; the default order below")
         order = {f: (*(b for b in BACKENDS if (b, f) in validated), "reference") for f in FAMILIES}
-    # what the end-to-end stage runs with: per family the first of that order (validated in this run)
-    print("PYIMPUTMAE_BACKEND=" + ",".join(f"{f}={o[0]}" for f, o in order.items()))
+    # what the end-to-end stage runs with: per family the first of that order (validated in this run);
+    # a family with none validated is left to the automatic choice (empty when none at all)
+    print("PYIMPUTMAE_BACKEND=" + ",".join(f"{f}={o[0]}" for f, o in order.items() if o[0] != "reference"))
     return 1 if any_failed else 0
 
 
