@@ -214,11 +214,12 @@ def main(argv: list[str] | None = None) -> int:
         print(RESULT_TAG + json.dumps(run_mode(args)), flush=True)
         return 0
 
-    signal.signal(signal.SIGTERM, _stop_child_and_exit)
-    signal.signal(signal.SIGINT, _stop_child_and_exit)
     t0 = time.monotonic()
     left = lambda: args.budget_s - SPARE_S - (time.monotonic() - t0)
     cuda = args.device == "cuda"
+    if cuda:  # the modes run as child processes (the CPU dry run runs them in this one)
+        signal.signal(signal.SIGTERM, _stop_child_and_exit)
+        signal.signal(signal.SIGINT, _stop_child_and_exit)
     modes = args.modes.split(",") if args.modes else (["eager", "graph", "compile"] if cuda else ["eager"])
     for m in modes:
         if m not in MODE_LIMITS:
