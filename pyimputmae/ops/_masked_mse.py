@@ -93,6 +93,11 @@ def masked_mse(
     mask: ``(B, L)`` (1 = hidden, counted); present: ``(B,)`` → fp32 scalar (fp64 for fp64 pred)
     ``Σ mask·present·mean_p(pred − target)² / Σ mask·present``, 0 with a zero gradient when nothing
     is counted. fp32 accumulation for every dtype; no gradient to ``x``.
+
+    The gradient is computed in the forward and lives on the loss's graph (it is what backward
+    returns, so no second buffer exists); like any tensor the graph holds, it is freed with the loss:
+    in a training loop, drop or detach the loss after ``backward()`` rather than holding it through
+    the next forward.
     """
     backend = check_backend_arg(backend)
     grid = check_patch_input(x, patch)
