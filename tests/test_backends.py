@@ -167,3 +167,27 @@ def test_auto_passes_by_a_backend_whose_kernels_lack_the_dtype():
     if _backends.availability("ext", torch.device("cpu"))[0]:
         with torch.autocast("cpu", dtype=torch.float16), pytest.raises(RuntimeError, match="bfloat16, got Half"):
             patch_embed(x, w, None, patch=4, backend="ext")
+
+
+def test_gpu_check_script_without_a_gpu_skips_its_gpu_stages_and_bundles_what_it_wrote(tmp_path):
+    """tools/gpu_check.sh on a machine without a GPU: the GPU stages are skipped with the reason,
+    and OUTDIR holds the bundle and the summary (the device tool returns at most 8 files)."""
+    import os
+    import subprocess
+    import sys
+    import tarfile
+
+    env = {k: v for k, v in os.environ.items() if k != "GPU_CHECK_FORCE"}
+    env.update(PYTHON=sys.executable, PATH=os.environ.get("PATH", ""))
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine runs the real stages")
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), str(out), "env", "build", "bench"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = (out / "summary.tsv").read_text()
+    assert "build\tskipped: no GPU" in summary and "bench\tskipped: no GPU" in summary
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["gpu_check.tar.gz", "summary.tsv"], files
+    with tarfile.open(out / "gpu_check.tar.gz") as bundle:
+        assert {"./env.txt", "./summary.tsv"} <= set(bundle.getnames())

@@ -85,3 +85,19 @@ def ext_backend_or_skip():
     ok, why = _backends.availability("ext", torch.device("cpu"))
     if not ok:
         pytest.skip(f"ext: {why}")
+
+
+def test_host_overhead_tool_runs():
+    """tools/op_overhead.py (run on the GPU machine for ext and Triton) on CPU tensors, one short round."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "op_overhead.py"
+    spec = importlib.util.spec_from_file_location("op_overhead", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    threads = torch.get_num_threads()
+    try:
+        assert tool.main(["--backend", "reference", "--rounds", "1", "--calls", "2"]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the tool pins one thread for steadier timings
