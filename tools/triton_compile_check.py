@@ -1,6 +1,6 @@
 """Compile every Triton kernel of pyimputmae for a CUDA GPU, without a GPU: a pre-flight check.
 
-    python tools/triton_compile_check.py [--arch 90] [--dtypes fp32,bf16] [--size large|small]
+    python tools/triton_compile_check.py [--arch 90] [--dtypes fp32,bf16] [--size large|small] [--sweep]
 
 The real launchers (``pyimputmae.kernels``) run on ``meta`` tensors of the benchmark shapes, with
 ``JITFunction.run`` swapped for a recorder: every launch they would make is caught with its
@@ -74,8 +74,9 @@ def meta(*shape, dtype=torch.float32) -> torch.Tensor:
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-def cases(k, dtype: torch.dtype, size: str) -> list[tuple[str, object]]:
-    """(name, thunk) pairs: each thunk calls one launcher on meta tensors of the benchmark shapes."""
+def cases(k, dtype: torch.dtype, size: str, sweep: list[tuple[int, ...]] | None = None) -> list[tuple[str, object]]:
+    """(name, thunk) pairs: each thunk calls one launcher on meta tensors of the benchmark shapes;
+    ``sweep``: patch-embedding forward tile configurations to compile as well."""
     if size == "large":
         B, C, S, p, E = 32, 4, 64, 8, 384
         mB, seg, mE = 64, 256, 384
@@ -109,6 +110,14 @@ def cases(k, dtype: torch.dtype, size: str) -> list[tuple[str, object]]:
         ("patch_embed bwd keep", lambda: k.patch_embed_backward(meta(B, K, E, dtype=dtype), x, weight, keep, p,
                                                                 True, True)),
     ]
+    if sweep:  # the tile configurations tools/patch_embed_sweep.py times on a GPU (no bias/pos there)
+        for cfg in sweep:
+            config = dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), cfg))
+            name = "x".join(map(str, cfg))
+            cases += [(f"patch_embed fwd sweep {name}", lambda c=config: k.patch_embed_forward(x, weight, bias, None,
+                                                                                              None, p, config=c)),
+                      (f"patch_embed fwd keep sweep {name}",
+                       lambda c=config: k.patch_embed_forward(x, weight, bias, None, keep, p, config=c))]
     if dtype != torch.float32:  # what autocast hands the kernels: x in float32, the rest in `dtype`
         x32 = meta(B, C, S, S, S)
         cases += [
@@ -195,7 +204,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated, from {','.join(DTYPES)}")
     parser.add_argument("--size", choices=("large", "small"), default="large")
     parser.add_argument("-k", dest="only", default="", help="only the cases whose name contains this")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also the patch-embedding tile configurations of tools/patch_embed_sweep.py")
     opts = parser.parse_args(argv)
+    sweep = None
+    if opts.sweep:
+        import importlib.util
+
+        path = Path(__file__).with_name("patch_embed_sweep.py")
+        spec = importlib.util.spec_from_file_location("patch_embed_sweep", path)
+        sweep_tool = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sweep_tool)
+        sweep = sweep_tool.CONFIGS
 
     kernels, why = _backends._triton_module()
     if kernels is None:
@@ -207,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     seen: set = set()
     failed = 0
     for dname in [d.strip() for d in opts.dtypes.split(",") if d.strip()]:
-        for case, thunk in cases(kernels, DTYPES[dname], opts.size):
+        for case, thunk in cases(kernels, DTYPES[dname], opts.size, sweep):
             if opts.only and opts.only not in case:
                 continue
             launches: list[Launch] = []
