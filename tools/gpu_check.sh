@@ -24,6 +24,7 @@
 #          ref_step_bench.py                                         -> e2e.json, ref_step.json
 #          (the anchor is looked for in ../shared/anchors, then shared/anchors in the repo; e2e_step.py
 #          runs it in the same call and ref_step.json is taken from e2e.json, else it runs on its own)
+#          (our modes: E2E_MODES, default eager,graph; add compile for torch.compile of our model),
 #          with PYIMPUTMAE_BACKEND set to the fastest backend per op family among those the test
 #          stage validated (tools/gpu_validated.py); with what is left, tools/saved_activations.py
 #                                                                    -> stage3_activations.log
@@ -41,7 +42,7 @@
 # A stage runs even when the one before it failed. OUTDIR/summary.tsv: stage, status, seconds, log.
 #
 # Knobs (environment): PYTHON (python3), GPU_CHECK_BUDGET_S (580: the whole script), BUILD_TIMEOUT_S
-# (240), TEST_TIMEOUT_S (120), TEST_WORKERS (8), BENCH_LARGE_TIMEOUT_S (150), E2E_TIMEOUT_S (240),
+# (240), TEST_TIMEOUT_S (120), TEST_WORKERS (8), BENCH_LARGE_TIMEOUT_S (150), E2E_TIMEOUT_S (240), E2E_MODES,
 # SWEEP_TIMEOUT_S (90), BENCH_PAPER_TIMEOUT_S (120), REF_STEP_TIMEOUT_S (180), SANITIZE_TIMEOUT_S (150 per tool),
 # GPU_CHECK_WARM=0 (no background compilation), WARM_WAIT_S (60: how long a timed stage waits for
 # an unfinished warm-up before stopping it), GPU_CHECK_FORCE=1 (run the GPU stages without a
@@ -364,11 +365,13 @@ stage_e2e() {
     echo "== e2e: backends from this run's validation: ${choice:-none found, the automatic choice}"
   fi
   if [[ -f tools/e2e_step.py ]]; then
-    local limit=${E2E_TIMEOUT_S:-240} left args=(--json "$OUT/e2e.json")
+    # our modes: eager and the whole step in a CUDA graph (the fast one); torch.compile of our model
+    # (E2E_MODES=eager,graph,compile) is left out by default to leave the budget to the later stages
+    local limit=${E2E_TIMEOUT_S:-240} left args=(--json "$OUT/e2e.json" --modes "${E2E_MODES:-eager,graph}")
     left=$(remaining)
     ((limit > left)) && limit=$left
-    # e2e_step.py keeps inside its own budget and runs the anchor itself, on the same card
-    # e2e_step.py ends inside its own budget, before the step's timeout would stop it
+    # e2e_step.py runs the anchor itself, on the same card, and ends inside its own budget, before
+    # the step's timeout would stop it
     grep -q -- '"--budget-s"' tools/e2e_step.py && args+=(--budget-s "$((limit > 40 ? limit - 20 : limit / 2))")
     [[ -n $anchor ]] && grep -q -- '"--ref"' tools/e2e_step.py && args+=(--ref "$anchor")
     run_step e2e "$limit" "$OUT/stage3_e2e.log" env ${choice:+PYIMPUTMAE_BACKEND="$choice"} \
