@@ -46,7 +46,7 @@
 # SWEEP_TIMEOUT_S (90), BENCH_PAPER_TIMEOUT_S (120), REF_STEP_TIMEOUT_S (180), SANITIZE_TIMEOUT_S (150 per tool),
 # GPU_CHECK_WARM=0 (no background compilation), WARM_WAIT_S (60: how long a timed stage waits for
 # an unfinished warm-up before stopping it), GPU_CHECK_FORCE=1 (run the GPU stages without a
-# visible GPU).
+# visible GPU), GPU_CHECK_KEEP_WORK=1 (keep the unbundled work folder in $TMPDIR).
 
 set -u
 set -o pipefail
@@ -421,7 +421,7 @@ done
 
 wait_warmups
 echo
-echo "== gpu_check summary ($(($(date +%s) - START))s of ${BUDGET}s; work folder $OUT)"
+echo "== gpu_check summary ($(($(date +%s) - START))s of ${BUDGET}s)"
 column -t -s $'\t' "$SUMMARY" 2>/dev/null || cat "$SUMMARY"
 for f in "$OUT"/bench_*.json; do
   [[ -f $f ]] || continue
@@ -443,5 +443,7 @@ if [[ -f $OUT/junit_ops.xml || -f $OUT/stage1_kernel_check.log ]]; then
 fi
 bundle
 echo "== files: $FINAL/gpu_check.tar.gz (everything; tar -xzf it) and $(cd "$FINAL" && ls | grep -v '^gpu_check.tar.gz$' | tr '\n' ' ')"
+STATUS_LINES=$(cut -f2 "$SUMMARY")
+[[ ${GPU_CHECK_KEEP_WORK:-0} == 1 ]] || rm -rf "$OUT"  # all of it is in the bundle
 # 1 when a stage failed or ran out of time (the others still ran and left their files)
-! cut -f2 "$SUMMARY" | grep -q -e '^FAIL' -e '^TIMEOUT'
+! grep -q -e '^FAIL' -e '^TIMEOUT' -e '^KILLED' <<<"$STATUS_LINES"
