@@ -81,8 +81,8 @@ class _NormLinear(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             g = grad.reshape(-1, w.shape[0]).to(mm_dtype)
             xl, xn, mean, rstd = _normalise(x.reshape(-1, x.shape[-1]), norm_w, norm_b, ctx.eps, ln_dtype)
-            xm = xn.to(mm_dtype)
-            gw = g.t() @ xm if need_w else None
+            gw = g.t() @ xn.to(mm_dtype) if need_w else None
+            del xn  # from here on only the LayerNorm's input and statistics: less memory held in backward
             gb = g.sum(0, dtype=b.dtype) if need_b else None
             gx, gnw, gnb = _norm_grads(lambda: g @ w.to(mm_dtype), x, xl, mean, rstd, norm_w, norm_b,
                                        (need_x, need_nw, need_nb))
@@ -116,6 +116,7 @@ class _NormMLP(torch.autograd.Function):
             gh = torch.ops.aten.gelu_backward(g @ w2.to(mm_dtype), h)
             xl, xn, mean, rstd = _normalise(x.reshape(-1, x.shape[-1]), norm_w, norm_b, ctx.eps, ln_dtype)
             gw1 = gh.t() @ xn.to(mm_dtype) if need_w1 else None
+            del xn
             gb1 = gh.sum(0, dtype=b1.dtype) if need_b1 else None
             gx, gnw, gnb = _norm_grads(lambda: gh @ w1.to(mm_dtype), x, xl, mean, rstd, norm_w, norm_b,
                                        (need_x, need_nw, need_nb))
