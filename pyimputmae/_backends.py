@@ -39,7 +39,8 @@ GPU_VALIDATED = frozenset({("triton", "masking"), ("triton", "masked_mse")})
 #: from a GPU run's bench_large.json (the family's training-pass times of its validated backends).
 #: The CUDA patch embedding is a gather + cuBLAS, the Triton one an implicit GEMM: which wins is
 #: for the measurement to say.
-CUDA_ORDER: dict[str, tuple[str, ...]] = {family: ("ext", "triton", "reference") for family in FAMILIES}
+DEFAULT_CUDA_ORDER = ("ext", "triton", "reference")
+CUDA_ORDER: dict[str, tuple[str, ...]] = {family: DEFAULT_CUDA_ORDER for family in FAMILIES}
 
 
 #: the floating dtypes a backend's kernels take, where not every one (the automatic choice passes a
@@ -147,7 +148,7 @@ def default_order(device: torch.device, family: str | None = None) -> tuple[str,
     """The automatic order of backends for ``family`` (any family when None) on ``device``."""
     if device.type != "cuda":
         return ("ext", "reference")
-    return CUDA_ORDER.get(family, ("ext", "triton", "reference")) if family else ("ext", "triton", "reference")
+    return CUDA_ORDER.get(family, DEFAULT_CUDA_ORDER)
 
 
 def resolve(family: str, device: torch.device, requested: str = "auto",

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from . import __version__, checkpoint
+from ._fields import reject_unknown
 from .data.cohort import Cohort
 from .inference import evaluate_model, load, predict_survival, save_model  # noqa: F401  (public here too)
 from .model.config import ModelConfig, resolve_config
@@ -107,10 +108,7 @@ class TrainConfig:
             if not isinstance(base, dict):
                 raise ValueError(f"{path}: expected a mapping of settings at the top level")
         base.update(overrides)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(base) - known)
-        if unknown:
-            raise ValueError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
+        reject_unknown(cls, base, "training setting(s)")
         cfg = cls(**base)
         cfg.validate()
         return cfg

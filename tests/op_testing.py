@@ -41,6 +41,15 @@ TOLERANCES = {
 }
 
 
+
+def tool_module(name: str) -> ModuleType:
+    """``tools/<name>.py`` (a script, not a package) loaded as a module, to call its functions."""
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 @dataclass(frozen=True)
 class PatchInput:
     """The shape of a patch op's raw input ``x: (batch, channels, *spatial)`` cut into patches of

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from op_testing import ALL_FAMILIES, BACKENDS, backend_skip_reason, extension_import_crash
+from op_testing import ALL_FAMILIES, BACKENDS, backend_skip_reason, extension_import_crash, tool_module
 
 from pyimputmae import _backends
 
@@ -43,9 +43,7 @@ def test_unknown_backend_name_is_rejected():
 def test_gpu_validated_reads_which_pairs_passed_on_the_gpu(tmp_path, capsys):
     """tools/gpu_validated.py: a (backend, family) pair is validated only when its CUDA cases passed,
     none failed and, for ext, the kernel check of the family passed; CPU cases do not count."""
-    spec = importlib.util.spec_from_file_location("gpu_validated", ROOT / "tools" / "gpu_validated.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = tool_module("gpu_validated")
     cases = [
         ("tests.test_masking", "test_a[ext-cuda-x]", ""),
         ("tests.test_masking", "test_a[triton-cuda-x]", "<failure message='boom'/>"),
@@ -71,9 +69,7 @@ def test_gpu_validated_reads_which_pairs_passed_on_the_gpu(tmp_path, capsys):
 def test_gpu_validated_falls_back_to_the_verbose_log_of_a_stopped_run(tmp_path, capsys):
     """A test stage stopped by its timeout writes no junit file: the verdicts its ``-v`` log printed
     (plain pytest and pytest-xdist lines) are counted instead, each case once."""
-    spec = importlib.util.spec_from_file_location("gpu_validated", ROOT / "tools" / "gpu_validated.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = tool_module("gpu_validated")
     (tmp_path / "stage1_test.log").write_text(
         "tests/test_masking.py::test_a[ext-cuda-x] PASSED                     [  1%]\n"
         "[gw2] [  2%] PASSED tests/test_masked_mse.py::test_b[triton-cuda] \n"
@@ -95,9 +91,7 @@ def test_gpu_validated_falls_back_to_the_verbose_log_of_a_stopped_run(tmp_path, 
 def test_gpu_validated_orders_each_family_by_its_measured_training_pass(tmp_path, capsys):
     """CUDA_ORDER from bench_large.json: validated backends fastest first (fwd+bwd, training dtype,
     every op of the family, check ok), then the reference; unvalidated or mismatching ones left out."""
-    spec = importlib.util.spec_from_file_location("gpu_validated", ROOT / "tools" / "gpu_validated.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = tool_module("gpu_validated")
 
     def rec(op, backend, ms, dtype="bf16", pass_="fwd+bwd", check="ok", baseline=None):
         return {"op": op, "backend": backend, "baseline": baseline, "pass": pass_, "dtype": dtype,

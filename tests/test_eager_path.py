@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from op_testing import tool_module
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pyimputmae import masked_mse, patch_embed, random_masking, unshuffle_fill
@@ -89,13 +90,7 @@ def ext_backend_or_skip():
 
 def test_host_overhead_tool_runs():
     """tools/op_overhead.py (run on the GPU machine for ext and Triton) on CPU tensors, one short round."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "tools" / "op_overhead.py"
-    spec = importlib.util.spec_from_file_location("op_overhead", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = tool_module("op_overhead")
     threads = torch.get_num_threads()
     try:
         assert tool.main(["--backend", "reference", "--rounds", "1", "--calls", "2"]) == 0

@@ -5,12 +5,12 @@ Every test builds its own few-patient batch inline; the whole file runs in well 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from op_testing import tool_module
 
 from pyimputmae.data import Batch
 from pyimputmae.model import (
@@ -312,9 +312,7 @@ def test_bad_batches_are_named():
 # --------------------------------------------------------------------------- benchmark script
 @pytest.mark.slow
 def test_e2e_benchmark_dry_runs_on_cpu(tmp_path):
-    spec = importlib.util.spec_from_file_location("e2e_step", ROOT / "tools" / "e2e_step.py")
-    e2e_step = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(e2e_step)
+    e2e_step = tool_module("e2e_step")
     out = tmp_path / "e2e.json"
     rc = e2e_step.main(["--device", "cpu", "--config", "small", "--steps", "2", "--batch", "4", "--warmup", "1",
                         "--json", str(out)])
@@ -327,9 +325,7 @@ def test_e2e_benchmark_dry_runs_on_cpu(tmp_path):
 def test_saved_activation_report_counts_both_models(capsys):
     """tools/saved_activations.py: ours and the anchor's model (when ../shared is beside the checkout)
     at batch 2, each with a positive figure; the anchor's figure is larger, as at batch 96."""
-    spec = importlib.util.spec_from_file_location("saved_activations", ROOT / "tools" / "saved_activations.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = tool_module("saved_activations")
     assert tool.main(["--device", "cpu", "--batch", "2"]) == 0
     lines = {line.split(" saved ")[0].strip(): float(line.split(" saved ")[1].split()[0])
              for line in capsys.readouterr().out.splitlines() if " saved " in line}

@@ -7,7 +7,14 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from op_testing import PatchInput, assert_bf16_no_worse_than_torch, assert_close, backend_skip_reason, kernel_level_op
+from op_testing import (
+    PatchInput,
+    assert_bf16_no_worse_than_torch,
+    assert_close,
+    backend_skip_reason,
+    kernel_level_op,
+    tool_module,
+)
 from torch import nn
 
 from pyimputmae import _backends, patch_embed
@@ -339,17 +346,12 @@ def test_rejects_bad_shapes_with_a_clear_message(bad, message):
 def test_tile_sweep_tool_dry_runs_and_checks_every_configuration(tmp_path):
     """tools/patch_embed_sweep.py (a GPU measurement) on CPU tensors under the Triton interpreter:
     every configuration is checked against F.linear of the patchified input before it is timed."""
-    import importlib.util
     import json
-    from pathlib import Path
 
     reason = backend_skip_reason("triton", torch.device("cpu"), ["patch_embed"])
     if reason:
         pytest.skip(reason)
-    path = Path(__file__).resolve().parents[1] / "tools" / "patch_embed_sweep.py"
-    spec = importlib.util.spec_from_file_location("patch_embed_sweep", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = tool_module("patch_embed_sweep")
     assert tool.main(["--device", "cpu", "--size", "tiny", "--json", str(tmp_path / "sweep.json")]) == 0
     records = json.loads((tmp_path / "sweep.json").read_text())["records"]
     triton_runs = [r for r in records if r["impl"] == "triton"]

@@ -169,7 +169,6 @@ wants() {  # wants STAGE: is STAGE among this run's stages?
 # same code on the same shapes (the cache keys are the graphs, shapes and versions), with few compile
 # workers so the foreground keeps the cores it needs. Timed stages call wait_warmups first.
 WARM_PIDS=()
-WARM_NAMES=()
 start_warmup() {  # start_warmup NAME LIMIT_S COMMAND...
   local name=$1 limit=$2
   shift 2
@@ -177,22 +176,25 @@ start_warmup() {  # start_warmup NAME LIMIT_S COMMAND...
   echo "== warm-up $name (background, timeout ${limit}s): $*" | tee -a "$OUT/warm_$name.log"
   (
     t0=$(date +%s)
-    TORCHINDUCTOR_COMPILE_THREADS=4 timeout -k 10 "$limit" "$@" >>"$OUT/warm_$name.log" 2>&1
+    TORCHINDUCTOR_COMPILE_THREADS=4 timeout -k "$KILL_GRACE" "$limit" "$@" >>"$OUT/warm_$name.log" 2>&1
     rc=$?
     note "warm-$name" "$([[ $rc == 0 ]] && echo ok || echo "exit $rc")" "$(($(date +%s) - t0))" "warm_$name.log"
   ) &
   WARM_PIDS+=($!)
-  WARM_NAMES+=("$name")
+}
+
+warmups_running() {  # is any warm-up still running?
+  local pid
+  for pid in "${WARM_PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && return 0; done
+  return 1
 }
 
 stop_warmups() {  # TERM to each warm-up's `timeout` (it passes TERM on to its command), then KILL
-  local pid child pgid alive _
+  local pid child pgid _
   ((${#WARM_PIDS[@]})) || return 0
   for pid in "${WARM_PIDS[@]}"; do pkill -TERM -P "$pid" 2>/dev/null; done
   for _ in 1 2 3 4 5 6; do
-    alive=0
-    for pid in "${WARM_PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-    ((alive)) || return 0
+    warmups_running || return 0
     sleep 1
   done
   # still there: KILL each warm-up's process group (`timeout` leads one, with its command in it)
@@ -207,22 +209,14 @@ stop_warmups() {  # TERM to each warm-up's `timeout` (it passes TERM on to its c
 wait_warmups() {  # before a timed stage: the warm-ups must not share the GPU and CPUs with it
   ((${#WARM_PIDS[@]})) || return 0
   # one deadline for all of them: at most WARM_WAIT_S, and never into the last minute of the budget
-  local wait_s=$(($(remaining) - 60)) pid busy deadline
+  local wait_s=$(($(remaining) - 60)) pid deadline
   ((wait_s > ${WARM_WAIT_S:-60})) && wait_s=${WARM_WAIT_S:-60}
   deadline=$(($(date +%s) + wait_s))
-  while (($(date +%s) < deadline)); do
-    busy=0
-    for pid in "${WARM_PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && busy=1; done
-    ((busy)) || break
-    sleep 1
-  done
-  for pid in "${WARM_PIDS[@]}"; do
-    kill -0 "$pid" 2>/dev/null && echo "== a warm-up is still running: stopped (its stage compiles what is missing)"
-  done
+  while warmups_running && (($(date +%s) < deadline)); do sleep 1; done
+  warmups_running && echo "== a warm-up is still running: stopped (its stage compiles what is missing)"
   stop_warmups
   for pid in "${WARM_PIDS[@]}"; do wait "$pid" 2>/dev/null; done
   WARM_PIDS=()
-  WARM_NAMES=()
 }
 
 stage_env() {

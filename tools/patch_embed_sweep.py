@@ -30,7 +30,8 @@ if str(ROOT) not in sys.path:
 #: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); the first is the library's fixed choice. At
 #: the large size (16,384 rows × 384) 128 × 128 tiles make 384 programs: 2 per SM fit with 3 stages
 #: (96 KiB shared), 1.45 waves on 132 SMs; 2 stages (64 KiB) fit 3 per SM, one wave.
-CONFIGS = [
+TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+CONFIGS = [dict(zip(TILE_KEYS, tiles)) for tiles in [
     (128, 128, 64, 8, 3),
     (128, 128, 64, 8, 2),
     (128, 128, 64, 8, 4),
@@ -40,16 +41,14 @@ CONFIGS = [
     (128, 128, 128, 8, 2),
     (64, 128, 64, 4, 4),
     (128, 64, 64, 4, 4),
-]
-TINY_CONFIGS = [(16, 16, 16, 4, 1), (32, 16, 16, 4, 1)]
+]]
+TINY_CONFIGS = [dict(zip(TILE_KEYS, tiles)) for tiles in [(16, 16, 16, 4, 1), (32, 16, 16, 4, 1)]]
 SIZES = {"large": dict(B=32, C=4, S=64, patch=8, E=384), "tiny": dict(B=2, C=2, S=8, patch=4, E=16)}
 
 
-def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
-    """``(B, C, S, S, S)`` → ``(B, L, C·p³)`` in the kernels' feature order ``(c, i, j, l)``."""
-    B, C, S = x.shape[0], x.shape[1], x.shape[2]
-    g = S // p
-    return x.view(B, C, g, p, g, p, g, p).permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(B, g**3, C * p**3)
+def label(config: dict) -> str:
+    """``BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages``, e.g. ``128x128x64x8x3``."""
+    return "x".join(str(config[k]) for k in TILE_KEYS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     opts = parser.parse_args(argv)
     from pyimputmae import _backends
+    from pyimputmae.reference.patch_embed import patchify
 
     kernels = _backends.module("triton")
     dev = torch.device(opts.device)
@@ -93,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         ms = time_ms(lambda: F.linear(patchify(x, p), w, b))  # every patch, as eager code embeds them
         records.append({"case": case, "impl": "eager reshape + F.linear (all patches)", "median_ms": ms,
                         "tflops": 2 * B * L * E * C * p**3 / (ms * 1e-3) / 1e12})
-        for cfg in TINY_CONFIGS if opts.size == "tiny" else CONFIGS:
-            config = dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), cfg))
+        for config in TINY_CONFIGS if opts.size == "tiny" else CONFIGS:
             rec = {"case": case, "impl": "triton", "config": config}
             try:
                 got = kernels.patch_embed_forward(x, w, b, None, k, p, config=config)
@@ -115,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  "records": records}, indent=1))
     print(f"{'case':7s} {'implementation':44s} {'ms':>8s} {'TFLOP/s':>8s}")
     for r in records:
-        name = r["impl"] if "config" not in r else "triton " + "x".join(str(v) for v in r["config"].values())
+        name = r["impl"] if "config" not in r else "triton " + label(r["config"])
         if "median_ms" in r:
             print(f"{r['case']:7s} {name:44s} {r['median_ms']:8.3f} {r['tflops']:8.1f}")
         else:

@@ -29,6 +29,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from types import ModuleType
 
 os.environ.pop("TRITON_INTERPRET", None)  # the launchers must pick their GPU configurations
 
@@ -74,9 +75,9 @@ def meta(*shape, dtype=torch.float32) -> torch.Tensor:
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-def cases(k, dtype: torch.dtype, size: str, sweep: list[tuple[int, ...]] | None = None) -> list[tuple[str, object]]:
+def cases(k, dtype: torch.dtype, size: str, sweep: ModuleType | None = None) -> list[tuple[str, object]]:
     """(name, thunk) pairs: each thunk calls one launcher on meta tensors of the benchmark shapes;
-    ``sweep``: patch-embedding forward tile configurations to compile as well."""
+    ``sweep``: ``tools/patch_embed_sweep.py``, whose tile configurations are compiled as well."""
     if size == "large":
         B, C, S, p, E = 32, 4, 64, 8, 384
         mB, seg, mE = 64, 256, 384
@@ -111,9 +112,8 @@ def cases(k, dtype: torch.dtype, size: str, sweep: list[tuple[int, ...]] | None 
                                                                 True, True)),
     ]
     if sweep:  # the tile configurations tools/patch_embed_sweep.py times on a GPU (no bias/pos there)
-        for cfg in sweep:
-            config = dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), cfg))
-            name = "x".join(map(str, cfg))
+        for config in sweep.CONFIGS:
+            name = sweep.label(config)
             cases += [(f"patch_embed fwd sweep {name}", lambda c=config: k.patch_embed_forward(x, weight, bias, None,
                                                                                               None, p, config=c)),
                       (f"patch_embed fwd keep sweep {name}",
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = importlib.util.spec_from_file_location("patch_embed_sweep", path)
         sweep_tool = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(sweep_tool)
-        sweep = sweep_tool.CONFIGS
+        sweep = sweep_tool
 
     kernels, why = _backends._triton_module()
     if kernels is None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._fields import reject_unknown
 from .manifest import MODALITIES
 from .mri import MriConfig
 from .omics import OmicsConfig
@@ -50,10 +51,7 @@ class PreprocessConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
         """Inverse of :meth:`to_dict`; missing keys keep their defaults, unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown preprocessing settings {unknown}; known: {sorted(known)}")
+        reject_unknown(cls, d, "preprocessing settings")
         kw = dict(d)
         for key, make in (("rna", OmicsConfig.rna), ("dnam", OmicsConfig.dnam), ("wsi", WsiConfig), ("mri", MriConfig)):
             if isinstance(kw.get(key), dict):

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .._fields import reject_unknown
 from ..reference.masking import keep_counts
 
 #: Fine-tuning freezing policies: modality → number of its last encoder blocks left trainable
@@ -243,10 +244,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
         """Inverse of :meth:`to_dict`; unknown keys are an error (naming them)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig keys {unknown}; known: {sorted(known)}")
+        reject_unknown(cls, d, "ModelConfig keys")
         if "modalities" not in d:
             raise ValueError("ModelConfig dict needs 'modalities'")
         return cls(**dict(d))

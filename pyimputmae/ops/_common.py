@@ -22,6 +22,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .. import _backends
 
@@ -70,22 +71,33 @@ def kernels(spec: ModuleType | str, ops: dict[str, Callable[..., Any]]) -> Modul
     return CustomOpKernels(ops, spec) if isinstance(spec, str) else spec
 
 
-def eager_function(name: str, forward: Callable[..., Any], setup_context: Callable[..., None],
+def eager_function(name: str, kernel: str, setup_context: Callable[..., None],
                    backward: Callable[..., Any]) -> type[torch.autograd.Function]:
-    """An ``autograd.Function`` from a custom op's implementation and its registered autograd
-    functions: ``forward(*args)``, ``setup_context(ctx, inputs, output)``, ``backward(ctx, *grads)``.
-    Its last argument is the backend module where the custom op takes the backend's name, so
-    ``ctx.needs_input_grad`` means the same on both paths. (The classic ``forward(ctx, ...)`` form:
-    with a ``setup_context`` method, ``Function.apply`` binds the arguments through ``inspect`` on
-    every call, ~50 µs.)"""
+    """The eager path of custom op ``name``: an ``autograd.Function`` whose forward calls the backend
+    module's function ``kernel`` (passed as the last argument, where the custom op takes the backend's
+    name, so ``ctx.needs_input_grad`` means the same on both paths) and then the custom op's own
+    ``setup_context(ctx, inputs, output)``; its backward is the custom op's ``backward``, first-order
+    only (``once_differentiable``: the kernels it calls record no graph). The classic
+    ``forward(ctx, ...)`` form: with a ``setup_context`` method, ``Function.apply`` binds the arguments
+    through ``inspect`` on every call, ~50 µs."""
 
     def run(ctx, *args):
-        output = forward(*args)
+        output = getattr(args[-1], kernel)(*args[:-1])
         setup_context(ctx, args, output)
         return output
 
     return type(name, (torch.autograd.Function,), {
         "forward": staticmethod(run),
-        "backward": staticmethod(backward),
+        "backward": staticmethod(once_differentiable(backward)),
         "__doc__": f"The eager path of ``pyimputmae::{name}`` (see ``pyimputmae.ops._common``).",
     })
+
+
+def call(custom_op: Callable[..., Any], eager: type[torch.autograd.Function], family: str, backend: str,
+         *args: Any) -> Any:
+    """One op call: ``custom_op(*args, backend)`` while traced, else ``eager.apply(*args, module)``
+    with the backend module chosen for the device and floating dtypes of the tensor arguments."""
+    if traced():
+        return custom_op(*args, backend)
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    return eager.apply(*args, backend_for(family, tensors[0].device, backend, *tensors))

@@ -10,11 +10,10 @@ second pass over ``pred`` exist. A repeated backward through the same graph
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..reference.masked_mse import accumulation_dtype, mse_weights
 from ..reference.patch_embed import check_patch_input
-from ._common import backend_for, check_backend_arg, eager_function, kernels, traced
+from ._common import backend_for, call, check_backend_arg, eager_function, kernels
 
 
 @torch.library.custom_op("pyimputmae::masked_mse", mutates_args=())
@@ -39,8 +38,12 @@ def _(grad, scale, backend):
     return None
 
 
+#: what a traced backward calls the kernels through (``_common.kernels``)
+_OPS = {"scale_grad_": _scale_grad}
+
+
 def _setup(ctx, inputs, output):
-    ctx.kernels = kernels(inputs[-1], {"scale_grad_": _scale_grad})  # a backend name or module (_common)
+    ctx.kernels = kernels(inputs[-1], _OPS)  # a backend name or module (_common)
     # held as an attribute, not through save_for_backward: the backward scales it in place
     ctx.grad, ctx.applied = output[1], None
     ctx.mark_non_differentiable(output[1])
@@ -72,9 +75,7 @@ def _backward(ctx, grad_loss, _grad_grad):
 
 
 _masked_mse.register_autograd(_backward, setup_context=_setup)
-_MaskedMSEEager = eager_function(
-    "masked_mse", lambda pred, x, w, patch, norm_pix, mod: mod.masked_mse_forward(pred, x, w, patch, norm_pix),
-    _setup, once_differentiable(_backward))
+_MaskedMSEEager = eager_function("masked_mse", "masked_mse_forward", _setup, _backward)
 
 
 def masked_mse(
@@ -115,7 +116,5 @@ def masked_mse(
         raise ValueError(f"present must be (B,) = ({B},), got {tuple(present.shape)}")
     if norm_pix and P < 2:
         raise ValueError("norm_pix needs at least 2 values per patch")
-    args = (pred.contiguous(), x.detach().contiguous(), mse_weights(mask, present).contiguous(), patch, norm_pix)
-    if traced():
-        return _masked_mse(*args, backend)[0]
-    return _MaskedMSEEager.apply(*args, backend_for("masked_mse", pred.device, backend, *args[:2]))[0]
+    return call(_masked_mse, _MaskedMSEEager, "masked_mse", backend, pred.contiguous(), x.detach().contiguous(),
+                mse_weights(mask, present).contiguous(), patch, norm_pix)[0]

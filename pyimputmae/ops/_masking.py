@@ -11,10 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..reference.masking import keep_counts
-from ._common import autocast_dtype, backend_for, check_backend_arg, eager_function, kernels, traced
+from ._common import autocast_dtype, backend_for, call, check_backend_arg, eager_function, kernels, traced
 
 
 @torch.library.custom_op("pyimputmae::random_keep", mutates_args=())
@@ -79,8 +78,7 @@ def _gather_backward(ctx, grad):
 
 
 _gather_visible.register_autograd(_gather_backward, setup_context=_gather_setup)
-_GatherEager = eager_function("gather_kept", lambda tokens, ids, mask, mod: mod.gather_visible(tokens, ids, mask),
-                              _gather_setup, once_differentiable(_gather_backward))
+_GatherEager = eager_function("gather_kept", "gather_visible", _gather_setup, _gather_backward)
 
 
 def _fill_setup(ctx, inputs, output):
@@ -98,8 +96,7 @@ def _fill_backward(ctx, grad):
 
 
 _unshuffle_fill.register_autograd(_fill_backward, setup_context=_fill_setup)
-_FillEager = eager_function("fill_masked", lambda x, ids, mask, token, mod: mod.unshuffle_fill(x, ids, mask, token),
-                            _fill_setup, once_differentiable(_fill_backward))
+_FillEager = eager_function("fill_masked", "unshuffle_fill", _fill_setup, _fill_backward)
 
 
 def _select(present: torch.Tensor, lengths: list[int], keeps: list[int], rng: torch.Tensor, backend: str):
@@ -171,10 +168,8 @@ def random_masking(
     if rng.device != tokens.device:
         raise ValueError(f"rng is on {rng.device} but tokens are on {tokens.device}: keep rng on the device")
     ids_keep, mask = _select(present, lengths, keep_counts(lengths, ratios), rng, backend)
-    if traced():
-        return _gather_visible(tokens.contiguous(), ids_keep, mask, backend), ids_keep, mask
-    mod = backend_for("masking", tokens.device, backend, tokens)
-    return _GatherEager.apply(tokens.contiguous(), ids_keep, mask, mod), ids_keep, mask
+    visible = call(_gather_visible, _GatherEager, "masking", backend, tokens.contiguous(), ids_keep, mask)
+    return visible, ids_keep, mask
 
 
 def unshuffle_fill(
@@ -198,8 +193,5 @@ def unshuffle_fill(
     if mask_token.shape != (x.shape[2],):
         raise ValueError(f"mask_token must be (E,) = ({x.shape[2]},), got {tuple(mask_token.shape)}")
     dtype = autocast_dtype(x.device) or x.dtype
-    args = (x.to(dtype).contiguous(), ids_keep.contiguous(), mask.to(torch.bool).contiguous(),
-            mask_token.to(dtype).contiguous())
-    if traced():
-        return _unshuffle_fill(*args, backend)
-    return _FillEager.apply(*args, backend_for("masking", x.device, backend, args[0]))
+    return call(_unshuffle_fill, _FillEager, "masking", backend, x.to(dtype).contiguous(), ids_keep.contiguous(),
+                mask.to(torch.bool).contiguous(), mask_token.to(dtype).contiguous())

@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..reference.masked_mse import accumulation_dtype
 from ..reference.patch_embed import check_patch_input
-from ._common import autocast_dtype, backend_for, check_backend_arg, eager_function, kernels, traced
+from ._common import autocast_dtype, backend_for, call, check_backend_arg, eager_function, kernels
 
 
 @torch.library.custom_op("pyimputmae::patch_embed", mutates_args=())
@@ -54,10 +53,14 @@ def _(grad_out, x, weight, keep, patch, need_x, need_weight, backend):
     return gx, gw
 
 
+#: what a traced backward calls the kernels through (``_common.kernels``)
+_OPS = {"patch_embed_backward": _patch_embed_backward}
+
+
 def _setup(ctx, inputs, output):
     x, weight, bias, pos, keep, patch, spec = inputs  # spec: a backend name or module (_common)
     ctx.save_for_backward(x, weight, keep)
-    ctx.patch, ctx.kernels = patch, kernels(spec, {"patch_embed_backward": _patch_embed_backward})
+    ctx.patch, ctx.kernels = patch, kernels(spec, _OPS)
     ctx.has_bias, ctx.pos_rows = bias is not None, (pos.shape[0] if pos is not None else 0)
 
 
@@ -84,9 +87,7 @@ def _backward(ctx, grad):
 
 
 _patch_embed.register_autograd(_backward, setup_context=_setup)
-_PatchEmbedEager = eager_function(
-    "patch_embed", lambda x, w, b, pos, keep, patch, mod: mod.patch_embed_forward(x, w, b, pos, keep, patch),
-    _setup, once_differentiable(_backward))
+_PatchEmbedEager = eager_function("patch_embed", "patch_embed_forward", _setup, _backward)
 
 
 def patch_embed(
@@ -132,7 +133,5 @@ def patch_embed(
         x = x.to(dtype)
     bias = bias.to(dtype) if bias is not None else None
     pos = pos.to(dtype) if pos is not None else None
-    args = (x.contiguous(), weight.contiguous(), bias, pos.contiguous() if pos is not None else None, keep, patch)
-    if traced():
-        return _patch_embed(*args, backend)
-    return _PatchEmbedEager.apply(*args, backend_for("patch_embed", x.device, backend, *args[:2]))
+    return call(_patch_embed, _PatchEmbedEager, "patch_embed", backend, x.contiguous(), weight.contiguous(), bias,
+                pos.contiguous() if pos is not None else None, keep, patch)
