@@ -38,6 +38,27 @@ def num_sms(t: torch.Tensor) -> int:
 
 INTERPRET = tl.constexpr(interpreting())
 
+#: Lengths, counts and loop bounds reach the kernels as 32-bit scalars (tensor offsets are 64-bit);
+#: each stays below this, so that a loop counter stepping a block past its bound never wraps.
+INDEX_LIMIT = 2**31 - 2**16
+#: programs a launch grid may have along its second axis (CUDA's gridDim.y)
+GRID_Y_LIMIT = 65535
+
+
+def check_sizes(op: str, **sizes: int) -> None:
+    """Raise ``ValueError`` naming ``op`` and the size when a size is :data:`INDEX_LIMIT` or more."""
+    for name, n in sizes.items():
+        if n >= INDEX_LIMIT:
+            raise ValueError(f"{op}: {name} = {n:,} is too large for the Triton kernels (they take sizes "
+                             f"below 2^31 - 2^16 = {INDEX_LIMIT:,}); split the input or use backend='reference'")
+
+
+def check_grid_y(op: str, what: str, n: int, block: int) -> None:
+    """Raise ``ValueError`` when ``cdiv(n, block)`` tiles of ``what`` exceed :data:`GRID_Y_LIMIT`."""
+    if triton.cdiv(n, block) > GRID_Y_LIMIT:
+        raise ValueError(f"{op}: {what} = {n:,} is too large for one Triton launch (at most "
+                         f"{GRID_Y_LIMIT * block:,}); use backend='reference'")
+
 
 @triton.jit
 def loop_bound(x):

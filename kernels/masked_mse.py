@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cast_rn, device_guard, interpreting, loop_bound, num_sms
+from ._utils import cast_rn, check_sizes, device_guard, interpreting, loop_bound, num_sms
 from .patch_embed import patch_feature_offsets, patch_geometry, patch_row_offsets, vector_width
 
 NORM_PIX_EPS = 1e-6
@@ -185,6 +185,7 @@ def masked_mse_forward(
     loss = torch.empty((), dtype=acc_dtype, device=pred.device)
     den = torch.empty(1, dtype=acc_dtype, device=pred.device)
     n_rows = B * L
+    check_sizes("masked_mse", **{"B*L": n_rows})
     single, block_r, block_p, warps = _tile(P)
     n_prog = triton.cdiv(n_rows, block_r)
     partial = torch.empty(max(n_prog, 1), dtype=acc_dtype, device=pred.device)

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cast_rn, device_guard, interpreting, loop_bound
+from ._utils import cast_rn, check_grid_y, check_sizes, device_guard, interpreting, loop_bound
 from .philox import load_rng, token_keys
 
 SEGMENTS_PER_LAUNCH = 4  # segment lengths travel as scalar arguments, four per launch
@@ -208,6 +208,7 @@ def select_keep(
         raise ValueError(f"rng must be a (2,) int64 tensor on {present.device}, got {tuple(rng.shape)} "
                          f"{rng.dtype} on {rng.device}")
     L, K = sum(lengths), sum(keeps)
+    check_sizes("select_keep", L=L, K=K)
     ids_keep = torch.empty(B, K, dtype=torch.int64, device=present.device)
     mask = torch.empty(B, L, dtype=torch.bool, device=present.device)
     if B == 0:
@@ -234,10 +235,12 @@ def gather_visible(tokens: torch.Tensor, ids_keep: torch.Tensor, mask: torch.Ten
     ``tokens[b, ids_keep[b, k]]``, zero where that position is hidden."""
     B, L, E = tokens.shape
     K = ids_keep.shape[1]
+    check_sizes("gather_visible", L=L, K=K, E=E)
     out = torch.empty(B, K, E, dtype=tokens.dtype, device=tokens.device)
     if out.numel() == 0:
         return out
     block_r, block_e = _row_blocks(E)
+    check_grid_y("gather_visible", "E", E, block_e)
     grid = (triton.cdiv(B * K, block_r), triton.cdiv(E, block_e))
     with device_guard(tokens):
         _gather_visible_kernel[grid](
@@ -258,12 +261,14 @@ def unshuffle_fill(
     """
     B, K, E = x.shape
     L = mask.shape[1]
+    check_sizes("unshuffle_fill", L=L, K=K, E=E)
     out = torch.empty(B, L, E, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
     mask_u8 = mask.view(torch.uint8)
     inv = torch.zeros(B, L, dtype=torch.int32, device=x.device)
     block_r, block_e = _row_blocks(E)
+    check_grid_y("unshuffle_fill", "E", E, block_e)
     block_ids = 64 if interpreting() else 1024
     with device_guard(x):
         if K > 0:
@@ -282,6 +287,7 @@ def hidden_sum(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """grad: ``(B, L, E)``; mask: ``(B, L)`` bool → ``(E,)`` in grad's dtype: the sum of the hidden
     rows, accumulated in fp32 (fp64 for fp64), deterministic."""
     B, L, E = grad.shape
+    check_sizes("hidden_sum", E=E)
     out = torch.empty(E, dtype=grad.dtype, device=grad.device)
     if E == 0:
         return out
@@ -295,6 +301,7 @@ def hidden_sum(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     groups = max(1, min(target_groups, triton.cdiv(rows, 4 * block_r)))
     rows_per_group = triton.cdiv(triton.cdiv(max(rows, 1), groups), block_r) * block_r
     groups = triton.cdiv(max(rows, 1), rows_per_group)
+    check_grid_y("hidden_sum", "E", E, block_e)
     partial = torch.empty(groups, E, dtype=acc_dtype, device=grad.device)
     with device_guard(grad):
         _hidden_sum_partial_kernel[(groups, triton.cdiv(E, block_e))](

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cast_rn, device_guard, interpreting, loop_bound, num_sms
+from ._utils import cast_rn, check_sizes, device_guard, interpreting, loop_bound, num_sms
 
 
 @triton.jit
@@ -180,7 +180,7 @@ def _patch_embed_grad_x_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float64)
         for k in range(0, loop_bound(E)):
             go = tl.load(gout_ptr + r * E + k, mask=r_ok, other=0.0)
-            wk = tl.load(w_ptr + k * F + f, mask=f_ok, other=0.0)
+            wk = tl.load(w_ptr + tl.cast(k, tl.int64) * F + f, mask=f_ok, other=0.0)
             acc += go.to(tl.float64)[:, None] * wk.to(tl.float64)[None, :]
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -275,6 +275,7 @@ def patch_geometry(x: torch.Tensor, patch: int) -> dict:
     PD, PH, PW = (1,) * (3 - k) + (patch,) * k
     C = x.shape[1]
     grid = (D // PD, H // PH, W // PW)
+    check_sizes(f"patch input {tuple(x.shape)}, patch {patch}", patches=math.prod(grid), features=C * PD * PH * PW)
     return dict(C=C, D=D, H=H, W=W, PD=PD, PH=PH, PW=PW, GH=grid[1], GW=grid[2], L=math.prod(grid),
                 F=C * PD * PH * PW, sample=C * D * H * W)
 
@@ -356,6 +357,7 @@ def patch_embed_forward(
                          f"got {tuple(weight.shape)}")
     B = x.shape[0]
     N = keep.shape[1] if keep is not None else geo["L"]
+    check_sizes("patch_embed_forward", E=E, N=N)
     out = torch.empty(B, N, E, dtype=weight.dtype, device=x.device)
     rows = B * N
     if out.numel() == 0:
@@ -398,6 +400,7 @@ def patch_embed_backward(
     E, F = weight.shape
     B = x.shape[0]
     N = grad_out.shape[1]
+    check_sizes("patch_embed_backward", E=E, N=N)
     rows = B * N
     grad_x, grad_weight = x.new_empty(0), weight.new_empty(0)
     grad_out = grad_out.to(weight.dtype).contiguous()

@@ -129,7 +129,7 @@ std::tuple<at::Tensor, at::Tensor> select_keep_cuda(const at::Tensor& present_in
     L += lengths[m];
     K += keeps[m];
   }
-  TORCH_CHECK(L < (int64_t(1) << 31), "select_keep: sequence length ", L, " must be below 2^31");
+  TORCH_CHECK(L < kIndexLimit, "select_keep: sequence length ", L, " must be below 2^31 - 2^16");
   const c10::cuda::CUDAGuard guard(present_in.device());
   const at::Tensor present = present_in.contiguous();
   const at::Tensor rng_c = rng.contiguous();
@@ -304,7 +304,7 @@ at::Tensor gather_visible_cuda(const at::Tensor& tokens_in, const at::Tensor& id
   if (rows == 0 || E == 0) return out;
   const int64_t row_bytes = E * tokens.element_size();
   const int bytes = unit_bytes(row_bytes, {tokens.data_ptr(), out.data_ptr()});
-  TORCH_CHECK(row_bytes / bytes < (int64_t(1) << 31), "gather_visible: rows of ", E, " values are too wide");
+  TORCH_CHECK(row_bytes / bytes < kIndexLimit, "gather_visible: rows of ", E, " values are too wide");
   const int32_t units = static_cast<int32_t>(row_bytes / bytes);
   const RowLaunch launch = row_launch(rows, units);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -331,8 +331,8 @@ at::Tensor unshuffle_fill_cuda(const at::Tensor& x_in, const at::Tensor& ids_kee
   TORCH_CHECK(mask_token_in.scalar_type() == x_in.scalar_type(), "unshuffle_fill: mask_token has dtype ",
               mask_token_in.scalar_type(), " but x has ", x_in.scalar_type());
   const int64_t L = mask_in.size(1);
-  TORCH_CHECK(L < (int64_t(1) << 31) && K < (int64_t(1) << 31), "unshuffle_fill: L = ", L, " and K = ", K,
-              " must be below 2^31");
+  TORCH_CHECK(L < kIndexLimit && K < kIndexLimit, "unshuffle_fill: L = ", L, " and K = ", K,
+              " must be below 2^31 - 2^16");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), ids_keep = ids_keep_in.contiguous(), mask = mask_in.contiguous();
   const at::Tensor mask_token = mask_token_in.contiguous();
@@ -348,7 +348,7 @@ at::Tensor unshuffle_fill_cuda(const at::Tensor& x_in, const at::Tensor& ids_kee
 
   const int64_t row_bytes = E * x.element_size();
   const int bytes = unit_bytes(row_bytes, {x.data_ptr(), out.data_ptr(), mask_token.data_ptr()});
-  TORCH_CHECK(row_bytes / bytes < (int64_t(1) << 31), "unshuffle_fill: rows of ", E, " values are too wide");
+  TORCH_CHECK(row_bytes / bytes < kIndexLimit, "unshuffle_fill: rows of ", E, " values are too wide");
   const int32_t units = static_cast<int32_t>(row_bytes / bytes);
   const RowLaunch launch = row_launch(rows, units);
   with_unit_type(bytes, [&](auto unit) {

@@ -202,7 +202,7 @@ Checked check_patch_args(const char* op, const at::Tensor& x, const at::Tensor& 
                 ": keep must be a (B, K) int64 tensor with B = ", B, ", got shape ", keep->sizes(), " dtype ",
                 keep->scalar_type());
     N = keep->size(1);
-    TORCH_CHECK(N < (int64_t(1) << 31), op, ": keep has ", N, " columns, more than 2^31 - 1");
+    TORCH_CHECK(N < kIndexLimit, op, ": keep has ", N, " columns, the limit is 2^31 - 2^16");
   }
   return {B, N, L, F, weight.size(0)};
 }

@@ -28,6 +28,10 @@ using acc_t = typename AccType<T>::type;
 
 constexpr int kMaxThreads = 1024;
 
+// Lengths, counts and feature numbers the kernels count with 32-bit loop counters stay below this,
+// so that a counter stepping a block past its bound never overflows (the Triton kernels' limit too).
+constexpr int64_t kIndexLimit = (int64_t(1) << 31) - (int64_t(1) << 16);
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline bool is_aligned(const void* ptr, size_t bytes) {
@@ -157,9 +161,10 @@ inline PatchGeometry make_patch_geometry(const at::Tensor& x, int64_t patch, int
   const int64_t C = x.size(1);
   const int64_t patches = (S[0] / p[0]) * (S[1] / p[1]) * (S[2] / p[2]);
   const int64_t features = C * p[0] * p[1] * p[2];
-  TORCH_CHECK(patches < (int64_t(1) << 31), "too many patches (", patches, ") for input shape ", x.sizes());
-  TORCH_CHECK(features >= 1 && features < (int64_t(1) << 31), "patch feature count C*p^k = ", features,
-              " must lie in [1, 2^31) (input shape ", x.sizes(), ", patch ", patch, ")");
+  TORCH_CHECK(patches < kIndexLimit, "too many patches (", patches, ", the limit is 2^31 - 2^16) for input shape ",
+              x.sizes());
+  TORCH_CHECK(features >= 1 && features < kIndexLimit, "patch feature count C*p^k = ", features,
+              " must lie in [1, 2^31 - 2^16) (input shape ", x.sizes(), ", patch ", patch, ")");
   TORCH_CHECK(vec >= 1 && p[2] % vec == 0, "internal: vector width ", vec, " does not divide patch ", patch);
   PatchGeometry g;
   g.stride_2 = S[2];
