@@ -3,6 +3,7 @@ on the training split."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -118,3 +119,49 @@ def test_clinical_encoding_is_fitted_on_train_only(files: Path):
     assert fitted["mean"][1] == pytest.approx(50.0)  # the test patient's age 200 is not in it
     z = apply_clinical(m.clinical, fitted, standardize=True)
     assert z[0, 1] == pytest.approx(-1.0)
+
+
+def test_missing_value_markers_are_unknown_not_categories(files: Path):
+    # how GDC and TCGA BCR tables write "unknown": never a category, never a reason to go categorical
+    path = write(files, "patient_id,time,event,age,race\n"
+                        "P1,1,1,40,white\nP2,1,0,'--,not reported\nP3,1,0,Unknown,[Unknown]\n"
+                        "P4,1,1,[Not Available],asian\nP5,1,0,[Discrepancy],[Not Applicable]\nP6,1,1,60,'--\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about
+        m = read_manifest(path)
+    fitted = fit_clinical(m.clinical, np.ones(len(m), bool))
+    assert [f["name"] for f in fitted["features"]] == ["age", "race=white"]
+    assert fitted["features"][0]["kind"] == "numeric"
+    raw = apply_clinical(m.clinical, fitted)
+    np.testing.assert_array_equal(raw[:, 0], [40, np.nan, np.nan, np.nan, np.nan, 60])
+    np.testing.assert_array_equal(raw[:, 1], [1, np.nan, np.nan, 0, np.nan, np.nan])
+
+
+def test_text_in_a_numeric_column_is_named_and_read_as_unknown(files: Path):
+    ages = ["40", "37.1a", "55", "61", "n.d.", "48"]
+    rows = "".join(f"P{i},1,{i % 2},{a},{'yes' if i % 2 else 'no'}\n" for i, a in enumerate(ages))
+    path = write(files, "patient_id,time,event,age,radiation\n" + rows)
+    message = (r"manifest.csv: clinical column 'age' holds numbers, but 2 value\(s\) are not: line 3 \(patient 'P1'\) "
+               r"'37.1a', line 6 \(patient 'P4'\) 'n.d.'; correct them")
+    with pytest.warns(ManifestWarning, match=message + r".*; read as unknown"):
+        m = read_manifest(path)
+    fitted = fit_clinical(m.clinical, np.ones(len(m), bool))
+    assert [f["name"] for f in fitted["features"]] == ["age", "radiation"]  # not one feature per age
+    np.testing.assert_array_equal(apply_clinical(m.clinical, fitted)[:, 0], [40, np.nan, 55, 61, np.nan, 48])
+    with pytest.raises(ManifestError, match=message):
+        read_manifest(path, strict=True)
+
+
+def test_new_patients_are_checked_against_the_fitted_column_kinds(files: Path):
+    train = write(files, "patient_id,time,event,age,radiation\nP1,1,1,40,yes\nP2,1,0,60,no\n", "train.csv")
+    fitted = fit_clinical(read_manifest(train).clinical, np.ones(2, bool))
+    # alone, this manifest's age column looks like text: the fitted kinds decide
+    new = write(files, "patient_id,age,radiation\nN1,abc,maybe\nN2,[Not Available],no\n", "new.csv")
+    with pytest.warns(ManifestWarning) as caught:
+        m = read_manifest(new, require_survival=False, clinical_fitted=fitted)
+    assert [str(w.message) for w in caught] == [
+        "new.csv: clinical column 'age' holds numbers, but 1 value(s) are not: line 2 (patient 'N1') 'abc'; "
+        "correct them, or leave a cell empty where the value is unknown; read as unknown",
+        "new.csv: clinical column 'radiation' holds yes/no values, but 1 value(s) are not: line 2 (patient 'N1') "
+        "'maybe'; correct them, or leave a cell empty where the value is unknown; read as unknown"]
+    np.testing.assert_array_equal(apply_clinical(m.clinical, fitted), [[np.nan, np.nan], [np.nan, 0]])

@@ -20,6 +20,7 @@ from pyimputmae.data.omics import (
     read_gdc_star_counts,
     read_omics,
     run_omics,
+    screen_patients,
 )
 
 TPM = [27.6, 0.0, 112.3, 3.4, 1.2, 0.5, 14.0, 30.1, 9.9, 4.4, 50.0, 0.0, 2.0, 0.3]
@@ -139,3 +140,58 @@ def test_run_omics_records_a_bad_file_and_processes_the_rest(tmp_path: Path):
     assert stage.status == ["present"] * 4 + ["failed", "missing"]
     assert "bad.tsv (patient 'PBAD')" in stage.errors[4] and "tpm_unstranded" in stage.errors[4]
     assert (stage.values[4:] == 0).all() and (stage.values[:4] != 0).any()
+
+
+def beta_cohort(tmp_path: Path) -> tuple[list[str], list[Source], np.ndarray]:
+    """Six patients in one samples × probes beta table; P2's path is an RNA table (other features)."""
+    rng = np.random.default_rng(1)
+    ids = [f"P{i}" for i in range(6)]
+    pd.DataFrame(rng.random((6, 10)), index=ids, columns=[f"cg{j:04d}" for j in range(10)]).to_csv(
+        tmp_path / "beta.tsv", sep="\t")
+    pd.DataFrame(rng.random((6, 5)), index=ids, columns=["TSPAN6", "TNMD", "DPM1", "SCYL3", "FGR"]).to_csv(
+        tmp_path / "rna.tsv", sep="\t")
+    sources = [Source(tmp_path / ("rna.tsv" if i == 2 else "beta.tsv")) for i in range(6)]
+    return ids, sources, np.array([1, 1, 1, 1, 0, 0], bool)
+
+
+def test_another_modalitys_file_is_left_out_and_does_not_grow_the_feature_set(tmp_path: Path):
+    ids, sources, train = beta_cohort(tmp_path)
+    cfg = OmicsConfig.dnam(width=32)
+    stage = run_omics(ids, sources, train, cfg, name="dnam")
+    assert stage.status == ["present", "present", "failed", "present", "present", "present"]
+    assert stage.errors[2].startswith(f"{tmp_path / 'rna.tsv'} (patient 'P2'): dnam: only 0 of the 10 features at "
+                                      "least half of the training patients have are in this patient's data")
+    assert "unknown features such as TSPAN6, TNMD, DPM1" in stage.errors[2]
+    assert stage.fitted["features"] == [f"cg{j:04d}" for j in range(10)]  # the majority's, not grown
+    assert (stage.values[2] == 0).all() and stage.replaced.sum() == 0
+    # the other patients are exactly what they are without the wrong file
+    alone = run_omics(ids, [s if i != 2 else None for i, s in enumerate(sources)], train, cfg, name="dnam")
+    np.testing.assert_array_equal(stage.values[[0, 1, 3, 4, 5]], alone.values[[0, 1, 3, 4, 5]])
+    # new patients preprocessed with the fitted selection are screened against its features
+    again = run_omics(ids, sources, np.zeros(6, bool), cfg, fitted=stage.fitted, name="dnam")
+    assert again.status == stage.status and "only 0 of the 10 features the fitted preprocessing uses" in again.errors[2]
+
+
+def test_beta_values_outside_0_1_are_named_unless_m_values(tmp_path: Path):
+    ids, sources, train = beta_cohort(tmp_path)
+    table = pd.read_csv(tmp_path / "beta.tsv", sep="\t", index_col=0)
+    table.loc["P4", ["cg0001", "cg0005"]] = [2.5, -1.25]  # M-values among betas
+    table.to_csv(tmp_path / "beta.tsv", sep="\t")
+    sources[2] = sources[0]
+    stage = run_omics(ids, sources, train, OmicsConfig.dnam(width=32), name="dnam")
+    assert stage.status == ["present"] * 4 + ["failed", "present"]
+    assert stage.errors[4] == (
+        f"{tmp_path / 'beta.tsv'} (patient 'P4'): dnam: 2 of 10 values lie outside [0, 1] (cg0001=2.5, cg0005=-1.25): "
+        "not beta values. If the file holds M-values, set dnam.values to 'm_value' (--dnam-values m_value); "
+        "otherwise check that it is this patient's dnam file. The patient's dnam is left out")
+    m_values = run_omics(ids, sources, train, OmicsConfig.dnam(values="m_value", width=32), name="dnam")
+    assert m_values.status == ["present"] * 6  # M-values may be any real number
+
+
+def test_fitted_gene_list_screens_only_the_measured_genes():
+    raw, train = cohort()
+    fitted = fit_omics(raw[train], OmicsConfig.rna(gene_list=["G1", "NOT_1", "NOT_2", "NOT_3"], width=8))
+    assert fitted["unmeasured"] == ["NOT_1", "NOT_2", "NOT_3"]
+    frames = {0: raw.iloc[:3].set_axis([0, 1, 2])}
+    errors = screen_patients(frames, ["A", "B", "C"], [Source(Path("a.tsv"))] * 3, np.zeros(3, bool), "raw", fitted)
+    assert errors == {} and list(frames[0].index) == [0, 1, 2]

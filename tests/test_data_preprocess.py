@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,7 +23,7 @@ from test_data_common import GDC_HEADER, GENES, SLIDE, crash_on_p2, need, write_
 
 import pyimputmae
 from pyimputmae.data import preprocess as pp
-from pyimputmae.data.manifest import ManifestWarning
+from pyimputmae.data.manifest import ManifestError, ManifestWarning, read_manifest
 from pyimputmae.data.store import (
     StoreDataset,
     StoreError,
@@ -278,7 +280,9 @@ def test_new_patients_reuse_the_fitted_preprocessing(inputs: Path, store: Path, 
                         "wsi": [str(SLIDE), ""], "mri": ["", str(inputs / "mri_case")]})
     new.to_csv(tmp_path / "new.csv", index=False)
     out = tmp_path / "new.zarr"
-    pp.apply_preprocessing(tmp_path / "new.csv", store, out, workers=0, progress=False, verbose=False)
+    with pytest.warns(ManifestWarning, match=r"clinical column 'radiation' holds yes/no values, but 1 value\(s\) "
+                                             r"are not: line 3 \(patient 'NEW2'\) 'maybe'"):
+        pp.apply_preprocessing(tmp_path / "new.csv", store, out, workers=0, progress=False, verbose=False)
     a, b = load_cohort(out), load_cohort(store)
     assert load_preprocessing(out)["rna"] == load_preprocessing(store)["rna"]
     assert list(a.split) == ["test", "test"] and torch.isnan(a.time).all()
@@ -289,13 +293,22 @@ def test_new_patients_reuse_the_fitted_preprocessing(inputs: Path, store: Path, 
     assert a.clinical[0].tolist() == [40.0, 1.0] and torch.isnan(a.clinical[1]).all()  # "maybe": unseen level
 
 
-def test_command_line_with_a_process_pool(inputs: Path, store: Path, tmp_path: Path):
+def test_command_line_with_a_process_pool(inputs: Path, store: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]):
     out = tmp_path / "cli.zarr"
-    with pytest.warns(ManifestWarning):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         rc = pp.main([str(inputs / "manifest.csv"), "--out", str(out), "--config", str(inputs / "config.json"),
                       "--workers", "2", "--no-progress"])
     assert rc == 0
     assert_same_store(out, store)
+    # manifest warnings: once each, in the summary, without Python's warning header and source line
+    assert not [w for w in caught if issubclass(w.category, ManifestWarning)]
+    err = capsys.readouterr().err
+    assert err.count("line 6 (patient 'PDUP'): duplicate patient id") == 1
+    assert "manifest.csv: 2 row(s) left out, 0 warning(s): listed in the summary at the end" in err
+    assert "rejected manifest rows (2):\n  manifest.csv line 6 (patient 'PDUP')" in err
+    assert "ManifestWarning" not in err and "read_manifest(" not in err
 
 
 def test_a_crashing_worker_fails_only_its_patient():
@@ -308,3 +321,44 @@ def test_a_crashing_worker_fails_only_its_patient():
     assert all(status[p]["status"] == "present" for p in status if p != "P2")
     assert status["P2"]["status"] == "failed"
     assert "slide2.svs (patient 'P2'): the reader crashed its worker process" in status["P2"]["error"]
+
+
+def test_a_manifest_without_files_is_an_error_naming_the_columns(tmp_path: Path):
+    # the shared cohort table as it is: availability flags, no paths
+    (tmp_path / "cohort.csv").write_text("patient_id,time_years,event,age_years,has_rna,has_wsi\n"
+                                         "P1,1.5,1,40,1,0\nP2,2.0,0,55,0,1\n")
+    out = tmp_path / "cohort.zarr"
+    message = (r"cohort.csv: no file path column for any of rna, wsi \(looked for rna: rna, rna_path; wsi: wsi, "
+               r"wsi_path; the columns are patient_id, time_years, event, age_years, has_rna, has_wsi; has_rna, "
+               r"has_wsi are availability flags, not file paths\): the store would hold clinical data alone")
+    with pytest.raises(ManifestError, match=message):
+        pp.preprocess(tmp_path / "cohort.csv", out, config={**CONFIG, "modalities": ["rna", "wsi"]}, progress=False,
+                      verbose=False)
+    assert not out.exists()
+    # new patients (a fitted store): predictions from clinical data alone are possible, so a warning
+    notes = pp.check_sources(read_manifest(tmp_path / "cohort.csv"), ("rna", "wsi"), training=False)
+    assert len(notes) == 1 and re.match(message.replace("the store would hold clinical data alone",
+                                                        "every patient lacks every modality"), notes[0])
+    # path columns whose every entry is empty or gone
+    (tmp_path / "paths.csv").write_text("patient_id,time,event,rna\nP1,1.5,1,\nP2,2.0,0,gone.tsv\n")
+    message = r"paths.csv: no patient has a file for any of rna \(columns rna: every entry is empty or a path that"
+    with pytest.raises(ManifestError, match=message), pytest.warns(ManifestWarning, match="'gone.tsv' does not exist"):
+        pp.preprocess(tmp_path / "paths.csv", out, config={**CONFIG, "modalities": ["rna"]}, progress=False,
+                      verbose=False)
+
+
+def test_a_modality_without_a_path_column_is_a_warning_in_the_report(inputs: Path, tmp_path: Path):
+    table = pd.read_csv(inputs / "manifest.csv", dtype=str, keep_default_na=False).drop(columns=["rna", "wsi", "mri"])
+    table["dnam"] = [str(inputs / p) if p else "" for p in table["dnam"]]
+    table.iloc[[0, 1, 2, 3, 5]].to_csv(tmp_path / "no_mri.csv", index=False)
+    config = {**CONFIG, "modalities": ["dnam", "mri"]}
+    message = ("no_mri.csv: no file path column for mri (looked for mri: mri, mri_path, mri_t1, mri_t1ce, mri_t2, "
+               "mri_flair, mri_tumor_mask, mri_tumour_mask, mri_seg, mri_brain_mask): every patient counts as "
+               "missing it; --modalities dnam leaves it out of the store")
+    with pytest.warns(ManifestWarning, match=re.escape(message)):
+        report = pp.preprocess(tmp_path / "no_mri.csv", tmp_path / "s.zarr", config=config, progress=False,
+                               verbose=False, workers=0)
+    assert report.warnings == [message] and report.counts["mri"]["missing"] == 5
+    with pytest.raises(ManifestError, match=re.escape(message)):
+        pp.preprocess(tmp_path / "no_mri.csv", tmp_path / "strict.zarr", config=config, progress=False,
+                      verbose=False, strict=True)

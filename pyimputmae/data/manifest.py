@@ -14,7 +14,11 @@ A manifest is a CSV/TSV (or parquet) table with columns
   sequence (``mri_t1``, ``mri_t1ce``, ``mri_t2``, ``mri_flair``) with ``mri_tumor_mask`` /
   ``mri_brain_mask``; ``mri`` itself may be a BraTS-style case folder;
 * clinical columns: every other column unless ``clinical_columns`` names them (columns called
-  ``has_*`` — availability flags — are never clinical by default).
+  ``has_*`` — availability flags — are never clinical by default). Empty cells and the usual
+  placeholders (``NA``, GDC's ``'--``/``not reported``/``Unknown``, TCGA's ``[Not Available]``,
+  ``[Unknown]``, ``[Discrepancy]``…: :data:`MISSING_MARKERS`) are unknown values — never a category
+  of their own. A column whose known values are mostly numbers stays numeric: its text entries are
+  named in a warning (an error under ``strict=True``) and read as unknown.
 
 Problems are reported with the line of the file and the value: a row with a duplicated id, a
 missing or negative time, or an event other than 0/1 is rejected (left out, with a warning) — or,
@@ -46,6 +50,13 @@ _ALIASES = {
 }
 _MRI_ALIASES = {"tumor_mask": ("tumor_mask", "tumour_mask", "seg"), "brain_mask": ("brain_mask",)}
 _EMPTY = {"", "na", "nan", "none", "null", "n/a"}
+#: clinical values read as unknown besides the empty ones above (case-insensitive): the placeholders
+#: GDC exports (``'--``, ``not reported``, ``Unknown``) and TCGA BCR tables use (``[Not Available]``, …)
+MISSING_MARKERS = frozenset({
+    "'--", "--", "#n/a", "unknown", "not reported", "not available", "not applicable", "not evaluated",
+    "[not available]", "[not applicable]", "[unknown]", "[discrepancy]", "[not evaluated]", "[not reported]",
+    "[pending]",
+})
 _TRUE = {"yes", "true", "y", "1", "1.0"}
 _FALSE = {"no", "false", "n", "0", "0.0"}
 
@@ -81,7 +92,9 @@ class Manifest:
     time, event: ``(N,)`` float64 (NaN only when survival was not required); split: ``(N,)`` str;
     fold: ``(N,)`` int64, −1 = none; clinical: raw clinical values, a pandas DataFrame of strings
     (``N`` rows); sources: modality → ``N`` entries of :class:`Source` or ``None`` (missing);
-    lines: the file line of each patient; rejected / warnings: messages for the report.
+    lines: the file line of each patient; rejected / warnings: messages for the report;
+    path_columns: modality → the manifest columns its paths were read from (none found: empty);
+    columns: all the manifest's columns.
     """
 
     path: Path | None
@@ -96,6 +109,8 @@ class Manifest:
     sha256: str = ""
     rejected: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    path_columns: dict[str, list[str]] = field(default_factory=dict)
+    columns: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -107,6 +122,19 @@ class Manifest:
 
 def _is_empty(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip().lower() in _EMPTY
+
+
+def _path_aliases(modality: str) -> dict[str, tuple[str, ...]]:
+    """Role (``""``: the main path) → the column names it is read from, lower case."""
+    aliases = {"": (modality, f"{modality}_path")}
+    if modality == "mri":
+        aliases.update({role: tuple(f"mri_{a}" for a in _MRI_ALIASES.get(role, (role,))) for role in MRI_ROLES})
+    return aliases
+
+
+def path_column_names(modality: str) -> list[str]:
+    """The column names (case-insensitive) a modality's paths are read from."""
+    return [n for names in _path_aliases(modality).values() for n in names]
 
 
 def _find(columns: list[str], names: tuple[str, ...]) -> str | None:
@@ -142,11 +170,16 @@ def read_manifest(
     strict: bool = False,
     require_survival: bool = True,
     default_split: str = "train",
+    clinical_fitted: dict[str, Any] | None = None,
 ) -> Manifest:
     """Read and validate a manifest file (or a pandas DataFrame, paths then relative to the cwd).
 
     Returns a :class:`Manifest` of the accepted rows. ``require_survival=False`` (new patients at
     prediction time) lets time/event be empty (NaN) but still checks the values that are given.
+    A clinical column that is numeric (or yes/no) except for a few text entries keeps its kind;
+    those entries are named in a warning (an error under ``strict``) and read as unknown.
+    ``clinical_fitted``: the clinical encoding of a fitted store (:func:`fit_clinical`), whose
+    column kinds are then checked instead of the kinds this manifest's values suggest.
     """
     import pandas as pd
 
@@ -171,13 +204,7 @@ def read_manifest(
 
     path_cols: dict[str, dict[str, str]] = {}
     for m in modalities:
-        found = {"": c} if (c := _find(columns, (m, f"{m}_path"))) else {}
-        if m == "mri":
-            for role in MRI_ROLES:
-                c = _find(columns, tuple(f"mri_{a}" for a in _MRI_ALIASES.get(role, (role,))))
-                if c:
-                    found[role] = c
-        path_cols[m] = found
+        path_cols[m] = {role: c for role, names in _path_aliases(m).items() if (c := _find(columns, names))}
     used = {c for c in col.values() if c} | {c for cols in path_cols.values() for c in cols.values()}
     if clinical_columns is None:
         clinical_columns = [c for c in columns if c not in used and not c.lower().startswith("has_")]
@@ -278,6 +305,23 @@ def read_manifest(
             parts = tuple((r, p) for r, (p, _) in entries.items() if r)
             sources[m].append(Source(path=main[0], select=main[1], parts=parts))
 
+    clinical = table.iloc[accepted][list(clinical_columns)].reset_index(drop=True)
+    kinds = ({f["source"]: f["kind"] for f in clinical_fitted["features"]} if clinical_fitted is not None
+             else {c: clinical_kind(clinical[c]) for c in clinical.columns})
+    for c in clinical.columns:
+        strays = [k for k, v in enumerate(clinical[c]) if _is_stray(v, kinds.get(c, "onehot"))]
+        if strays:
+            shown = ", ".join(f"line {accepted[k] + 2} (patient {ids[accepted[k]]!r}) {str(clinical[c][k])!r}"
+                              for k in strays[:10])
+            more = f" and {len(strays) - 10} more" if len(strays) > 10 else ""
+            what = "numbers" if kinds[c] == "numeric" else "yes/no values"
+            msg = (f"{name}: clinical column {c!r} holds {what}, but {len(strays)} value(s) are not: {shown}{more}; "
+                   "correct them, or leave a cell empty where the value is unknown")
+            if strict:
+                problems.append(msg)
+            else:
+                warned.append(msg + "; read as unknown")
+
     rejected = [bad_rows[i] + "; row left out" for i in sorted(bad_rows)]
     if strict:
         problems = [bad_rows[i] for i in sorted(bad_rows)] + problems
@@ -290,43 +334,66 @@ def read_manifest(
     for msg in rejected + warned:
         warnings.warn(msg, ManifestWarning, stacklevel=2)
 
-    clinical = table.iloc[accepted][list(clinical_columns)].reset_index(drop=True)
     return Manifest(
         path=path, ids=[ids[i] for i in accepted], time=np.asarray(times, dtype=np.float64),
         event=np.asarray(events, dtype=np.float64), split=np.asarray(splits, dtype=object).astype(str),
         fold=np.asarray(folds, dtype=np.int64), clinical=clinical, sources=sources,
         lines=[i + 2 for i in accepted], sha256=digest, rejected=rejected, warnings=warned,
+        path_columns={m: list(cols.values()) for m, cols in path_cols.items()}, columns=columns,
     )
 
 
 # ------------------------------------------------------------------------------------- clinical
+def is_unknown(value: Any) -> bool:
+    """Whether a clinical value means "unknown": empty, ``NA``/``nan``/``none``/``null``/``n/a``, or
+    one of :data:`MISSING_MARKERS` (case and surrounding spaces ignored)."""
+    return _is_empty(value) or str(value).strip().lower() in MISSING_MARKERS
+
+
+def clinical_kind(values: Any) -> str:
+    """How a clinical column is encoded, from its values (strings; unknown ones ignored):
+    ``"binary"`` (yes/no/true/false/1/0), ``"numeric"`` (mostly numbers: any other value is a stray,
+    read as unknown) or ``"onehot"`` (text)."""
+    known = [str(v).strip() for v in values if not is_unknown(v)]
+    numbers = [v for v in known if _is_float(v)]
+    if {v.lower() for v in known} <= _TRUE | _FALSE:
+        return "binary"
+    if 2 * len(numbers) > len(known):  # a few text entries among numbers are typos, not categories
+        return "binary" if {v.lower() for v in numbers} <= _TRUE | _FALSE else "numeric"
+    return "onehot"
+
+
+def _is_stray(value: Any, kind: str) -> bool:
+    """A known value that a numeric or binary column cannot encode (it is read as unknown)."""
+    if is_unknown(value) or kind == "onehot":
+        return False
+    v = str(value).strip()
+    return not _is_float(v) if kind == "numeric" else v.lower() not in _TRUE | _FALSE
+
+
 def fit_clinical(clinical: Any, train: np.ndarray) -> dict[str, Any]:
     """Encode clinical columns, fitted on the rows where ``train`` is True.
 
-    Numeric columns stay numbers; yes/no/true/false/1/0 columns become 0/1; other text columns
-    become one-hot ``column=level`` features over the levels seen in training (two levels: one
-    feature). The training mean and standard deviation of each feature are recorded too (the
+    Unknown values (:func:`is_unknown`: empty cells and placeholders such as ``'--``, ``Unknown``,
+    ``not reported``, ``[Not Available]``) are NaN, never a category. The kind of each column comes
+    from :func:`clinical_kind`: numeric columns stay numbers (a stray text entry is NaN;
+    :func:`read_manifest` warns about it); yes/no/true/false/1/0 columns become 0/1; other text
+    columns become one-hot ``column=level`` features over the levels seen in training (two levels:
+    one feature). The training mean and standard deviation of each feature are recorded too (the
     store keeps the encoded values unstandardised: the model fits its own imputation and scaling).
     Returns a plain dict: ``{"features": [{"name", "source", "kind", "level"?, "levels"?}], "mean",
     "std"}``.
     """
     features: list[dict[str, Any]] = []
     for c in clinical.columns:
-        values = [str(v).strip() for v in clinical[c]]
-        known = [v for v in values if not _is_empty(v)]
-        known_train = [v for v, t in zip(values, train) if t and not _is_empty(v)]
-        if all(_is_float(v) for v in known) and known:
-            if {v.lower() for v in known} <= _TRUE | _FALSE:
-                features.append({"name": c, "source": c, "kind": "binary"})
-            else:
-                features.append({"name": c, "source": c, "kind": "numeric"})
-        elif {v.lower() for v in known} <= _TRUE | _FALSE:
-            features.append({"name": c, "source": c, "kind": "binary"})
-        else:
-            levels = sorted({v for v in known_train})
-            for level in levels[1:] if len(levels) == 2 else levels:
-                features.append({"name": f"{c}={level}", "source": c, "kind": "onehot", "level": level,
-                                 "levels": levels})
+        kind = clinical_kind(clinical[c])
+        if kind != "onehot":
+            features.append({"name": c, "source": c, "kind": kind})
+            continue
+        levels = sorted({str(v).strip() for v, t in zip(clinical[c], train) if t and not is_unknown(v)})
+        for level in levels[1:] if len(levels) == 2 else levels:
+            features.append({"name": f"{c}={level}", "source": c, "kind": "onehot", "level": level,
+                             "levels": levels})
     fitted: dict[str, Any] = {"features": features, "mean": [], "std": []}
     raw = encode_clinical(clinical, fitted)
     with warnings.catch_warnings():
@@ -348,15 +415,16 @@ def _is_float(v: str) -> bool:
 
 
 def encode_clinical(clinical: Any, fitted: dict[str, Any]) -> np.ndarray:
-    """``(N, K)`` float64 encoded (not standardised) clinical features; NaN = unknown or a level
-    never seen in training."""
+    """``(N, K)`` float64 encoded (not standardised) clinical features; NaN = unknown (see
+    :func:`is_unknown`), a stray text entry of a numeric or yes/no column, or a level never seen in
+    training."""
     out = np.full((len(clinical), len(fitted["features"])), np.nan)
     for j, f in enumerate(fitted["features"]):
         if f["source"] not in clinical.columns:
             continue
         for i, v in enumerate(clinical[f["source"]]):
             v = str(v).strip()
-            if _is_empty(v):
+            if is_unknown(v):
                 continue
             if f["kind"] == "numeric":
                 out[i, j] = float(v) if _is_float(v) else np.nan

@@ -4,12 +4,16 @@ feature selection / normalisation fitted on the training split.
 Pipeline of one modality (RNA defaults in brackets, DESIGN.md §1):
 
 1. read one value per feature and patient (:func:`read_omics`) — the raw matrix ``(N, G)``;
-2. optional M-value → beta conversion (``values="m_value"``) and ``log1p`` [on];
-3. **fit on training patients only** (:func:`fit_omics`): candidate features are those seen in
+2. screening (:func:`screen_patients`): a patient whose data cannot be this modality — values
+   outside [0, 1] where betas are expected, or fewer than half of the features that most training
+   patients (or the fitted preprocessing) have: another modality's file, say — is left out of the
+   modality and reported (file, patient, what is wrong), like an unreadable file;
+3. optional M-value → beta conversion (``values="m_value"``) and ``log1p`` [on];
+4. **fit on training patients only** (:func:`fit_omics`): candidate features are those seen in
    training files; keep those with training standard deviation > ``min_std`` [0.1] (or a fixed
    ``gene_list``), at most ``width`` of them (the largest standard deviations), in file order;
    record each kept feature's training median;
-4. apply (:func:`apply_omics`, the same for training, test and new patients): NaN/Inf → the
+5. apply (:func:`apply_omics`, the same for training, test and new patients): NaN/Inf → the
    training median (counted), per-sample normalisation [divide by the sample's median over the
    kept features], zero padding to ``width`` [16,384] → ``(N, 1, width)`` float32.
 
@@ -42,9 +46,10 @@ class OmicsConfig:
 
     kind: "auto" (GDC STAR file if its header says so, else a table), "gdc_star" or "table";
     value: the GDC column; gene_types: GDC ``gene_type`` values kept (empty = all); gene_key:
-    "gene_id" (Ensembl, version stripped) or "gene_name"; values: "raw", "beta" or "m_value"
-    (converted to beta); log1p; sample_norm: "median" or "none"; min_std; width: padded length
-    ``L``; gene_list: a fixed feature list instead of the standard-deviation filter.
+    "gene_id" (Ensembl, version stripped) or "gene_name"; values: "raw", "beta" (a patient with
+    values outside [0, 1] is left out) or "m_value" (any real; converted to beta); log1p;
+    sample_norm: "median" or "none"; min_std; width: padded length ``L``; gene_list: a fixed
+    feature list instead of the standard-deviation filter.
     """
 
     kind: str = "auto"
@@ -288,7 +293,8 @@ def fit_omics(raw: Any, config: OmicsConfig) -> dict[str, Any]:
     a DataFrame ``(n_train, G)`` (NaN where a patient's file lacks a feature).
 
     Returns ``{"features": [...], "medians": [...], "width", "values", "log1p", "sample_norm",
-    "min_std", "selection", "n_train"}``.
+    "min_std", "selection", "n_train"}`` (and, for a ``gene_list``, ``"unmeasured"``: its features
+    no training patient has, whose median is 0).
     """
     if raw.shape[0] == 0:
         raise OmicsError("no training patient has this modality: nothing to fit the feature selection on")
@@ -306,6 +312,7 @@ def fit_omics(raw: Any, config: OmicsConfig) -> dict[str, Any]:
         features = list(dict.fromkeys(str(g) for g in config.gene_list))
         medians = [float(med[pos[g]]) if g in pos and np.isfinite(med[pos[g]]) else 0.0 for g in features]
         fitted["selection"] = "gene_list"
+        fitted["unmeasured"] = [g for g in features if g not in pos or not np.isfinite(med[pos[g]])]
     else:
         ok = np.isfinite(std) & (std > config.min_std) if config.min_std > 0 else np.isfinite(med)
         keep = np.flatnonzero(ok)
@@ -409,6 +416,95 @@ def read_cohort_omics(ids: list[str], sources: list[Any], config: OmicsConfig, w
     return frames, errors
 
 
+#: a patient whose data hold fewer than this share of the cohort's features is not used (wrong file?)
+MIN_SHARED_FEATURES = 0.5
+#: beta values outside [0, 1] by more than this are not beta values
+BETA_TOLERANCE = 1e-4
+
+
+def _describe(ids: list[str], sources: list[Any], i: int) -> str:
+    """``file#select (patient 'id')``: where patient ``i``'s data came from, for messages."""
+    s = sources[i]
+    return _where(f"{s.path}#{s.select}" if s.select else s.path, ids[i])
+
+
+def _row_chunks(frame: Any, rows: int = 256) -> Any:
+    """``(first row, values)`` blocks of a patients × features frame (bounded temporaries for
+    450k-probe tables)."""
+    x = frame.to_numpy()
+    for start in range(0, x.shape[0], rows):
+        yield start, x[start:start + rows]
+
+
+def _drop_patients(frames: dict[int, Any], bad: set[int]) -> None:
+    """Remove patient rows ``bad`` from ``frames`` in place (blocks left empty go too)."""
+    for key, f in list(frames.items()):
+        hit = f.index.isin(list(bad))
+        if hit.all():
+            del frames[key]
+        elif hit.any():
+            frames[key] = f.loc[~hit]
+
+
+def screen_patients(frames: dict[int, Any], ids: list[str], sources: list[Any], train: np.ndarray,
+                    values: str, fitted: dict[str, Any] | None = None, name: str = "omics") -> dict[int, str]:
+    """Take out of ``frames`` (as :func:`read_cohort_omics` returns them; changed in place) the
+    patients whose data cannot be this modality, and return ``{patient index: message}`` for them:
+
+    * ``values == "beta"``: values outside [0, 1] (M-values, or another modality's file);
+    * fewer than :data:`MIN_SHARED_FEATURES` of the reference features — the ``fitted`` features
+      (those measured in training), or else those that at least half of the (remaining) training
+      patients have: the majority, not one wrong file, decides the feature set.
+    """
+    import pandas as pd
+
+    errors: dict[int, str] = {}
+    if values == "beta":
+        flag = " (--dnam-values m_value)" if name == "dnam" else ""
+        for f in frames.values():
+            for start, x in _row_chunks(f):
+                out = np.isfinite(x) & ((x < -BETA_TOLERANCE) | (x > 1 + BETA_TOLERANCE))
+                for r in np.flatnonzero(out.any(axis=1)):
+                    i, cols = int(f.index[start + r]), np.flatnonzero(out[r])
+                    shown = ", ".join(f"{f.columns[j]}={x[r, j]:.4g}" for j in cols[:3])
+                    shown += ", …" if cols.size > 3 else ""
+                    errors[i] = (f"{_describe(ids, sources, i)}: {name}: {cols.size} of {int(np.isfinite(x[r]).sum())} "
+                                 f"values lie outside [0, 1] ({shown}): not beta values. If the file holds M-values, "
+                                 f"set {name}.values to 'm_value'{flag}; otherwise check that it is this patient's "
+                                 f"{name} file. The patient's {name} is left out")
+        _drop_patients(frames, set(errors))
+    if fitted is not None:
+        reference = pd.Index(fitted["features"]).difference(fitted.get("unmeasured", []), sort=False)
+        whose = "the fitted preprocessing uses"
+    else:
+        counts, n_train = pd.Series(dtype=np.float64), 0
+        for f in frames.values():
+            rows = np.flatnonzero(train[f.index.to_numpy(np.int64)])
+            if rows.size:
+                seen = np.isfinite(f.to_numpy()[rows]).sum(axis=0)
+                counts = counts.add(pd.Series(seen, index=f.columns), fill_value=0)
+                n_train += rows.size
+        reference, whose = counts.index[counts >= n_train / 2], "at least half of the training patients have"
+    if reference.empty:  # nothing to compare with (no training patient): the fit reports it
+        return errors
+    screened: set[int] = set()
+    for f in frames.values():
+        known = f.columns.isin(reference)
+        for start, x in _row_chunks(f):
+            finite = np.isfinite(x)
+            shared = (finite & known).sum(axis=1)
+            for r in np.flatnonzero(shared < MIN_SHARED_FEATURES * len(reference)):
+                i = int(f.index[start + r])
+                foreign = ", ".join(str(c) for c in f.columns[finite[r] & ~known][:3])
+                screened.add(i)
+                errors[i] = (f"{_describe(ids, sources, i)}: {name}: only {shared[r]} of the {len(reference)} features "
+                             f"{whose} are in this patient's data ({int(finite[r].sum())} values"
+                             f"{'; unknown features such as ' + foreign if foreign else ''}). Check that it is this "
+                             f"patient's {name} file. The patient's {name} is left out")
+    _drop_patients(frames, screened)
+    return errors
+
+
 def _concat(frames: list[Any]) -> Any:
     """Stack patients × features frames; features in first-seen order (never sorted)."""
     import pandas as pd
@@ -420,8 +516,11 @@ def run_omics(ids: list[str], sources: list[Any], train: np.ndarray, config: Omi
               fitted: dict[str, Any] | None = None, workers: int = 1, progress: bool = False,
               name: str = "omics") -> OmicsStage:
     """Read every patient's data, fit on the ``train`` rows (unless ``fitted`` is given), apply to
-    all. A file that fails is recorded for its patient and never stops the others."""
+    all. A file that fails — unreadable, or data that cannot be this modality
+    (:func:`screen_patients`) — is recorded for its patient and never stops the others."""
     frames, errors = read_cohort_omics(ids, sources, config, workers, progress, name)
+    errors.update(screen_patients(frames, ids, sources, train, (fitted or {}).get("values", config.values), fitted,
+                                  name))
     status = ["missing" if s is None else "failed" if i in errors else "present" for i, s in enumerate(sources)]
     width = (fitted or {}).get("width", config.width)
     values = np.zeros((len(ids), 1, width), dtype=np.float32)

@@ -14,9 +14,13 @@ store is complete. A re-run with another manifest or other options refuses to mi
 (``overwrite=True`` starts afresh).
 
 **Robust.** A file that cannot be read (a damaged slide, a volume of the wrong dimensionality, a
-table without the gene column) is recorded for its patient and modality — the message names file,
-patient and value — and the rest of the cohort goes on; a worker process that crashes outright is
-retried alone, then recorded as failed.
+table without the gene column) or whose data cannot be the modality (an omics table sharing few
+features with the rest of the cohort — another modality's file —, beta values outside [0, 1]) is
+recorded for its patient and modality — the message names file, patient and value — and the rest
+of the cohort goes on; a worker process that crashes outright is retried alone, then recorded as
+failed. Manifest problems (rows left out, paths that do not exist, text in a numeric clinical
+column, a modality without a path column) are listed in the summary at the end; a manifest that
+gives no file for any modality is an error.
 
 **Reusable.** The preprocessing fitted on the training split (omics feature lists and medians,
 clinical encoding and standardisation, all settings) is saved in the store's attributes;
@@ -30,12 +34,13 @@ import json
 import os
 import sys
 import time
+import warnings
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
-from .manifest import Manifest, Source, read_manifest
+from .manifest import Manifest, ManifestError, ManifestWarning, Source, path_column_names, read_manifest
 from .mri import MriConfig, preprocess_mri, resolve_mri_paths
 from .preprocess_config import PreprocessConfig, PreprocessReport
 from .preprocess_stages import (  # the public names are re-exported: store.py and users import them from here
@@ -139,6 +144,42 @@ def _run_tasks(tasks: list[dict[str, Any]], workers: int, on_result: Any, fn: An
                         "its worker process (damaged file?)"} for m in _IMAGE_MODALITIES if t.get(m) is not None}})
 
 
+def check_sources(manifest: Manifest, modalities: tuple[str, ...], training: bool = True,
+                  strict: bool = False) -> list[str]:
+    """Whether the manifest gives files for the requested modalities. Returns warnings (under
+    ``strict``, raises them as a :class:`ManifestError`): a modality without a path column; no file
+    for any modality when preprocessing new patients (``training`` False: predictions then rest on
+    the clinical data alone). No file for any modality while ``training`` is always an error: an
+    all-missing store cannot pre-train the model."""
+    name = manifest.path.name if manifest.path else "manifest"
+    listed = {m: sum(s is not None for s in manifest.sources[m]) for m in modalities}
+    absent = [m for m in modalities if not manifest.path_columns.get(m) and not listed[m]]
+    looked = "; ".join(f"{m}: {', '.join(path_column_names(m))}" for m in absent)
+    flags = [c for c in manifest.columns if c.lower().startswith("has_")]
+    flag_note = f"; {', '.join(flags)} are availability flags, not file paths" if flags else ""
+    notes = []
+    if not any(listed.values()):
+        if len(absent) == len(modalities):
+            what = (f"no file path column for any of {', '.join(modalities)} (looked for {looked}; the columns "
+                    f"are {', '.join(manifest.columns)}{flag_note})")
+        else:
+            cols = ", ".join(c for m in modalities for c in manifest.path_columns.get(m, []))
+            what = (f"no patient has a file for any of {', '.join(modalities)} (columns {cols}: every entry is "
+                    "empty or a path that does not exist; paths are relative to the manifest's folder)")
+        if training:
+            raise ManifestError(f"{name}: {what}: the store would hold clinical data alone, which cannot pre-train "
+                                f"the model. Add a column of file paths for each of {', '.join(modalities)}")
+        notes.append(f"{name}: {what}: every patient lacks every modality; predictions rest on the clinical data "
+                     "alone")
+    elif absent:
+        it, kept = "it" if len(absent) == 1 else "them", ",".join(m for m in modalities if m not in absent)
+        notes.append(f"{name}: no file path column for {', '.join(absent)} (looked for {looked}){flag_note}: every "
+                     f"patient counts as missing {it}; --modalities {kept} leaves {it} out of the store")
+    if strict and notes:
+        raise ManifestError("\n".join(notes))
+    return notes
+
+
 def preprocess(manifest: str | Path | Manifest, out: str | Path, *, config: PreprocessConfig | dict | None = None,
                fitted: dict[str, Any] | str | Path | None = None, workers: int | None = None, strict: bool = False,
                overwrite: bool = False, progress: bool = True, verbose: bool = True) -> PreprocessReport:
@@ -161,7 +202,15 @@ def preprocess(manifest: str | Path | Manifest, out: str | Path, *, config: Prep
     if not isinstance(manifest, Manifest):
         clinical = sorted({f["source"] for f in fitted["clinical"]["features"]}) if fitted else cfg.clinical_columns
         manifest = read_manifest(manifest, modalities=cfg.modalities, clinical_columns=clinical, strict=strict,
-                                 require_survival=fitted is None, default_split="test" if fitted else "train")
+                                 require_survival=fitted is None, default_split="test" if fitted else "train",
+                                 clinical_fitted=fitted["clinical"] if fitted else None)
+    notes = check_sources(manifest, cfg.modalities, training=fitted is None, strict=strict)
+    for msg in notes:
+        warnings.warn(msg, ManifestWarning, stacklevel=2)
+    notes = list(manifest.warnings) + notes
+    if verbose and (manifest.rejected or notes):
+        print(f"{manifest.path.name if manifest.path else 'manifest'}: {len(manifest.rejected)} row(s) left out, "
+              f"{len(notes)} warning(s): listed in the summary at the end", file=sys.stderr)
     out = Path(out).resolve()
     root, resumed = _open_or_create(out, manifest, cfg, fitted, _fingerprint(manifest, cfg, fitted), overwrite)
     if resumed and root.attrs.get("complete"):
@@ -171,7 +220,7 @@ def preprocess(manifest: str | Path | Manifest, out: str | Path, *, config: Prep
             print(report.table(), file=sys.stderr)
         return report
     report = PreprocessReport(store=out, n_patients=len(manifest), counts={}, failures=[],
-                              rejected=list(manifest.rejected), warnings=list(manifest.warnings), replaced={})
+                              rejected=list(manifest.rejected), warnings=notes, replaced={})
     _run_omics_stage(root, out, manifest, cfg, fitted, workers, progress)
 
     from tqdm.auto import tqdm
@@ -283,10 +332,13 @@ def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_cli(args: argparse.Namespace) -> int:
     """The ``preprocess`` sub-command: 0 once the store is written (failed files are listed in the
-    summary and the store's report); 1 under ``--strict`` when any file failed."""
-    report = preprocess(args.manifest, args.out, config=None if args.fitted else _config_from_args(args),
-                        fitted=args.fitted, workers=args.workers, strict=args.strict, overwrite=args.overwrite,
-                        progress=not args.no_progress)
+    summary and the store's report); 1 under ``--strict`` when any file failed. Manifest warnings
+    are printed once, in that summary (not also by Python's warnings machinery)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ManifestWarning)
+        report = preprocess(args.manifest, args.out, config=None if args.fitted else _config_from_args(args),
+                            fitted=args.fitted, workers=args.workers, strict=args.strict, overwrite=args.overwrite,
+                            progress=not args.no_progress)
     return 1 if args.strict and report.failures else 0
 
 
