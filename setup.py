@@ -6,7 +6,10 @@ Environment knobs (all optional):
                             build and nvcc is found, with or without a visible GPU)
   TORCH_CUDA_ARCH_LIST      CUDA targets, default "8.0;9.0+PTX" (PTX lets newer GPUs JIT it)
   MAX_JOBS                  parallel compile jobs (ninja)
-The resolved configuration is printed and written to pyimputmae/_build_config.json.
+The resolved configuration is printed and recorded as pyimputmae/_build_config.json in what the
+build produces: the build folder a wheel is made from, and the source tree only for in-place or
+editable builds (which import from it) — so building a wheel never rewrites the record of the
+editable install in the same checkout.
 """
 
 from __future__ import annotations
@@ -172,29 +175,50 @@ def _write_config(config: dict, *dirs: str) -> None:
             json.dump(config, f, indent=1, sort_keys=True)
 
 
-config, extensions = _resolve()
-print("pyimputmae build configuration:\n" + json.dumps(config, indent=1, sort_keys=True), flush=True)
-_write_config(config, os.path.join(ROOT, "pyimputmae"))
+def record_dirs(build_lib: str, in_place: bool) -> list[str]:
+    """Where a build records its configuration: the package in ``build_lib`` (what a wheel or a
+    regular install is made from) and, for in-place / editable builds only, the source package —
+    the one those import."""
+    dirs = [os.path.join(build_lib, "pyimputmae")]
+    if in_place:
+        dirs.append(os.path.join(ROOT, "pyimputmae"))
+    return dirs
 
-cmdclass = {}
-if extensions:
+
+def command_classes(config: dict, with_extension: bool) -> dict:
+    """setuptools commands that write ``config`` where :func:`record_dirs` says (build_py runs in
+    every build, with or without the extension; build_ext also in ``build_ext --inplace``)."""
+    from setuptools.command.build_py import build_py
+
+    class _BuildPy(build_py):
+        def run(self):
+            super().run()
+            _write_config(config, *record_dirs(self.build_lib, self.editable_mode))
+
+    classes: dict = {"build_py": _BuildPy}
+    if not with_extension:
+        return classes
     from torch.utils.cpp_extension import BuildExtension
 
     class _BuildExt(BuildExtension):
         def run(self):
             super().run()
-            _write_config(config, os.path.join(self.build_lib, "pyimputmae"))
+            _write_config(config, *record_dirs(self.build_lib, self.inplace or self.editable_mode))
             # an older per-interpreter build (_C.cpython-3xx-*.so) would shadow the abi3 one
             for stale in glob.glob(os.path.join(ROOT, "pyimputmae", "_C.cpython-*.so")):
                 os.remove(stale)
 
-    cmdclass["build_ext"] = _BuildExt.with_options(use_ninja=shutil.which("ninja") is not None)
+    classes["build_ext"] = _BuildExt.with_options(use_ninja=shutil.which("ninja") is not None)
+    return classes
 
-setup(
-    ext_modules=extensions,
-    cmdclass=cmdclass,
-    package_dir={"pyimputmae": "pyimputmae", "pyimputmae.kernels": "kernels"},
-    packages=[*find_packages(include=["pyimputmae", "pyimputmae.*"]), "pyimputmae.kernels"],
-    package_data={"pyimputmae": [CONFIG_NAME]},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}} if extensions else {},
-)
+
+if __name__ == "__main__":  # pip's build backend runs this file as __main__; tests import its functions
+    config, extensions = _resolve()
+    print("pyimputmae build configuration:\n" + json.dumps(config, indent=1, sort_keys=True), flush=True)
+    setup(
+        ext_modules=extensions,
+        cmdclass=command_classes(config, bool(extensions)),
+        package_dir={"pyimputmae": "pyimputmae", "pyimputmae.kernels": "kernels"},
+        packages=[*find_packages(include=["pyimputmae", "pyimputmae.*"]), "pyimputmae.kernels"],
+        options={"bdist_wheel": {"py_limited_api": "cp39"}} if extensions else {},
+    )

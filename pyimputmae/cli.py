@@ -6,13 +6,21 @@
   pyimputmae predict --model M --data STORE --out preds.csv
   pyimputmae impute  --model M --data STORE --out imputed.npz
   pyimputmae preprocess MANIFEST --out STORE.zarr
+
+predict and impute check that the store fits the model: the same clinical columns in the same
+order and the same preprocessing (make stores of new patients with `preprocess --fitted
+TRAINING_STORE`). Exit status: 0 done; 1 failed (one line `pyimputmae COMMAND: error: ...` for bad
+input or settings; the traceback too for an unexpected error); 2 bad command line; 130
+interrupted. --traceback (or PYIMPUTMAE_TRACEBACK=1) shows the traceback of every error.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
 
@@ -21,6 +29,20 @@ def _info(args: argparse.Namespace) -> int:
 
     main(as_json=args.json)
     return 0
+
+
+def _at_least(low: int):
+    """argparse type: an integer ≥ ``low`` (a bad value is a usage error, status 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -72,13 +94,22 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_for_inference(args: argparse.Namespace):
+def _load_for_inference(args: argparse.Namespace, *, clinical: bool):
+    """The model, the store as a cohort and the chosen rows, after checking that the store fits
+    the model (clinical columns with ``clinical``, the preprocessing); notes go to stderr."""
+    import numpy as np
+
     from .data.store import load_cohort
-    from .inference import load
+    from .inference import check_compatible, load
 
     model = load(args.model, args.device)
     cohort = load_cohort(args.data)
-    rows = cohort.indices(args.split) if args.split != "all" else None
+    for note in check_compatible(model, cohort, clinical=clinical, model_name=f"model {args.model}",
+                                 data_name=f"store {args.data}"):
+        print(f"pyimputmae {args.command}: warning: {note}", file=sys.stderr)
+    rows = cohort.indices(args.split) if args.split != "all" else np.arange(len(cohort))
+    if not len(rows):
+        raise ValueError(f"store {args.data} has no patient in split {args.split!r}")
     return model, cohort, rows
 
 
@@ -89,11 +120,11 @@ def _predict(args: argparse.Namespace) -> int:
     from .inference import predict_survival
     from .model.survival import SurvivalModel
 
-    model, cohort, rows = _load_for_inference(args)
+    model, cohort, rows = _load_for_inference(args, clinical=True)
     if not isinstance(model, SurvivalModel):
-        raise SystemExit(f"{args.model} holds a pre-trained model without a survival head: fine-tune it first")
-    rows = np.arange(len(cohort)) if rows is None else rows
-    curves = predict_survival(model, cohort.to(args.device), rows)
+        raise ValueError(f"{args.model} holds a pre-trained model without a survival head: fine-tune it first "
+                         f"(pyimputmae train --config RUN.yaml --set pretrain=false pretrain_from={args.model})")
+    curves = predict_survival(model, cohort.to(args.device), rows, check=False)
     cuts = model.cuts.cpu().numpy()
     frame = pd.DataFrame(curves, columns=[f"S({c:.3f})" for c in cuts])
     frame.insert(0, "risk", -(curves[:, 1:] @ np.diff(cuts)))
@@ -105,21 +136,22 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _impute(args: argparse.Namespace) -> int:
     import numpy as np
+    import torch
 
-    model, cohort, rows = _load_for_inference(args)
-    mae = getattr(model, "mae", model)
-    rows = np.arange(len(cohort)) if rows is None else rows
-    device = next(mae.parameters()).device
-    out: dict[str, list] = {name: [] for name in cohort.modalities}
-    for start in range(0, len(rows), 64):
-        batch = cohort.batch(rows[start:start + 64]).to(device)
-        for name, value in mae.impute(batch).items():
-            out[name].append(value.cpu().numpy())
-    arrays = {name: np.concatenate(v) for name, v in out.items()}
-    np.savez_compressed(args.out, patient_id=np.array([cohort.ids[i] for i in rows]),
-                        present=cohort.present[rows].cpu().numpy(), **arrays)
-    print(f"wrote inputs with missing modalities imputed for {len(rows)} patients to {args.out} "
-          f"(arrays {', '.join(arrays)}; 'present' says which were observed)")
+    from .inference import impute
+
+    model, cohort, rows = _load_for_inference(args, clinical=False)
+    arrays = impute(model, cohort.to(args.device), rows, check=False)
+    present = cohort.present[torch.as_tensor(rows)].cpu().numpy()
+    ids = np.array([cohort.ids[i] for i in rows])
+    no_data = ~present.any(1)
+    np.savez_compressed(args.out, patient_id=ids, present=present, **arrays)
+    print(f"wrote inputs with missing modalities imputed for {int((~no_data).sum())} of {len(rows)} patients "
+          f"to {args.out} (arrays {', '.join(arrays)}; 'present' says which were observed)")
+    if no_data.any():
+        shown = ", ".join(ids[no_data][:5]) + (", ..." if no_data.sum() > 5 else "")
+        print(f"{int(no_data.sum())} patients have clinical data only ({shown}): nothing to impute from, so their "
+              "rows are NaN (their 'present' row is all False)")
     return 0
 
 
@@ -134,9 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="pre-train, fine-tune and evaluate on the built-in synthetic cohort")
     p.add_argument("--out", default="pyimputmae-demo", help="output folder (default: %(default)s)")
-    p.add_argument("--seeds", type=int, default=1, help="repeat over this many seeds (default: 1)")
+    p.add_argument("--seeds", type=_at_least(1), default=1, help="repeat over this many seeds (default: 1)")
     p.add_argument("--ablation", action="store_true", help="also fine-tune the same network without pre-training")
-    p.add_argument("--patients", type=int, default=1104, help="cohort size (default: %(default)s)")
+    p.add_argument("--patients", type=_at_least(30), default=1104,  # demo.MIN_PATIENTS (not imported: heavy)
+                   help="cohort size, at least 30 (default: %(default)s)")
     p.add_argument("--device", default="auto")
     p.add_argument("--pretrain-epochs", type=int, default=None)
     p.add_argument("--finetune-epochs", type=int, default=None)
@@ -154,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                              ("impute", _impute, "inputs with missing modalities imputed (NPZ)")):
         p = sub.add_parser(name, help=what)
         p.add_argument("--model", required=True, help="model.pt written by training")
-        p.add_argument("--data", required=True, help="zarr store written by `pyimputmae preprocess`")
+        p.add_argument("--data", required=True, help="zarr store written by `pyimputmae preprocess` (new patients: "
+                       "with --fitted TRAINING_STORE)")
         p.add_argument("--out", required=True)
         p.add_argument("--split", default="all", choices=("all", "train", "val", "test"))
         p.add_argument("--device", default="cpu")
@@ -163,12 +197,58 @@ def build_parser() -> argparse.ArgumentParser:
     from .data.preprocess import add_parser
 
     add_parser(sub)  # `pyimputmae preprocess MANIFEST --out STORE.zarr`
+    for command in sub.choices.values():
+        command.add_argument("--traceback", action="store_true",
+                             help="show the full traceback of an error (also: PYIMPUTMAE_TRACEBACK=1)")
     return parser
 
 
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input, a missing file or a bad setting — not a bug: one line, no traceback."""
+    from ._backends import BackendError
+    from .data.store import StoreError
+    from .data.wsi import SlideError
+
+    kinds: list[type[BaseException]] = [ValueError, StoreError, SlideError, BackendError, FileExistsError,
+                                        FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError]
+    try:
+        import yaml
+
+        kinds.append(yaml.YAMLError)
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
+def _message(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.filename and err.strerror:  # "[Errno 2] ..." as open() words it
+        return f"{err.filename}: {err.strerror}"
+    return str(err) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit status: 0 done; 1 the command failed — one line ``pyimputmae COMMAND:
+    error: MESSAGE`` on stderr for bad input, a missing file or a bad setting, the traceback too for
+    anything unexpected (a bug); 2 the command line itself is wrong (argparse); 130 interrupted
+    (Ctrl-C). ``--traceback`` or ``PYIMPUTMAE_TRACEBACK=1`` shows the traceback of every error."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    verbose = args.traceback or os.environ.get("PYIMPUTMAE_TRACEBACK", "") not in ("", "0")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        resume = "; `pyimputmae train --resume` continues from the last checkpoint" if args.command == "train" else ""
+        print(f"pyimputmae {args.command}: interrupted{resume}", file=sys.stderr)
+        return 130
+    except Exception as err:
+        expected = isinstance(err, _expected_errors())
+        if verbose or not expected:
+            traceback.print_exc()
+        if expected:
+            print(f"pyimputmae {args.command}: error: {_message(err)}", file=sys.stderr)
+        else:
+            print(f"pyimputmae {args.command}: internal error ({type(err).__name__}: {_message(err)}); this is a bug "
+                  "in pyimputmae: please report it with the traceback above", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

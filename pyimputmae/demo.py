@@ -38,6 +38,14 @@ DEMO_SETTINGS: dict[str, Any] = {
     "checkpoint_every": 100,
     "log_every": 10,
 }
+#: Fewer deaths than this in a seed's test split get a warning: the C-index and CS-score compare
+#: pairs anchored on deaths, so with a handful of them a value can swing far by chance (30 patients
+#: give ~6 test patients and 1–3 deaths, where a C-index of 1.000 is luck). The default 1,104
+#: patients give ~85; --patients 300 gives ~20.
+MIN_TEST_EVENTS = 20
+#: Below this the synthetic cohort's splits are too small to train and evaluate at all (a test
+#: split needs deaths to compute a C-index): 30 patients give ~24 to train on and ~6 to test.
+MIN_PATIENTS = 30
 #: The demo's fine-tuning lets every encoder train (a small model on a small cohort; the paper's
 #: freezing assumes long pre-training at full size).
 DEMO_MODEL = {"freeze": "none"}
@@ -132,15 +140,37 @@ def plot_imputation(model, cohort: Cohort, test_idx: np.ndarray, path: Path) -> 
     return out
 
 
-def _summary(values: list[float]) -> dict[str, float]:
+def _summary(values: list[float]) -> dict[str, float | None]:
+    """Mean and sample sd over the seeds (sd None for one seed: there is no spread to measure)."""
     arr = np.asarray(values, dtype=np.float64)
-    return {"mean": float(arr.mean()), "sd": float(arr.std(ddof=1)) if arr.size > 1 else 0.0, "n": int(arr.size)}
+    return {"mean": float(arr.mean()), "sd": float(arr.std(ddof=1)) if arr.size > 1 else None, "n": int(arr.size)}
+
+
+def _deaths(n: int) -> str:
+    return "1 death" if n == 1 else f"{n} deaths"
+
+
+#: what each entry of metrics.json holds (written into the file itself)
+KEYS = {
+    "summary": "per arm and metric, mean and sample sd over all seeds (sd null for one seed): the headline numbers",
+    "per_seed": "per arm, the test metrics of every seed, in the order of seed_list",
+    "test": "impuTMAE's test metrics of the first seed only (test_seed), kept for older readers; see summary",
+    "baselines": "the other arms' test metrics of the first seed only (test_seed); see summary",
+    "test_split": "per seed, how many patients and deaths the test split has",
+    "figures": "the figures, drawn from the first seed's model and cohort",
+    "warnings": "anything that makes the numbers less trustworthy (e.g. a tiny test split)",
+}
 
 
 def run_demo(out_dir: str | Path = "pyimputmae-demo", seeds: int = 1, ablation: bool = False,
              n_patients: int = 1104, device: str = "auto", progress: bool = True,
              **settings: Any) -> dict[str, Any]:
-    """Run the demo; returns what ``metrics.json`` holds. ``settings`` override :data:`DEMO_SETTINGS`."""
+    """Run the demo; returns what ``metrics.json`` holds (its ``"keys"`` entry says what each part
+    is). ``settings`` override :data:`DEMO_SETTINGS`."""
+    if seeds < 1:
+        raise ValueError(f"seeds must be at least 1, got {seeds}")
+    if n_patients < MIN_PATIENTS:
+        raise ValueError(f"n_patients must be at least {MIN_PATIENTS}, got {n_patients}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = demo_config()
@@ -148,9 +178,15 @@ def run_demo(out_dir: str | Path = "pyimputmae-demo", seeds: int = 1, ablation: 
     arms: dict[str, list[dict[str, float]]] = {"impumae": [], "no_pretraining": [], "coxph_clinical": []}
     first: TrainResult | None = None
     first_cohort: Cohort | None = None
+    test_split: list[dict[str, int]] = []
     t0 = time.perf_counter()
     for seed in range(seeds):
         cohort = make_cohort(n_patients=n_patients, shapes=shapes, seed=seed)
+        test_rows = torch.as_tensor(cohort.indices("test"))
+        test_split.append({"seed": seed, "patients": len(test_rows), "events": int(cohort.event[test_rows].sum())})
+        if test_split[-1]["events"] == 0:  # no C-index without a death to rank the others against
+            raise ValueError(f"the test split of seed {seed} has {len(test_rows)} patients and no death: nothing "
+                             "to evaluate; use more patients")
         common = {**DEMO_SETTINGS, **settings, "model": cfg, "seed": seed, "device": device, "progress": progress}
         res = train(cohort=cohort, out_dir=str(out / f"seed{seed}" / "impumae"), **common)
         arms["impumae"].append(res.metrics["test"])
@@ -170,12 +206,20 @@ def run_demo(out_dir: str | Path = "pyimputmae-demo", seeds: int = 1, ablation: 
         "imputation": plot_imputation(first.model, first_cohort, test_idx, out / "imputation.png"),
     }
     keys = ("c_index", "cs_score", "ibs", "harrell_c")
+    cautions = [f"the test split of seed {t['seed']} has {t['patients']} patients and {_deaths(t['events'])}: with "
+                f"fewer than {MIN_TEST_EVENTS} deaths its C-index and CS-score can swing far by chance (run with "
+                "--patients 300 or more)" for t in test_split if t["events"] < MIN_TEST_EVENTS]
     result: dict[str, Any] = {
+        "summary": {arm: {k: _summary([m[k] for m in ms]) for k in keys} for arm, ms in arms.items() if ms},
+        "seeds": seeds,
+        "seed_list": list(range(seeds)),
+        "per_seed": {k: v for k, v in arms.items() if v},
+        "test_seed": 0,
         "test": arms["impumae"][0],
         "baselines": {"coxph_clinical": arms["coxph_clinical"][0]},
-        "seeds": seeds,
-        "per_seed": {k: v for k, v in arms.items() if v},
-        "summary": {arm: {k: _summary([m[k] for m in ms]) for k in keys} for arm, ms in arms.items() if ms},
+        "test_split": test_split,
+        "warnings": cautions,
+        "keys": KEYS,
         "figures": figures,
         "settings": {**DEMO_SETTINGS, **settings, "n_patients": n_patients, "model": cfg.to_dict()},
         "seconds": time.perf_counter() - t0,
@@ -187,12 +231,16 @@ def run_demo(out_dir: str | Path = "pyimputmae-demo", seeds: int = 1, ablation: 
 
 
 def render(result: dict[str, Any]) -> str:
-    """The demo's table: per arm, test C-index / CS-score / IBS / Harrell's C (mean ± sd over seeds)."""
+    """The demo's table: per arm, test C-index / CS-score / IBS / Harrell's C (one seed: its values;
+    several: mean ± sd over the seeds), then the run's warnings."""
     labels = {"impumae": "impuTMAE (pre-trained)", "no_pretraining": "same network, no pre-training",
               "coxph_clinical": "Cox PH, clinical covariates"}
-    lines = [f"test split, {result['seeds']} seed(s): mean ± sd",
-             f"{'model':34s} {'C-index':>15s} {'CS-score':>15s} {'IBS':>15s} {'Harrell C':>15s}"]
+    seeds = result["seeds"]
+    title = "test split, 1 seed" if seeds == 1 else f"test split, {seeds} seeds: mean ± sd"
+    lines = [title, f"{'model':34s} {'C-index':>15s} {'CS-score':>15s} {'IBS':>15s} {'Harrell C':>15s}"]
     for arm, stats in result["summary"].items():
-        cells = [f"{stats[k]['mean']:.3f} ± {stats[k]['sd']:.3f}" for k in ("c_index", "cs_score", "ibs", "harrell_c")]
+        cells = [f"{stats[k]['mean']:.3f}" + (f" ± {stats[k]['sd']:.3f}" if stats[k]["sd"] is not None else "")
+                 for k in ("c_index", "cs_score", "ibs", "harrell_c")]
         lines.append(f"{labels[arm]:34s} " + " ".join(f"{c:>15s}" for c in cells))
+    lines += [f"warning: {w}" for w in result.get("warnings", [])]
     return "\n".join(lines)

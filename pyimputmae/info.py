@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 
 import torch
 
@@ -18,6 +19,29 @@ def _triton_version() -> str | None:
         return triton.__version__
     except ImportError:
         return None
+
+
+def stale_record(cfg: dict, ext_ok: bool) -> str | None:
+    """Why the recorded build configuration cannot describe the extension that actually loaded
+    (None when it can): e.g. an editable reinstall with ``PYIMPUTMAE_NO_EXT=1`` that left an
+    earlier build's ``_C`` in the source tree, or a record from before setup.py kept wheel builds
+    (``PYIMPUTMAE_NO_EXT=1 pip wheel .``) from rewriting the editable install's record."""
+    if not ext_ok:
+        return None
+    module = sys.modules.get("pyimputmae._C")
+    where = getattr(module, "__file__", None) or "pyimputmae._C"
+    refresh = "reinstall (pip install --no-build-isolation -e .) to refresh it"
+    if not cfg:
+        return f"no build record, but the extension was loaded from {where}; {refresh}"
+    if cfg.get("extension") is False:
+        return (f"the record describes a pure-Python build ({cfg.get('reason', 'no reason recorded')}), but the "
+                f"extension was loaded from {where}: the record was left by another build; {refresh}")
+    recorded = sorted(cfg.get("cuda_archs") or [])
+    loaded = sorted(_extension.cuda_archs())
+    if recorded != loaded:
+        return (f"the record lists CUDA targets {recorded}, the loaded extension ({where}) carries {loaded}: "
+                f"the record was left by another build; {refresh}")
+    return None
 
 
 def collect() -> dict:
@@ -39,6 +63,7 @@ def collect() -> dict:
             "cuda_archs": list(_extension.cuda_archs()) if ext_ok else [],
         },
         "build": cfg,
+        "build_record_stale": stale_record(cfg, ext_ok),
         "backends": {"cpu": _backends.explain(torch.device("cpu"))},
     }
     if torch.cuda.is_available():
@@ -75,14 +100,18 @@ def render(info: dict) -> str:
     else:
         lines.append(f"extension pyimputmae._C: not used ({ext['why_not']})")
     b = info["build"]
+    stale = info.get("build_record_stale")
+    label = "build record (stale)" if stale else "build"
     if b and not b.get("extension", True):
-        lines.append(f"build: pure Python install ({b.get('reason')})")
+        lines.append(f"{label}: pure Python install ({b.get('reason')})")
     elif b:
         lines.append(
-            f"build: torch {b.get('torch')}, {b.get('cxx_version', b.get('cxx', '?'))}, OpenMP {b.get('openmp')}, "
+            f"{label}: torch {b.get('torch')}, {b.get('cxx_version', b.get('cxx', '?'))}, OpenMP {b.get('openmp')}, "
             f"CUDA {'yes' if b.get('cuda') else 'no'} ({b.get('cuda_reason', b.get('reason', ''))}), "
             f"nvcc {b.get('nvcc')}, TORCH_CUDA_ARCH_LIST {b.get('cuda_arch_list')}"
         )
+    if stale:
+        lines.append(f"  stale: {stale}")
     for dev, table in info["backends"].items():
         lines.append(f"\nops on {dev} tensors:")
         if "note" in table:

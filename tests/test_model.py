@@ -174,6 +174,23 @@ def test_impute_is_deterministic_and_raw_shaped():
     assert torch.equal(raw["mri"][missing], a["mri"][missing]) and torch.isfinite(raw["mri"]).all()
 
 
+def test_impute_leaves_clinical_only_patients_nan_and_the_others_unchanged():
+    cfg = tiny_config()
+    model = ImputeMAE(cfg)
+    batch = make_batch(cfg)
+    batch.present[[1, 4]] = False  # two patients with clinical data only
+    for x in batch.inputs.values():
+        x[[1, 4]] = 0.0
+    out = model.impute(batch)
+    keep = torch.tensor([0, 2, 3, 5])
+    alone = model.impute(Batch({k: v[keep] for k, v in batch.inputs.items()}, batch.present[keep],
+                               batch.clinical[keep], batch.time[keep], batch.event[keep], cfg.names))
+    for name in cfg.names:
+        assert out[name][[1, 4]].isnan().all()
+        # the patients with data get the same imputation as without the clinical-only ones beside them
+        torch.testing.assert_close(out[name][keep], alone[name])
+
+
 # --------------------------------------------------------------------------- fine-tuning
 @pytest.mark.parametrize("missing", ["mask", "impute"])
 @pytest.mark.parametrize("clinical_mode", ["tokens", "concat"])
@@ -299,8 +316,8 @@ def test_bad_batches_are_named():
     nobody = make_batch(cfg, torch.zeros(4, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="no patient in this batch has any of the modalities rna, wsi, mri"):
         model.forward_pretrain(nobody, new_rng(0))
-    with pytest.raises(ValueError, match="no patient"):
-        model.impute(nobody)
+    # impute() has nothing to reconstruct from for a clinical-only patient: NaN, not an error
+    assert all(v.isnan().all() for v in model.impute(nobody).values())
     empty = Batch({}, torch.zeros(6, 0, dtype=torch.bool), batch.clinical, batch.time, batch.event, ())
     with pytest.raises(ValueError, match="none of the model's modalities"):
         model.forward_pretrain(empty, new_rng(0))

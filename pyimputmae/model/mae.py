@@ -263,13 +263,20 @@ class ImputeMAE(nn.Module):
         with ``keep_present`` (default), the row's own input where it has it (False: the decoder's
         output everywhere). With ``norm_pix`` the model learned per-patch normalised targets, so
         reconstructions are per-patch normalised (mean 0, variance 1 per patch), not raw values.
-        Repeated calls give identical output.
+        A row with none of the modalities (clinical data only) has nothing to impute from: its
+        rows are NaN in every modality (also when no row of the batch has any). Repeated calls give
+        identical output.
         """
         inputs, present = self.gather_inputs(batch)
-        self.check_any_present(present)
+        has_any = present.any(1)
+        if not bool(has_any.any()):  # nothing to encode: the decoder would only echo its mask token
+            return {m.name: torch.full((present.shape[0], *m.shape), float("nan"), device=present.device)
+                    for m in self.config.modalities}
         with eval_mode(self):
             recon = self._reconstruct(inputs, present)
-        return self._with_inputs(recon, inputs, present) if keep_present else recon
+        out = self._with_inputs(recon, inputs, present) if keep_present else recon
+        return {name: v.masked_fill(~has_any.view(-1, *([1] * (v.dim() - 1))), float("nan"))
+                for name, v in out.items()}
 
     # ------------------------------------------------------------------ encode
     def encode(self, batch: Any, missing: str = "mask") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
