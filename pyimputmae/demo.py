@@ -151,7 +151,9 @@ def run_demo(out_dir: str | Path = "pyimputmae-demo", seeds: int = 1, ablation: 
     t0 = time.perf_counter()
     for seed in range(seeds):
         cohort = make_cohort(n_patients=n_patients, shapes=shapes, seed=seed)
-        common = {**DEMO_SETTINGS, **settings, "model": cfg, "seed": seed, "device": device, "progress": progress}
+        # a demo run replaces the previous one's outputs in the same folder
+        common = {**DEMO_SETTINGS, "overwrite": True, **settings, "model": cfg, "seed": seed, "device": device,
+                  "progress": progress}
         res = train(cohort=cohort, out_dir=str(out / f"seed{seed}" / "impumae"), **common)
         arms["impumae"].append(res.metrics["test"])
         if ablation:
