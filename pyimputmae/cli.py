@@ -86,6 +86,8 @@ def _train(args: argparse.Namespace) -> int:
         overrides["out_dir"] = args.out
     if args.resume:
         overrides["resume"] = True
+    if args.overwrite:
+        overrides["overwrite"] = True
     result = train(args.config, **overrides)
     for split, m in result.metrics.items():
         print(f"{split:5s} C-index {m['c_index']:.3f}  CS-score {m['cs_score']:.3f}  IBS {m['ibs']:.3f}  "
@@ -180,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML or JSON file of TrainConfig settings")
     p.add_argument("--out", default=None, help="output folder (overrides out_dir)")
     p.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoints/last.pt")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override settings (JSON values)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run files of an earlier run in out_dir")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override settings (JSON values); model.FIELD=... changes one model setting")
     p.set_defaults(func=_train)
 
     for name, func, what in (("predict", _predict, "survival curves and risk scores (CSV)"),

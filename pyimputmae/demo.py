@@ -187,7 +187,9 @@ def run_demo(out_dir: str | Path = "pyimputmae-demo", seeds: int = 1, ablation: 
         if test_split[-1]["events"] == 0:  # no C-index without a death to rank the others against
             raise ValueError(f"the test split of seed {seed} has {len(test_rows)} patients and no death: nothing "
                              "to evaluate; use more patients")
-        common = {**DEMO_SETTINGS, **settings, "model": cfg, "seed": seed, "device": device, "progress": progress}
+        # a demo run replaces the previous one's outputs in the same folder
+        common = {**DEMO_SETTINGS, "overwrite": True, **settings, "model": cfg, "seed": seed, "device": device,
+                  "progress": progress}
         res = train(cohort=cohort, out_dir=str(out / f"seed{seed}" / "impumae"), **common)
         arms["impumae"].append(res.metrics["test"])
         if ablation:

@@ -5,25 +5,29 @@ One call from a script::
     result = pyimputmae.train(model="small", out_dir="runs/demo", pretrain_epochs=20)
     result.metrics["test"]["c_index"], result.paths["model"]
 
-The configuration is a :class:`TrainConfig`, a YAML/JSON file, a dict, or keyword arguments (which
-override the others). Batches are drawn from the in-memory cohort (on the GPU when it fits), never
-from files. Checkpoints (``out_dir/checkpoints/last.pt``) are written atomically every
-``checkpoint_every`` optimizer steps and at the end of each stage, and hold everything a resume
-needs: model, optimizer, scheduler, every RNG state and the masking ``(seed, offset)``, the stage,
-epoch and batch position, the accumulation step (with the partial gradients). ``resume=True``
-continues from there; on CPU with ``deterministic=True`` and a fixed thread count a resumed run
-ends with bitwise the same weights as an uninterrupted one.
+The configuration is a :class:`TrainConfig` (:mod:`pyimputmae.train_config`), a YAML/JSON file,
+a dict, or keyword arguments (which override the others). Batches are drawn from the in-memory
+cohort (on the GPU when it fits), never from files. Checkpoints (``out_dir/checkpoints/last.pt``)
+are written atomically every ``checkpoint_every`` optimizer steps and at the end of each stage,
+and hold everything a resume needs: model, optimizer, scheduler, every RNG state and the masking
+``(seed, offset)``, the stage, epoch and batch position, the accumulation step (with the partial
+gradients) and what identifies the cohort. ``resume=True`` continues from there, with the
+checkpoint's model, cohort and settings (:data:`pyimputmae.checkpoint.RESUMABLE_SETTINGS` may
+change); on CPU with ``deterministic=True`` and a fixed thread count a resumed run ends with
+bitwise the same weights as an uninterrupted one. An ``out_dir`` holding another run is refused
+unless ``resume=True`` or ``overwrite=True``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,104 +36,14 @@ import torch
 from torch import nn
 
 from . import __version__, checkpoint
-from ._fields import reject_unknown
 from .data.cohort import Cohort
 from .inference import evaluate_model, load, predict_survival, save_model  # noqa: F401  (public here too)
-from .model.config import ModelConfig, resolve_config
+from .model.config import ModelConfig
 from .model.mae import ImputeMAE, advance_rng_, new_rng
 from .model.survival import SurvivalModel
+from .train_config import TrainConfig, resolve_model
 
 STAGES = ("pretrain", "finetune")
-
-
-@dataclass
-class TrainConfig:
-    """Everything :func:`train` needs. Epoch counts are per stage; learning rates follow a linear
-    warm-up then a cosine decay to ``*_min_lr``, per optimizer step."""
-
-    model: Any = "small"  # a ModelConfig, its name ("small", "paper") or its to_dict()
-    data: str | None = None  # a zarr store from `pyimputmae preprocess`; None → synthetic cohort
-    synthetic: dict = field(default_factory=dict)  # make_cohort() arguments for the synthetic cohort
-    out_dir: str = "runs/pyimputmae"
-    seed: int = 0
-    device: str = "auto"  # "auto" → cuda when available
-    val_fold: int | None = None  # hold out this cross-validation fold of the training split
-    # pre-training
-    pretrain: bool = True
-    pretrain_from: str | None = None  # a checkpoint/model file to take the pre-trained MAE from
-    pretrain_epochs: int = 400
-    pretrain_batch_size: int = 96
-    pretrain_lr: float = 1e-3
-    pretrain_min_lr: float = 5e-6
-    pretrain_weight_decay: float = 1e-2
-    pretrain_warmup_epochs: float = 5.0
-    # fine-tuning
-    finetune: bool = True
-    finetune_epochs: int = 50
-    finetune_batch_size: int = 24
-    finetune_lr: float = 1e-4
-    finetune_min_lr: float = 1e-6
-    finetune_weight_decay: float = 1e-2
-    finetune_warmup_epochs: float = 1.0
-    # mechanics
-    grad_accum: int = 1
-    grad_clip: float | None = 1.0
-    amp: str = "auto"  # "auto" (bf16 on GPU, off on CPU), "bf16", "off"
-    checkpoint_every: int = 100  # optimizer steps
-    resume: bool = False
-    log_every: int = 10  # optimizer steps between log records
-    tensorboard: bool = False
-    progress: bool = True
-    num_threads: int | None = None
-    deterministic: bool = False
-    data_on_device: str = "auto"  # "auto", "yes", "no": keep the whole cohort on the GPU
-
-    @classmethod
-    def load(cls, source: TrainConfig | str | os.PathLike | Mapping[str, Any] | None = None,
-             **overrides: Any) -> TrainConfig:
-        """From a TrainConfig, a YAML/JSON path or a dict, with keyword overrides on top."""
-        if source is None:
-            base: dict[str, Any] = {}
-        elif isinstance(source, TrainConfig):
-            base = dataclasses.asdict(source)
-        elif isinstance(source, Mapping):
-            base = dict(source)
-        else:
-            path = Path(source)
-            if not path.exists():
-                raise FileNotFoundError(f"training configuration {path} does not exist")
-            text = path.read_text()
-            if path.suffix in (".yaml", ".yml"):
-                import yaml
-
-                base = yaml.safe_load(text) or {}
-            else:
-                base = json.loads(text)
-            if not isinstance(base, dict):
-                raise ValueError(f"{path}: expected a mapping of settings at the top level")
-        base.update(overrides)
-        reject_unknown(cls, base, "training setting(s)")
-        cfg = cls(**base)
-        cfg.validate()
-        return cfg
-
-    def validate(self) -> None:
-        if self.amp not in ("auto", "bf16", "off"):
-            raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
-        if self.data_on_device not in ("auto", "yes", "no"):
-            raise ValueError(f"data_on_device must be 'auto', 'yes' or 'no', got {self.data_on_device!r}")
-        for name in ("pretrain_epochs", "finetune_epochs", "pretrain_batch_size", "finetune_batch_size",
-                     "grad_accum", "checkpoint_every", "log_every"):
-            if getattr(self, name) < (0 if name.endswith("epochs") else 1):
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not self.pretrain and not self.finetune:
-            raise ValueError("nothing to do: pretrain and finetune are both off")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        if isinstance(self.model, ModelConfig):
-            d["model"] = self.model.to_dict()
-        return d
 
 
 @dataclass
@@ -146,9 +60,79 @@ class TrainResult:
 
 # ----------------------------------------------------------------------------------- helpers
 def _device(name: str) -> torch.device:
+    """``name`` (checked by :meth:`TrainConfig.validate`) as a device; a clear error for a GPU that is
+    not there."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+            raise RuntimeError(f"device={name!r} but no CUDA GPU is visible to PyTorch (torch {torch.__version__}, "
+                               f"{build}; check CUDA_VISIBLE_DEVICES and nvidia-smi); use device='cpu' or 'auto'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RuntimeError(f"device={name!r} but only {torch.cuda.device_count()} CUDA GPU(s) are visible "
+                               f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    return device
+
+
+def clinical_features_for(model_cfg: ModelConfig, cohort: Cohort, explicit: bool, finetune: bool,
+                          source: str) -> ModelConfig:
+    """The model with the cohort's clinical columns as ``clinical_features`` unless the user set them;
+    set ones must be the cohort's (same names, same order) when fine-tuning will use them."""
+    names = tuple(cohort.clinical_names)
+    if not explicit:
+        return model_cfg.replace(clinical_features=names) if model_cfg.clinical_features != names else model_cfg
+    if finetune and model_cfg.clinical_features and model_cfg.clinical_features != names:
+        columns = dict.fromkeys(n.split("=", 1)[0] for n in model_cfg.clinical_features)  # "project=LGG" → project
+        raise ValueError(
+            f"the configured clinical_features {list(model_cfg.clinical_features)} differ from the clinical columns "
+            f"of the cohort ({source}) {list(names)} (fine-tuning needs the same names in the same order). Leave "
+            f"clinical_features unset to use the cohort's columns, set model_overrides={{'clinical_features': "
+            f"[...]}} (--set model.clinical_features='[...]') to exactly the cohort's, or rebuild the store with "
+            f"`pyimputmae preprocess --clinical {','.join(columns)}` (manifest column names) to encode only those")
+    return model_cfg
+
+
+def split_indices(cohort: Cohort, val_fold: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Training, validation and test rows; ``val_fold`` must be a fold of the training split."""
+    if val_fold is None:
+        return cohort.indices("train"), np.array([], dtype=np.int64), cohort.indices("test")
+    folds = sorted(set(np.asarray(cohort.fold)[np.asarray(cohort.split) == "train"].tolist()) - {-1})
+    if val_fold not in folds:
+        have = (f"its folds are {', '.join(map(str, folds))}" if folds
+                else "it has no folds (fold is -1 for every training patient)")
+        raise ValueError(f"val_fold={val_fold} is not a cross-validation fold of the cohort's training split: {have}")
+    return cohort.indices("train", val_fold), cohort.indices("val", val_fold), cohort.indices("test")
+
+
+def pretrained_state(path: str, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The pre-trained MAE weights of a model file, checked against the MAE of ``model_cfg``."""
+    with torch.random.fork_rng(devices=[]):  # building models draws initial weights: leave the generator as it was
+        src = load(path)
+        want = ImputeMAE(model_cfg).state_dict()
+    mae_src = src.mae if isinstance(src, SurvivalModel) else src
+    state = mae_src.state_dict()
+    missing = [k for k in want if k not in state]
+    unexpected = [k for k in state if k not in want]
+    shapes = [f"{k} {tuple(state[k].shape)} in the file, {tuple(want[k].shape)} configured" for k in want
+              if k in state and isinstance(want[k], torch.Tensor) and state[k].shape != want[k].shape]
+    if missing or unexpected or shapes:
+        problems = shapes[:6] + [f"{k} missing from the file" for k in missing[:3]] + \
+            [f"{k} in the file, not in the configured model" for k in unexpected[:3]]
+        fields = {f.name for f in dataclasses.fields(ModelConfig)} - {
+            "clinical_features", "clinical_tokens", "clinical_hidden", "clinical_mode", "n_bins", "fusion_heads",
+            "fusion_dropout", "freeze", "missing"}  # the fine-tuning settings do not shape the MAE
+        old, new = mae_src.config.to_dict(), model_cfg.to_dict()
+        config_diffs = checkpoint.differences({k: old[k] for k in sorted(fields)}, {k: new[k] for k in sorted(fields)},
+                                              old_where="in the file")
+        config_text = "\n  ".join(config_diffs) or "(none)"
+        raise ValueError(
+            f"pretrain_from={path}: its pre-trained model does not fit the configured model "
+            f"({len(shapes) + len(missing) + len(unexpected)} parameters differ):\n  " + "\n  ".join(problems)
+            + f"\nModel settings that differ:\n  {config_text}\nConfigure the model the file was trained with "
+            f"(pyimputmae.load({str(path)!r}).config) or pre-train this one")
+    return state
 
 
 def load_cohort_for(cfg: TrainConfig, model_cfg: ModelConfig) -> Cohort:
@@ -246,19 +230,14 @@ class _Position:
 
 
 class _Trainer:
-    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, cohort: Cohort, device: torch.device) -> None:
+    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, cohort: Cohort, device: torch.device,
+                 saved: dict | None, identity: dict[str, Any]) -> None:
         self.cfg, self.model_cfg, self.cohort, self.device = cfg, model_cfg, cohort, device
         self.out = Path(cfg.out_dir)
-        self.ckpt_path = self.out / "checkpoints" / "last.pt"
+        self.ckpt_path = self.out / checkpoint.RUN_FILES[0]
         self.amp = _amp_dtype(cfg, device)
-        self.history: list[dict] = []
-        self.saved: dict | None = None
-        if cfg.resume:
-            if self.ckpt_path.exists():
-                self.saved = checkpoint.load(self.ckpt_path)
-                self.history = list(self.saved["history"])
-            else:
-                print(f"resume: no checkpoint at {self.ckpt_path}, starting from scratch")
+        self.saved, self.identity = saved, identity  # the checkpoint being resumed (None: a new run)
+        self.history: list[dict] = list(saved["history"]) if saved else []
         tb = self.out / "tensorboard" if cfg.tensorboard else None
         self.logger = _Logger(self.out / "metrics.jsonl", self.history, tb)
 
@@ -278,6 +257,7 @@ class _Trainer:
             "version": __version__,
             "train_config": self.cfg.to_dict(),
             "model_config": self.model_cfg.to_dict(),
+            "cohort": self.identity,
             "position": dataclasses.asdict(pos),
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
@@ -404,36 +384,61 @@ def train(config: TrainConfig | str | os.PathLike | Mapping[str, Any] | None = N
     config: a :class:`TrainConfig`, a YAML/JSON path or a dict; ``overrides``: any TrainConfig field.
     cohort: an in-memory :class:`Cohort` to use instead of ``config.data`` / the synthetic one.
     Outputs in ``out_dir``: ``model.pt`` (for :func:`load`), ``metrics.json``, ``metrics.jsonl``
-    (the history), ``config.json``, ``checkpoints/last.pt``.
+    (the history), ``config.json``, ``checkpoints/last.pt``. Everything that can be checked before
+    training (settings, out_dir, cohort, model, the checkpoint to resume, ``pretrain_from``) is
+    checked before anything is written. torch's thread count and deterministic-algorithms mode,
+    which ``num_threads`` / ``deterministic`` set, are restored when it returns.
     """
     cfg = TrainConfig.load(config, **overrides)
-    model_cfg = resolve_config(cfg.model)
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        return _train(cfg, cohort)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
+def _train(cfg: TrainConfig, cohort: Cohort | None) -> TrainResult:
+    model_cfg, clinical_set = resolve_model(cfg)
     device = _device(cfg.device)
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ImportError("tensorboard=True needs the tensorboard package: pip install tensorboard (or set "
+                          "tensorboard=False; metrics.jsonl is written either way)")
+    checkpoint.check_out_dir(cfg)
+    pretrained = pretrained_state(cfg.pretrain_from, model_cfg) if cfg.pretrain_from else None
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     checkpoint.seed_everything(cfg.seed)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({"train": cfg.to_dict(), "model": model_cfg.to_dict()}, indent=1))
 
     if cohort is None:
         cohort = load_cohort_for(cfg, model_cfg)
-    train_idx = cohort.indices("train", cfg.val_fold)
-    val_idx = cohort.indices("val", cfg.val_fold) if cfg.val_fold is not None else np.array([], dtype=np.int64)
-    test_idx = cohort.indices("test")
+        source = cfg.data or f"synthetic data {cfg.synthetic or {}} (seed {cfg.seed})"
+    else:
+        source = "an in-memory cohort"
+    model_cfg = clinical_features_for(model_cfg, cohort, clinical_set, cfg.finetune, source)
+    train_idx, val_idx, test_idx = split_indices(cohort, cfg.val_fold)
     check_cohort(cohort, model_cfg, train_idx)
+    identity = checkpoint.cohort_identity(cohort, source)
+    out = Path(cfg.out_dir)
+    saved = checkpoint.load_resume_state(cfg, out / checkpoint.RUN_FILES[0], model_cfg, identity)
+    # every check passed: from here on files are written
+    if cfg.overwrite:
+        checkpoint.remove_run_files(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({"train": cfg.to_dict(), "model": model_cfg.to_dict()}, indent=1))
     if device.type == "cuda" and cfg.data_on_device != "no":
         free, _ = torch.cuda.mem_get_info(device)
         if cfg.data_on_device == "yes" or cohort.nbytes() < 0.5 * free:
             cohort = cohort.to(device)
 
-    trainer = _Trainer(cfg, model_cfg, cohort, device)
+    trainer = _Trainer(cfg, model_cfg, cohort, device, saved, identity)
     mae = ImputeMAE(model_cfg).to(device)
-    if cfg.pretrain_from:
-        src = load(cfg.pretrain_from, device)
-        mae.load_state_dict((src.mae if isinstance(src, SurvivalModel) else src).state_dict())
+    if pretrained is not None:
+        mae.load_state_dict(pretrained)
     if cfg.pretrain and not trainer.completed("pretrain"):
         # a batch needs at least one modality: patients with clinical data only are left to fine-tuning
         has_any = cohort.present[torch.as_tensor(train_idx, device=cohort.present.device)].any(1).cpu().numpy()

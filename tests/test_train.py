@@ -18,7 +18,7 @@ import torch
 import pyimputmae
 from pyimputmae.data.synthetic import make_cohort
 from pyimputmae.model.config import ModelConfig
-from pyimputmae.training import TrainConfig, load, predict_survival, train
+from pyimputmae.training import TrainConfig, load, predict_survival, split_indices, train
 
 TINY = ModelConfig.small(dim=32, heads=2, mlp=64, decoder_dim=32, decoder_heads=2, decoder_mlp=64, freeze="none")
 TINY_SHAPES = {m.name: m.shape for m in TINY.modalities}
@@ -68,6 +68,13 @@ def test_skipping_pretraining_and_loading_a_pretrained_model(tmp_path, cohort):
                  pretrain_from=pre.paths["model"], **FAST)
     # the fine-tuned encoder started from the pre-trained weights, not from a fresh init
     assert "test" in fine.metrics
+    other = TINY.replace(dim=16, decoder_dim=16)
+    with pytest.raises(ValueError, match=r"(?s)pretrain_from=.*pre.model.pt: its pre-trained model does not fit the "
+                                         r"configured model \(\d+ parameters differ\).*mask_token \(32,\) in the file, "
+                                         r"\(16,\) configured.*\n  dim: 32 in the file, 16 now"):
+        train(cohort=cohort, model=other, out_dir=str(tmp_path / "other"), pretrain=False,
+              pretrain_from=pre.paths["model"], **FAST)
+    assert not (tmp_path / "other").exists()  # refused before anything was written
     with pytest.raises(ValueError, match="nothing to do"):
         TrainConfig.load(pretrain=False, finetune=False)
 
@@ -101,6 +108,105 @@ def test_clear_errors_for_bad_data(tmp_path, cohort):
         ImputeMAE(TINY).forward_pretrain(batch, new_rng(0))
 
 
+def test_resume_refuses_a_checkpoint_of_another_run_and_allows_more_epochs(tmp_path, cohort):
+    out = tmp_path / "run"
+    run = dict(cohort=cohort, model=TINY, out_dir=str(out), **{**FAST, "pretrain_epochs": 1, "finetune_epochs": 1})
+    first = train(**run)
+    ckpt = out / "checkpoints" / "last.pt"
+    before = {f: (out / f).read_bytes() for f in ("metrics.jsonl", "config.json", "model.pt", "checkpoints/last.pt")}
+    other_cohort = make_cohort(n_patients=80, shapes=TINY_SHAPES, seed=4)
+    refused = [
+        ({"seed": 5}, r"seed: 0 in the checkpoint, 5 now"),
+        ({"cohort": other_cohort}, r"cohort: 96 patients \(train \d+, test \d+\) from an in-memory cohort in the "
+                                   r"checkpoint, 80 patients"),
+        ({"model": TINY.replace(dim=16, decoder_dim=16)}, r"model.dim: 32 in the checkpoint, 16 now"),
+        ({"finetune_lr": 1e-3}, r"finetune_lr: 0.0001 in the checkpoint, 0.001 now"),
+    ]
+    for change, message in refused:
+        with pytest.raises(ValueError, match=rf"(?s)cannot resume from {ckpt}: .*{message}.*choose another out_dir"):
+            train(**{**run, **change}, resume=True)
+    # nothing of the old run was touched
+    assert {f: (out / f).read_bytes() for f in before} == before
+    # the number of epochs may change: the run goes on from where it stopped
+    longer = train(**{**run, "finetune_epochs": 2, "num_threads": 1}, resume=True)
+    epochs = [r["epoch"] for r in longer.history if r["stage"] == "finetune"]
+    assert epochs[-1] == 1 and longer.history[:len(first.history)] == first.history
+
+
+def test_an_out_dir_holding_a_run_is_not_overwritten_by_accident(tmp_path, cohort):
+    run = dict(cohort=cohort, model=TINY, out_dir=str(tmp_path), **{**FAST, "pretrain_epochs": 1, "finetune": False})
+    train(**run)  # an existing, empty out_dir is fine
+    log = (tmp_path / "metrics.jsonl").read_bytes()
+    with pytest.raises(FileExistsError, match=rf"out_dir {tmp_path} already holds a training run \(checkpoints/last.pt,"
+                                              r" model.pt.*resume=True .*overwrite=True .*another out_dir"):
+        train(**run)
+    assert (tmp_path / "metrics.jsonl").read_bytes() == log
+    (tmp_path / "tensorboard").mkdir()  # a file of the old run that the new one would not rewrite
+    (tmp_path / "notes.txt").write_text("mine")
+    train(**run, overwrite=True)
+    assert not (tmp_path / "tensorboard").exists() and (tmp_path / "notes.txt").read_text() == "mine"
+    (tmp_path / "checkpoints" / "last.pt").unlink()
+    with pytest.raises(FileExistsError, match="no checkpoint .* only the finished run's model.pt"):
+        train(**run, resume=True)
+
+
+def test_the_cli_passes_overwrite_and_one_model_setting(monkeypatch):
+    from pyimputmae import cli, training
+
+    seen = {}
+
+    def fake_train(config, **overrides):
+        seen.update(overrides, config=config)
+        return training.TrainResult(model=None, metrics={}, history=[], paths={"model": "m.pt"}, config=None)
+
+    monkeypatch.setattr(training, "train", fake_train)
+    assert cli.main(["train", "--overwrite", "--set", 'model.clinical_features=["age"]', "pretrain_lr=1e-3"]) == 0
+    assert seen["overwrite"] is True and seen["model.clinical_features"] == ["age"]
+    cfg = TrainConfig.load(seen["config"], **{k: v for k, v in seen.items() if k != "config"})
+    assert cfg.model_overrides == {"clinical_features": ["age"]} and cfg.pretrain_lr == 1e-3
+
+
+def test_the_model_takes_the_clinical_columns_of_the_data_unless_they_are_set(tmp_path, cohort):
+    store_like = make_cohort(n_patients=96, shapes=TINY_SHAPES, seed=3)
+    # what `pyimputmae preprocess` encodes by default: every manifest column, one-hot categories
+    store_like.clinical_names = ["project=LGG", "age_years", "radiation"]
+    tiny = {f: getattr(TINY, f) for f in ("dim", "heads", "mlp", "decoder_dim", "decoder_heads", "decoder_mlp")}
+    small_shapes = dict(FAST, pretrain_epochs=1, finetune_epochs=1)
+    explicit = {"clinical_features": ["radiation", "chemo", "age"]}
+    for model, overrides in (("small", explicit), (TINY, {})):
+        with pytest.raises(ValueError, match=r"configured clinical_features \['radiation', 'chemo', 'age'\] differ "
+                                             r"from the clinical columns of the cohort \(an in-memory cohort\) "
+                                             r"\['project=LGG', 'age_years', 'radiation'\].*Leave clinical_features "
+                                             r"unset"):
+            train(cohort=store_like, model=model, model_overrides=overrides, out_dir=str(tmp_path / "x"),
+                  **small_shapes)
+        assert not (tmp_path / "x").exists()  # refused before training
+    # a named model without clinical_features set: the data's columns (TINY's modalities are small's)
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    res = train(cohort=store_like, model="small", model_overrides=tiny, out_dir=str(tmp_path / "run"),
+                num_threads=1, deterministic=True, **small_shapes)
+    assert res.model.config.clinical_features == ("project=LGG", "age_years", "radiation")
+    assert load(res.paths["model"]).config == res.model.config and "test" in res.metrics
+    # train() leaves torch's global settings as it found them
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (threads, deterministic)
+
+
+def test_clear_errors_before_training_for_folds_devices_and_tensorboard(tmp_path, cohort, monkeypatch):
+    out = tmp_path / "run"
+    threads = torch.get_num_threads()
+    with pytest.raises(ValueError, match=r"val_fold=7 is not a cross-validation fold of the cohort's training split: "
+                                         r"its folds are 0, 1, 2, 3, 4"):
+        train(cohort=cohort, model=TINY, out_dir=str(out), val_fold=7, num_threads=1, deterministic=True, **FAST)
+    assert torch.get_num_threads() == threads and not torch.are_deterministic_algorithms_enabled()
+    train_idx, val_idx, _ = split_indices(cohort, 2)
+    assert len(val_idx) and not set(train_idx) & set(val_idx) and set(cohort.fold[val_idx]) == {2}
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="device='cuda' but no CUDA GPU is visible to PyTorch"):
+            train(cohort=cohort, model=TINY, out_dir=str(out), device="cuda", **FAST)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if it were not installed
+    with pytest.raises(ImportError, match="tensorboard=True needs the tensorboard package: pip install tensorboard"):
+        train(cohort=cohort, model=TINY, out_dir=str(out), tensorboard=True, **FAST)
+    assert not out.exists()
 KILL_SCRIPT = textwrap.dedent("""
     import sys, torch
     from pyimputmae.data.synthetic import make_cohort

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._fields import reject_unknown
+from .._fields import check_fields, check_types, reject_unknown
 from .manifest import MODALITIES
 from .mri import MriConfig
 from .omics import OmicsConfig
@@ -32,7 +32,7 @@ class PreprocessConfig:
     codec: str = "lz4"
 
     def __post_init__(self) -> None:
-        self.modalities = tuple(self.modalities)
+        check_fields(self, "preprocessing setting ")
         bad = [m for m in self.modalities if m not in MODALITIES]
         if bad or not self.modalities:
             raise ValueError(f"modalities must be among {MODALITIES}, got {self.modalities}")
@@ -50,9 +50,15 @@ class PreprocessConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
-        """Inverse of :meth:`to_dict`; missing keys keep their defaults, unknown keys are an error."""
+        """Inverse of :meth:`to_dict`; missing keys keep their defaults; unknown keys (also inside
+        ``rna``/``dnam``/``wsi``/``mri``) and values of the wrong type are errors naming them. A single
+        number as ``mri.crop`` is a cube, as with ``--mri-crop``."""
         reject_unknown(cls, d, "preprocessing settings")
         kw = dict(d)
+        mri = kw.get("mri")
+        if isinstance(mri, dict) and isinstance(mri.get("crop"), int | float) and not isinstance(mri["crop"], bool):
+            kw["mri"] = {**mri, "crop": [mri["crop"]] * 3}
+        kw = check_types(cls, kw, "preprocessing setting ")
         for key, make in (("rna", OmicsConfig.rna), ("dnam", OmicsConfig.dnam), ("wsi", WsiConfig), ("mri", MriConfig)):
             if isinstance(kw.get(key), dict):
                 kw[key] = make(**kw[key])

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .._fields import reject_unknown
+from .._fields import check_fields, reject_unknown
 from ..reference.masking import keep_counts
 
 #: Fine-tuning freezing policies: modality → number of its last encoder blocks left trainable
@@ -60,8 +60,8 @@ class ModalityConfig:
     depth: int
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "spatial", tuple(int(s) for s in self.spatial))
-        if not isinstance(self.name, str) or not self.name.isidentifier():
+        check_fields(self, "ModalityConfig.")
+        if not self.name.isidentifier():
             raise ValueError(f"modality name {self.name!r} must be a Python identifier (it names a submodule)")
         where = f"modality {self.name!r}"
         if not 1 <= len(self.spatial) <= 3:
@@ -138,13 +138,11 @@ class ModelConfig:
     missing: str = "mask"
 
     def __post_init__(self) -> None:
+        # types first (tuples, dicts and numbers converted; modalities given as dicts are checked
+        # dicts here), so that the checks below compare numbers with numbers
+        check_fields(self, "ModelConfig.")
         mods = tuple(m if isinstance(m, ModalityConfig) else ModalityConfig(**m) for m in self.modalities)
         object.__setattr__(self, "modalities", mods)
-        object.__setattr__(self, "clinical_features", tuple(str(c) for c in self.clinical_features))
-        if isinstance(self.mask_ratio, Mapping):
-            object.__setattr__(self, "mask_ratio", dict(self.mask_ratio))
-        if isinstance(self.freeze, Mapping):
-            object.__setattr__(self, "freeze", {k: int(v) for k, v in self.freeze.items()})
         self._validate()
 
     # ------------------------------------------------------------------ checks
@@ -246,11 +244,14 @@ class ModelConfig:
         """Inverse of :meth:`to_dict`; unknown keys are an error (naming them)."""
         reject_unknown(cls, d, "ModelConfig keys")
         if "modalities" not in d:
-            raise ValueError("ModelConfig dict needs 'modalities'")
+            raise ValueError(f"a model configuration given as a dict needs 'modalities' (it is a whole configuration, "
+                             f"got only {sorted(d)}); to change a few settings of a named one, give the name and "
+                             f"the changes (in train(): model='small', model_overrides={dict(d)!r})")
         return cls(**dict(d))
 
     def replace(self, **changes: Any) -> ModelConfig:
-        """A copy with ``changes`` applied (and validated)."""
+        """A copy with ``changes`` applied (and validated; unknown keys are an error naming them)."""
+        reject_unknown(type(self), changes, "ModelConfig keys")
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------ named configs

@@ -1,0 +1,174 @@
+"""The settings of :func:`pyimputmae.train`: :class:`TrainConfig`, read from keyword arguments, a
+dict or a YAML/JSON file and checked when it is built (types, values, the model it names).
+
+Which settings may change when a run is resumed: :data:`pyimputmae.checkpoint.RESUMABLE_SETTINGS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._fields import check_fields, reject_unknown
+from .model.config import ModelConfig, resolve_config
+
+
+@dataclass
+class TrainConfig:
+    """Everything :func:`train` needs. Epoch counts are per stage; learning rates follow a linear
+    warm-up then a cosine decay to ``*_min_lr``, per optimizer step.
+
+    Every value is checked against its field's type when the configuration is built (the error
+    names the setting): numbers written as strings (YAML reads ``1e-3`` as one) are accepted for
+    float settings, integral floats (``2.0``) for integer ones. ``model_overrides`` changes
+    ModelConfig fields of ``model`` (e.g. ``model="small", model_overrides={"dim": 128}``). The
+    model's ``clinical_features`` are the cohort's clinical columns unless set explicitly (in
+    ``model_overrides``, in a ``model`` dict, or by passing a ModelConfig).
+    """
+
+    model: Any = "small"  # a ModelConfig, its name ("small", "paper") or its to_dict()
+    model_overrides: dict = field(default_factory=dict)  # ModelConfig fields changed on top of `model`
+    data: str | None = None  # a zarr store from `pyimputmae preprocess`; None → synthetic cohort
+    synthetic: dict = field(default_factory=dict)  # make_cohort() arguments for the synthetic cohort
+    out_dir: str = "runs/pyimputmae"
+    seed: int = 0
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:N"
+    val_fold: int | None = None  # hold out this cross-validation fold of the training split
+    # pre-training
+    pretrain: bool = True
+    pretrain_from: str | None = None  # a model file written by train() (model.pt) to take the pre-trained MAE from
+    pretrain_epochs: int = 400
+    pretrain_batch_size: int = 96
+    pretrain_lr: float = 1e-3
+    pretrain_min_lr: float = 5e-6
+    pretrain_weight_decay: float = 1e-2
+    pretrain_warmup_epochs: float = 5.0
+    # fine-tuning
+    finetune: bool = True
+    finetune_epochs: int = 50
+    finetune_batch_size: int = 24
+    finetune_lr: float = 1e-4
+    finetune_min_lr: float = 1e-6
+    finetune_weight_decay: float = 1e-2
+    finetune_warmup_epochs: float = 1.0
+    # mechanics
+    grad_accum: int = 1
+    grad_clip: float | None = 1.0
+    amp: str = "auto"  # "auto" (bf16 on GPU, off on CPU), "bf16", "off"
+    checkpoint_every: int = 100  # optimizer steps
+    resume: bool = False
+    overwrite: bool = False  # replace the run files of an earlier run in out_dir
+    log_every: int = 10  # optimizer steps between log records
+    tensorboard: bool = False
+    progress: bool = True
+    num_threads: int | None = None
+    deterministic: bool = False
+    data_on_device: str = "auto"  # "auto", "yes", "no": keep the whole cohort on the GPU
+
+    def __post_init__(self) -> None:
+        check_fields(self, "training setting ")
+        self.validate()
+
+    @classmethod
+    def load(cls, source: TrainConfig | str | os.PathLike | Mapping[str, Any] | None = None,
+             **overrides: Any) -> TrainConfig:
+        """From a TrainConfig, a YAML/JSON path or a dict, with keyword overrides on top.
+
+        An override ``"a.b"`` sets key ``b`` of the dict setting ``a`` (``synthetic.n_patients``,
+        ``model_overrides.dim``); ``"model.b"`` is ``"model_overrides.b"``, so that
+        ``pyimputmae train --set model.clinical_features='["age"]'`` changes one model setting.
+        """
+        if source is None:
+            base: dict[str, Any] = {}
+        elif isinstance(source, TrainConfig):
+            base = dataclasses.asdict(source)
+        elif isinstance(source, Mapping):
+            base = dict(source)
+        else:
+            path = Path(source)
+            if not path.exists():
+                raise FileNotFoundError(f"training configuration {path} does not exist")
+            text = path.read_text()
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                base = yaml.safe_load(text) or {}
+            else:
+                base = json.loads(text)
+            if not isinstance(base, dict):
+                raise ValueError(f"{path}: expected a mapping of settings at the top level")
+        for key, value in overrides.items():
+            if "." not in key:
+                base[key] = value
+                continue
+            head, sub = key.split(".", 1)
+            head = "model_overrides" if head == "model" else head
+            if head not in ("synthetic", "model_overrides") or "." in sub:
+                raise ValueError(f"cannot set {key!r}: a dotted setting must be synthetic.<argument>, "
+                                 f"model.<ModelConfig field> or model_overrides.<ModelConfig field>")
+            if not isinstance(base.get(head, {}), Mapping):
+                raise ValueError(f"cannot set {key!r}: {head} is {base[head]!r}, not a mapping")
+            base[head] = {**base.get(head, {}), sub: value}
+        reject_unknown(cls, base, "training setting(s)")
+        return cls(**base)
+
+    def validate(self) -> None:
+        """Value checks beyond the types (which ``__post_init__`` checks first)."""
+        if self.amp not in ("auto", "bf16", "off"):
+            raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
+        if self.data_on_device not in ("auto", "yes", "no"):
+            raise ValueError(f"data_on_device must be 'auto', 'yes' or 'no', got {self.data_on_device!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be 'auto' (a CUDA GPU when one is visible, else the CPU), 'cpu', 'cuda' "
+                             f"or 'cuda:N' (GPU number N), got {self.device!r}")
+        for name in ("pretrain_epochs", "finetune_epochs", "pretrain_batch_size", "finetune_batch_size",
+                     "grad_accum", "checkpoint_every", "log_every"):
+            if getattr(self, name) < (0 if name.endswith("epochs") else 1):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("pretrain_lr", "finetune_lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("pretrain_min_lr", "finetune_min_lr", "pretrain_weight_decay", "finetune_weight_decay",
+                     "pretrain_warmup_epochs", "finetune_warmup_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")
+        if self.grad_clip is not None and self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be ≥ 0 (0 or None: no clipping), got {self.grad_clip}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be ≥ 1 (None: torch's default), got {self.num_threads}")
+        if not self.pretrain and not self.finetune:
+            raise ValueError("nothing to do: pretrain and finetune are both off")
+        if self.resume and self.overwrite:
+            raise ValueError("resume=True continues the run in out_dir and overwrite=True replaces it: choose one")
+        from .data.synthetic import make_cohort
+
+        unknown = sorted(set(self.synthetic) - set(inspect.signature(make_cohort).parameters))
+        if unknown:
+            raise ValueError(f"unknown synthetic setting(s) {unknown}; make_cohort() takes "
+                             f"{sorted(inspect.signature(make_cohort).parameters)}")
+        resolve_model(self)  # a bad model setting fails here, not after the cohort is loaded
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if isinstance(self.model, ModelConfig):
+            d["model"] = self.model.to_dict()
+        return d
+
+
+def resolve_model(cfg: TrainConfig) -> tuple[ModelConfig, bool]:
+    """The model configuration of ``cfg`` (``model`` with ``model_overrides`` applied) and whether its
+    ``clinical_features`` were set explicitly (a ModelConfig, or a key of a ``model`` dict or of
+    ``model_overrides``); when not, :func:`train` takes them from the cohort."""
+    explicit = (isinstance(cfg.model, ModelConfig) or "clinical_features" in cfg.model_overrides
+                or (isinstance(cfg.model, Mapping) and "clinical_features" in cfg.model))
+    model_cfg = resolve_config(cfg.model)
+    if cfg.model_overrides:
+        model_cfg = model_cfg.replace(**cfg.model_overrides)
+    return model_cfg, explicit
