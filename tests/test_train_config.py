@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from pyimputmae.data.mri import MriConfig
+from pyimputmae.data.omics import OmicsConfig
 from pyimputmae.data.preprocess_config import PreprocessConfig
 from pyimputmae.data.wsi import WsiConfig
 from pyimputmae.model.config import ModalityConfig, ModelConfig
@@ -124,7 +126,7 @@ def test_preprocessing_values_are_converted_and_a_single_crop_is_a_cube():
     assert cfg.wsi.tile_px == 64 and type(cfg.wsi.tile_px) is int and cfg.wsi.mpp == 0.5
     assert cfg.shapes()["mri"] == (1, 32, 32, 32)  # as `pyimputmae preprocess --mri-crop 32`
     assert cfg.dnam.values == "beta" and cfg.dnam.width == 2048  # the dnam defaults under the change
-    with pytest.raises(ValueError, match=r"preprocessing setting wsi.tile_px must be an integer, got 64.5"):
+    with pytest.raises(ValueError, match=r"WsiConfig.tile_px must be an integer, got 64.5"):
         PreprocessConfig(wsi=WsiConfig(tile_px=64.5))
 
 
@@ -135,3 +137,15 @@ def test_a_bad_preprocessing_value_fails_before_any_file_is_read(tmp_path):
         pp.preprocess(tmp_path / "no_manifest.csv", tmp_path / "store.zarr", config={"wsi": {"tile_px": 64.5}},
                       progress=False, verbose=False)
     assert not (tmp_path / "store.zarr").exists()
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: MriConfig(crop=32), r"MriConfig\.crop must be a list of 3 integers"),
+    (lambda: OmicsConfig(width="1024"), r"OmicsConfig\.width must be an integer, got '1024'"),
+    (lambda: OmicsConfig.dnam(min_std="a lot"), r"OmicsConfig\.min_std"),
+    (lambda: WsiConfig(tile_px=64.5), r"WsiConfig\.tile_px must be an integer, got 64\.5"),
+])
+def test_the_modality_settings_built_in_python_are_checked(build, message):
+    """The rna/dnam/wsi/mri settings built directly (not through PreprocessConfig) are checked too."""
+    with pytest.raises(ValueError, match=message):
+        build()

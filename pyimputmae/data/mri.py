@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from .._fields import check_fields
+
 #: file/folder name endings that identify each role in a BraTS-style case folder
 ROLE_ALIASES = {
     "t1": ("t1", "t1n", "t1w", "t1native"),
@@ -53,6 +55,7 @@ class MriConfig:
     geometry_tol: float = 1e-3
 
     def __post_init__(self) -> None:
+        check_fields(self, "MriConfig.")
         self.sequences = tuple(str(s).lower() for s in self.sequences)
         self.crop = tuple(int(c) for c in self.crop)
         bad = [s for s in self.sequences if s not in ("t1", "t1ce", "t2", "flair")]

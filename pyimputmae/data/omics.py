@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from .._fields import check_fields
+
 GDC_VALUE_COLUMNS = ("tpm_unstranded", "fpkm_unstranded", "fpkm_uq_unstranded", "unstranded")
 _GDC_REQUIRED = ("gene_id", "gene_name", "gene_type")
 
@@ -64,6 +66,7 @@ class OmicsConfig:
     gene_list: list[str] | None = None
 
     def __post_init__(self) -> None:
+        check_fields(self, "OmicsConfig.")
         self.gene_types = tuple(self.gene_types)
         checks = (("kind", self.kind, ("auto", "gdc_star", "table")), ("value", self.value, GDC_VALUE_COLUMNS),
                   ("gene_key", self.gene_key, ("gene_id", "gene_name")),

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from .._fields import check_fields
+
 
 class SlideError(RuntimeError):
     """A slide that cannot be tiled; the message names the file and the patient."""
@@ -48,6 +50,7 @@ class WsiConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_fields(self, "WsiConfig.")
         if self.tile_px < 8 or self.mpp <= 0 or self.n_keep < 1 or self.n_candidates < self.n_keep:
             raise ValueError(f"WsiConfig needs tile_px ≥ 8, mpp > 0, 1 ≤ n_keep ≤ n_candidates; got {self}")
 
