@@ -83,3 +83,20 @@ def test_resume_recognises_the_store_by_its_content(store, tmp_path):
                                          r".*moved.zarr in the checkpoint, 40 patients \(train 30, test 10\) from "
                                          r".*other/cohort.zarr now \(same size, different content\)"):
         train(data=str(other), resume=True, **{**run, "finetune_epochs": 2})
+
+
+def test_a_pretrained_only_model_carries_the_preprocessing_impute_checks(store, tmp_path):
+    """A model saved after pre-training alone (finetune=False) records the store's fitted
+    preprocessing, so `pyimputmae impute` can refuse a store made another way."""
+    from pyimputmae.data.store import load_cohort
+    from pyimputmae.inference import check_compatible
+
+    res = train(model="small", model_overrides=RNA_ONLY, data=str(store), out_dir=str(tmp_path / "run"),
+                **{**FAST, "finetune": False})
+    mae = load(res.paths["model"])
+    cohort = load_cohort(store)
+    assert mae.preprocessing["preprocessing"] == cohort.attrs["preprocessing"]
+    assert check_compatible(mae, cohort, clinical=False) == []
+    cohort.attrs["preprocessing"] = {**cohort.attrs["preprocessing"], "config": {"rna": {"width": 7}}}
+    with pytest.raises(ValueError, match="its preprocessing differs from the one the model was trained with"):
+        check_compatible(mae, cohort, clinical=False)
