@@ -23,9 +23,10 @@ import dataclasses
 import functools
 import math
 import numbers
+import os
 import types
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -56,6 +57,13 @@ def check_types(cls: type, values: Mapping[str, Any], where: str) -> dict[str, A
     """``values`` (keys that are fields of ``cls``; others are passed through for
     :func:`reject_unknown` to name) checked against ``cls``'s type hints and converted."""
     hints = _hints(cls)
+    return {k: _convert(hints[k], v, where + k) if k in hints else v for k, v in values.items()}
+
+
+def check_arguments(fn: Any, values: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``values`` (keyword arguments of the function ``fn``) checked against its parameters' type
+    hints and converted, as :func:`check_types` does for a dataclass's fields."""
+    hints = typing.get_type_hints(fn)
     return {k: _convert(hints[k], v, where + k) if k in hints else v for k, v in values.items()}
 
 
@@ -140,6 +148,8 @@ def _convert_or_mismatch(hint: Any, value: Any, name: str) -> Any:
         raise _Mismatch("; write a whole number without quotes" if isinstance(value, str) else "")
     if hint is float:
         if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+            if not math.isfinite(float(value)):
+                raise _Mismatch("; NaN and infinity are not settings")
             return float(value)
         if isinstance(value, str):
             try:
@@ -151,15 +161,22 @@ def _convert_or_mismatch(hint: Any, value: Any, name: str) -> Any:
         raise _Mismatch("")
     if hint is str:
         if isinstance(value, str):
-            return value
+            return str(value)  # numpy's str_ too
+        if isinstance(value, os.PathLike) and isinstance(os.fspath(value), str):
+            return os.fspath(value)  # a path setting given as a pathlib.Path
         raise _Mismatch("")
     if origin in (tuple, list):
-        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (Sequence, np.ndarray)):
-            raise _Mismatch("; write one value as a one-element list" if args and args[-1] is Ellipsis else "")
+        # any ordered collection: a list, a tuple, an array, a pandas Index or Series, dict keys
+        if isinstance(value, (str, bytes, Mapping, set, frozenset)) or not isinstance(value, Iterable):
+            one = args and args[-1] is Ellipsis and isinstance(value, (str, numbers.Number))
+            raise _Mismatch("; write one value as a one-element list" if one else "")
         items = list(value)
         if origin is tuple and args and args[-1] is not Ellipsis and len(items) != len(args):
             raise _Mismatch("")
         types_ = args[:1] * len(items) if not args or args[-1] is Ellipsis or origin is list else args
+        # a list of names may arrive as numbers (Entrez gene ids read from YAML): they are names
+        items = [str(v) if t is str and isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+                 else v for t, v in zip(types_, items)] if args else items
         converted = [_nested(t, v, f"{name}[{i}]") for i, (t, v) in enumerate(zip(types_, items))] if args else items
         return tuple(converted) if origin is tuple else converted
     if hint is dict or (origin is not None and isinstance(origin, type) and issubclass(origin, Mapping)):

@@ -86,7 +86,7 @@ def seed_everything(seed: int) -> None:
 #: the device and threads (results then match an uninterrupted run only up to floating-point
 #: rounding), logging, progress display and checkpoint frequency. ``model``/``model_overrides``
 #: are compared as the resolved model configuration, ``data``/``synthetic`` as the cohort itself
-#: (:func:`cohort_identity`: a moved store resumes, a rebuilt or different one does not). Every
+#: (:func:`cohort_identity`: a moved store resumes, one with other content does not). Every
 #: other setting (seed, learning rates, batch sizes, schedule, weight decay, grad_accum, grad_clip,
 #: amp, val_fold, pretrain/finetune, pretrain_from) must be the checkpoint's.
 RESUMABLE_SETTINGS = frozenset({
@@ -108,7 +108,7 @@ def cohort_identity(cohort: Any, source: str) -> dict[str, Any]:
     h = hashlib.sha256()
     shapes = {name: list(t.shape[1:]) for name, t in cohort.inputs.items()}
     h.update(json.dumps([list(cohort.ids), np.asarray(cohort.split).tolist(), np.asarray(cohort.fold).tolist(),
-                         list(cohort.clinical_names), shapes, cohort.attrs.get("fingerprint")]).encode())
+                         list(cohort.clinical_names), shapes, cohort.attrs.get("fingerprint")], default=str).encode())
     for t in (cohort.time, cohort.event, cohort.present, cohort.clinical):
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     for t in cohort.inputs.values():
@@ -149,6 +149,10 @@ def resume_differences(saved: dict[str, Any], train_config: dict[str, Any], mode
     old_train = saved["train_config"]
     fixed = [k for k in train_config if k in old_train and k not in RESUMABLE_SETTINGS | _COMPARED_ELSEWHERE]
     out += differences({k: old_train[k] for k in fixed}, {k: train_config[k] for k in fixed})
+    old_epochs, new_epochs = old_train.get("pretrain_epochs"), train_config.get("pretrain_epochs")
+    if saved["position"].get("stage") == "finetune" and old_epochs != new_epochs:
+        out.append(f"pretrain_epochs: {old_epochs!r} in the checkpoint, {new_epochs!r} now, but pre-training has "
+                   f"finished and fine-tuning has started: only finetune_epochs can change now")
     old_identity = saved.get("cohort")
     if old_identity is not None and old_identity["digest"] != identity["digest"]:
         same_size = old_identity["patients"] == identity["patients"]

@@ -103,7 +103,11 @@ def _load_for_inference(args: argparse.Namespace, *, clinical: bool):
 
     from .data.store import load_cohort
     from .inference import check_compatible, load
+    from .train_config import check_device
+    from .training import device_for
 
+    check_device(args.device)
+    args.device = device_for(args.device)  # "auto" resolved; a GPU that is not there is a clear error
     model = load(args.model, args.device)
     cohort = load_cohort(args.data)
     for note in check_compatible(model, cohort, clinical=clinical, model_name=f"model {args.model}",
@@ -195,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "with --fitted TRAINING_STORE)")
         p.add_argument("--out", required=True)
         p.add_argument("--split", default="all", choices=("all", "train", "val", "test"))
-        p.add_argument("--device", default="cpu")
+        p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
         p.set_defaults(func=func)
 
     from .data.preprocess import add_parser
@@ -212,9 +216,11 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from ._backends import BackendError
     from .data.store import StoreError
     from .data.wsi import SlideError
+    from .training import MissingPackageError
 
-    kinds: list[type[BaseException]] = [ValueError, StoreError, SlideError, BackendError, FileExistsError,
-                                        FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError]
+    # OSError: a missing folder, a full disk, no permission — the machine's state, not our code
+    kinds: list[type[BaseException]] = [ValueError, StoreError, SlideError, BackendError, MissingPackageError,
+                                        OSError]
     try:
         import yaml
 

@@ -234,10 +234,11 @@ def _read_model_file(path: Path) -> Any:
                          "not finish?)")
     try:
         return checkpoint.load(path, map_location="cpu")
-    except OSError:
+    except (PermissionError, FileNotFoundError, IsADirectoryError):
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, RuntimeError, KeyError, AttributeError, ImportError,
-            TypeError, IndexError, UnicodeDecodeError) as e:
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, RuntimeError, KeyError, AttributeError,
+            ImportError, TypeError, IndexError, UnicodeDecodeError) as e:
+        # (torch's zip reader raises OSError(EINVAL) for an archive cut short)
         # torch.save writes a zip archive; anything else was never written by it
         why = ("damaged or truncated" if head == b"PK\x03\x04"
                else f"not written by torch.save: it begins with {head!r}")

@@ -10,14 +10,28 @@ import dataclasses
 import inspect
 import json
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._fields import check_fields, reject_unknown
+from ._fields import check_arguments, check_fields, reject_unknown
 from .model.config import ModelConfig, resolve_config
+
+
+def check_device(name: str) -> None:
+    """``name`` must be ``"auto"`` or a device torch knows (``cpu``, ``cuda``, ``cuda:N``, ``mps``, ...);
+    ValueError naming the choices otherwise."""
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device must be 'auto' (a CUDA GPU when one is visible, else the CPU), 'cpu', 'cuda' "
+                         f"or 'cuda:N' (GPU number N), or another device type torch knows such as 'mps'; got "
+                         f"{name!r}") from None
 
 
 @dataclass
@@ -125,9 +139,7 @@ class TrainConfig:
             raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
         if self.data_on_device not in ("auto", "yes", "no"):
             raise ValueError(f"data_on_device must be 'auto', 'yes' or 'no', got {self.data_on_device!r}")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise ValueError(f"device must be 'auto' (a CUDA GPU when one is visible, else the CPU), 'cpu', 'cuda' "
-                             f"or 'cuda:N' (GPU number N), got {self.device!r}")
+        check_device(self.device)
         for name in ("pretrain_epochs", "finetune_epochs", "pretrain_batch_size", "finetune_batch_size",
                      "grad_accum", "checkpoint_every", "log_every"):
             if getattr(self, name) < (0 if name.endswith("epochs") else 1):
@@ -153,6 +165,7 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown synthetic setting(s) {unknown}; make_cohort() takes "
                              f"{sorted(inspect.signature(make_cohort).parameters)}")
+        self.synthetic = check_arguments(make_cohort, self.synthetic, "synthetic.")
         resolve_model(self)  # a bad model setting fails here, not after the cohort is loaded
 
     def to_dict(self) -> dict[str, Any]:

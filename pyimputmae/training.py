@@ -59,7 +59,11 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------------- helpers
-def _device(name: str) -> torch.device:
+class MissingPackageError(ImportError):
+    """An optional package a chosen setting needs is not installed (the message says which)."""
+
+
+def device_for(name: str) -> torch.device:
     """``name`` (checked by :meth:`TrainConfig.validate`) as a device; a clear error for a GPU that is
     not there."""
     if name == "auto":
@@ -68,10 +72,10 @@ def _device(name: str) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
-            raise RuntimeError(f"device={name!r} but no CUDA GPU is visible to PyTorch (torch {torch.__version__}, "
+            raise ValueError(f"device={name!r} but no CUDA GPU is visible to PyTorch (torch {torch.__version__}, "
                                f"{build}; check CUDA_VISIBLE_DEVICES and nvidia-smi); use device='cpu' or 'auto'")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise RuntimeError(f"device={name!r} but only {torch.cuda.device_count()} CUDA GPU(s) are visible "
+            raise ValueError(f"device={name!r} but only {torch.cuda.device_count()} CUDA GPU(s) are visible "
                                f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return device
 
@@ -402,9 +406,9 @@ def train(config: TrainConfig | str | os.PathLike | Mapping[str, Any] | None = N
 
 def _train(cfg: TrainConfig, cohort: Cohort | None) -> TrainResult:
     model_cfg, clinical_set = resolve_model(cfg)
-    device = _device(cfg.device)
+    device = device_for(cfg.device)
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise ImportError("tensorboard=True needs the tensorboard package: pip install tensorboard (or set "
+        raise MissingPackageError("tensorboard=True needs the tensorboard package: pip install tensorboard (or set "
                           "tensorboard=False; metrics.jsonl is written either way)")
     checkpoint.check_out_dir(cfg)
     pretrained = pretrained_state(cfg.pretrain_from, model_cfg) if cfg.pretrain_from else None

@@ -172,6 +172,11 @@ def test_files_that_are_not_models_are_named(setup, tmp_path, capsys):
     empty.write_bytes(b"")
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(setup["model"].read_bytes()[:2000])
+    for size in (5000, 50000):  # cut further in, torch's zip reader raises OSError(EINVAL)
+        cut = tmp_path / f"cut{size}.pt"
+        cut.write_bytes(setup["model"].read_bytes()[:size])
+        with pytest.raises(ValueError, match=f"{cut} is not a pyimputmae model file \\(damaged or truncated"):
+            load(cut)
     foreign = tmp_path / "weights.pt"
     torch.save({"weight": torch.zeros(2)}, foreign)
     cases = {text: "not written by torch.save: it begins with b'garb'", empty: "it is empty",
@@ -204,6 +209,16 @@ def test_expected_errors_are_one_line_unless_traceback_is_asked(setup, tmp_path,
                "--out", str(tmp_path / "p.csv")])
     err = capsys.readouterr().err
     assert rc == 1 and err.startswith("pyimputmae predict: error: ") and "nowhere.zarr is not a zarr store" in err
+    # a device that is not there, an output folder that does not exist: bad settings, not bugs
+    model_args = ["--model", str(setup["model"]), "--data", str(setup["fitted"])]
+    bad = [(["--device", "gpu", "--out", str(tmp_path / "p.csv")], "device must be 'auto'"),
+           (["--out", str(tmp_path / "no" / "such" / "folder" / "p.csv")], "")]
+    if not torch.cuda.is_available():
+        bad.append((["--device", "cuda", "--out", str(tmp_path / "p.csv")], "no CUDA GPU is visible"))
+    for extra, message in bad:
+        assert main(["predict", *model_args, *extra]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("pyimputmae predict: error: ") and message in err and "Traceback" not in err, err
 
 
 def test_a_bug_still_shows_its_traceback_and_ctrl_c_is_quiet(monkeypatch, capsys):

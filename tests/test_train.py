@@ -121,6 +121,8 @@ def test_resume_refuses_a_checkpoint_of_another_run_and_allows_more_epochs(tmp_p
                                    r"checkpoint, 80 patients"),
         ({"model": TINY.replace(dim=16, decoder_dim=16)}, r"model.dim: 32 in the checkpoint, 16 now"),
         ({"finetune_lr": 1e-3}, r"finetune_lr: 0.0001 in the checkpoint, 0.001 now"),
+        ({"pretrain_epochs": 3}, r"pretrain_epochs: 1 in the checkpoint, 3 now, but pre-training has finished and "
+                                 r"fine-tuning has started"),
     ]
     for change, message in refused:
         with pytest.raises(ValueError, match=rf"(?s)cannot resume from {ckpt}: .*{message}.*choose another out_dir"):
@@ -201,12 +203,26 @@ def test_clear_errors_before_training_for_folds_devices_and_tensorboard(tmp_path
     train_idx, val_idx, _ = split_indices(cohort, 2)
     assert len(val_idx) and not set(train_idx) & set(val_idx) and set(cohort.fold[val_idx]) == {2}
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="device='cuda' but no CUDA GPU is visible to PyTorch"):
+        with pytest.raises(ValueError, match="device='cuda' but no CUDA GPU is visible to PyTorch"):
             train(cohort=cohort, model=TINY, out_dir=str(out), device="cuda", **FAST)
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if it were not installed
     with pytest.raises(ImportError, match="tensorboard=True needs the tensorboard package: pip install tensorboard"):
         train(cohort=cohort, model=TINY, out_dir=str(out), tensorboard=True, **FAST)
     assert not out.exists()
+
+
+def test_integer_patient_ids_and_synthetic_settings_from_yaml(tmp_path, cohort):
+    """An in-memory cohort may number its patients; YAML's `5e-1` (a string) is a synthetic number too."""
+    numbered = make_cohort(n_patients=64, shapes=TINY_SHAPES, seed=1)
+    numbered.ids = list(np.arange(64))
+    train(cohort=numbered, model=TINY, out_dir=str(tmp_path / "ids"), **{**FAST, "pretrain_epochs": 1,
+                                                                         "finetune": False})
+    cfg = TrainConfig(synthetic={"n_patients": 40.0, "event_rate": "5e-1"})
+    assert cfg.synthetic == {"n_patients": 40, "event_rate": 0.5} and type(cfg.synthetic["n_patients"]) is int
+    with pytest.raises(ValueError, match=r"synthetic.n_patients must be an integer, got 'forty'"):
+        TrainConfig(synthetic={"n_patients": "forty"})
+
+
 KILL_SCRIPT = textwrap.dedent("""
     import sys, torch
     from pyimputmae.data.synthetic import make_cohort

@@ -113,7 +113,7 @@ def test_model_config_converts_what_is_unambiguous():
     ({"mri": {"spacing": "one"}}, r"preprocessing setting mri.spacing must be a number, got 'one'"),
     ({"wsi": "big"}, r"preprocessing setting wsi must be a mapping of WsiConfig settings, got 'big'"),
     ({"modalities": "rna"}, r"preprocessing setting modalities must be a list of strings, got 'rna'"),
-    ({"clinical_columns": ["age", 3]}, r"preprocessing setting clinical_columns\[1\] must be a string, got 3"),
+    ({"clinical_columns": ["age", 3.5]}, r"preprocessing setting clinical_columns\[1\] must be a string, got 3.5"),
 ])
 def test_preprocessing_values_are_checked(settings, message):
     with pytest.raises(ValueError, match=message):
@@ -149,3 +149,21 @@ def test_the_modality_settings_built_in_python_are_checked(build, message):
     """The rna/dnam/wsi/mri settings built directly (not through PreprocessConfig) are checked too."""
     with pytest.raises(ValueError, match=message):
         build()
+
+
+def test_collections_numbers_as_names_paths_and_other_devices_are_taken():
+    """What the settings took before they were type-checked stays accepted: any ordered collection
+    (a pandas Index) for a list, numbers as names (Entrez ids from YAML), a pathlib.Path for a path,
+    a device type torch knows besides cuda (mps)."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    assert ModelConfig.small(clinical_features=pd.Index(["age", "chemo"])).clinical_features == ("age", "chemo")
+    assert OmicsConfig(gene_list=[7157, "TP53"]).gene_list == ["7157", "TP53"]
+    cfg = TrainConfig(out_dir=Path("runs") / "a", device="mps")
+    assert cfg.out_dir == str(Path("runs") / "a") and cfg.device == "mps"
+    with pytest.raises(ValueError, match=r"pretrain_lr must be a number, got nan .*NaN and infinity are not settings"):
+        TrainConfig(pretrain_lr=float("nan"))
+    with pytest.raises(ValueError, match=r"device must be 'auto' .*such as 'mps'; got 'gpu'"):
+        TrainConfig(device="gpu")
