@@ -65,23 +65,22 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_set(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects key=value, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+def _key_value(item: str) -> tuple[str, object]:
+    """argparse type of a ``--set`` item: ``KEY=VALUE``, the value read as JSON when it is JSON (a
+    malformed item is a usage error, status 2)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {item!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def _train(args: argparse.Namespace) -> int:
     from .training import train
 
-    overrides = _parse_set(args.set)
+    overrides = dict(args.set)
     if args.out:
         overrides["out_dir"] = args.out
     if args.resume:
@@ -187,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (overrides out_dir)")
     p.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoints/last.pt")
     p.add_argument("--overwrite", action="store_true", help="replace the run files of an earlier run in out_dir")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", nargs="+", type=_key_value, default=[], metavar="KEY=VALUE",
                    help="override settings (JSON values); model.FIELD=... changes one model setting")
     p.set_defaults(func=_train)
 

@@ -167,3 +167,19 @@ def test_collections_numbers_as_names_paths_and_other_devices_are_taken():
         TrainConfig(pretrain_lr=float("nan"))
     with pytest.raises(ValueError, match=r"device must be 'auto' .*such as 'mps'; got 'gpu'"):
         TrainConfig(device="gpu")
+
+
+def test_set_items_are_key_value_pairs_on_the_command_line(capsys):
+    from pyimputmae.cli import main
+
+    for argv in (["train", "--set"], ["train", "--set", "pretrain_epochs"], ["train", "--set", "=3"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2  # a usage error: nothing runs
+    assert "expected KEY=VALUE, got '=3'" in capsys.readouterr().err
+
+
+def test_a_part_of_the_preprocessing_given_as_a_dict_is_built_with_its_own_defaults():
+    cfg = PreprocessConfig(rna={"width": 10}, dnam={"width": 20}, mri={"crop": [8, 8, 8]})
+    assert isinstance(cfg.dnam, OmicsConfig) and cfg.dnam.values == "beta" and cfg.rna.values == "raw"
+    assert cfg.shapes()["mri"] == (1, 8, 8, 8) and cfg.shapes()["rna"] == (1, 10)

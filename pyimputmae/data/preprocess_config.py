@@ -8,6 +8,7 @@ the store's report.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,9 @@ class PreprocessConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "preprocessing setting ")
+        for key, make in (("rna", OmicsConfig.rna), ("dnam", OmicsConfig.dnam), ("wsi", WsiConfig), ("mri", MriConfig)):
+            if isinstance(getattr(self, key), Mapping):  # the settings of one part as a dict: built here
+                setattr(self, key, make(**getattr(self, key)))
         bad = [m for m in self.modalities if m not in MODALITIES]
         if bad or not self.modalities:
             raise ValueError(f"modalities must be among {MODALITIES}, got {self.modalities}")
