@@ -39,7 +39,7 @@ from . import __version__, checkpoint
 from .data.cohort import Cohort
 from .inference import evaluate_model, load, predict_survival, save_model  # noqa: F401  (public here too)
 from .model.config import ModelConfig
-from .model.mae import ImputeMAE, advance_rng_, jsonable, new_rng
+from .model.mae import ImputeMAE, advance_rng_, model_preprocessing, new_rng
 from .model.survival import SurvivalModel
 from .train_config import TrainConfig, resolve_model
 
@@ -454,7 +454,7 @@ def _train(cfg: TrainConfig, cohort: Cohort | None) -> TrainResult:
         checkpoint.set_rng_state(trainer.saved["rng"])
         trainer.saved = None
 
-    mae.preprocessing = jsonable(cohort.attrs)  # what impute() and predict check a store against
+    mae.preprocessing = model_preprocessing(cohort.attrs)  # what impute() and predict check a store against
     model: nn.Module = mae
     metrics: dict[str, dict[str, float]] = {}
     if cfg.finetune:

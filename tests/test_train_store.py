@@ -4,6 +4,7 @@ recognises the store by its content (a moved store resumes, another one does not
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -96,6 +97,9 @@ def test_a_pretrained_only_model_carries_the_preprocessing_impute_checks(store, 
     mae = load(res.paths["model"])
     cohort = load_cohort(store)
     assert mae.preprocessing["preprocessing"] == cohort.attrs["preprocessing"]
+    # a model file can be shared: it keeps no patient id of the training cohort
+    assert "ids" not in mae.preprocessing and "failures" not in mae.preprocessing["report"]
+    assert not any(str(i) in json.dumps(mae.preprocessing) for i in cohort.ids)
     assert check_compatible(mae, cohort, clinical=False) == []
     cohort.attrs["preprocessing"] = {**cohort.attrs["preprocessing"], "config": {"rna": {"width": 7}}}
     with pytest.raises(ValueError, match="its preprocessing differs from the one the model was trained with"):

@@ -81,6 +81,22 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
+#: per-patient content of a store's attributes that a model file does not keep
+_PATIENT_KEYS = ("ids",)
+_PATIENT_REPORT_KEYS = ("failures", "rejected", "warnings")
+
+
+def model_preprocessing(attrs: Mapping[str, Any]) -> dict:
+    """What a model keeps of its training store's attributes (``mae.preprocessing``): the fitted
+    preprocessing and the store's description, without per-patient content (the patient ids and the
+    report's failures, rejected rows and warnings), so a model file can be shared without its
+    cohort's patient list."""
+    kept = {k: v for k, v in attrs.items() if k not in _PATIENT_KEYS}
+    if isinstance(kept.get("report"), Mapping):
+        kept["report"] = {k: v for k, v in kept["report"].items() if k not in _PATIENT_REPORT_KEYS}
+    return jsonable(kept)
+
+
 class ImputeMAE(nn.Module):
     """The multimodal masked autoencoder of impuTMAE.
 

@@ -27,7 +27,7 @@ from torch import nn
 from .config import ModelConfig, resolve_config
 from .encoders import ClinicalEncoder
 from .layers import Attention, init_weights, key_mask
-from .mae import ImputeMAE, eval_mode, jsonable
+from .mae import ImputeMAE, eval_mode, jsonable, model_preprocessing
 
 
 def apply_freeze(mae: ImputeMAE, trainable: Mapping[str, int]) -> None:
@@ -107,7 +107,7 @@ class SurvivalModel(nn.Module):
                                  f"clinical_features {list(self.clinical.names)} (same names, same order)")
             self.clinical.fit(cohort.clinical.index_select(0, index).to(self.clinical.median.device))
         self.interval_cuts = IntervalCuts.fit(cohort.time.index_select(0, index).cpu(), n_bins=self.config.n_bins)
-        self.mae.preprocessing = jsonable(cohort.attrs)
+        self.mae.preprocessing = model_preprocessing(cohort.attrs)
         return self
 
     @property
