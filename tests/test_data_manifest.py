@@ -3,6 +3,7 @@ on the training split."""
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -165,3 +166,56 @@ def test_new_patients_are_checked_against_the_fitted_column_kinds(files: Path):
         "new.csv: clinical column 'radiation' holds yes/no values, but 1 value(s) are not: line 2 (patient 'N1') "
         "'maybe'; correct them, or leave a cell empty where the value is unknown; read as unknown"]
     np.testing.assert_array_equal(apply_clinical(m.clinical, fitted), [[np.nan, np.nan], [np.nan, 0]])
+
+
+def test_a_typo_in_a_yes_no_column_is_a_stray_not_a_category(files: Path):
+    answers = ["yes"] * 50 + ["no"] * 50 + ["yse"]
+    rows = "".join(f"P{i},1,{i % 2},{a}\n" for i, a in enumerate(answers))
+    path = write(files, "patient_id,time,event,radiation\n" + rows)
+    message = (r"manifest.csv: clinical column 'radiation' holds yes/no values, but 1 value\(s\) are not: "
+               r"line 102 \(patient 'P100'\) 'yse'; correct them")
+    with pytest.warns(ManifestWarning, match=message + r".*; read as unknown"):
+        m = read_manifest(path)
+    fitted = fit_clinical(m.clinical, np.ones(len(m), bool))
+    assert [(f["name"], f["kind"]) for f in fitted["features"]] == [("radiation", "binary")]  # not 3 one-hot levels
+    raw = apply_clinical(m.clinical, fitted)[:, 0]
+    assert raw[:50].tolist() == [1.0] * 50 and raw[50:100].tolist() == [0.0] * 50 and np.isnan(raw[100])
+    with pytest.raises(ManifestError, match=message):
+        read_manifest(path, strict=True)
+    # new patients read with --fitted: the same typo is named too
+    new = write(files, "patient_id,radiation\nN1,yse\nN2,no\n", "new.csv")
+    with pytest.warns(ManifestWarning, match=r"new.csv: clinical column 'radiation' holds yes/no values, but 1 "
+                                             r"value\(s\) are not: line 2 \(patient 'N1'\) 'yse'"):
+        m = read_manifest(new, require_survival=False, clinical_fitted=fitted)
+    np.testing.assert_array_equal(apply_clinical(m.clinical, fitted)[:, 0], [np.nan, 0])
+    # a text column that is not mostly yes/no stays one-hot
+    text = fit_clinical(read_manifest(write(files, "patient_id,time,event,arm\nP1,1,1,yes\nP2,1,0,drug\n"
+                                            "P3,1,0,placebo\n", "arm.csv")).clinical, np.ones(3, bool))
+    assert [f["name"] for f in text["features"]] == ["arm=drug", "arm=placebo", "arm=yes"]
+
+
+@pytest.mark.parametrize("marker", ["'--", "Unknown", "[Not Available]", "not reported"])
+def test_missing_value_markers_in_survival_are_empty_cells(files: Path, marker: str):
+    path = write(files, f"patient_id,time,event,rna\nNEW1,{marker},{marker},a.tsv\nNEW2,2.5,1,a.tsv\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a new patient's unknown survival is no problem
+        m = read_manifest(path, require_survival=False, default_split="test")
+    assert m.ids == ["NEW1", "NEW2"] and np.isnan(m.time[0]) and np.isnan(m.event[0]) and m.time[1] == 2.5
+    message = (re.escape(f"line 2 (patient 'NEW1'): missing time ({marker!r}); ") + ".*"
+               + re.escape(f"line 2 (patient 'NEW1'): missing event ({marker!r})"))
+    with pytest.warns(ManifestWarning, match=message + "; row left out"):
+        m = read_manifest(path)
+    assert m.ids == ["NEW2"]
+    with pytest.raises(ManifestError, match=message):
+        read_manifest(path, strict=True)
+
+
+def test_markers_in_split_and_fold_are_rejected_not_defaults(files: Path):
+    path = write(files, "patient_id,time,event,split,fold\nP1,1,1,Unknown,0\nP2,1,0,train,'--\nP3,2,0,train,\n")
+    with pytest.warns(ManifestWarning) as caught:
+        m = read_manifest(path)
+    assert m.ids == ["P3"] and m.fold.tolist() == [-1]
+    assert [str(w.message) for w in caught] == [
+        "manifest.csv line 2 (patient 'P1'): split 'Unknown' is not one of train, val, test; row left out",
+        "manifest.csv line 3 (patient 'P2'): fold \"'--\" is not an integer (leave the cell empty for no fold); "
+        "row left out"]

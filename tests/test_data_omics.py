@@ -3,6 +3,8 @@ selection / medians fitted on training patients only."""
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ from pyimputmae.data.manifest import Source
 from pyimputmae.data.omics import (
     OmicsConfig,
     OmicsError,
+    OmicsWarning,
     apply_omics,
     fit_omics,
     is_gdc_star,
@@ -162,6 +165,7 @@ def test_another_modalitys_file_is_left_out_and_does_not_grow_the_feature_set(tm
     assert stage.errors[2].startswith(f"{tmp_path / 'rna.tsv'} (patient 'P2'): dnam: only 0 of the 10 features at "
                                       "least half of the training patients have are in this patient's data")
     assert "unknown features such as TSPAN6, TNMD, DPM1" in stage.errors[2]
+    assert "its platform or feature names" in stage.errors[2]
     assert stage.fitted["features"] == [f"cg{j:04d}" for j in range(10)]  # the majority's, not grown
     assert (stage.values[2] == 0).all() and stage.replaced.sum() == 0
     # the other patients are exactly what they are without the wrong file
@@ -178,7 +182,9 @@ def test_beta_values_outside_0_1_are_named_unless_m_values(tmp_path: Path):
     table.loc["P4", ["cg0001", "cg0005"]] = [2.5, -1.25]  # M-values among betas
     table.to_csv(tmp_path / "beta.tsv", sep="\t")
     sources[2] = sources[0]
-    stage = run_omics(ids, sources, train, OmicsConfig.dnam(width=32), name="dnam")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OmicsWarning)  # one patient's file: no cohort-level warning
+        stage = run_omics(ids, sources, train, OmicsConfig.dnam(width=32), name="dnam")
     assert stage.status == ["present"] * 4 + ["failed", "present"]
     assert stage.errors[4] == (
         f"{tmp_path / 'beta.tsv'} (patient 'P4'): dnam: 2 of 10 values lie outside [0, 1] (cg0001=2.5, cg0005=-1.25): "
@@ -195,3 +201,49 @@ def test_fitted_gene_list_screens_only_the_measured_genes():
     frames = {0: raw.iloc[:3].set_axis([0, 1, 2])}
     errors = screen_patients(frames, ["A", "B", "C"], [Source(Path("a.tsv"))] * 3, np.zeros(3, bool), "raw", fitted)
     assert errors == {} and list(frames[0].index) == [0, 1, 2]
+
+
+def test_every_patient_with_m_values_gets_one_cohort_level_warning(tmp_path: Path):
+    ids, sources, train = beta_cohort(tmp_path)
+    rng = np.random.default_rng(2)
+    pd.DataFrame(rng.normal(0, 3, (6, 10)), index=ids, columns=[f"cg{j:04d}" for j in range(10)]).to_csv(
+        tmp_path / "beta.tsv", sep="\t")
+    sources[2] = sources[0]
+    message = ("dnam: all 6 patients with a dnam file have values outside [0, 1]: the files look like M-values, not "
+               "beta values. Set dnam.values to 'm_value' (--dnam-values m_value) and preprocess again")
+    with pytest.warns(OmicsWarning, match=re.escape(message)) as caught:
+        stage = run_omics(ids, sources, train, OmicsConfig.dnam(width=32), name="dnam")
+    assert len([w for w in caught if issubclass(w.category, OmicsWarning)]) == 1
+    assert stage.status == ["failed"] * 6  # the per-patient records stay
+    for i in range(6):
+        assert stage.errors[i].startswith(f"{tmp_path / 'beta.tsv'} (patient 'P{i}'): dnam: ")
+        assert stage.errors[i].endswith(": not beta values, like every patient's dnam file: they look like M-values; "
+                                        "set dnam.values to 'm_value' (--dnam-values m_value). The patient's dnam "
+                                        "is left out")
+
+
+def test_patients_on_a_smaller_platform_are_kept(tmp_path: Path):
+    """30% of the patients on a smaller array (20 probes, half of them among the majority's 200, as a
+    27k array among 450k arrays) are kept, their missing probes filled with training medians; an RNA
+    table given as DNAm still is not."""
+    rng = np.random.default_rng(3)
+    big_ids, small_ids = [f"B{i}" for i in range(14)], [f"S{i}" for i in range(6)]
+    big = [f"cg{j:04d}" for j in range(200)]
+    small = big[:10] + [f"cg9{j:03d}" for j in range(10)]
+    pd.DataFrame(rng.random((14, 200)), index=big_ids, columns=big).to_csv(tmp_path / "450k.tsv", sep="\t")
+    pd.DataFrame(rng.random((6, 20)), index=small_ids, columns=small).to_csv(tmp_path / "27k.tsv", sep="\t")
+    pd.DataFrame(rng.random((1, 5)), index=["R"], columns=["TSPAN6", "TNMD", "DPM1", "SCYL3", "FGR"]).to_csv(
+        tmp_path / "rna.tsv", sep="\t")
+    ids = big_ids + small_ids + ["R"]
+    sources = ([Source(tmp_path / "450k.tsv")] * 14 + [Source(tmp_path / "27k.tsv")] * 6
+               + [Source(tmp_path / "rna.tsv")])
+    train = np.ones(len(ids), bool)
+    stage = run_omics(ids, sources, train, OmicsConfig.dnam(width=256), name="dnam")
+    assert stage.status == ["present"] * 20 + ["failed"]
+    assert stage.errors[20].startswith(f"{tmp_path / 'rna.tsv'} (patient 'R'): dnam: only 0 of the 200 features")
+    assert stage.fitted["features"] == big + small[10:]  # the smaller platform's own probes too
+    assert stage.replaced[14:20].tolist() == [190] * 6 and stage.replaced[:14].tolist() == [10] * 14
+    # new patients on the smaller platform, preprocessed with the fitted selection, are kept too
+    again = run_omics(ids, sources, np.zeros(len(ids), bool), OmicsConfig.dnam(width=256), fitted=stage.fitted,
+                      name="dnam")
+    assert again.status == stage.status

@@ -17,8 +17,16 @@ A manifest is a CSV/TSV (or parquet) table with columns
   ``has_*`` — availability flags — are never clinical by default). Empty cells and the usual
   placeholders (``NA``, GDC's ``'--``/``not reported``/``Unknown``, TCGA's ``[Not Available]``,
   ``[Unknown]``, ``[Discrepancy]``…: :data:`MISSING_MARKERS`) are unknown values — never a category
-  of their own. A column whose known values are mostly numbers stays numeric: its text entries are
-  named in a warning (an error under ``strict=True``) and read as unknown.
+  of their own. A column whose known values are mostly (more than half) numbers stays numeric, one
+  whose known values are mostly yes/no/true/false/1/0 stays yes/no: its other entries (text among
+  numbers, a typo such as ``yse``) are named in a warning (an error under ``strict=True``) and read
+  as unknown.
+
+``time`` and ``event`` cells holding a missing-value marker (``'--``, ``Unknown``, ``[Not
+Available]``…) are empty cells: allowed for new patients (``require_survival=False``), "missing"
+otherwise. ``split`` and ``fold`` take no markers: an ``Unknown`` split or fold is rejected, not
+quietly read as ``train`` or as no fold (which would put the patient in every training fold); only
+an empty cell means the default split or no fold.
 
 Problems are reported with the line of the file and the value: a row with a duplicated id, a
 missing or negative time, or an event other than 0/1 is rejected (left out, with a warning) — or,
@@ -122,6 +130,12 @@ class Manifest:
 
 def _is_empty(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip().lower() in _EMPTY
+
+
+def _shown(raw: Any) -> str:
+    """`` ('--)`` — the text of a non-empty unknown cell, for a "missing" message; ``""`` for an empty one."""
+    text = "" if raw is None else str(raw).strip()
+    return f" ({text!r})" if text else ""
 
 
 def _path_aliases(modality: str) -> dict[str, tuple[str, ...]]:
@@ -231,9 +245,9 @@ def read_manifest(
         t = e = math.nan
         if col["time"] is not None:
             raw = table[col["time"]].iloc[i]
-            if _is_empty(raw):
+            if is_unknown(raw):
                 if require_survival:
-                    reasons.append(f"{where}: missing time")
+                    reasons.append(f"{where}: missing time{_shown(raw)}")
             else:
                 try:
                     t = float(raw)
@@ -244,9 +258,9 @@ def read_manifest(
                         reasons.append(f"{where}: time {raw!r} is negative or not finite")
         if col["event"] is not None:
             raw = table[col["event"]].iloc[i]
-            if _is_empty(raw):
+            if is_unknown(raw):
                 if require_survival:
-                    reasons.append(f"{where}: missing event")
+                    reasons.append(f"{where}: missing event{_shown(raw)}")
             elif str(raw).strip() in ("0", "1", "0.0", "1.0"):
                 e = float(raw)
             else:
@@ -263,7 +277,7 @@ def read_manifest(
             try:
                 fold = int(float(raw))
             except ValueError:
-                reasons.append(f"{where}: fold {raw!r} is not an integer")
+                reasons.append(f"{where}: fold {raw!r} is not an integer (leave the cell empty for no fold)")
         if reasons:
             bad_rows[i] = "; ".join(reasons)
             continue
@@ -352,14 +366,17 @@ def is_unknown(value: Any) -> bool:
 
 def clinical_kind(values: Any) -> str:
     """How a clinical column is encoded, from its values (strings; unknown ones ignored):
-    ``"binary"`` (yes/no/true/false/1/0), ``"numeric"`` (mostly numbers: any other value is a stray,
-    read as unknown) or ``"onehot"`` (text)."""
+    ``"binary"`` (mostly yes/no/true/false/1/0), ``"numeric"`` (mostly numbers) or ``"onehot"``
+    (text). "Mostly" is more than half of the known values: the others are strays (typos such as
+    ``yse``, not categories), read as unknown."""
     known = [str(v).strip() for v in values if not is_unknown(v)]
     numbers = [v for v in known if _is_float(v)]
-    if {v.lower() for v in known} <= _TRUE | _FALSE:
+    if not known:
         return "binary"
-    if 2 * len(numbers) > len(known):  # a few text entries among numbers are typos, not categories
+    if 2 * len(numbers) > len(known):
         return "binary" if {v.lower() for v in numbers} <= _TRUE | _FALSE else "numeric"
+    if 2 * sum(v.lower() in _TRUE | _FALSE for v in known) > len(known):
+        return "binary"
     return "onehot"
 
 

@@ -5,9 +5,13 @@ Pipeline of one modality (RNA defaults in brackets, DESIGN.md §1):
 
 1. read one value per feature and patient (:func:`read_omics`) — the raw matrix ``(N, G)``;
 2. screening (:func:`screen_patients`): a patient whose data cannot be this modality — values
-   outside [0, 1] where betas are expected, or fewer than half of the features that most training
-   patients (or the fitted preprocessing) have: another modality's file, say — is left out of the
-   modality and reported (file, patient, what is wrong), like an unreadable file;
+   outside [0, 1] where betas are expected, or data sharing fewer than half of their features with
+   the features most training patients (or the fitted preprocessing) have, counted against the
+   smaller of the two sets: another modality's file, say — is left out of the modality and reported
+   (file, patient, what is wrong), like an unreadable file. A patient on a smaller platform (27k
+   methylation array among 450k arrays) is kept: the features it lacks are filled with training
+   medians. When every patient's beta values fail, the files are M-values: one
+   :class:`OmicsWarning` says so;
 3. optional M-value → beta conversion (``values="m_value"``) and ``log1p`` [on];
 4. **fit on training patients only** (:func:`fit_omics`): candidate features are those seen in
    training files; keep those with training standard deviation > ``min_std`` [0.1] (or a fixed
@@ -40,6 +44,10 @@ _GDC_REQUIRED = ("gene_id", "gene_name", "gene_type")
 
 class OmicsError(ValueError):
     """An omics file that cannot be read for a patient; the message names both."""
+
+
+class OmicsWarning(UserWarning):
+    """A problem of a whole cohort's omics files (e.g. M-values where beta values are expected)."""
 
 
 @dataclass
@@ -419,7 +427,8 @@ def read_cohort_omics(ids: list[str], sources: list[Any], config: OmicsConfig, w
     return frames, errors
 
 
-#: a patient whose data hold fewer than this share of the cohort's features is not used (wrong file?)
+#: a patient whose data share fewer than this part of the smaller of (its own features, the cohort's
+#: features) with the cohort is not used (wrong file?)
 MIN_SHARED_FEATURES = 0.5
 #: beta values outside [0, 1] by more than this are not beta values
 BETA_TOLERANCE = 1e-4
@@ -454,16 +463,23 @@ def screen_patients(frames: dict[int, Any], ids: list[str], sources: list[Any], 
     """Take out of ``frames`` (as :func:`read_cohort_omics` returns them; changed in place) the
     patients whose data cannot be this modality, and return ``{patient index: message}`` for them:
 
-    * ``values == "beta"``: values outside [0, 1] (M-values, or another modality's file);
-    * fewer than :data:`MIN_SHARED_FEATURES` of the reference features — the ``fitted`` features
-      (those measured in training), or else those that at least half of the (remaining) training
-      patients have: the majority, not one wrong file, decides the feature set.
+    * ``values == "beta"``: values outside [0, 1] (M-values, or another modality's file). When every
+      patient (two or more) fails this check, the files hold M-values: an :class:`OmicsWarning` says
+      so once, and each patient's message too;
+    * sharing fewer than :data:`MIN_SHARED_FEATURES` of the smaller of (the patient's own features,
+      the reference features) with the reference — the ``fitted`` features (those measured in
+      training), or else those that at least half of the (remaining) training patients have: the
+      majority, not one wrong file, decides the feature set. Counting against the smaller set keeps
+      a patient from a smaller platform whose features are mostly the others' (27k among 450k
+      methylation arrays) and leaves out a file that shares next to nothing (an RNA table as DNAm).
     """
     import pandas as pd
 
     errors: dict[int, str] = {}
     if values == "beta":
         flag = " (--dnam-values m_value)" if name == "dnam" else ""
+        found: dict[int, str] = {}  # patient → what lies outside [0, 1]
+        n_with = sum(len(f) for f in frames.values())
         for f in frames.values():
             for start, x in _row_chunks(f):
                 out = np.isfinite(x) & ((x < -BETA_TOLERANCE) | (x > 1 + BETA_TOLERANCE))
@@ -471,10 +487,18 @@ def screen_patients(frames: dict[int, Any], ids: list[str], sources: list[Any], 
                     i, cols = int(f.index[start + r]), np.flatnonzero(out[r])
                     shown = ", ".join(f"{f.columns[j]}={x[r, j]:.4g}" for j in cols[:3])
                     shown += ", …" if cols.size > 3 else ""
-                    errors[i] = (f"{_describe(ids, sources, i)}: {name}: {cols.size} of {int(np.isfinite(x[r]).sum())} "
-                                 f"values lie outside [0, 1] ({shown}): not beta values. If the file holds M-values, "
-                                 f"set {name}.values to 'm_value'{flag}; otherwise check that it is this patient's "
-                                 f"{name} file. The patient's {name} is left out")
+                    found[i] = (f"{_describe(ids, sources, i)}: {name}: {cols.size} of {int(np.isfinite(x[r]).sum())} "
+                                f"values lie outside [0, 1] ({shown}): not beta values")
+        every = n_with >= 2 and len(found) == n_with
+        if every:
+            warnings.warn(f"{name}: all {n_with} patients with a {name} file have values outside [0, 1]: the files "
+                          f"look like M-values, not beta values. Set {name}.values to 'm_value'{flag} and "
+                          f"preprocess again; until then no patient's {name} is used", OmicsWarning, stacklevel=3)
+        for i, what in found.items():
+            hint = (f"like every patient's {name} file: they look like M-values; set {name}.values to 'm_value'{flag}"
+                    if every else f"If the file holds M-values, set {name}.values to 'm_value'{flag}; otherwise "
+                    f"check that it is this patient's {name} file")
+            errors[i] = f"{what}{', ' if every else '. '}{hint}. The patient's {name} is left out"
         _drop_patients(frames, set(errors))
     if fitted is not None:
         reference = pd.Index(fitted["features"]).difference(fitted.get("unmeasured", []), sort=False)
@@ -495,15 +519,20 @@ def screen_patients(frames: dict[int, Any], ids: list[str], sources: list[Any], 
         known = f.columns.isin(reference)
         for start, x in _row_chunks(f):
             finite = np.isfinite(x)
-            shared = (finite & known).sum(axis=1)
-            for r in np.flatnonzero(shared < MIN_SHARED_FEATURES * len(reference)):
+            shared, own = (finite & known).sum(axis=1), finite.sum(axis=1)
+            # a patient without a single value fails too (the smaller set is then taken as 1)
+            smaller = np.maximum(np.minimum(own, len(reference)), 1)
+            for r in np.flatnonzero(shared < MIN_SHARED_FEATURES * smaller):
                 i = int(f.index[start + r])
                 foreign = ", ".join(str(c) for c in f.columns[finite[r] & ~known][:3])
                 screened.add(i)
                 errors[i] = (f"{_describe(ids, sources, i)}: {name}: only {shared[r]} of the {len(reference)} features "
-                             f"{whose} are in this patient's data ({int(finite[r].sum())} values"
-                             f"{'; unknown features such as ' + foreign if foreign else ''}). Check that it is this "
-                             f"patient's {name} file. The patient's {name} is left out")
+                             f"{whose} are in this patient's data ({own[r]} values"
+                             f"{'; unknown features such as ' + foreign if foreign else ''}): fewer than half of the "
+                             f"smaller of the two. Check that it is this patient's {name} file (not another "
+                             f"modality's); if it is, its platform or feature names (e.g. gene ids vs gene names, "
+                             f"another annotation) differ from the others' — convert them to the same ones. "
+                             f"The patient's {name} is left out")
     _drop_patients(frames, screened)
     return errors
 
