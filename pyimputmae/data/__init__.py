@@ -8,7 +8,7 @@ so everything here imports with torch and numpy alone. ``preprocess()`` itself s
 from .cohort import Batch, Cohort
 from .manifest import Manifest, ManifestError, ManifestWarning, Source, read_manifest
 from .mri import MriConfig, MriError, preprocess_mri
-from .omics import OmicsConfig, OmicsError, apply_omics, fit_omics, read_gdc_star_counts
+from .omics import OmicsConfig, OmicsError, OmicsWarning, apply_omics, fit_omics, read_gdc_star_counts
 from .preprocess import PreprocessConfig, PreprocessReport, apply_preprocessing
 from .store import (
     StoreDataset,
@@ -36,6 +36,7 @@ __all__ = [
     "MriError",
     "OmicsConfig",
     "OmicsError",
+    "OmicsWarning",
     "PreprocessConfig",
     "PreprocessReport",
     "SlideError",
