@@ -84,8 +84,9 @@ def seed_everything(seed: int) -> None:
 #: what it reports, not what is being trained: the epoch counts (a longer or shorter run; the
 #: cosine schedule is recomputed over the new length from the step reached), the output folder,
 #: the device and threads (results then match an uninterrupted run only up to floating-point
-#: rounding), logging, progress display and checkpoint frequency. ``model``/``model_overrides``
-#: are compared as the resolved model configuration, ``data``/``synthetic`` as the cohort itself
+#: rounding; with ``amp="auto"`` a move between CPU and GPU also turns bf16 off or on), logging,
+#: progress display and checkpoint frequency. ``model``/``model_overrides`` are compared as the
+#: resolved model configuration, ``data``/``synthetic`` as the cohort itself
 #: (:func:`cohort_identity`: a moved store resumes, one with other content does not). Every
 #: other setting (seed, learning rates, batch sizes, schedule, weight decay, grad_accum, grad_clip,
 #: amp, val_fold, pretrain/finetune, pretrain_from) must be the checkpoint's.

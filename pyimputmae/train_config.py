@@ -53,7 +53,7 @@ class TrainConfig:
     synthetic: dict = field(default_factory=dict)  # make_cohort() arguments for the synthetic cohort
     out_dir: str = "runs/pyimputmae"
     seed: int = 0
-    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:N"
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:N", or e.g. "mps"
     val_fold: int | None = None  # hold out this cross-validation fold of the training split
     # pre-training
     pretrain: bool = True
