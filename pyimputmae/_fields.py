@@ -53,17 +53,11 @@ def check_fields(obj: Any, where: str) -> None:
             object.__setattr__(obj, f.name, new)
 
 
-def check_types(cls: type, values: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """``values`` (keys that are fields of ``cls``; others are passed through for
-    :func:`reject_unknown` to name) checked against ``cls``'s type hints and converted."""
+def check_types(cls: Any, values: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``values`` (keys that are fields of the dataclass ``cls``, or parameters of the function
+    ``cls``; others are passed through for :func:`reject_unknown` to name) checked against their
+    type hints and converted."""
     hints = _hints(cls)
-    return {k: _convert(hints[k], v, where + k) if k in hints else v for k, v in values.items()}
-
-
-def check_arguments(fn: Any, values: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """``values`` (keyword arguments of the function ``fn``) checked against its parameters' type
-    hints and converted, as :func:`check_types` does for a dataclass's fields."""
-    hints = typing.get_type_hints(fn)
     return {k: _convert(hints[k], v, where + k) if k in hints else v for k, v in values.items()}
 
 

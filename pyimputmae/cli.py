@@ -102,10 +102,8 @@ def _load_for_inference(args: argparse.Namespace, *, clinical: bool):
 
     from .data.store import load_cohort
     from .inference import check_compatible, load
-    from .train_config import check_device
     from .training import device_for
 
-    check_device(args.device)
     args.device = device_for(args.device)  # "auto" resolved; a GPU that is not there is a clear error
     model = load(args.model, args.device)
     cohort = load_cohort(args.data)

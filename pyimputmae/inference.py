@@ -31,7 +31,7 @@ from .model.mae import ImputeMAE
 from .model.survival import SurvivalModel
 
 if TYPE_CHECKING:
-    from .training import TrainConfig
+    from .train_config import TrainConfig
 
 
 class PreprocessingWarning(UserWarning):
@@ -165,10 +165,11 @@ def _warn(notes: list[str]) -> None:
 
 
 def evaluate_model(model: SurvivalModel, cohort: Cohort, idx: np.ndarray, batch_size: int = 256,
-                   device: torch.device | str | None = None) -> dict[str, float]:
-    """C-index (Antolini), IBS, CS-score and Harrell's C of ``model`` on rows ``idx`` of ``cohort``."""
+                   device: torch.device | str | None = None, check: bool = True) -> dict[str, float]:
+    """C-index (Antolini), IBS, CS-score and Harrell's C of ``model`` on rows ``idx`` of ``cohort``;
+    ``check``: as for :func:`predict_survival` (off where the model was just fitted on ``cohort``)."""
 
-    curves = predict_survival(model, cohort, idx, batch_size, device)
+    curves = predict_survival(model, cohort, idx, batch_size, device, check=check)
     time_ = cohort.time[torch.as_tensor(idx, device=cohort.time.device)].cpu().numpy()
     event = cohort.event[torch.as_tensor(idx, device=cohort.event.device)].cpu().numpy()
     return evaluate(curves, model.cuts.cpu().numpy(), time_, event)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._fields import check_arguments, check_fields, reject_unknown
+from ._fields import check_fields, check_types, reject_unknown
 from .model.config import ModelConfig, resolve_config
 
 
@@ -165,7 +165,7 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown synthetic setting(s) {unknown}; make_cohort() takes "
                              f"{sorted(inspect.signature(make_cohort).parameters)}")
-        self.synthetic = check_arguments(make_cohort, self.synthetic, "synthetic.")
+        self.synthetic = check_types(make_cohort, self.synthetic, "synthetic.")
         resolve_model(self)  # a bad model setting fails here, not after the cohort is loaded
 
     def to_dict(self) -> dict[str, Any]:

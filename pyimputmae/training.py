@@ -41,7 +41,7 @@ from .inference import evaluate_model, load, predict_survival, save_model  # noq
 from .model.config import ModelConfig
 from .model.mae import ImputeMAE, advance_rng_, model_preprocessing, new_rng
 from .model.survival import SurvivalModel
-from .train_config import TrainConfig, resolve_model
+from .train_config import TrainConfig, check_device, resolve_model
 
 STAGES = ("pretrain", "finetune")
 
@@ -64,8 +64,9 @@ class MissingPackageError(ImportError):
 
 
 def device_for(name: str) -> torch.device:
-    """``name`` (checked by :meth:`TrainConfig.validate`) as a device; a clear error for a GPU that is
+    """``name`` as a device; a clear error for a name torch does not know and for a GPU that is
     not there."""
+    check_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -337,7 +338,7 @@ class _Trainer:
             if rng is not None:
                 advance_rng_(rng)
             pos.micro += 1
-            window_loss += loss.detach().float()
+            window_loss += loss.float()
             window_n += 1
             window_patients += len(rows)
             last_of_epoch = b == n_batches - 1
@@ -356,7 +357,7 @@ class _Trainer:
                 dt = time.perf_counter() - t0
                 rec = {"stage": stage, "epoch": epoch, "step": pos.step, "loss": float(window_loss) / window_n,
                        "lr": sched.get_last_lr()[0], "patients_per_s": window_patients / max(dt, 1e-9)}
-                rec.update({k: float(v.detach()) for k, v in extras.items()})
+                rec.update({k: float(v) for k, v in extras.items()})
                 self.logger.log(rec)
                 if bar is not None:
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", pps=f"{rec['patients_per_s']:.0f}")
@@ -467,7 +468,7 @@ def _train(cfg: TrainConfig, cohort: Cohort | None) -> TrainResult:
         model = surv
         for split, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx)):
             if len(idx) and float(cohort.event[torch.as_tensor(idx, device=cohort.event.device)].sum()) > 0:
-                metrics[split] = evaluate_model(surv, cohort, idx)
+                metrics[split] = evaluate_model(surv, cohort, idx, check=False)  # fitted on it
     trainer.logger.close()
     paths = {"out_dir": str(out), "model": str(out / "model.pt"), "metrics": str(out / "metrics.json"),
              "history": str(out / "metrics.jsonl"), "checkpoint": str(trainer.ckpt_path),

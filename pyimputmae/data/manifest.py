@@ -67,6 +67,8 @@ MISSING_MARKERS = frozenset({
 })
 _TRUE = {"yes", "true", "y", "1", "1.0"}
 _FALSE = {"no", "false", "n", "0", "0.0"}
+_YES_NO = _TRUE | _FALSE
+_UNKNOWN = _EMPTY | MISSING_MARKERS
 
 
 class ManifestError(ValueError):
@@ -128,8 +130,8 @@ class Manifest:
         return tuple(self.sources)
 
 
-def _is_empty(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip().lower() in _EMPTY
+def _is_empty(value: Any, words: frozenset[str] | set[str] = _EMPTY) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip().lower() in words
 
 
 def _shown(raw: Any) -> str:
@@ -361,7 +363,7 @@ def read_manifest(
 def is_unknown(value: Any) -> bool:
     """Whether a clinical value means "unknown": empty, ``NA``/``nan``/``none``/``null``/``n/a``, or
     one of :data:`MISSING_MARKERS` (case and surrounding spaces ignored)."""
-    return _is_empty(value) or str(value).strip().lower() in MISSING_MARKERS
+    return _is_empty(value, _UNKNOWN)
 
 
 def clinical_kind(values: Any) -> str:
@@ -374,8 +376,8 @@ def clinical_kind(values: Any) -> str:
     if not known:
         return "binary"
     if 2 * len(numbers) > len(known):
-        return "binary" if {v.lower() for v in numbers} <= _TRUE | _FALSE else "numeric"
-    if 2 * sum(v.lower() in _TRUE | _FALSE for v in known) > len(known):
+        return "binary" if {v.lower() for v in numbers} <= _YES_NO else "numeric"
+    if 2 * sum(v.lower() in _YES_NO for v in known) > len(known):
         return "binary"
     return "onehot"
 
@@ -385,7 +387,7 @@ def _is_stray(value: Any, kind: str) -> bool:
     if is_unknown(value) or kind == "onehot":
         return False
     v = str(value).strip()
-    return not _is_float(v) if kind == "numeric" else v.lower() not in _TRUE | _FALSE
+    return not _is_float(v) if kind == "numeric" else v.lower() not in _YES_NO
 
 
 def fit_clinical(clinical: Any, train: np.ndarray) -> dict[str, Any]:

@@ -499,22 +499,24 @@ def screen_patients(frames: dict[int, Any], ids: list[str], sources: list[Any], 
                     if every else f"If the file holds M-values, set {name}.values to 'm_value'{flag}; otherwise "
                     f"check that it is this patient's {name} file")
             errors[i] = f"{what}{', ' if every else '. '}{hint}. The patient's {name} is left out"
-        _drop_patients(frames, set(errors))
+    # the patients failed so far take no part in the reference below; all are dropped once, at the end
+    failed = np.fromiter(errors, dtype=np.int64)
     if fitted is not None:
         reference = pd.Index(fitted["features"]).difference(fitted.get("unmeasured", []), sort=False)
         whose = "the fitted preprocessing uses"
     else:
         counts, n_train = pd.Series(dtype=np.float64), 0
         for f in frames.values():
-            rows = np.flatnonzero(train[f.index.to_numpy(np.int64)])
-            if rows.size:
-                seen = np.isfinite(f.to_numpy()[rows]).sum(axis=0)
+            index = f.index.to_numpy(np.int64)
+            counted = train[index] & ~np.isin(index, failed)
+            if counted.any():
+                seen = sum(np.isfinite(x[counted[start:start + len(x)]]).sum(axis=0) for start, x in _row_chunks(f))
                 counts = counts.add(pd.Series(seen, index=f.columns), fill_value=0)
-                n_train += rows.size
+                n_train += int(counted.sum())
         reference, whose = counts.index[counts >= n_train / 2], "at least half of the training patients have"
     if reference.empty:  # nothing to compare with (no training patient): the fit reports it
+        _drop_patients(frames, set(errors))
         return errors
-    screened: set[int] = set()
     for f in frames.values():
         known = f.columns.isin(reference)
         for start, x in _row_chunks(f):
@@ -524,8 +526,9 @@ def screen_patients(frames: dict[int, Any], ids: list[str], sources: list[Any], 
             smaller = np.maximum(np.minimum(own, len(reference)), 1)
             for r in np.flatnonzero(shared < MIN_SHARED_FEATURES * smaller):
                 i = int(f.index[start + r])
+                if i in errors:  # failed the value check already
+                    continue
                 foreign = ", ".join(str(c) for c in f.columns[finite[r] & ~known][:3])
-                screened.add(i)
                 errors[i] = (f"{_describe(ids, sources, i)}: {name}: only {shared[r]} of the {len(reference)} features "
                              f"{whose} are in this patient's data ({own[r]} values"
                              f"{'; unknown features such as ' + foreign if foreign else ''}): fewer than half of the "
@@ -533,7 +536,7 @@ def screen_patients(frames: dict[int, Any], ids: list[str], sources: list[Any], 
                              f"modality's); if it is, its platform or feature names (e.g. gene ids vs gene names, "
                              f"another annotation) differ from the others' — convert them to the same ones. "
                              f"The patient's {name} is left out")
-    _drop_patients(frames, screened)
+    _drop_patients(frames, set(errors))
     return errors
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._fields import check_fields, check_types, reject_unknown
+from .._fields import check_fields, reject_unknown
 from .manifest import MODALITIES
 from .mri import MriConfig
 from .omics import OmicsConfig
@@ -62,11 +62,7 @@ class PreprocessConfig:
         mri = kw.get("mri")
         if isinstance(mri, dict) and isinstance(mri.get("crop"), int | float) and not isinstance(mri["crop"], bool):
             kw["mri"] = {**mri, "crop": [mri["crop"]] * 3}
-        kw = check_types(cls, kw, "preprocessing setting ")
-        for key, make in (("rna", OmicsConfig.rna), ("dnam", OmicsConfig.dnam), ("wsi", WsiConfig), ("mri", MriConfig)):
-            if isinstance(kw.get(key), dict):
-                kw[key] = make(**kw[key])
-        return cls(**kw)
+        return cls(**kw)  # __post_init__ checks the values and builds the parts given as dicts
 
 
 @dataclass
