@@ -6,7 +6,7 @@ Spec: ``pyimputmae.reference.masked_mse.masked_mse_forward_reference`` and ``sca
 Three launches: ``Σw`` (one program: a few thousand weights, kept on the device); the main pass,
 where a program takes ``BLOCK_R`` consecutive patches, reads ``pred`` and the target patch straight
 from the raw input ``x`` (addresses from ``kernels.patch_embed``), writes
-``grad = 2·w·(pred − target)/(P·Σw)`` in pred's dtype and one partial loss; then a one-program
+``grad = 2·w·(pred − target)/(P·Σw)`` in pred's dtype (fp32 for fp16) and one partial loss; then a one-program
 fixed-order sum of the partials (deterministic, no atomics). Rows with ``w = 0`` load nothing and
 write zeros (so a NaN in a row that does not count stays out of the gradient, where the reference
 would spread it). Every byte of pred and of the target is read once and every gradient byte
@@ -168,7 +168,7 @@ def masked_mse_forward(
     pred: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, patch: int, norm_pix: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """pred: ``(B, L, P)``; x: ``(B, C, *S)`` raw input; weight: ``(B, L)`` fp32 (mask·present) →
-    loss: 0-d fp32 (fp64 for fp64 pred); grad: ``(B, L, P)`` in pred's dtype,
+    loss: 0-d fp32 (fp64 for fp64 pred); grad: ``(B, L, P)`` in pred's dtype (fp32 for fp16 pred),
     ``2·w·(pred − target)/(P·Σw)``, zero when ``Σw = 0``."""
     geo = patch_geometry(x, patch)
     B, L, P = pred.shape
@@ -181,7 +181,8 @@ def masked_mse_forward(
         raise ValueError("norm_pix needs at least 2 values per patch (unbiased variance)")
     acc_fp64 = pred.dtype == torch.float64
     acc_dtype = torch.float64 if acc_fp64 else torch.float32
-    grad = torch.empty_like(pred)
+    # fp16 keeps its gradient in fp32 (see reference.masked_mse.gradient_dtype): its range cannot hold it
+    grad = torch.empty_like(pred, dtype=torch.float32 if pred.dtype == torch.float16 else pred.dtype)
     loss = torch.empty((), dtype=acc_dtype, device=pred.device)
     den = torch.empty(1, dtype=acc_dtype, device=pred.device)
     n_rows = B * L

@@ -38,6 +38,7 @@ TOLERANCES = {
     torch.float64: (1e-10, 1e-10),
     torch.float32: (1e-5, 1e-5),
     torch.bfloat16: (2e-2, 2e-2),
+    torch.float16: (4e-3, 4e-3),
 }
 
 
@@ -190,18 +191,27 @@ def max_abs_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
     return (_as_float64(actual) - _as_float64(reference)).abs().max().item() if actual.numel() else 0.0
 
 
-def assert_bf16_no_worse_than_torch(actual: torch.Tensor, plain_bf16: torch.Tensor, reference: torch.Tensor, *,
-                                    factor: float = 2.0, what: str = "") -> None:
-    """The bf16 criterion of the GPU issue: a bf16 result passes when its error against an fp32 (or
-    better) reference is at most ``factor`` (twice) that of the same computation in plain PyTorch bf16.
+def assert_no_worse_than_torch(actual: torch.Tensor, plain: torch.Tensor, reference: torch.Tensor, *,
+                               factor: float = 2.0, what: str = "") -> None:
+    """The low-precision criterion of the GPU issue: a bf16 (or fp16) result passes when its error
+    against an fp32 (or better) reference is at most ``factor`` (twice) that of the same computation
+    in plain PyTorch in that dtype (``plain``).
 
     Errors are the largest absolute difference, computed in float64.
     """
-    assert actual.dtype == torch.bfloat16, f"{what}: expected a bfloat16 result, got {actual.dtype}"
-    assert actual.shape == reference.shape == plain_bf16.shape, (
-        f"{what}: shapes {tuple(actual.shape)}, plain {tuple(plain_bf16.shape)}, reference {tuple(reference.shape)}")
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values in the bf16 result"
-    err, base = max_abs_error(actual, reference), max_abs_error(plain_bf16, reference)
+    name = str(plain.dtype).removeprefix("torch.")
+    assert actual.dtype == plain.dtype, f"{what}: expected a {name} result, got {actual.dtype}"
+    assert actual.shape == reference.shape == plain.shape, (
+        f"{what}: shapes {tuple(actual.shape)}, plain {tuple(plain.shape)}, reference {tuple(reference.shape)}")
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values in the {name} result"
+    err, base = max_abs_error(actual, reference), max_abs_error(plain, reference)
     assert err <= factor * base, (
-        f"{what}: bf16 max error {err:.3e} against the fp32 reference exceeds {factor}× that of plain "
-        f"PyTorch bf16 ({base:.3e})")
+        f"{what}: {name} max error {err:.3e} against the fp32 reference exceeds {factor}× that of plain "
+        f"PyTorch {name} ({base:.3e})")
+
+
+def assert_bf16_no_worse_than_torch(actual: torch.Tensor, plain_bf16: torch.Tensor, reference: torch.Tensor, *,
+                                    factor: float = 2.0, what: str = "") -> None:
+    """``assert_no_worse_than_torch`` for a bf16 result."""
+    assert plain_bf16.dtype == torch.bfloat16, f"{what}: the plain computation must be bf16, got {plain_bf16.dtype}"
+    assert_no_worse_than_torch(actual, plain_bf16, reference, factor=factor, what=what)

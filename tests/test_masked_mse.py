@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from op_testing import PatchInput, assert_bf16_no_worse_than_torch, assert_close, kernel_level_op
+from op_testing import (
+    PatchInput,
+    assert_bf16_no_worse_than_torch,
+    assert_close,
+    assert_no_worse_than_torch,
+    kernel_level_op,
+)
 
 from pyimputmae import _backends, masked_mse
 from pyimputmae.ops import _masked_mse as mse_ops
@@ -93,6 +99,31 @@ def test_bf16_pred_gives_an_fp32_accurate_loss(backend, device, case, norm_pix, 
     plain_leaf = pred.clone().requires_grad_(True)
     plain_bf16_loss(plain_leaf, x, mask, present, c.patch, norm_pix).backward()
     assert_bf16_no_worse_than_torch(grad, plain_leaf.grad, want_grad, what=f"{backend} bf16 grad")
+
+
+def skip_unless_fp16(backend: str) -> None:
+    dtypes = _backends.DTYPES.get(backend)
+    if dtypes is not None and torch.float16 not in dtypes:
+        pytest.skip(f"the {backend} backend takes no float16")
+
+
+@pytest.mark.parametrize("scale", [1024.0, 65536.0], ids=["scale_1024", "gradscaler_initial_scale"])
+@pytest.mark.parametrize("norm_pix", NORM_PIX)
+def test_fp16_pred_gradient_survives_a_loss_scale(backend, device, norm_pix, scale):
+    """fp16 autocast trains with ``torch.amp.GradScaler``: the loss is multiplied by a scale (65,536 at
+    first: above fp16's largest value, 65,504) precisely because gradients such as
+    ``2·w·(pred − target)/(P·Σw)`` (here ~8e-6, below fp16's normal range, 6e-5) lose their digits in fp16.
+    The gradient must be no worse than plain PyTorch's, where autograd scales the fp32 loss's
+    gradient and rounds it to fp16 once; the loss stays fp32."""
+    skip_unless_fp16(backend)
+    c = PatchInput(32, 1, (16, 16, 32), 16)  # L = 2, P = 4,096, Σw = 64
+    pred, x, mask, present = make_inputs(c, torch.float16, device, torch.float32)
+    mask = torch.ones_like(mask)
+    loss, grad = loss_and_grad(pred, x, mask, present, c, norm_pix, backend, scale=scale)
+    want_loss, want_grad = reference_loss_and_grad(pred.double(), x.double(), mask, present, c, norm_pix, scale=scale)
+    assert loss.dtype == torch.float32, f"fp16 pred must give an fp32 loss, got {loss.dtype}"
+    assert_close(loss, want_loss, dtype=torch.float32, what=f"{backend} fp16 loss")
+    assert_no_worse_than_torch(grad, want_grad.to(torch.float16), want_grad, what=f"{backend} fp16 grad ·{scale:g}")
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16"),

@@ -3,15 +3,17 @@
 Spec: ``pyimputmae.reference.masked_mse``. The forward returns the loss and keeps ``d loss / d pred``;
 the backward scales that saved gradient in place by the incoming gradient (a kernel that reads
 it on the device and returns at once when it is 1), so no ``(pred − target)`` tensor and no
-second pass over ``pred`` exist. A repeated backward through the same graph
-(``retain_graph=True``) rescales out of place from the first call's scale.
+second pass over ``pred`` exist. For fp16 ``pred`` the kept gradient is fp32
+(``reference.masked_mse.gradient_dtype``) and the backward rounds it to fp16 after scaling.
+A repeated backward through the same graph (``retain_graph=True``) rescales out of place from the
+first call's scale.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..reference.masked_mse import accumulation_dtype, mse_weights
+from ..reference.masked_mse import accumulation_dtype, gradient_dtype, mse_weights
 from ..reference.patch_embed import check_patch_input
 from ._common import backend_for, call, check_backend_arg, eager_function, kernels
 
@@ -25,7 +27,8 @@ def _masked_mse(
 
 @_masked_mse.register_fake
 def _(pred, x, weight, patch, norm_pix, backend):
-    return pred.new_empty((), dtype=accumulation_dtype(pred.dtype)), torch.empty_like(pred)
+    loss = pred.new_empty((), dtype=accumulation_dtype(pred.dtype))
+    return loss, torch.empty_like(pred, dtype=gradient_dtype(pred.dtype))
 
 
 @torch.library.custom_op("pyimputmae::scale_grad", mutates_args=("grad",))
@@ -45,7 +48,7 @@ _OPS = {"scale_grad_": _scale_grad}
 def _setup(ctx, inputs, output):
     ctx.kernels = kernels(inputs[-1], _OPS)  # a backend name or module (_common)
     # held as an attribute, not through save_for_backward: the backward scales it in place
-    ctx.grad, ctx.applied = output[1], None
+    ctx.grad, ctx.applied, ctx.pred_dtype = output[1], None, inputs[0].dtype
     ctx.mark_non_differentiable(output[1])
     # the gradient output takes no gradient: without this, autograd would allocate a zero tensor
     # of pred's size for it on every backward (twice the memory the op needs)
@@ -60,7 +63,8 @@ def _backward(ctx, grad_loss, _grad_grad):
         # the usual single backward: scale the saved gradient in place, no extra pass when scale == 1
         ctx.kernels.scale_grad_(ctx.grad, scale)
         ctx.applied, ctx.version = scale, ctx.grad._version
-        return ctx.grad, None, None, None, None, None
+        # fp16 pred: the gradient was kept in fp32 (gradient_dtype) and is rounded once, after scaling
+        return ctx.grad.to(ctx.pred_dtype), None, None, None, None, None
     # a repeated backward through the same graph (retain_graph=True, gradcheck): the saved gradient
     # already carries the first scale; undo it out of place (NaN, not a silent error, if that was 0).
     # The first backward handed that tensor itself to autograd, which may keep it (or a view of it) as
@@ -71,7 +75,7 @@ def _backward(ctx, grad_loss, _grad_grad):
             "returned was changed in place (accumulated into a .grad, clipped, ...); it can no longer "
             "be computed from the saved gradient. Recompute the loss for each backward.")
     ratio = torch.where(ctx.applied != 0, scale / ctx.applied, torch.full_like(scale, float("nan")))
-    return ctx.grad * ratio.to(ctx.grad.dtype), None, None, None, None, None
+    return (ctx.grad * ratio.to(ctx.grad.dtype)).to(ctx.pred_dtype), None, None, None, None, None
 
 
 _masked_mse.register_autograd(_backward, setup_context=_setup)

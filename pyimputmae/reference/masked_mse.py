@@ -20,6 +20,17 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def gradient_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the gradient the forward keeps for a ``dtype`` pred: fp32 for fp16, else pred's own.
+
+    fp16's range cannot hold it: ``2·w·(pred − target)/(P·Σw)`` is ~1e-7 at the paper's MRI size,
+    below fp16's normal range (6e-5), and a loss scale (``torch.amp.GradScaler`` starts at 65,536,
+    above fp16's largest value) applied to an fp16 copy afterwards cannot bring the lost digits back.
+    Kept in fp32, it is scaled there and rounded to fp16 once, as autograd does for an fp32 loss.
+    bf16 has fp32's exponent range and keeps its own dtype."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def mse_weights(mask: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
     """``mask: (B, L)`` (bool/int/float), ``present: (B,)`` → fp32 weights ``(B, L)``."""
     w = mask.to(torch.float32)
@@ -61,8 +72,9 @@ def masked_mse_forward_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and its gradient in one go, as every backend computes them.
 
-    w: fp32 ``(B, L)`` weights → ``loss`` fp32 scalar (fp64 for fp64 pred), ``grad: (B, L, P)`` in
-    pred's dtype with ``grad = 2·w·(pred − target) / (P·Σw)`` (zero when ``Σw = 0``).
+    w: fp32 ``(B, L)`` weights → ``loss`` fp32 scalar (fp64 for fp64 pred), ``grad: (B, L, P)``
+    in ``gradient_dtype(pred.dtype)`` (pred's dtype; fp32 for fp16) with
+    ``grad = 2·w·(pred − target) / (P·Σw)`` (zero when ``Σw = 0``).
     """
     acc = accumulation_dtype(pred.dtype)
     target = patch_target(x, patch, norm_pix, acc)
@@ -72,4 +84,4 @@ def masked_mse_forward_reference(
     den = torch.where(den > 0, den, torch.ones_like(den))
     loss = ((diff * diff).mean(-1) * w).sum() / den
     grad = diff * (w * (2.0 / (pred.shape[-1] * den))).unsqueeze(-1)
-    return loss, grad.to(pred.dtype)
+    return loss, grad.to(gradient_dtype(pred.dtype))
