@@ -84,7 +84,8 @@ def seed_everything(seed: int) -> None:
 #: what it reports, not what is being trained: the epoch counts (a longer or shorter run; the
 #: cosine schedule is recomputed over the new length from the step reached), the output folder,
 #: the device and threads (results then match an uninterrupted run only up to floating-point
-#: rounding; with ``amp="auto"`` a move between CPU and GPU also turns bf16 off or on), logging,
+#: rounding; with ``amp="auto"`` a move between CPU and GPU also turns mixed precision off or on, and
+#: one between GPU generations may switch bf16 and fp16), logging,
 #: progress display and checkpoint frequency. ``model``/``model_overrides`` are compared as the
 #: resolved model configuration, ``data``/``synthetic`` as the cohort itself
 #: (:func:`cohort_identity`: a moved store resumes, one with other content does not). Every

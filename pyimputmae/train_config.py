@@ -18,6 +18,9 @@ from typing import Any
 from ._fields import check_fields, check_types, reject_unknown
 from .model.config import ModelConfig, resolve_config
 
+#: the mixed-precision settings of ``TrainConfig.amp``
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+
 
 def check_device(name: str) -> None:
     """``name`` must be ``"auto"`` or a device torch knows (``cpu``, ``cuda``, ``cuda:N``, ``mps``, ...);
@@ -75,7 +78,9 @@ class TrainConfig:
     # mechanics
     grad_accum: int = 1
     grad_clip: float | None = 1.0
-    amp: str = "auto"  # "auto" (bf16 on GPU, off on CPU), "bf16", "off"
+    # "auto": bf16 on GPUs with native bf16 (compute capability 8.0+), fp16 with loss scaling on
+    # older ones (V100, T4), off on CPU; or "bf16", "fp16" (with torch.amp.GradScaler), "off"
+    amp: str = "auto"
     checkpoint_every: int = 100  # optimizer steps
     resume: bool = False
     overwrite: bool = False  # replace the run files of an earlier run in out_dir
@@ -135,8 +140,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Value checks beyond the types (which ``__post_init__`` checks first)."""
-        if self.amp not in ("auto", "bf16", "off"):
-            raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {', '.join(repr(m) for m in AMP_MODES)}, got {self.amp!r}")
         if self.data_on_device not in ("auto", "yes", "no"):
             raise ValueError(f"data_on_device must be 'auto', 'yes' or 'no', got {self.data_on_device!r}")
         check_device(self.device)

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,10 +174,23 @@ def check_cohort(cohort: Cohort, model_cfg: ModelConfig, train_idx: np.ndarray) 
                          "survival cannot be learned")
 
 
-def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    if cfg.amp == "off" or (cfg.amp == "auto" and device.type != "cuda"):
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``TrainConfig.amp`` on ``device`` (None: full precision).
+
+    ``"auto"``: off on the CPU; on a CUDA GPU bf16 where it has native bf16 (compute capability 8.0,
+    A100, and newer), else fp16 (V100, T4: bf16 there is emulated, slow, and Triton cannot use it
+    on the tensor cores); fp16 trains with loss scaling (``torch.amp.GradScaler``)."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return None
+    if amp == "fp16":
+        return torch.float16
+    if amp == "auto" and not _native_bf16(device):
+        return torch.float16
     return torch.bfloat16
+
+
+def _native_bf16(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def _lr_lambda(total: int, warmup: int, base: float, floor: float):
@@ -240,7 +254,7 @@ class _Trainer:
         self.cfg, self.model_cfg, self.cohort, self.device = cfg, model_cfg, cohort, device
         self.out = Path(cfg.out_dir)
         self.ckpt_path = self.out / checkpoint.RUN_FILES[0]
-        self.amp = _amp_dtype(cfg, device)
+        self.amp = amp_dtype(cfg.amp, device)
         self.saved, self.identity = saved, identity  # the checkpoint being resumed (None: a new run)
         self.history: list[dict] = list(saved["history"]) if saved else []
         tb = self.out / "tensorboard" if cfg.tensorboard else None
@@ -254,10 +268,12 @@ class _Trainer:
         fused = self.device.type == "cuda"
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused)
 
-    def _save(self, pos: _Position, model: nn.Module, opt, sched, rng: torch.Tensor | None) -> None:
+    def _save(self, pos: _Position, model: nn.Module, opt, sched, scaler, rng: torch.Tensor | None) -> None:
         grads = None
         if pos.micro:
-            grads = {n: p.grad.detach().cpu() for n, p in model.named_parameters() if p.grad is not None}
+            # saved unscaled (fp16's loss scale is a power of two: exact), so a resume may change amp
+            scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+            grads = {n: p.grad.detach().cpu() / scale for n, p in model.named_parameters() if p.grad is not None}
         state = {
             "version": __version__,
             "train_config": self.cfg.to_dict(),
@@ -267,6 +283,7 @@ class _Trainer:
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict(),  # fp16's loss scale ({} when amp is not fp16)
             "mask_rng": None if rng is None else rng.detach().cpu(),
             "rng": checkpoint.rng_state(),
             "partial_grads": grads,
@@ -275,19 +292,23 @@ class _Trainer:
         }
         checkpoint.atomic_save(state, self.ckpt_path)
 
-    def _restore(self, stage: str, model: nn.Module, opt, sched, rng: torch.Tensor | None) -> _Position | None:
+    def _restore(self, stage: str, model: nn.Module, opt, sched, scaler,
+                 rng: torch.Tensor | None) -> _Position | None:
         s = self.saved
         if s is None or s["position"]["stage"] != stage:
             return None
         model.load_state_dict(s["model"])
         opt.load_state_dict(s["optimizer"])
         sched.load_state_dict(s["scheduler"])
+        if scaler.is_enabled() and s.get("scaler"):  # none saved: a run without fp16 (or before it existed)
+            scaler.load_state_dict(s["scaler"])
         if rng is not None and s["mask_rng"] is not None:
             rng.copy_(s["mask_rng"].to(rng.device))
         if s["partial_grads"]:
+            scale = scaler.get_scale() if scaler.is_enabled() else 1.0
             for n, p in model.named_parameters():
                 if n in s["partial_grads"]:
-                    p.grad = s["partial_grads"][n].to(p.device)
+                    p.grad = s["partial_grads"][n].to(p.device) * scale
         checkpoint.set_rng_state(s["rng"])
         self.saved = None
         return _Position(**s["position"])
@@ -316,7 +337,9 @@ class _Trainer:
         warmup = round((cfg.pretrain_warmup_epochs if pre else cfg.finetune_warmup_epochs) * steps_per_epoch)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, _lr_lambda(total, warmup, lr, cfg.pretrain_min_lr if pre else cfg.finetune_min_lr))
-        pos = self._restore(stage, model, opt, sched, rng) or _Position(stage)
+        # fp16 autocast needs loss scaling (its range loses small gradients); disabled, every call passes through
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
+        pos = self._restore(stage, model, opt, sched, scaler, rng) or _Position(stage)
         n_batches = math.ceil(len(idx) / bs)
         bar = None
         if cfg.progress:
@@ -331,7 +354,7 @@ class _Trainer:
             batch = self.cohort.batch(rows).to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, self.amp, enabled=self.amp is not None):
                 loss, extras = step_loss(batch)
-            (loss / cfg.grad_accum).backward()
+            scaler.scale(loss / cfg.grad_accum).backward()
             # drop the graph now, not when the next forward reassigns these: masked_mse keeps its
             # (pred-sized) gradient on the graph, which would otherwise live through that forward
             loss, extras = loss.detach(), {k: v.detach() for k, v in extras.items()}
@@ -344,9 +367,18 @@ class _Trainer:
             last_of_epoch = b == n_batches - 1
             if pos.micro == cfg.grad_accum or last_of_epoch:
                 if cfg.grad_clip:
+                    scaler.unscale_(opt)  # clip the true gradients (a no-op without fp16)
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                sched.step()
+                scaler.step(opt)  # fp16: skipped when a gradient is inf/NaN, and the scale lowered
+                scaler.update()
+                if scaler.is_enabled():
+                    # a skipped step still advances the schedule, as it does on the GPU, where the fused
+                    # optimizer skips inside its kernel; torch would warn that opt.step() was not called
+                    with warnings.catch_warnings():
+                        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+                        sched.step()
+                else:
+                    sched.step()
                 opt.zero_grad(set_to_none=True)
                 pos.micro = 0
                 pos.step += 1
@@ -358,16 +390,18 @@ class _Trainer:
                 rec = {"stage": stage, "epoch": epoch, "step": pos.step, "loss": float(window_loss) / window_n,
                        "lr": sched.get_last_lr()[0], "patients_per_s": window_patients / max(dt, 1e-9)}
                 rec.update({k: float(v) for k, v in extras.items()})
+                if scaler.is_enabled():
+                    rec["loss_scale"] = scaler.get_scale()
                 self.logger.log(rec)
                 if bar is not None:
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", pps=f"{rec['patients_per_s']:.0f}")
                 window_loss, window_n, window_patients, t0 = window_loss.zero_(), 0, 0, time.perf_counter()
             if pos.micro == 0 and pos.step % cfg.checkpoint_every == 0:
-                self._save(pos, model, opt, sched, rng)
+                self._save(pos, model, opt, sched, scaler, rng)
         if bar is not None:
             bar.close()
         pos = _Position(stage, epoch=epochs, batch=0, step=pos.step, micro=0)
-        self._save(pos, model, opt, sched, rng)
+        self._save(pos, model, opt, sched, scaler, rng)
 
     def completed(self, stage: str) -> bool:
         """Was ``stage`` already finished by the run being resumed?"""

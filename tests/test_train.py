@@ -223,6 +223,56 @@ def test_integer_patient_ids_and_synthetic_settings_from_yaml(tmp_path, cohort):
         TrainConfig(synthetic={"n_patients": "forty"})
 
 
+def test_fp16_trains_with_loss_scaling_and_a_crash_resumes_to_the_same_weights(tmp_path, cohort, monkeypatch):
+    """amp="fp16" (what amp="auto" picks on a GPU without native bf16) trains under GradScaler: the
+    loss scale is logged, steps whose scaled gradients overflow are skipped and the scale lowered, and
+    the scale is checkpointed, so a run that crashes and resumes ends with the uninterrupted run's
+    weights and history (a resumed scaler restarting at 65,536 would skip other steps)."""
+    from pyimputmae import training
+
+    run = dict(cohort=cohort, model=TINY, amp="fp16", deterministic=True, num_threads=1, checkpoint_every=1,
+               **{**FAST, "pretrain_epochs": 3, "finetune_epochs": 3, "pretrain_batch_size": 16,
+                  "finetune_batch_size": 16})
+    whole = train(out_dir=str(tmp_path / "whole"), **run)
+    scales = [r["loss_scale"] for r in whole.history]
+    assert all(np.isfinite(r["loss"]) for r in whole.history)
+    assert len(set(scales)) > 1, f"the loss scale never changed ({scales[0]}): the test would not see it restored"
+    assert all(np.isfinite(v) for m in whole.metrics.values() for v in m.values())
+
+    saves, save = [], training._Trainer._save
+
+    def crash_after_some_saves(self, pos, *args):
+        save(self, pos, *args)
+        saves.append(pos.step)
+        if pos.stage == "finetune" and pos.step == 4:
+            raise KeyboardInterrupt  # a crash right after a checkpoint
+
+    monkeypatch.setattr(training._Trainer, "_save", crash_after_some_saves)
+    with pytest.raises(KeyboardInterrupt):
+        train(out_dir=str(tmp_path / "crashed"), **run)
+    monkeypatch.setattr(training._Trainer, "_save", save)
+    resumed = train(out_dir=str(tmp_path / "crashed"), resume=True, **run)
+    timing = "patients_per_s"
+    assert [{k: v for k, v in r.items() if k != timing} for r in resumed.history] == [
+        {k: v for k, v in r.items() if k != timing} for r in whole.history]
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    assert [k for k in a if isinstance(a[k], torch.Tensor) and not torch.equal(a[k], b[k])] == []
+
+
+def test_amp_auto_picks_bf16_only_where_the_gpu_has_it(monkeypatch):
+    from pyimputmae import training
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert training.amp_dtype("auto", cpu) is None and training.amp_dtype("fp16", cpu) is torch.float16
+    for capability, want in (((7, 5), torch.float16), ((7, 0), torch.float16), ((8, 0), torch.bfloat16),
+                             ((9, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert training.amp_dtype("auto", gpu) is want, capability
+        assert training.amp_dtype("bf16", gpu) is torch.bfloat16 and training.amp_dtype("off", gpu) is None
+    with pytest.raises(ValueError, match="amp must be one of 'auto', 'bf16', 'fp16', 'off', got 'fp8'"):
+        TrainConfig(amp="fp8")
+
+
 KILL_SCRIPT = textwrap.dedent("""
     import sys, torch
     from pyimputmae.data.synthetic import make_cohort
