@@ -112,7 +112,12 @@ def test_clinical_encoding_is_fitted_on_train_only(files: Path):
     path = write(files, "patient_id,time,event,split,radiation,age,grade\n"
                         "P1,1,1,train,yes,40,G2\nP2,1,0,train,no,,G3\nP3,1,0,train,,60,G3\n"
                         "P4,1,1,test,yes,200,G4\n")
-    m = read_manifest(path)
+    with pytest.warns(ManifestWarning) as caught:
+        m = read_manifest(path)
+    assert [str(w.message) for w in caught] == [
+        "manifest.csv: clinical column 'grade': 1 value(s) of a level no training patient had (training levels: "
+        "'G2', 'G3'): line 5 (patient 'P4') 'G4'; read as unknown, as the model has no feature for it (if it is a "
+        "training level spelled differently, correct the spelling)"]
     fitted = fit_clinical(m.clinical, m.split == "train")
     names = [f["name"] for f in fitted["features"]]
     assert names == ["radiation", "age", "grade=G3"]  # G4 appears only in test: no feature
@@ -165,6 +170,23 @@ def test_new_patients_are_checked_against_the_fitted_column_kinds(files: Path):
         "new.csv: clinical column 'radiation' holds yes/no values, but 1 value(s) are not: line 2 (patient 'N1') "
         "'maybe'; correct them, or leave a cell empty where the value is unknown; read as unknown"]
     np.testing.assert_array_equal(apply_clinical(m.clinical, fitted), [[np.nan, np.nan], [np.nan, 0]])
+
+
+def test_new_patients_with_a_level_the_fitted_encoding_lacks_are_named(files: Path):
+    train = write(files, "patient_id,time,event,grade,site\nP1,1,1,G2,brain\nP2,1,0,G3,brain\n", "train.csv")
+    fitted = fit_clinical(read_manifest(train).clinical, np.ones(2, bool))
+    new = write(files, "patient_id,grade,site,extra\nN1,G 3,brain,a\nN2,G2,lung,b\nN3,,[Unknown],c\n"
+                       "N4,G4,brain,d\n", "new.csv")
+    with pytest.warns(ManifestWarning) as caught:
+        m = read_manifest(new, require_survival=False, clinical_fitted=fitted)
+    assert [str(w.message) for w in caught] == [
+        "new.csv: clinical column 'grade': 2 value(s) of a level no training patient had (training levels: 'G2', "
+        "'G3'): line 2 (patient 'N1') 'G 3', line 5 (patient 'N4') 'G4'; read as unknown, as the model has no "
+        "feature for it (if it is a training level spelled differently, correct the spelling)",
+        "new.csv: clinical column 'site': 1 value(s) of a level no training patient had (training levels: "
+        "'brain'): line 3 (patient 'N2') 'lung'; read as unknown, as the model has no feature for it (if it is a "
+        "training level spelled differently, correct the spelling)"]  # 'extra' is not in the encoding: ignored
+    np.testing.assert_array_equal(apply_clinical(m.clinical, fitted)[:, 0], [np.nan, 0, np.nan, np.nan])
 
 
 def test_a_typo_in_a_yes_no_column_is_a_stray_not_a_category(files: Path):

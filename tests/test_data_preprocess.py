@@ -347,6 +347,26 @@ def test_a_manifest_without_files_is_an_error_naming_the_columns(tmp_path: Path)
                       verbose=False)
 
 
+def test_m_values_given_as_beta_values_are_a_warning_in_the_report(tmp_path: Path):
+    """A cohort-level omics warning (every DNAm file holds values outside [0, 1]) is shown when it
+    happens and kept in the report, whose summary a user reads after a long run."""
+    from pyimputmae.data.omics import OmicsWarning
+
+    ids = ["P0", "P1", "P2"]
+    m_values = np.random.default_rng(1).normal(0.0, 3.0, (3, 10))
+    pd.DataFrame(m_values, index=ids, columns=[f"cg{j:04d}" for j in range(10)]).to_csv(tmp_path / "m.tsv", sep="\t")
+    pd.DataFrame({"patient_id": ids, "time": [1.0, 2.0, 3.0], "event": [1, 0, 1], "split": ["train"] * 3,
+                  "dnam": ["m.tsv"] * 3}).to_csv(tmp_path / "manifest.csv", index=False)
+    config = {**CONFIG, "modalities": ["dnam"]}
+    with pytest.warns(OmicsWarning, match="the files look like M-values") as caught:
+        report = pp.preprocess(tmp_path / "manifest.csv", tmp_path / "s.zarr", config=config, progress=False,
+                               verbose=False, workers=0)
+    cohort_level = [str(w.message) for w in caught if issubclass(w.category, OmicsWarning)]
+    assert report.warnings == cohort_level and len(cohort_level) == 1
+    assert report.counts["dnam"]["failed"] == 3
+    assert "look like M-values" in report.table()
+
+
 def test_a_modality_without_a_path_column_is_a_warning_in_the_report(inputs: Path, tmp_path: Path):
     table = pd.read_csv(inputs / "manifest.csv", dtype=str, keep_default_na=False).drop(columns=["rna", "wsi", "mri"])
     table["dnam"] = [str(inputs / p) if p else "" for p in table["dnam"]]

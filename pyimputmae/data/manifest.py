@@ -338,6 +338,8 @@ def read_manifest(
             else:
                 warned.append(msg + "; read as unknown")
 
+    warned += _unseen_levels(name, clinical, kinds, clinical_fitted, splits, [(i + 2, ids[i]) for i in accepted])
+
     rejected = [bad_rows[i] + "; row left out" for i in sorted(bad_rows)]
     if strict:
         problems = [bad_rows[i] for i in sorted(bad_rows)] + problems
@@ -380,6 +382,39 @@ def clinical_kind(values: Any) -> str:
     if 2 * sum(v.lower() in _YES_NO for v in known) > len(known):
         return "binary"
     return "onehot"
+
+
+def _unseen_levels(name: str, clinical: Any, kinds: dict[str, str], fitted: dict[str, Any] | None,
+                   splits: list[str], rows: list[tuple[int, str]]) -> list[str]:
+    """Messages for the text-column levels the clinical encoding has no feature for: levels that no
+    training patient has (this manifest's ``train`` rows, or the ``fitted`` encoding's levels). They
+    are read as unknown, like an empty cell, which is right for a level the model never saw but
+    hides a spelling that differs from the training one (``G4`` vs ``G 4``): so they are named."""
+    known = {f["source"]: f["levels"] for f in fitted["features"] if f["kind"] == "onehot"} if fitted else {}
+    train = [k for k, split in enumerate(splits) if split == "train"]
+    if fitted is None and not train:
+        return []  # nothing is fitted here: no level is known, and that is not each value's fault
+    messages = []
+    for c in clinical.columns:
+        if kinds.get(c, "onehot") != "onehot":
+            continue
+        values = [str(v).strip() for v in clinical[c]]
+        if fitted is not None:
+            if c not in known:
+                continue  # a column the encoding does not use
+            levels = set(known[c])
+        else:
+            levels = {values[k] for k in train if not is_unknown(values[k])}
+        unseen = [k for k, v in enumerate(values) if not is_unknown(v) and v not in levels]
+        if not unseen:
+            continue
+        shown = ", ".join(f"line {rows[k][0]} (patient {rows[k][1]!r}) {values[k]!r}" for k in unseen[:10])
+        more = f" and {len(unseen) - 10} more" if len(unseen) > 10 else ""
+        among = ", ".join(repr(v) for v in sorted(levels)[:20]) + (", …" if len(levels) > 20 else "")
+        messages.append(f"{name}: clinical column {c!r}: {len(unseen)} value(s) of a level no training patient had "
+                        f"(training levels: {among or 'none'}): {shown}{more}; read as unknown, as the model has no "
+                        "feature for it (if it is a training level spelled differently, correct the spelling)")
+    return messages
 
 
 def _is_stray(value: Any, kind: str) -> bool:

@@ -11,13 +11,14 @@ import json
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .manifest import Manifest, apply_clinical, file_sha256, fit_clinical
-from .omics import run_omics
+from .omics import OmicsWarning, run_omics
 from .preprocess_config import PreprocessConfig, PreprocessReport
 from .store import FORMAT, SPLIT_CODES, STATUS, create_store
 
@@ -174,8 +175,13 @@ def _run_omics_stage(root: Any, out: Path, manifest: Manifest, cfg: PreprocessCo
     for m in (m for m in cfg.modalities if m in _OMICS_MODALITIES):
         if (_progress(out) / f"{m}.json").exists():
             continue
-        stage = run_omics(manifest.ids, manifest.sources[m], train, getattr(cfg, m),
-                          fitted.get(m) if fitted else None, max(1, workers), progress, m)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            stage = run_omics(manifest.ids, manifest.sources[m], train, getattr(cfg, m),
+                              fitted.get(m) if fitted else None, max(1, workers), progress, m)
+        for w in caught:  # shown as they were, and the cohort-level ones kept for the report's summary
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+        noted = [str(w.message) for w in caught if issubclass(w.category, OmicsWarning)]
         root[f"{m}/data"][:] = stage.values
         root[f"{m}/replaced"][:] = stage.replaced.astype(np.int32)
         files = sorted({str(s.path) for s in manifest.sources[m] if s is not None})
@@ -184,7 +190,7 @@ def _run_omics_stage(root: Any, out: Path, manifest: Manifest, cfg: PreprocessCo
                    if st == "present" else None for s, st in zip(manifest.sources[m], stage.status)]
         _write_json_atomic(_progress(out) / f"{m}.json", {
             "status": stage.status, "errors": {str(i): e for i, e in stage.errors.items()},
-            "fitted": stage.fitted, "sources": sources})
+            "fitted": stage.fitted, "sources": sources, "warnings": noted})
 
 
 def _journal_patient(out: Path, i: int, entry: dict[str, Any]) -> None:
@@ -225,6 +231,7 @@ def _finalize(root: Any, out: Path, manifest: Manifest, cfg: PreprocessConfig, r
         fitted[m] = entry["fitted"]
         sources[m] = entry["sources"]
         failures += [(manifest.ids[int(i)], m, e) for i, e in entry["errors"].items()]
+        report.warnings += entry.get("warnings", [])
         report.replaced[m] = int(root[f"{m}/replaced"][:].sum())
     if any(m in _IMAGE_MODALITIES for m in mods):
         k = cfg.wsi.n_keep
