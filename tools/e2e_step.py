@@ -32,6 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
+#: the anchor script's default modes (ANCHOR_MODES unset); the target is against the best of them
+REFERENCE_MODES = ("eager fp32", "eager bf16", "compile bf16")
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -272,10 +275,16 @@ def main(argv: list[str] | None = None) -> int:
         best_ref = max(refs, key=lambda k: refs[k]["patients_per_s"])
         speedup = ours[best]["patients_per_s"] / refs[best_ref]["patients_per_s"]
         peak_ratio = ours[best]["peak_GB"] / refs[best_ref]["peak_GB"]
-        result.update(best_ref=best_ref, speedup=speedup, peak_ratio=peak_ratio,
-                      target_met=speedup >= 2.0 and peak_ratio < 1.0)
+        # the target is against the reference's best mode: a default mode that did not finish may be it
+        missing = [m for m in REFERENCE_MODES if m not in refs] if not os.environ.get("ANCHOR_MODES") else []
+        met = speedup >= 2.0 and peak_ratio < 1.0
+        result.update(best_ref=best_ref, speedup=speedup, peak_ratio=peak_ratio, target_met=None if missing else met)
         print(f"speed-up over the reference's best ({best_ref}): {speedup:.2f}x (target 2x); "
               f"peak memory {peak_ratio:.2f}x of its peak")
+        if missing:
+            result["target_note"] = (f"not measured: the reference's {', '.join(missing)} did not finish; against "
+                                     f"the modes that did, the target would be {'met' if met else 'missed'}")
+            print(result["target_note"])
     print(f"total {time.monotonic() - t0:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,8 @@
 # Every stage runs under its own timeout, clamped to what is left of GPU_CHECK_BUDGET_S, and its
 # files are bundled as it finishes, so a stage that overruns leaves the others' results. The files
 # named above are inside OUTDIR/gpu_check.tar.gz (the device tool returns at most 8 files); copies
-# of summary.tsv, validated.txt, bench_large.json, e2e.json and patch_embed_sweep.json lie beside it.
+# of summary.tsv, validated.txt, targets.md (issue 6's targets judged from this run's bench_large.json
+# and e2e.json by tools/gpu_targets.py), bench_large.json, e2e.json and patch_embed_sweep.json lie beside it.
 # A stage runs even when the one before it failed. OUTDIR/summary.tsv: stage, status, seconds, log.
 #
 # Knobs (environment): PYTHON (python3), GPU_CHECK_BUDGET_S (580: the whole script), BUILD_TIMEOUT_S
@@ -61,7 +62,7 @@ mkdir -p "$1" || exit 2
 # few files read first (KEY_FILES). So OUTDIR never holds more than 1 + ${#KEY_FILES[@]} files.
 FINAL=$(cd "$1" && pwd)
 OUT=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX") || exit 2
-KEY_FILES=(summary.tsv validated.txt bench_large.json e2e.json patch_embed_sweep.json)
+KEY_FILES=(summary.tsv validated.txt targets.md bench_large.json e2e.json patch_embed_sweep.json)
 shift
 STAGES=("$@")
 [[ ${#STAGES[@]} -eq 0 ]] && STAGES=(env build test bench e2e sweep paper)
@@ -434,6 +435,11 @@ if [[ -f $OUT/junit_ops.xml || -f $OUT/stage1_kernel_check.log ]]; then
   echo
   echo "== which (backend, family) pairs this run validated (tools/gpu_validated.py)"
   "$PY" tools/gpu_validated.py "$OUT" | tee "$OUT/validated.txt"
+fi
+if [[ -f $OUT/bench_large.json || -f $OUT/e2e.json ]]; then
+  echo
+  echo "== issue 6's targets, judged from this run (tools/gpu_targets.py)"
+  "$PY" tools/gpu_targets.py "$OUT" --json "$OUT/targets.json" | tee "$OUT/targets.md"
 fi
 bundle
 echo "== files: $FINAL/gpu_check.tar.gz (everything; tar -xzf it) and $(cd "$FINAL" && ls | grep -v '^gpu_check.tar.gz$' | tr '\n' ' ')"
