@@ -43,9 +43,10 @@ DEFAULT_CUDA_ORDER = ("ext", "triton", "reference")
 CUDA_ORDER: dict[str, tuple[str, ...]] = {family: DEFAULT_CUDA_ORDER for family in FAMILIES}
 
 
-#: the floating dtypes a backend's kernels take, where not every one (the automatic choice passes a
-#: backend by for others: float16 autocast, torch.autocast("cuda")'s default, runs on Triton / the reference)
-DTYPES = {"ext": frozenset({torch.float32, torch.float64, torch.bfloat16})}
+#: the floating dtypes a backend's kernels take (the automatic choice passes a backend by for others).
+#: ext takes all four, float16 (torch.autocast("cuda")'s default) included: fp32 accumulation, and
+#: masked_mse keeps an fp16 pred's gradient in fp32 (reference.masked_mse.gradient_dtype)
+DTYPES = {"ext": frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16})}
 
 
 class BackendError(RuntimeError):

@@ -1,4 +1,4 @@
-"""Shared helpers of the fused-op tests: which backends can run here, tolerances, the bf16 criterion.
+"""Shared helpers of the fused-op tests: which backends can run here, tolerances, the bf16 / fp16 criterion.
 
 Imported by ``conftest.py`` and the test modules (pytest puts ``tests/`` on ``sys.path``).
 """
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 import torch
 
 from pyimputmae import _backends
@@ -40,6 +41,8 @@ TOLERANCES = {
     torch.bfloat16: (2e-2, 2e-2),
     torch.float16: (4e-3, 4e-3),
 }
+#: the 16-bit dtypes (autocast's: bf16, and fp16, torch.autocast("cuda")'s default), as test parameters
+HALF_DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
 
 
 
@@ -210,9 +213,3 @@ def assert_no_worse_than_torch(actual: torch.Tensor, plain: torch.Tensor, refere
         f"{what}: {name} max error {err:.3e} against the fp32 reference exceeds {factor}× that of plain "
         f"PyTorch {name} ({base:.3e})")
 
-
-def assert_bf16_no_worse_than_torch(actual: torch.Tensor, plain_bf16: torch.Tensor, reference: torch.Tensor, *,
-                                    factor: float = 2.0, what: str = "") -> None:
-    """``assert_no_worse_than_torch`` for a bf16 result."""
-    assert plain_bf16.dtype == torch.bfloat16, f"{what}: the plain computation must be bf16, got {plain_bf16.dtype}"
-    assert_no_worse_than_torch(actual, plain_bf16, reference, factor=factor, what=what)

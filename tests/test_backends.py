@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from op_testing import ALL_FAMILIES, BACKENDS, backend_skip_reason, extension_import_crash, tool_module
+from op_testing import (
+    ALL_FAMILIES,
+    BACKENDS,
+    assert_close,
+    backend_skip_reason,
+    cuda_emu_ops,
+    extension_import_crash,
+    tool_module,
+)
 
 from pyimputmae import _backends
 
@@ -136,32 +144,74 @@ def test_auto_follows_the_per_family_cuda_order(monkeypatch):
     assert _backends.resolve("patch_embed", cuda) == "ext", "an unvalidated backend is skipped even when first"
 
 
-def test_auto_passes_by_a_backend_whose_kernels_lack_the_dtype():
-    """float16 (torch.autocast("cuda")'s default dtype): the automatic choice skips ext, whose kernels
-    take float32, float64 and bfloat16, and gives the reference's result; asked for by name, ext says
-    what it lacks."""
+def test_float16_autocast_runs_on_ext_like_the_reference():
+    """float16 (torch.autocast("cuda")'s default dtype) is one of the dtypes ext's kernels take: the
+    automatic choice keeps ext (where it is built) and gives the reference's result to fp16 accuracy,
+    with the loss in fp32 and pred's gradient in fp16."""
     from pyimputmae import masked_mse, patch_embed, random_masking, unshuffle_fill
 
-    assert _backends.resolve("patch_embed", torch.device("cpu"), "auto", (torch.float16,)) == "reference"
+    cpu = torch.device("cpu")
+    ext_runs = backend_skip_reason("ext", cpu) is None
+    dtypes = (torch.float16, torch.float32)
+    assert _backends.resolve("patch_embed", cpu, "auto", dtypes) == ("ext" if ext_runs else "reference")
     torch.manual_seed(0)
     x, w = torch.randn(2, 1, 8, 8), torch.randn(6, 16)
     present, rng = torch.ones(2, 2, dtype=torch.bool), torch.tensor([1, 2])
 
     def run(backend):
+        head = torch.randn(6, 16, generator=torch.Generator().manual_seed(1)).half().requires_grad_(True)
         with torch.autocast("cpu", dtype=torch.float16):
             tokens = patch_embed(x, w, None, patch=4, backend=backend)
             visible, ids, mask = random_masking(tokens, (2, 2), 0.5, present, rng, backend=backend)
             full = unshuffle_fill(visible, ids, mask, torch.zeros(6), backend=backend)
-            loss = masked_mse(full.half() @ torch.randn(6, 16, generator=torch.Generator().manual_seed(1)).half(),
-                              x, mask, patch=4, backend=backend)
-        return tokens, full, loss
+            loss = masked_mse(full.half() @ head, x, mask, patch=4, backend=backend)
+        loss.backward()
+        return tokens, full, loss, head.grad
 
-    for got, want in zip(run("auto"), run("reference")):
-        assert got.dtype == want.dtype
-        torch.testing.assert_close(got, want)
-    if _backends.availability("ext", torch.device("cpu"))[0]:
-        with torch.autocast("cpu", dtype=torch.float16), pytest.raises(RuntimeError, match="bfloat16, got Half"):
-            patch_embed(x, w, None, patch=4, backend="ext")
+    for name, got, want in zip(("tokens", "full", "loss", "head grad"), run("auto"), run("reference")):
+        assert got.dtype == want.dtype, f"{name}: {got.dtype} != {want.dtype}"
+        assert_close(got, want, dtype=torch.float16, what=name)
+
+
+def test_auto_passes_by_a_backend_whose_kernels_lack_the_dtype(monkeypatch):
+    """A backend listed in DTYPES runs automatically only for the dtypes listed there; asked for by
+    name it still runs."""
+    monkeypatch.setattr(_backends, "DTYPES", {"ext": frozenset({torch.float32, torch.float64})})
+    monkeypatch.setattr(_backends, "availability", lambda name, device: (True, "stub"))
+    monkeypatch.delenv("PYIMPUTMAE_BACKEND", raising=False)
+    cpu = torch.device("cpu")
+    assert _backends.resolve("masking", cpu, "auto", (torch.float16,)) == "reference"
+    assert _backends.resolve("masking", cpu, "auto", (torch.float32,)) == "ext"
+    assert _backends.resolve("masking", cpu, "ext", (torch.float16,)) == "ext"
+
+
+def test_ext_takes_every_floating_dtype():
+    assert _backends.DTYPES.get("ext", frozenset()) >= {torch.float16, torch.bfloat16, torch.float32, torch.float64}
+
+
+@pytest.mark.parametrize("kernels", ["cpu", "cuda_emu"])
+def test_ext_kernels_name_every_dtype_they_take_when_refusing_one(kernels):
+    """An integer tensor where a floating one belongs: each kernel says which dtypes it takes."""
+    if backend_skip_reason("ext", torch.device("cpu")):
+        pytest.skip(backend_skip_reason("ext", torch.device("cpu")))
+    ops = torch.ops.pyimputmae if kernels == "cpu" else cuda_emu_ops()
+    def ints(*shape: int) -> torch.Tensor:
+        return torch.ones(*shape, dtype=torch.int32)
+
+    ids, mask = torch.zeros(2, 1, dtype=torch.int64), torch.zeros(2, 4, dtype=torch.bool)
+    calls = {  # B = 2, L = 4 patches of P = 4 values (x: (2, 1, 16), patch 4), K = 1, E = 16
+        "patch_embed_forward x": lambda: ops.patch_embed_forward(ints(2, 1, 16), torch.ones(3, 4), None, None, None, 4),
+        "gather_visible tokens": lambda: ops.gather_visible(ints(2, 4, 16), ids, mask),
+        "unshuffle_fill x": lambda: ops.unshuffle_fill(ints(2, 1, 16), ids, mask, ints(16)),
+        "hidden_sum grad": lambda: ops.hidden_sum(ints(2, 4, 16), mask),
+        "masked_mse_forward pred": lambda: ops.masked_mse_forward(ints(2, 4, 4), torch.ones(2, 1, 16),
+                                                                  torch.ones(2, 4), 4, False),
+        "scale_grad_ grad": lambda: ops.scale_grad_(ints(2, 4, 16), torch.ones(1)),
+    }
+    for what, call in calls.items():
+        with pytest.raises(RuntimeError, match=r"float32, float64, float16 or bfloat16, got Int"):
+            call()
+            pytest.fail(f"{kernels} {what}: an int32 tensor was accepted")
 
 
 def test_gpu_check_script_without_a_gpu_skips_its_gpu_stages_and_bundles_what_it_wrote(tmp_path):

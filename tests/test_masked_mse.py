@@ -1,6 +1,7 @@
 """masked_mse on every backend against the spec (``pyimputmae.reference.masked_mse``): loss and
-gradient, norm_pix, bf16 with an fp32-accurate loss, the empty-mask case, and the backward that
-scales the gradient saved by the forward (incoming gradient ≠ 1, repeated backward)."""
+gradient, norm_pix, bf16 and fp16 with an fp32-accurate loss (fp16 keeping an fp32 gradient), the
+empty-mask case, and the backward that scales the gradient saved by the forward (incoming gradient
+≠ 1, repeated backward)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import pytest
 import torch
 from op_testing import (
     PatchInput,
-    assert_bf16_no_worse_than_torch,
     assert_close,
     assert_no_worse_than_torch,
     kernel_level_op,
@@ -17,6 +17,7 @@ from op_testing import (
 from pyimputmae import _backends, masked_mse
 from pyimputmae.ops import _masked_mse as mse_ops
 from pyimputmae.reference import masked_mse_reference, mse_weights, patchify
+from pyimputmae.reference.masked_mse import gradient_dtype, masked_mse_forward_reference
 
 FAMILIES = ("masked_mse",)
 
@@ -59,12 +60,13 @@ def reference_loss_and_grad(pred, x, mask, present, case, norm_pix, scale: float
     return loss.detach(), leaf.grad
 
 
-def plain_bf16_loss(pred, x, mask, present, patch, norm_pix):
-    """The same computation as a user writes it, entirely in bf16."""
-    target = patchify(x, patch).to(torch.bfloat16)
+def plain_half_loss(pred, x, mask, present, patch, norm_pix):
+    """The same computation as a user writes it, entirely in pred's (16-bit) dtype."""
+    half = pred.dtype
+    target = patchify(x, patch).to(half)
     if norm_pix:
         target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
-    w = (mask.to(torch.bfloat16) * present.to(torch.bfloat16).unsqueeze(1))
+    w = (mask.to(half) * present.to(half).unsqueeze(1))
     return (((pred - target) ** 2).mean(-1) * w).sum() / w.sum()
 
 
@@ -82,23 +84,51 @@ def test_loss_and_gradient_match_reference(backend, device, case, norm_pix, dtyp
     assert_close(grad, want_grad, what=f"{backend} grad")
 
 
-@pytest.mark.parametrize("x_dtype", [pytest.param(torch.float32, id="x_fp32"),
-                                     pytest.param(torch.bfloat16, id="x_bf16")])
+# (pred's dtype, x's dtype): 16-bit predictions of an fp32 input (autocast) or of a 16-bit one
+HALF_PAIRS = [
+    pytest.param(torch.bfloat16, torch.float32, id="bf16-x_fp32"),
+    pytest.param(torch.bfloat16, torch.bfloat16, id="bf16-x_bf16"),
+    pytest.param(torch.float16, torch.float32, id="fp16-x_fp32"),
+    pytest.param(torch.float16, torch.float16, id="fp16-x_fp16"),
+]
+
+
+@pytest.mark.parametrize("half, x_dtype", HALF_PAIRS)
 @pytest.mark.parametrize("norm_pix", NORM_PIX)
 @pytest.mark.parametrize("case", ["1d", "2d_c3", "3d_c2"])
-def test_bf16_pred_gives_an_fp32_accurate_loss(backend, device, case, norm_pix, x_dtype):
-    """fp32 accumulation: the loss of bf16 predictions is as accurate as an fp32 computation on the
-    same (bf16) values, and the bf16 gradient is no worse than plain PyTorch bf16's."""
+def test_half_pred_gives_an_fp32_accurate_loss(backend, device, case, norm_pix, half, x_dtype):
+    """fp32 accumulation: the loss of bf16 / fp16 predictions is as accurate as an fp32 computation
+    on the same (16-bit) values, and the gradient, in pred's dtype, is no worse than plain PyTorch's
+    in that dtype."""
     c = CASES[case]
-    pred, x, mask, present = make_inputs(c, torch.bfloat16, device, x_dtype)
+    pred, x, mask, present = make_inputs(c, half, device, x_dtype)
     loss, grad = loss_and_grad(pred, x, mask, present, c, norm_pix, backend)
     want_loss, want_grad = reference_loss_and_grad(pred.float(), x.float(), mask, present, c, norm_pix)
-    assert loss.dtype == torch.float32, f"bf16 pred must give an fp32 loss, got {loss.dtype}"
-    assert_close(loss, want_loss, dtype=torch.float32, what=f"{backend} bf16 loss")
-    assert grad.dtype == torch.bfloat16
+    assert loss.dtype == torch.float32, f"{half} pred must give an fp32 loss, got {loss.dtype}"
+    assert_close(loss, want_loss, dtype=torch.float32, what=f"{backend} {half} loss")
+    assert grad.dtype == half
     plain_leaf = pred.clone().requires_grad_(True)
-    plain_bf16_loss(plain_leaf, x, mask, present, c.patch, norm_pix).backward()
-    assert_bf16_no_worse_than_torch(grad, plain_leaf.grad, want_grad, what=f"{backend} bf16 grad")
+    plain_half_loss(plain_leaf, x, mask, present, c.patch, norm_pix).backward()
+    assert_no_worse_than_torch(grad, plain_leaf.grad, want_grad, what=f"{backend} {half} grad")
+
+
+FLOATS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
+
+
+@pytest.mark.parametrize("x_dtype", FLOATS)
+@pytest.mark.parametrize("pred_dtype", FLOATS)
+def test_kernels_take_any_pair_of_float_dtypes(backend, device, pred_dtype, x_dtype):
+    """The kernel-level forward with pred and x of any floating dtypes: the loss in fp32 (fp64 for
+    fp64 pred) and the gradient in ``gradient_dtype(pred)``: pred's own, fp32 for fp16 pred."""
+    c = CASES["2d_c3"]
+    pred, x, mask, present = make_inputs(c, FLOATS[pred_dtype], device, FLOATS[x_dtype])
+    w = mse_weights(mask, present).contiguous()
+    loss, grad = _backends.module(backend).masked_mse_forward(pred, x, w, c.patch, True)
+    want_loss, want_grad = masked_mse_forward_reference(pred, x, w, c.patch, True)
+    assert (loss.dtype, grad.dtype) == (want_loss.dtype, gradient_dtype(pred.dtype)), (
+        f"{backend}: loss {loss.dtype} and grad {grad.dtype} for {pred_dtype} pred")
+    assert_close(loss, want_loss, what=f"{backend} loss")
+    assert_close(grad, want_grad, what=f"{backend} grad")
 
 
 def skip_unless_fp16(backend: str) -> None:
@@ -127,7 +157,7 @@ def test_fp16_pred_gradient_survives_a_loss_scale(backend, device, norm_pix, sca
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16"),
-                                   pytest.param(torch.float64, id="fp64")])
+                                   pytest.param(torch.float16, id="fp16"), pytest.param(torch.float64, id="fp64")])
 @pytest.mark.parametrize("norm_pix", NORM_PIX)
 @pytest.mark.parametrize("empty", ["mask_all_false", "present_all_false"])
 def test_nothing_to_count_gives_zero_loss_and_zero_gradient(backend, device, empty, norm_pix, dtype):
@@ -264,9 +294,10 @@ def test_opcheck_scale_grad(backend, device):
     torch.library.opcheck(mse_ops._scale_grad, (grad, torch.tensor([0.5], device=device), backend))
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("scale", [1.0, 2.0, -0.5])
-def test_scale_grad_multiplies_in_place(backend, device, scale):
-    grad = torch.randn(3, 5, 7, device=device)
+def test_scale_grad_multiplies_in_place(backend, device, scale, dtype):
+    grad = torch.randn(3, 5, 7, device=device).to(FLOATS[dtype])
     before = grad.clone()
     _backends.module(backend).scale_grad_(grad, torch.tensor([scale], device=device))
     assert torch.equal(grad, before * scale)

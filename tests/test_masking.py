@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from op_testing import assert_bf16_no_worse_than_torch, assert_close, kernel_level_op
+from op_testing import HALF_DTYPES, assert_close, assert_no_worse_than_torch, kernel_level_op
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pyimputmae import _backends, random_keep, random_masking, unshuffle_fill
@@ -62,7 +62,7 @@ RNGS = {
     "minus_one": (-1, -1),
     "large": (2**62 + 3, -(2**40) - 5),
 }
-DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WIDTH = 5
 
 
@@ -254,7 +254,7 @@ def test_unshuffle_fill_inverts_random_masking(backend, device, layout):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["four_modalities", "mixed_ratios", "odd_length"])
 def test_gather_then_fill_round_trips_in_every_dtype(backend, device, layout, dtype):
-    """The same invariant with the backend's gather and fill in fp64, fp32 and bf16 (pure data
+    """The same invariant with the backend's gather and fill in fp64, fp32, bf16 and fp16 (pure data
     movement: exact)."""
     sel = selection(backend, device, layout)
     tokens = make_tokens(layout, DTYPES[dtype], device)
@@ -303,13 +303,14 @@ def test_hidden_sum_matches_reference(backend, device, dtype):
     assert_close(out, (grad * mask.unsqueeze(-1)).sum((0, 1)), what=f"{backend} hidden_sum")
 
 
-def test_hidden_sum_bf16_is_no_worse_than_torch_bf16(backend, device):
+@pytest.mark.parametrize("half", HALF_DTYPES)
+def test_hidden_sum_half_is_no_worse_than_plain_torch(backend, device, half):
     grad = torch.randn(4, 300, 6, device=device)
     mask = torch.rand(4, 300, device=device) < 0.5
-    g16 = grad.to(torch.bfloat16)
+    g16 = grad.to(half)
     out = masking_ops._hidden_sum(g16, mask, backend)
-    assert_bf16_no_worse_than_torch(out, (g16 * mask.unsqueeze(-1)).sum((0, 1)),
-                                    (g16.float() * mask.unsqueeze(-1)).sum((0, 1)), what=f"{backend} hidden_sum")
+    assert_no_worse_than_torch(out, (g16 * mask.unsqueeze(-1)).sum((0, 1)),
+                               (g16.float() * mask.unsqueeze(-1)).sum((0, 1)), what=f"{backend} hidden_sum")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -333,9 +334,9 @@ def test_gradients_match_reference(backend, device, layout, dtype):
 
     # the tokens' gradient is g·scale moved back and forth: exact in every dtype
     assert torch.equal(t_ours.grad, t_ref.grad), f"{backend}: tokens gradient differs"
-    if tokens.dtype == torch.bfloat16:
+    if tokens.dtype in (torch.bfloat16, torch.float16):
         fp32_sum = (g.float() * mask.unsqueeze(-1)).sum((0, 1))
-        assert_bf16_no_worse_than_torch(m_ours.grad, m_ref.grad, fp32_sum, what=f"{backend} mask_token grad")
+        assert_no_worse_than_torch(m_ours.grad, m_ref.grad, fp32_sum, what=f"{backend} mask_token grad")
     else:
         assert_close(m_ours.grad, m_ref.grad, what=f"{backend} mask_token grad")
 

@@ -8,9 +8,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 from op_testing import (
+    HALF_DTYPES,
+    TOLERANCES,
     PatchInput,
-    assert_bf16_no_worse_than_torch,
     assert_close,
+    assert_no_worse_than_torch,
     backend_skip_reason,
     kernel_level_op,
     tool_module,
@@ -19,6 +21,7 @@ from torch import nn
 
 from pyimputmae import _backends, patch_embed
 from pyimputmae.ops import _patch_embed as patch_ops
+from pyimputmae.reference import backend as reference_kernels
 from pyimputmae.reference import patch_embed_reference
 
 FAMILIES = ("patch_embed",)
@@ -105,15 +108,17 @@ def test_forward_matches_reference(backend, device, case, variant, dtype):
     assert_close(out, embed_reference(inputs, c), what=f"{backend} {case} {variant}")
 
 
+@pytest.mark.parametrize("half", HALF_DTYPES)
 @pytest.mark.parametrize("variant", ["plain", "keep_bias_pos"])
 @pytest.mark.parametrize("case", CASES)
-def test_bf16_forward_is_no_worse_than_torch_bf16(backend, device, case, variant):
+def test_half_forward_is_no_worse_than_plain_torch(backend, device, case, variant, half):
+    """bf16 / fp16 inputs: fp32 accumulation, rounded once; no worse than plain PyTorch in that dtype."""
     c = CASES[case]
-    inputs = as_dtype(make_inputs(c, variant, torch.float32, device), torch.bfloat16)
+    inputs = as_dtype(make_inputs(c, variant, torch.float32, device), half)
     out = embed(inputs, c, backend)
-    assert out.dtype == torch.bfloat16
-    assert_bf16_no_worse_than_torch(out, embed_reference(inputs, c),
-                                    embed_reference(as_dtype(inputs, torch.float32), c), what=f"{backend} {case}")
+    assert out.dtype == half
+    assert_no_worse_than_torch(out, embed_reference(inputs, c), embed_reference(as_dtype(inputs, torch.float32), c),
+                               what=f"{backend} {case}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
@@ -181,20 +186,21 @@ def test_backward_matches_reference(backend, device, case, variant, dtype):
     assert not wrong, "\n".join(wrong)
 
 
+@pytest.mark.parametrize("half", HALF_DTYPES)
 @pytest.mark.parametrize("variant", ["bias_pos", "keep_bias_pos"])
 @pytest.mark.parametrize("case", ["1d_c1", "2d_c3", "3d_c2"])
-def test_bf16_backward_is_no_worse_than_torch_bf16(backend, device, case, variant):
+def test_half_backward_is_no_worse_than_plain_torch(backend, device, case, variant, half):
     c = CASES[case]
-    base = as_dtype(make_inputs(c, variant, torch.float32, device), torch.bfloat16)
+    base = as_dtype(make_inputs(c, variant, torch.float32, device), half)
     ours, plain, ref = with_grad(base), with_grad(base), with_grad(as_dtype(base, torch.float32))
     g = torch.randn(c.batch, base["keep"].shape[1] if base["keep"] is not None else c.tokens, c.embed,
-                    device=device).to(torch.bfloat16)
+                    device=device).to(half)
     embed(ours, c, backend).backward(g)
     embed_reference(plain, c).backward(g)
     embed_reference(ref, c).backward(g.float())
     for name in grads(ref):
-        assert_bf16_no_worse_than_torch(grads(ours)[name], grads(plain)[name], grads(ref)[name],
-                                        what=f"{backend} {case} grad {name}")
+        assert_no_worse_than_torch(grads(ours)[name], grads(plain)[name], grads(ref)[name],
+                                   what=f"{backend} {case} grad {name}")
 
 
 @pytest.mark.parametrize("with_keep", [False, True], ids=["all_patches", "keep"])
@@ -272,60 +278,104 @@ def test_opcheck_kernel_level_ext_ops(device, with_keep):
         torch.library.opcheck(op, args)
 
 
-def test_autocast_runs_in_the_autocast_dtype(backend, device):
+@pytest.mark.parametrize("half", HALF_DTYPES)
+def test_autocast_runs_in_the_autocast_dtype(backend, device, half):
     c = CASES["1d_c1"]
     inputs = make_inputs(c, "bias_pos", torch.float32, device)
-    with torch.autocast(device.type, dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=half):
         out = embed(inputs, c, backend)
-    assert out.dtype == torch.bfloat16
-    assert_close(out, embed_reference(inputs, c), dtype=torch.bfloat16)
+    assert out.dtype == half
+    assert_close(out, embed_reference(inputs, c), dtype=half)
 
 
+@pytest.mark.parametrize("half", HALF_DTYPES)
 @pytest.mark.parametrize("variant", ["plain", "keep_bias_pos"])
 @pytest.mark.parametrize("case", ["1d_c1", "2d_c3", "3d_c2"])
-def test_fp32_input_under_bf16_autocast_is_rounded_as_it_is_read(backend, device, case, variant):
-    """Autocast hands the kernels x in float32 with bfloat16 weight, bias and pos: the result is
-    bfloat16 and equals the embedding of everything rounded to bfloat16 (the bf16 criterion), and
-    so do the gradients; at the kernel level grad_x comes back in x's dtype, grad_weight in weight's."""
+def test_fp32_input_under_half_autocast_is_rounded_as_it_is_read(backend, device, case, variant, half):
+    """Autocast hands the kernels x in float32 with bfloat16 (or float16) weight, bias and pos: the
+    result is in autocast's dtype and equals the embedding of everything rounded to it (the bf16 / fp16
+    criterion), and so do the gradients; at the kernel level grad_x comes back in x's dtype,
+    grad_weight in weight's."""
     c = CASES[case]
     leaves = with_grad(make_inputs(c, variant, torch.float32, device))
-    with torch.autocast(device.type, dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=half):
         out = embed(leaves, c, backend)
-    assert out.dtype == torch.bfloat16
-    rounded = with_grad(as_dtype(as_dtype(leaves, torch.bfloat16), torch.float32))  # fp32 values of bf16
+    assert out.dtype == half
+    rounded = with_grad(as_dtype(as_dtype(leaves, half), torch.float32))  # fp32 values of the 16-bit ones
     expected = embed_reference(rounded, c)
-    assert_bf16_no_worse_than_torch(out, embed_reference(as_dtype(leaves, torch.bfloat16), c), expected,
-                                    what=f"{backend} {case} {variant}")
-    grad_out = torch.randn(out.shape, device=device).to(torch.bfloat16)
+    assert_no_worse_than_torch(out, embed_reference(as_dtype(leaves, half), c), expected,
+                               what=f"{backend} {case} {variant}")
+    grad_out = torch.randn(out.shape, device=device).to(half)
     out.backward(grad_out)
     expected.backward(grad_out.float())
     for name, grad in grads(leaves).items():
-        assert_close(grad, rounded[name].grad, dtype=torch.bfloat16, what=f"{backend} {case} {variant} grad {name}")
-    x, weight = leaves["x"].detach(), leaves["weight"].detach().to(torch.bfloat16)
+        assert_close(grad, rounded[name].grad, dtype=half, what=f"{backend} {case} {variant} grad {name}")
+    x, weight = leaves["x"].detach(), leaves["weight"].detach().to(half)
     grad_x, grad_w = _backends.module(backend).patch_embed_backward(grad_out, x, weight, leaves["keep"], c.patch,
                                                                     True, True)
-    assert (grad_x.dtype, grad_w.dtype) == (torch.float32, torch.bfloat16)
+    assert (grad_x.dtype, grad_w.dtype) == (torch.float32, half)
 
 
-def test_autocast_keeps_no_half_precision_copy_of_the_input(backend, device):
+# x and weight of different dtypes at the kernel level (x fp32 with 16-bit weights is autocast's case,
+# tested above through the op): x's dtype, weight's dtype
+MIXED = {
+    "x_fp16_w_fp32": (torch.float16, torch.float32),
+    "x_fp16_w_bf16": (torch.float16, torch.bfloat16),
+    "x_bf16_w_fp16": (torch.bfloat16, torch.float16),
+    "x_fp64_w_fp16": (torch.float64, torch.float16),
+}
+
+
+@pytest.mark.parametrize("with_keep", [False, True], ids=["all_patches", "keep"])
+@pytest.mark.parametrize("mixed", MIXED)
+def test_kernels_round_the_patches_of_x_to_the_weight_dtype(backend, device, mixed, with_keep):
+    """Any pair of floating dtypes: the patches read are rounded to the weight's dtype, the output
+    and grad_weight are in the weight's dtype and grad_x in x's, as the reference computes them."""
+    x_dtype, w_dtype = MIXED[mixed]
+    c = CASES["2d_c3"]
+    inputs = make_inputs(c, "keep_bias_pos" if with_keep else "bias_pos", torch.float32, device)
+    x = inputs["x"].to(x_dtype)
+    weight, bias, pos = (inputs[k].to(w_dtype) for k in ("weight", "bias", "pos"))
+    ours, ref = _backends.module(backend), reference_kernels
+    out = ours.patch_embed_forward(x, weight, bias, pos, inputs["keep"], c.patch)
+    want = ref.patch_embed_forward(x, weight, bias, pos, inputs["keep"], c.patch)
+    assert out.dtype == w_dtype
+    # the coarser of the two dtypes: a backend may round grad_x to the weight's dtype on its way to x's
+    coarse = max((x_dtype, w_dtype), key=lambda d: TOLERANCES[d][0])
+    assert_close(out, want, dtype=w_dtype, what=f"{backend} {mixed} forward")
+    grad_out = torch.randn(out.shape, device=device).to(w_dtype)
+    grad_x, grad_w = ours.patch_embed_backward(grad_out, x, weight, inputs["keep"], c.patch, True, True)
+    want_x, want_w = ref.patch_embed_backward(grad_out, x, weight, inputs["keep"], c.patch, True, True)
+    assert (grad_x.dtype, grad_w.dtype) == (x_dtype, w_dtype)
+    assert_close(grad_x, want_x, dtype=coarse, what=f"{backend} {mixed} grad_x")
+    assert_close(grad_w, want_w, dtype=w_dtype, what=f"{backend} {mixed} grad_weight")
+
+
+@pytest.mark.parametrize("x_dtype, half", [
+    pytest.param(torch.float32, torch.bfloat16, id="x_fp32-bf16_autocast"),
+    pytest.param(torch.float32, torch.float16, id="x_fp32-fp16_autocast"),
+    pytest.param(torch.float16, torch.bfloat16, id="x_fp16-bf16_autocast"),
+])
+def test_autocast_keeps_no_half_precision_copy_of_the_input(backend, device, x_dtype, half):
     """Under autocast the op reads x as it is: what it saves for backward is x itself, not a bf16
-    copy of the whole input (with keep, the patches not kept are never read at all)."""
+    (or fp16) copy of the whole input (with keep, the patches not kept are never read at all)."""
     c = CASES["3d_c2"]
     inputs = with_grad(make_inputs(c, "keep_bias_pos", torch.float32, device))
+    inputs["x"] = inputs["x"].detach().to(x_dtype).requires_grad_(True)
     saved: list[torch.Tensor] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         saved.append(t)
         return t
 
-    with torch.autocast(device.type, dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autocast(device.type, dtype=half), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = embed(inputs, c, backend)
     x = inputs["x"]
-    assert out.dtype == torch.bfloat16
+    assert out.dtype == half
     assert not [t for t in saved if t.shape == x.shape and t.dtype != x.dtype], "a converted copy of x was saved"
     assert any(t.data_ptr() == x.data_ptr() for t in saved), "x itself is not what backward reads"
     out.float().sum().backward()
-    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+    assert x.grad.dtype == x_dtype and torch.isfinite(x.grad).all()
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -33,7 +33,8 @@ if str(ROOT) not in sys.path:
 from pyimputmae.reference import backend as ref  # noqa: E402  (after the checkout is on sys.path)
 
 #: (rtol, atol relative to the largest |expected|) by result dtype
-TOLERANCE = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2)}
+TOLERANCE = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2),
+             torch.float16: (4e-3, 4e-3)}
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
@@ -106,9 +107,9 @@ def hidden_sum(ops, device, dtype, E):
 
 # ---- masked MSE ------------------------------------------------------------------------------
 
-def masked_mse(ops, device, pred_dtype, spatial, patch, norm_pix):
+def masked_mse(ops, device, pred_dtype, spatial, patch, norm_pix, x_dtype=torch.float32):
     B = 2
-    x = torch.randn(B, 1, *spatial) * 3 + 1
+    x = (torch.randn(B, 1, *spatial) * 3 + 1).to(x_dtype)
     L = math.prod(s // patch for s in spatial)
     pred = torch.randn(B, L, patch ** len(spatial)).to(pred_dtype)
     weight = (torch.rand(B, L) < 0.7).float()
@@ -116,7 +117,9 @@ def masked_mse(ops, device, pred_dtype, spatial, patch, norm_pix):
     loss, grad = ops.masked_mse_forward(pred.to(device), x.to(device), weight.to(device), patch, norm_pix)
     loss_ref, grad_ref = ref.masked_mse_forward(pred, x, weight, patch, norm_pix)
     assert_close(loss, loss_ref, torch.float64 if pred_dtype == torch.float64 else torch.float32, "loss")
-    assert_close(grad, grad_ref.to(pred_dtype), pred_dtype, "grad")
+    # the gradient in reference.masked_mse.gradient_dtype: pred's, fp32 for fp16 pred
+    assert grad.dtype == grad_ref.dtype, f"grad is {grad.dtype}, the reference's {grad_ref.dtype}"
+    assert_close(grad, grad_ref, grad_ref.dtype, "grad")
 
 
 def masked_mse_without_weight(ops, device):
@@ -151,7 +154,7 @@ def patch_embed(ops, device, dtype, spatial, patch, with_keep):
     dev = lambda t: None if t is None else t.to(device)
     out = ops.patch_embed_forward(dev(x), dev(weight), dev(bias), dev(pos), dev(keep), patch)
     out_ref = ref.patch_embed_forward(x.double(), weight.double(), bias.double(), pos.double(), keep, patch)
-    tol = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    tol = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
     assert_close(out, out_ref, tol, "out")
     grad_out = torch.randn(out.shape).to(dtype)
     grad_x, grad_w = ops.patch_embed_backward(dev(grad_out), dev(x), dev(weight), dev(keep), patch, True, True)
@@ -162,7 +165,7 @@ def patch_embed(ops, device, dtype, spatial, patch, with_keep):
 
 
 def _cases() -> list[Case]:
-    f32, bf16, f64 = torch.float32, torch.bfloat16, torch.float64
+    f32, bf16, f16, f64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
     cases = [
         Case("select_keep/longer_than_a_block", select_keep, dict(lengths=(1500, 40))),
         Case("select_keep/longer_than_the_key_tile", select_keep, dict(lengths=(5000, 7))),
@@ -170,23 +173,31 @@ def _cases() -> list[Case]:
     ]
     movers = {"fp32_16B_units": (f32, 8, 0), "fp32_8B_units": (f32, 6, 0), "fp32_4B_units": (f32, 3, 0),
               "bf16_16B_units": (bf16, 16, 0), "bf16_2B_units": (bf16, 3, 0), "fp64_16B_units": (f64, 4, 0),
+              "fp16_16B_units": (f16, 16, 0), "fp16_4B_units": (f16, 6, 0), "fp16_misaligned": (f16, 8, 1),
               "fp32_misaligned": (f32, 8, 1),  # storage offset of one element: 4-byte units only
               "wide_rows": (f32, 1000, 0)}  # more units than one warp covers
     cases += [Case(f"row_moves/{name}", row_moves, dict(dtype=d, E=E, offset=o)) for name, (d, E, o) in movers.items()]
     cases += [Case(f"hidden_sum/{d}_E{E}".replace("torch.", ""), hidden_sum, dict(dtype=d, E=E))
-              for d, E in [(f32, 8), (f32, 5), (bf16, 24), (f64, 6)]]
-    rows = {"fp32_P32768_vectorised": (f32, (32, 32, 32), 32), "bf16_P13824_vectorised": (bf16, (24, 24, 24), 24),
-            "fp32_P8202_scalar": (f32, (2 * 4101,), 4101), "fp64_P4096": (f64, (16, 16, 16), 16)}
-    for name, (d, spatial, patch) in rows.items():
+              for d, E in [(f32, 8), (f32, 5), (bf16, 24), (f16, 24), (f16, 5), (f64, 6)]]
+    # pred's dtype, x's dtype, spatial size, patch; fp16 pred writes an fp32 gradient (gradient_dtype)
+    rows = {"fp32_P32768_vectorised": (f32, f32, (32, 32, 32), 32),
+            "bf16_P13824_vectorised": (bf16, f32, (24, 24, 24), 24),
+            "fp16_P13824_vectorised": (f16, f32, (24, 24, 24), 24),
+            "fp16_x_fp16_P13824_vectorised": (f16, f16, (24, 24, 24), 24),
+            "fp16_x_fp16_P6_scalar": (f16, f16, (12,), 6),
+            "fp32_P8202_scalar": (f32, f32, (2 * 4101,), 4101), "fp64_P4096": (f64, f32, (16, 16, 16), 16)}
+    for name, (d, xd, spatial, patch) in rows.items():
         for norm_pix in (False, True):
             cases.append(Case(f"masked_mse/{name}_{'norm_pix' if norm_pix else 'raw'}", masked_mse,
-                              dict(pred_dtype=d, spatial=spatial, patch=patch, norm_pix=norm_pix)))
+                              dict(pred_dtype=d, x_dtype=xd, spatial=spatial, patch=patch, norm_pix=norm_pix)))
     cases.append(Case("masked_mse/no_weight", masked_mse_without_weight))
     cases += [Case(f"scale_grad/{name}", scale_grad, dict(dtype=d, n=n, offset=o, scale=s))
               for name, (d, n, o, s) in {"fp32": (f32, 1001, 0, 0.5), "fp32_misaligned": (f32, 1001, 1, 0.5),
-                                         "bf16": (bf16, 77, 0, -3.0), "fp64": (f64, 10, 0, 2.0)}.items()]
+                                         "bf16": (bf16, 77, 0, -3.0), "fp16": (f16, 77, 0, -3.0),
+                                         "fp16_misaligned": (f16, 77, 1, 0.5), "fp64": (f64, 10, 0, 2.0)}.items()]
     cases.append(Case("scale_grad/by_one_touches_nothing", scale_grad_by_one))
     embeds = {"3d_fp32_16B": (f32, (16, 16, 16), 4), "2d_bf16_16B": (bf16, (16, 16), 8),
+              "3d_fp16_16B": (f16, (8, 8, 16), 8), "1d_fp16_scalar": (f16, (15,), 3),
               "1d_fp64_16B": (f64, (12,), 2), "2d_fp32_scalar": (f32, (15, 15), 5)}
     for name, (d, spatial, patch) in embeds.items():
         for with_keep in (False, True):

@@ -3,7 +3,8 @@
 // Each (b, l) row with a weight reads pred's row and its target patch straight from x (the
 // patchified target never exists), and writes grad = 2·w·(pred − target)/(P·Σw); a row without
 // weight writes zeros and reads nothing. The loss is summed in double over fixed chunks of rows
-// and then in chunk order, so it does not depend on the number of threads.
+// and then in chunk order, so it does not depend on the number of threads. The gradient is in
+// pred's dtype, except for fp16 pred: fp32 (reference gradient_dtype; fp16's range cannot hold it).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -14,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_kernel_utils.h"
@@ -25,9 +27,14 @@ namespace {
 constexpr double kNormPixEps = 1e-6;  // as MAE's norm_pix_loss
 constexpr int64_t kLossChunkRows = 16;
 
+// The dtype of the gradient kept for a pred_t pred (reference: gradient_dtype).
+template <typename pred_t>
+using grad_type = std::conditional_t<std::is_same_v<pred_t, c10::Half>, float, pred_t>;
+
 template <typename pred_t, typename x_t>
 void masked_mse_rows(const pred_t* pred, const x_t* x, const float* weight, const PatchGeometry& g, bool norm_pix,
-                     at::opmath_type<pred_t> denominator, pred_t* grad, double* chunk_losses) {
+                     at::opmath_type<pred_t> denominator, grad_type<pred_t>* grad, double* chunk_losses) {
+  using grad_t = grad_type<pred_t>;
   using acc_t = at::opmath_type<pred_t>;
   const int64_t rows = g.batch * g.num_patches;
   const int64_t features = g.features;
@@ -38,10 +45,10 @@ void masked_mse_rows(const pred_t* pred, const x_t* x, const float* weight, cons
       double chunk_loss = 0;
       const int64_t row_end = std::min(rows, (c + 1) * kLossChunkRows);
       for (int64_t r = c * kLossChunkRows; r < row_end; ++r) {
-        pred_t* grad_row = grad + r * features;
+        grad_t* grad_row = grad + r * features;
         const acc_t w = static_cast<acc_t>(weight[r]);
         if (w == acc_t(0)) {
-          std::fill_n(grad_row, features, static_cast<pred_t>(0));
+          std::fill_n(grad_row, features, static_cast<grad_t>(0));
           continue;
         }
         const pred_t* pred_row = pred + r * features;
@@ -68,7 +75,7 @@ void masked_mse_rows(const pred_t* pred, const x_t* x, const float* weight, cons
         for (int64_t f = 0; f < features; ++f) {
           const acc_t diff = static_cast<acc_t>(pred_row[f]) - (target[f] - shift) * inv_std;
           squared += diff * diff;
-          grad_row[f] = static_cast<pred_t>(diff * grad_scale);
+          grad_row[f] = static_cast<grad_t>(diff * grad_scale);
         }
         chunk_loss += static_cast<double>(w) * static_cast<double>(squared) / static_cast<double>(features);
       }
@@ -98,21 +105,23 @@ std::tuple<at::Tensor, at::Tensor> masked_mse_forward_cpu(const at::Tensor& pred
 
   const auto loss_dtype = pred.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor loss = at::empty({}, pred.options().dtype(loss_dtype));
-  at::Tensor grad = at::empty(pred.sizes(), pred.options());
+  const auto grad_dtype = pred.scalar_type() == at::kHalf ? at::kFloat : pred.scalar_type();
+  at::Tensor grad = at::empty(pred.sizes(), pred.options().dtype(grad_dtype));
   const int64_t rows = g.batch * g.num_patches;
   const float* weight_data = weight.const_data_ptr<float>();
   double weight_sum = 0;
   for (int64_t r = 0; r < rows; ++r) weight_sum += weight_data[r];
   std::vector<double> chunk_losses(ceil_div(rows, kLossChunkRows), 0.0);
 
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, pred.scalar_type(), "masked_mse_forward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pred.scalar_type(), "masked_mse_forward_cpu", [&] {
     using pred_t = scalar_t;
     using acc_t = at::opmath_type<pred_t>;
     // the reference sums the weights in acc_t and falls back to 1 when the sum is not positive
     const acc_t denominator = weight_sum > 0 ? static_cast<acc_t>(weight_sum) : acc_t(1);
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "masked_mse_forward_cpu", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "masked_mse_forward_cpu", [&] {
       masked_mse_rows<pred_t, scalar_t>(pred.const_data_ptr<pred_t>(), x.const_data_ptr<scalar_t>(), weight_data, g,
-                                        norm_pix, denominator, grad.mutable_data_ptr<pred_t>(), chunk_losses.data());
+                                        norm_pix, denominator, grad.mutable_data_ptr<grad_type<pred_t>>(),
+                                        chunk_losses.data());
     });
     double total = 0;
     for (double chunk_loss : chunk_losses) total += chunk_loss;
@@ -137,7 +146,7 @@ void scale_grad_cpu(const at::Tensor& grad, const at::Tensor& scale) {
   const double factor = scale.scalar_type() == at::kDouble ? *scale.const_data_ptr<double>()
                                                            : static_cast<double>(*scale.const_data_ptr<float>());
   if (factor == 1.0) return;  // the usual backward of a loss: nothing to touch
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad.scalar_type(), "scale_grad_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "scale_grad_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t multiplier = static_cast<acc_t>(factor);
     scalar_t* data = grad.mutable_data_ptr<scalar_t>();

@@ -135,7 +135,7 @@ at::Tensor gather_visible_cpu(const at::Tensor& tokens, const at::Tensor& ids_ke
   const int64_t* ids = ids_keep.const_data_ptr<int64_t>();
   const bool* hidden = mask.const_data_ptr<bool>();
 
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, tokens.scalar_type(), "gather_visible_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, tokens.scalar_type(), "gather_visible_cpu", [&] {
     const scalar_t* src = tokens.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, batch * visible, grain_rows(embed * sizeof(scalar_t)), [&](int64_t begin, int64_t end) {
@@ -194,7 +194,7 @@ at::Tensor unshuffle_fill_cpu(const at::Tensor& x, const at::Tensor& ids_keep, c
     }
   });
 
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "unshuffle_fill_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "unshuffle_fill_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
     const scalar_t* token = mask_token.const_data_ptr<scalar_t>();
@@ -245,7 +245,7 @@ at::Tensor hidden_sum_cpu(const at::Tensor& grad, const at::Tensor& mask) {
   const bool* hidden = mask.const_data_ptr<bool>();
   const int64_t chunks = std::max<int64_t>(1, ceil_div(rows, kHiddenSumChunkRows));
 
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad.scalar_type(), "hidden_sum_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "hidden_sum_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* src = grad.const_data_ptr<scalar_t>();
     std::vector<acc_t> partials(chunks * embed, acc_t(0));

@@ -3,8 +3,9 @@
 //
 // Every thread owns whole blocks: it gathers a block of patch rows into its own buffer and runs a
 // single-threaded GEMM on it while the buffer is still in cache, so the patchified input never
-// exists in full. bf16 is gathered and multiplied in fp32 (no fast bf16 GEMM without AVX-512 BF16,
-// and fp32 accumulation is the contract); fp32 and fp64 GEMM straight into the output.
+// exists in full. bf16 and fp16 are gathered and multiplied in fp32 (no fast 16-bit GEMM without
+// AVX-512 BF16 / FP16, and fp32 accumulation is the contract), then rounded once to the output's
+// dtype; fp32 and fp64 GEMM straight into the output.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -85,7 +86,7 @@ void convert_rows(const scalar_t* src, int64_t count, acc_t* dst) {
   for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<acc_t>(src[i]);
 }
 
-// A copy of t in acc_t (the fp32 operands of a bf16 GEMM).
+// A copy of t in acc_t (the fp32 operands of a bf16 or fp16 GEMM).
 template <typename acc_t, typename scalar_t>
 at::Tensor to_accumulate(const at::Tensor& t) {
   at::Tensor out = at::empty(t.sizes(), t.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
@@ -122,9 +123,10 @@ PatchGeometry check_embed_inputs(const at::Tensor& x, const at::Tensor& weight, 
   return g;
 }
 
-// x may be wider than the weight (an fp32 input with bf16 weights under autocast): its patches are
-// rounded to the weight's dtype. Here by converting x once (the CPU kernels gather every row block
-// in the accumulation type anyway); everything after runs in the weight's dtype.
+// x may have another dtype than the weight (an fp32 input with bf16 or fp16 weights under
+// autocast): its patches are rounded to the weight's dtype. Here by converting x once (the CPU
+// kernels gather every row block in the accumulation type anyway); everything after runs in the
+// weight's dtype.
 at::Tensor in_weight_dtype(const at::Tensor& x, const at::Tensor& weight) {
   return x.scalar_type() == weight.scalar_type() ? x : x.to(weight.scalar_type());
 }
@@ -158,7 +160,7 @@ at::Tensor patch_embed_forward_cpu(const at::Tensor& x_in, const at::Tensor& wei
   if (rows == 0 || embed == 0) return out;
 
   PlainComputeGuard plain;
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "patch_embed_forward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "patch_embed_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr bool kGemmInOutput = std::is_same_v<scalar_t, acc_t>;
     const at::Tensor weight_acc = kGemmInOutput ? weight : to_accumulate<acc_t, scalar_t>(weight);
@@ -286,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor> patch_embed_backward_cpu(const at::Tensor& gr
   if (need_x && keep.has_value()) accumulate_x = mark_kept_patches(*keep, g, kept);
 
   PlainComputeGuard plain;
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "patch_embed_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "patch_embed_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr bool kGemmInPlace = std::is_same_v<scalar_t, acc_t>;
     const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);

@@ -4,7 +4,9 @@
 // patch straight from the raw input x (patch addressing, never a materialised target), writes the
 // gradient 2·w·(pred − target)/(P·Σw) and the row's loss term. Rows with w = 0 read nothing and
 // write zeros. Σw comes from a tiny first kernel and the loss from a fixed-order sum of the row
-// terms in a last one, so the loss is deterministic and no value crosses to the host.
+// terms in a last one, so the loss is deterministic and no value crosses to the host. The gradient
+// is in pred's dtype, except for fp16 pred: fp32 (reference gradient_dtype; fp16's range cannot hold
+// it, nor GradScaler's scale), rounded to fp16 by the op's backward after scaling.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -25,7 +27,7 @@ namespace {
 
 constexpr int kMseThreads = 512;      // most threads per row block
 // Vectors of V values a thread holds in registers at a time (target and pred each): 16 values for
-// vectorised fp32/bf16, 8 for their scalar fallback, 4 for fp64 (a checking dtype): sizes that keep
+// vectorised fp32/bf16/fp16, 8 for their scalar fallback, 4 for fp64 (a checking dtype): sizes that keep
 // every variant free of register spills.
 constexpr int mse_items(int acc_bytes, int vec) { return (acc_bytes == 8 ? 4 : vec == 1 ? 8 : 16) / vec; }
 constexpr double kNormPixEps = 1e-6;  // as in MAE's norm_pix_loss
@@ -76,16 +78,18 @@ __global__ void __launch_bounds__(kSumThreads)
 // One block per row (b, l) of pred: P = vecs·V values, V at a time (V divides the patch size, so a
 // vector never leaves the contiguous innermost run of the patch in x). A chunk is the
 // blockDim.x·ITEMS vectors the block holds in registers at once; rows of more than one chunk
-// (P beyond 8192 fp32/bf16 or 2048 fp64 values) re-read the target patch (from L2) for norm_pix.
-template <typename PredT, typename XT, int V, bool NORM>
+// (P beyond 8192 fp32/bf16/fp16 or 2048 fp64 values) re-read the target patch (from L2) for norm_pix.
+// GradT: pred's dtype, or float for fp16 pred.
+template <typename PredT, typename XT, typename GradT, int V, bool NORM>
 __global__ void __launch_bounds__(kMseThreads)
-    masked_mse_rows_kernel(PredT* __restrict__ grad, acc_t<PredT>* __restrict__ row_loss,
+    masked_mse_rows_kernel(GradT* __restrict__ grad, acc_t<PredT>* __restrict__ row_loss,
                            const PredT* __restrict__ pred, const XT* __restrict__ x, const float* __restrict__ weight,
                            const acc_t<PredT>* __restrict__ factors, PatchGeometry geo, int64_t rows, int32_t vecs,
                            acc_t<PredT> inv_p, acc_t<PredT> inv_p_minus_1) {
   using A = acc_t<PredT>;
   using PredPack = Pack<PredT, V>;
   using XPack = Pack<XT, V>;
+  using GradPack = Pack<GradT, V>;
   constexpr int ITEMS = mse_items(sizeof(A), V);
   __shared__ A scratch[32];
   const int tid = threadIdx.x, nthreads = blockDim.x;
@@ -96,11 +100,11 @@ __global__ void __launch_bounds__(kMseThreads)
 
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {  // block-uniform loop
     const float w = weight[row];
-    PredPack* grad_row = reinterpret_cast<PredPack*>(grad + row * P);
+    GradPack* grad_row = reinterpret_cast<GradPack*>(grad + row * P);
     if (w == 0.f) {  // block-uniform: nothing counted, nothing read
-      PredPack zero;
+      GradPack zero;
 #pragma unroll
-      for (int j = 0; j < V; ++j) zero.v[j] = static_cast<PredT>(0.f);
+      for (int j = 0; j < V; ++j) zero.v[j] = static_cast<GradT>(0.f);
       for (int32_t u = tid; u < vecs; u += nthreads) grad_row[u] = zero;
       if (tid == 0) row_loss[row] = A(0);
       continue;
@@ -175,13 +179,13 @@ __global__ void __launch_bounds__(kMseThreads)
       for (int it = 0; it < ITEMS; ++it) {
         const int32_t u = chunk * per_chunk + it * nthreads + tid;
         if (u < vecs) {
-          PredPack g;
+          GradPack g;
 #pragma unroll
           for (int j = 0; j < V; ++j) {
             const A t = NORM ? (target[it][j] - mean) * rstd : target[it][j];
             const A d = static_cast<A>(p[it].v[j]) - t;
             sq_err += d * d;
-            g.v[j] = static_cast<PredT>(d * grad_scale);
+            g.v[j] = static_cast<GradT>(d * grad_scale);
           }
           grad_row[u] = g;
         }
@@ -192,14 +196,18 @@ __global__ void __launch_bounds__(kMseThreads)
   }
 }
 
-template <typename PredT, typename XT>
+// GradT: the gradient's element type (PredT, or float for fp16 pred)
+template <typename PredT, typename XT, typename GradT = PredT>
 void launch_masked_mse(const at::Tensor& grad, const at::Tensor& loss, const at::Tensor& work, const at::Tensor& pred,
                        const at::Tensor& x, const at::Tensor& weight, int64_t patch, bool norm_pix) {
   using A = acc_t<PredT>;
-  constexpr int kVec = 16 / (sizeof(PredT) > sizeof(XT) ? sizeof(PredT) : sizeof(XT));
+  // V values of the widest of the three element types fill one 16-byte move (pred and x, or the
+  // grad of fp16 pred, move in narrower ones)
+  constexpr int kWidest = std::max({sizeof(PredT), sizeof(XT), sizeof(GradT)});
+  constexpr int kVec = 16 / kWidest;
   const bool vectorised = patch % kVec == 0 && is_aligned(x.data_ptr(), kVec * sizeof(XT)) &&
                           is_aligned(pred.data_ptr(), kVec * sizeof(PredT)) &&
-                          is_aligned(grad.data_ptr(), kVec * sizeof(PredT));
+                          is_aligned(grad.data_ptr(), kVec * sizeof(GradT));
   const int vec = vectorised ? kVec : 1;
   const PatchGeometry geo = make_patch_geometry(x, patch, vec);
   const int64_t rows = pred.size(0) * pred.size(1);
@@ -221,8 +229,8 @@ void launch_masked_mse(const at::Tensor& grad, const at::Tensor& loss, const at:
     auto launch = [&](auto vec_tag, auto norm_tag) {
       constexpr int VV = decltype(vec_tag)::value;
       constexpr bool NN = decltype(norm_tag)::value;
-      masked_mse_rows_kernel<PredT, XT, VV, NN><<<blocks, threads, 0, stream>>>(
-          grad.data_ptr<PredT>(), row_loss, pred.data_ptr<PredT>(), x.data_ptr<XT>(), weight.data_ptr<float>(),
+      masked_mse_rows_kernel<PredT, XT, GradT, VV, NN><<<blocks, threads, 0, stream>>>(
+          grad.data_ptr<GradT>(), row_loss, pred.data_ptr<PredT>(), x.data_ptr<XT>(), weight.data_ptr<float>(),
           factors, geo, rows, vecs, inv_p, inv_p_minus_1);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
@@ -250,7 +258,8 @@ std::tuple<at::Tensor, at::Tensor> masked_mse_forward_cuda(const at::Tensor& pre
   check_cuda_tensor(x_in, "masked_mse: x", pred_in);
   check_cuda_tensor(weight_in, "masked_mse: weight", pred_in);
   const at::ScalarType pred_type = pred_in.scalar_type();
-  TORCH_CHECK(is_float_kind(pred_type), "masked_mse: pred must be float32, float64 or bfloat16, got ", pred_type);
+  TORCH_CHECK(is_float_kind(pred_type), "masked_mse: pred must be float32, float64, float16 or bfloat16, got ",
+              pred_type);
   TORCH_CHECK(x_in.dim() >= 3 && x_in.dim() <= 5, "masked_mse: x must be (B, C, *S) with 1 to 3 spatial dims, got shape ",
               x_in.sizes());
   TORCH_CHECK(!x_in.is_complex() && x_in.scalar_type() != at::kBool, "masked_mse: x must be a real tensor, got ",
@@ -275,13 +284,21 @@ std::tuple<at::Tensor, at::Tensor> masked_mse_forward_cuda(const at::Tensor& pre
   const bool native_x = x_type == pred_type || x_type == at::kFloat;
   const at::Tensor x = native_x ? x_in.contiguous() : x_in.to(at::kFloat).contiguous();
   const at::ScalarType acc_type = pred_type == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor grad = at::empty_like(pred);
+  // fp16 pred keeps its gradient in fp32 (reference gradient_dtype)
+  at::Tensor grad = at::empty_like(pred, pred.options().dtype(pred_type == at::kHalf ? at::kFloat : pred_type));
   at::Tensor loss = at::empty({}, pred.options().dtype(acc_type));
   at::Tensor work = at::empty({B * L + 2}, pred.options().dtype(acc_type));  // den, 2/(P·den), row terms
   const bool x_f32 = x.scalar_type() == at::kFloat;
   switch (pred_type) {
     case at::kFloat:
       launch_masked_mse<float, float>(grad, loss, work, pred, x, weight, patch, norm_pix);
+      break;
+    case at::kHalf:
+      if (x_f32) {
+        launch_masked_mse<c10::Half, float, float>(grad, loss, work, pred, x, weight, patch, norm_pix);
+      } else {
+        launch_masked_mse<c10::Half, c10::Half, float>(grad, loss, work, pred, x, weight, patch, norm_pix);
+      }
       break;
     case at::kBFloat16:
       if (x_f32) {
@@ -330,8 +347,8 @@ __global__ void __launch_bounds__(kScaleThreads)
 void scale_grad_cuda(const at::Tensor& grad, const at::Tensor& scale) {
   TORCH_CHECK(grad.is_cuda(), "scale_grad_: grad must be a CUDA tensor, got one on ", grad.device());
   check_cuda_tensor(scale, "scale_grad_: scale", grad);
-  TORCH_CHECK(is_float_kind(grad.scalar_type()), "scale_grad_: grad must be float32, float64 or bfloat16, got ",
-              grad.scalar_type());
+  TORCH_CHECK(is_float_kind(grad.scalar_type()),
+              "scale_grad_: grad must be float32, float64, float16 or bfloat16, got ", grad.scalar_type());
   TORCH_CHECK(grad.is_contiguous(), "scale_grad_: grad must be contiguous (it is scaled in place), got strides ",
               grad.strides());
   TORCH_CHECK(scale.numel() == 1 && (scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kDouble),
@@ -344,7 +361,7 @@ void scale_grad_cuda(const at::Tensor& grad, const at::Tensor& scale) {
   const bool scale_is_double = scale_c.scalar_type() == at::kDouble;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t max_blocks = 4 * static_cast<int64_t>(num_sms(grad.get_device()));
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad.scalar_type(), "scale_grad_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "scale_grad_cuda", [&] {
     constexpr int kVec = 16 / sizeof(scalar_t);
     const bool vectorised = is_aligned(grad.data_ptr(), 16);
     const int64_t work_items = vectorised ? ceil_div(n, kVec) : n;

@@ -271,7 +271,8 @@ RowLaunch row_launch(int64_t rows, int64_t units) {
 }
 
 void check_float_tensor(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(is_float_kind(t.scalar_type()), name, " must be float32, float64 or bfloat16, got ", t.scalar_type());
+  TORCH_CHECK(is_float_kind(t.scalar_type()), name, " must be float32, float64, float16 or bfloat16, got ",
+              t.scalar_type());
 }
 
 void check_ids_and_mask(const char* op, const at::Tensor& ids_keep, const at::Tensor& mask, int64_t B, int64_t K,
@@ -445,7 +446,7 @@ at::Tensor hidden_sum_cuda(const at::Tensor& grad_in, const at::Tensor& mask_in)
   const at::Tensor grad = grad_in.contiguous(), mask = mask_in.contiguous();
   at::Tensor out = at::empty({E}, grad.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad.scalar_type(), "hidden_sum_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "hidden_sum_cuda", [&] {
     using A = acc_t<scalar_t>;
     constexpr int kVec = 16 / sizeof(scalar_t);
     const bool vectorised = E % kVec == 0 && is_aligned(grad.data_ptr(), 16);

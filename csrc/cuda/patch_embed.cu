@@ -3,13 +3,13 @@
 //
 // Forward: a gather kernel copies only the kept patches of x into a contiguous (B·N, F) buffer
 // (F = C·p^k, features (c, i, j, t) as in an nn.Conv{k}d weight), then one cuBLAS GEMM
-// (at::addmm / at::mm; bf16 runs in bf16 with fp32 accumulation). Bias goes into addmm; with pos,
+// (at::addmm / at::mm; bf16 and fp16 run in their dtype with fp32 accumulation). Bias goes into addmm; with pos,
 // a small kernel first writes pos[l] + bias into the output and the GEMM accumulates onto it.
 // Backward: grad_weight = grad_outᵀ · patches (patches gathered again), grad_x = col2im of
 // grad_out · weight, a kernel writing every element of grad_x (zeros for patches not read).
 // The gather and scatter move raw elements (2, 4 or 8 bytes), 16 bytes at a time when the
 // patch's innermost run allows it, so they need no dtype dispatch. x may be wider than the weight
-// (fp32 input, bf16 weights under autocast): the gathered patches are then rounded to the weight's
+// (fp32 input, bf16 or fp16 weights under autocast): the gathered patches are then rounded to the weight's
 // dtype, and grad_x is moved back in x's dtype.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -188,9 +188,10 @@ Checked check_patch_args(const char* op, const at::Tensor& x, const at::Tensor& 
                          const std::optional<at::Tensor>& keep, int64_t patch) {
   TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got one on ", x.device());
   check_cuda_tensor(weight, std::string(op) + ": weight", x);
-  TORCH_CHECK(is_float_kind(x.scalar_type()), op, ": x must be float32, float64 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(is_float_kind(weight.scalar_type()), op, ": weight must be float32, float64 or bfloat16, got ",
-              weight.scalar_type());
+  TORCH_CHECK(is_float_kind(x.scalar_type()), op, ": x must be float32, float64, float16 or bfloat16, got ",
+              x.scalar_type());
+  TORCH_CHECK(is_float_kind(weight.scalar_type()), op,
+              ": weight must be float32, float64, float16 or bfloat16, got ", weight.scalar_type());
   const PatchGeometry shape = make_patch_geometry(x, patch, 1);
   const int64_t F = shape.features, L = shape.patches, B = x.size(0);
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == F, op, ": weight must be (E, C·p^k) = (E, ", F, ") for input ",
@@ -222,7 +223,7 @@ struct Operands {
 };
 
 // cols (rows, F) of the kept patches of x in the weight's dtype: gathered in x's dtype, then rounded
-// when x is wider than the weight (an fp32 input with bf16 weights under autocast), so only the kept
+// when x is wider than the weight (an fp32 input with 16-bit weights under autocast), so only the kept
 // patches are read and converted.
 at::Tensor gather_in_weight_dtype(const Operands& o, const Checked& d, int64_t patch, cudaStream_t stream) {
   at::Tensor cols = at::empty({o.rows, d.F}, o.x.options());
@@ -266,7 +267,7 @@ at::Tensor patch_embed_forward_cuda(const at::Tensor& x_in, const at::Tensor& we
       const dim3 block(32, kRowThreads / 32);
       const int64_t blocks = ceil_div(rows, block.y);
       TORCH_CHECK(blocks < (int64_t(1) << 31), "patch_embed_forward: too many rows (", rows, ")");
-      AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, weight.scalar_type(), "patch_embed_pos_bias", [&] {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "patch_embed_pos_bias", [&] {
         pos_bias_kernel<scalar_t><<<static_cast<unsigned>(blocks), block, 0, stream>>>(
             out.data_ptr<scalar_t>(), pos.data_ptr<scalar_t>(), bias ? bias->data_ptr<scalar_t>() : nullptr,
             keep ? keep->data_ptr<int64_t>() : nullptr, rows, d.N, d.L, d.E);

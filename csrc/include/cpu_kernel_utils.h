@@ -24,8 +24,8 @@ inline void check_cpu_tensor(const at::Tensor& t, const char* name, const char* 
 
 inline void check_float_dtype(const at::Tensor& t, const char* name, const char* op) {
   const auto dtype = t.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16, op, ": ", name,
-              " must be float32, float64 or bfloat16, got ", dtype);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op, ": ",
+              name, " must be float32, float64, float16 or bfloat16, got ", dtype);
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

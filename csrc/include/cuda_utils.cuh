@@ -14,7 +14,8 @@
 namespace pyimputmae {
 namespace cuda {
 
-// Accumulation type: fp32 for bf16 and fp32 data, fp64 for fp64.
+// Accumulation type: fp32 for fp16, bf16 and fp32 data, fp64 for fp64 (at::opmath_type's choice).
+// 16-bit values convert through float (c10::Half / c10::BFloat16 operators, round to nearest even).
 template <typename T>
 struct AccType {
   using type = float;
@@ -60,7 +61,7 @@ inline void check_cuda_tensor(const at::Tensor& t, const std::string& name, cons
 }
 
 inline bool is_float_kind(at::ScalarType s) {
-  return s == at::kFloat || s == at::kDouble || s == at::kBFloat16;
+  return s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16;
 }
 
 // N consecutive values of T moved as one load/store of sizeof(T)*N bytes (a power of two up to 16).

@@ -124,12 +124,12 @@ def patch_embed(
         if keep.dim() != 2 or keep.shape[0] != x.shape[0] or keep.dtype != torch.int64:
             raise ValueError(f"keep must be (B, K) int64 with B = {x.shape[0]}, got {tuple(keep.shape)} {keep.dtype}")
         keep = keep.contiguous()
-    # The compute dtype: autocast's, else x's. x itself is not cast when it is float32, float64 or
-    # bfloat16: the kernels round the patches they read to the weight's dtype, so under autocast only
-    # the kept patches are read and no half-precision copy of the whole input is made or saved.
+    # The compute dtype: autocast's, else x's. x itself is not cast when it is float32, float64,
+    # float16 or bfloat16: the kernels round the patches they read to the weight's dtype, so under
+    # autocast only the kept patches are read and no half-precision copy of the whole input is made or saved.
     dtype = autocast_dtype(x.device) or x.dtype
     weight = weight.to(dtype)
-    if x.dtype not in (torch.float32, torch.float64, torch.bfloat16):
+    if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         x = x.to(dtype)
     bias = bias.to(dtype) if bias is not None else None
     pos = pos.to(dtype) if pos is not None else None
