@@ -97,6 +97,29 @@ def test_gpu_validated_falls_back_to_the_verbose_log_of_a_stopped_run(tmp_path, 
     assert 'GPU_VALIDATED = frozenset({("ext", "masking"), ("triton", "masked_mse")})' in out
 
 
+def test_gpu_validated_counts_the_later_float16_stage_too(tmp_path, capsys):
+    """The float16 cases run in their own later stage (test16): its junit file, or the log of a run
+    it stopped, counts with the first stage's, and a float16 failure un-validates the pair."""
+    tool = tool_module("gpu_validated")
+    junit = "<testsuites><testsuite>{}</testsuite></testsuites>"
+    (tmp_path / "junit_ops.xml").write_text(junit.format(
+        '<testcase classname="tests.test_masking" name="test_a[ext-cuda-fp32]"/>'
+        '<testcase classname="tests.test_masked_mse" name="test_b[triton-cuda-bf16]"/>'))
+    (tmp_path / "stage1_kernel_check.log").write_text("select_keep/long                   ok (0.1s)\n")
+    assert tool.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "the op tests' float16 cases did not run" in out
+    assert 'GPU_VALIDATED = frozenset({("ext", "masking"), ("triton", "masked_mse")})' in out
+    (tmp_path / "stage1_test_fp16.log").write_text(
+        "[gw0] [  1%] FAILED tests/test_masked_mse.py::test_b[triton-cuda-fp16] \n"
+        "[gw1] [  2%] PASSED tests/test_masking.py::test_a[ext-cuda-fp16] \n")
+    assert tool.main([str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "the op tests' float16 cases did not finish; counting the verdicts stage1_test_fp16.log printed" in out
+    assert "ext     masking      tests: 2 passed, 0 failed" in out
+    assert 'GPU_VALIDATED = frozenset({("ext", "masking")})' in out
+
+
 def test_gpu_validated_orders_each_family_by_its_measured_training_pass(tmp_path, capsys):
     """CUDA_ORDER from bench_large.json: validated backends fastest first (fwd+bwd, training dtype,
     every op of the family, check ok), then the reference; unvalidated or mismatching ones left out."""

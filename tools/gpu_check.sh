@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Checks for a fresh GPU machine (H100/H200; torch, triton, nvcc, ncu there; no network).
 #
-#   tools/gpu_check.sh OUTDIR [stages...]        default stages: env build test bench e2e sweep paper
+#   tools/gpu_check.sh OUTDIR [stages...]        default stages: env build test bench e2e sweep test16 paper
 #                                               (other: sanitize)
 #
 #   env    nvidia-smi, python/torch/triton/nvcc versions              -> OUTDIR/env.txt
@@ -14,8 +14,8 @@
 #          baselines at size large (warm_*.log).
 #          The later stages then find them compiled. The stage that times anything waits for them.
 #   test   tools/cuda_kernel_check.py: every CUDA code path once     -> stage1_kernel_check.log
-#          then the op tests' GPU cases, -m "gpu and not slow"       -> stage1_test.log, junit_ops.xml
-#          (pytest-xdist, 8 processes, when it is installed) and the pairs they validated
+#          then the op tests' GPU cases, -m "gpu and not slow", but   -> stage1_test.log, junit_ops.xml
+#          the float16 ones (pytest-xdist, 8 processes, when it is installed) and the pairs they validated
 #          (tools/gpu_validated.py)                                 -> validated.txt
 #          (only the Triton cases, with PYIMPUTMAE_NO_EXT=1, when the extension does not load)
 #   bench  tools/bench.py --device cuda --size large --quick          -> bench_large.json
@@ -29,6 +29,8 @@
 #          stage validated (tools/gpu_validated.py); with what is left, tools/saved_activations.py
 #                                                                    -> stage3_activations.log
 #          (builds the extension first when the machine has none: a second call on a fresh machine)
+#   test16 the float16 GPU cases of the op tests (training runs fp32 and bf16: those are validated
+#          first, fp16 with the time the timed stages leave)        -> stage1_test_fp16.log, junit_ops_fp16.xml
 #   sweep  tools/patch_embed_sweep.py: the Triton patch-embedding forward under a few tile
 #          configurations, large size, bf16                          -> patch_embed_sweep.json
 #   paper  tools/bench.py --device cuda --size paper --quick          -> bench_paper.json
@@ -43,7 +45,7 @@
 # A stage runs even when the one before it failed. OUTDIR/summary.tsv: stage, status, seconds, log.
 #
 # Knobs (environment): PYTHON (python3), GPU_CHECK_BUDGET_S (580: the whole script), BUILD_TIMEOUT_S
-# (240), TEST_TIMEOUT_S (120), TEST_WORKERS (8), BENCH_LARGE_TIMEOUT_S (150), E2E_TIMEOUT_S (240), E2E_MODES,
+# (240), TEST_TIMEOUT_S (120), TEST16_TIMEOUT_S (90), TEST_WORKERS (8), BENCH_LARGE_TIMEOUT_S (150), E2E_TIMEOUT_S (240), E2E_MODES,
 # SWEEP_TIMEOUT_S (90), BENCH_PAPER_TIMEOUT_S (120), REF_STEP_TIMEOUT_S (180), SANITIZE_TIMEOUT_S (150 per tool),
 # GPU_CHECK_WARM=0 (no background compilation), WARM_WAIT_S (60: how long a timed stage waits for
 # an unfinished warm-up before stopping it), GPU_CHECK_FORCE=1 (run the GPU stages without a
@@ -65,7 +67,7 @@ OUT=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX") || exit 2
 KEY_FILES=(summary.tsv validated.txt targets.md bench_large.json e2e.json patch_embed_sweep.json)
 shift
 STAGES=("$@")
-[[ ${#STAGES[@]} -eq 0 ]] && STAGES=(env build test bench e2e sweep paper)
+[[ ${#STAGES[@]} -eq 0 ]] && STAGES=(env build test bench e2e sweep test16 paper)
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT" || exit 2
@@ -277,29 +279,53 @@ stage_build() {
   fi
 }
 
+# the op tests' GPU cases: test_args JUNIT_FILE → the pytest arguments in TEST_ARGS
+test_files() {
+  TEST_FILES=()
+  local f
+  for f in "${OP_TESTS[@]}"; do [[ -f $f ]] && TEST_FILES+=("$f"); done
+  ((${#TEST_FILES[@]}))
+}
+test_args() {
+  # only the GPU cases (device "cuda" and the tests marked gpu): CI checks the CPU ones on every run.
+  # -v: a run cut short by its timeout still names every test it finished in the log
+  TEST_ARGS=(-v -rfE --maxfail=25 -m "gpu and not slow" -p no:cacheprovider --junitxml="$1")
+  "$PY" -c "import pytest_timeout" >/dev/null 2>&1 && TEST_ARGS+=(--timeout 120)
+  # several processes share the GPU: the cases are small, the time goes to Triton's JIT and Python
+  "$PY" -c "import xdist" >/dev/null 2>&1 && ((${TEST_WORKERS:-8} > 1)) && TEST_ARGS+=(-n "${TEST_WORKERS:-8}")
+  return 0
+}
+
+# the float16 cases run in their own later stage (test16): the dtypes training uses (fp32, bf16)
+# are validated first, and the fp16 ones with the time the timed stages leave
 stage_test() {
-  local files=() f
-  for f in "${OP_TESTS[@]}"; do [[ -f $f ]] && files+=("$f"); done
-  if ((${#files[@]} == 0)); then
+  if ! test_files; then
     skip test "none of ${OP_TESTS[*]} exists yet"
     return
   fi
-  # only the GPU cases (device "cuda" and the tests marked gpu): CI checks the CPU ones on every run.
-  # -v: a run cut short by its timeout still names every test it finished in the log
-  local args=(-v -rfE --maxfail=25 -m "gpu and not slow" -p no:cacheprovider --junitxml="$OUT/junit_ops.xml")
-  "$PY" -c "import pytest_timeout" >/dev/null 2>&1 && args+=(--timeout 120)
-  # several processes share the GPU: the cases are small, the time goes to Triton's JIT and Python
-  "$PY" -c "import xdist" >/dev/null 2>&1 && ((${TEST_WORKERS:-8} > 1)) && args+=(-n "${TEST_WORKERS:-8}")
+  test_args "$OUT/junit_ops.xml"
   local log="$OUT/stage1_test.log"
   if ext_loads; then
     # first: every CUDA code path once (seconds), so its verdict exists even if the suite overruns
     run_step kernel-check 120 "$OUT/stage1_kernel_check.log" "$PY" tools/cuda_kernel_check.py
-    run_step test "${TEST_TIMEOUT_S:-120}" "$log" "$PY" -m pytest "${files[@]}" "${args[@]}" -k "not synthetic"
+    run_step test "${TEST_TIMEOUT_S:-120}" "$log" "$PY" -m pytest "${TEST_FILES[@]}" "${TEST_ARGS[@]}" \
+      -k "not synthetic and not fp16"
   else
     echo "the extension does not load: only the Triton tests, with PYIMPUTMAE_NO_EXT=1" | tee -a "$log"
     run_step test-triton-only "${TEST_TIMEOUT_S:-120}" "$log" \
-      env PYIMPUTMAE_NO_EXT=1 "$PY" -m pytest "${files[@]}" "${args[@]}" -k "not synthetic and triton"
+      env PYIMPUTMAE_NO_EXT=1 "$PY" -m pytest "${TEST_FILES[@]}" "${TEST_ARGS[@]}" -k "not synthetic and triton and not fp16"
   fi
+}
+stage_test16() {
+  if ! test_files; then
+    skip test16 "none of ${OP_TESTS[*]} exists yet"
+    return
+  fi
+  test_args "$OUT/junit_ops_fp16.xml"
+  local log="$OUT/stage1_test_fp16.log" extra=()
+  ext_loads || extra=(env PYIMPUTMAE_NO_EXT=1)
+  run_step test16 "${TEST16_TIMEOUT_S:-90}" "$log" "${extra[@]}" "$PY" -m pytest "${TEST_FILES[@]}" "${TEST_ARGS[@]}" \
+    -k "not synthetic and fp16$([[ ${#extra[@]} -gt 0 ]] && echo ' and triton')"
 }
 
 stage_sanitize() {
@@ -403,14 +429,14 @@ echo "gpu_check: stages ${STAGES[*]} -> $OUT (budget ${BUDGET}s)"
 for stage in "${STAGES[@]}"; do
   case $stage in
     env) stage_env ;;
-    build | test | bench | e2e | sweep | paper | sanitize)
+    build | test | test16 | bench | e2e | sweep | paper | sanitize)
       if [[ $HAVE_GPU != 1 ]]; then
         skip "$stage" "no GPU ($GPU_WHY); GPU_CHECK_FORCE=1 runs it anyway"
       else
         "stage_$stage"
       fi
       ;;
-    *) skip "$stage" "unknown stage (env build test bench e2e sweep paper sanitize)" ;;
+    *) skip "$stage" "unknown stage (env build test bench e2e sweep test16 paper sanitize)" ;;
   esac
 done
 
@@ -431,7 +457,7 @@ for s in (r for r in data["records"] if r.get("summary")):
           + (f"  vs conv {fmt(s.get('speedup_vs_conv'))}" if "speedup_vs_conv" in s else ""))
 PYEOF
 done
-if [[ -f $OUT/junit_ops.xml || -f $OUT/stage1_kernel_check.log ]]; then
+if [[ -f $OUT/junit_ops.xml || -f $OUT/stage1_test.log || -f $OUT/stage1_kernel_check.log ]]; then
   echo
   echo "== which (backend, family) pairs this run validated (tools/gpu_validated.py)"
   "$PY" tools/gpu_validated.py "$OUT" | tee "$OUT/validated.txt"

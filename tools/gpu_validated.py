@@ -4,7 +4,9 @@
     python tools/gpu_validated.py OUTDIR
 
 Reads ``OUTDIR/junit_ops.xml`` (the op tests' GPU cases; when pytest was stopped before it wrote
-that file, the verdicts its ``-v`` log ``OUTDIR/stage1_test.log`` printed) and ``OUTDIR/stage1_kernel_check.log``
+that file, the verdicts its ``-v`` log ``OUTDIR/stage1_test.log`` printed), the same for their
+float16 cases (``junit_ops_fp16.xml`` / ``stage1_test_fp16.log``, a later stage: a failure there
+un-validates the pair too) and ``OUTDIR/stage1_kernel_check.log``
 (``tools/cuda_kernel_check.py``: every CUDA code path once). A pair is validated when at least one
 of its CUDA test cases passed and none failed; for ``ext`` also every kernel-check case of the
 family passed. Cases of ``tests/test_compile.py`` exercise every family at once, so they count for
@@ -125,16 +127,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("outdir", type=Path)
     opts = parser.parse_args(argv)
-    junit, check_log = opts.outdir / "junit_ops.xml", opts.outdir / "stage1_kernel_check.log"
-    test_log = opts.outdir / "stage1_test.log"
+    check_log = opts.outdir / "stage1_kernel_check.log"
     tests = collections.Counter()
-    if junit.exists():
-        tests = junit_outcomes(junit)
-    elif test_log.exists():
-        print(f"no {junit}: the op tests did not finish; counting the verdicts {test_log.name} printed")
-        tests = log_outcomes(test_log)
-    else:
-        print(f"no {junit} nor {test_log}: the op tests did not run")
+    # the op tests' GPU cases: fp32/bf16/fp64 (stage "test"), then float16 (stage "test16")
+    for junit_name, log_name, what in (("junit_ops.xml", "stage1_test.log", "the op tests"),
+                                       ("junit_ops_fp16.xml", "stage1_test_fp16.log", "the op tests' float16 cases")):
+        junit, test_log = opts.outdir / junit_name, opts.outdir / log_name
+        if junit.exists():
+            tests += junit_outcomes(junit)
+        elif test_log.exists():
+            print(f"no {junit}: {what} did not finish; counting the verdicts {test_log.name} printed")
+            tests += log_outcomes(test_log)
+        else:
+            print(f"no {junit} nor {test_log}: {what} did not run")
     checks = kernel_check_outcomes(check_log) if check_log.exists() else collections.Counter()
     if not check_log.exists():
         print(f"no {check_log}: the CUDA kernel check did not run")
