@@ -49,6 +49,12 @@ def test_unknown_backend_name_is_rejected():
         _backends.resolve("masking", torch.device("cpu"), "fortran")
 
 
+def write_junit(path: Path, cases: list[tuple[str, str, str]]) -> None:
+    """A pytest junit file of ``(classname, name, body)`` test cases."""
+    path.write_text("<testsuites><testsuite>" + "".join(f'<testcase classname="{c}" name="{n}">{body}</testcase>'
+                                                        for c, n, body in cases) + "</testsuite></testsuites>")
+
+
 def test_gpu_validated_reads_which_pairs_passed_on_the_gpu(tmp_path, capsys):
     """tools/gpu_validated.py: a (backend, family) pair is validated only when its CUDA cases passed,
     none failed and, for ext, the kernel check of the family passed; CPU cases do not count."""
@@ -62,9 +68,7 @@ def test_gpu_validated_reads_which_pairs_passed_on_the_gpu(tmp_path, capsys):
         ("tests.test_patch_embed", "test_c[triton-cpu]", ""),  # a CPU case: not evidence
         ("tests.test_compile", "test_d[ext-cuda]", ""),  # every family
     ]
-    (tmp_path / "junit_ops.xml").write_text(
-        "<testsuites><testsuite>" + "".join(f'<testcase classname="{c}" name="{n}">{body}</testcase>'
-                                           for c, n, body in cases) + "</testsuite></testsuites>")
+    write_junit(tmp_path / "junit_ops.xml", cases)
     (tmp_path / "stage1_kernel_check.log").write_text(
         "select_keep/long                   ok (0.1s)\nmasked_mse/fp32_raw                ok (0.1s)\n"
         "patch_embed/3d_fp32_16B_all        FAIL AssertionError: out (0.2s)\n")
@@ -101,10 +105,8 @@ def test_gpu_validated_counts_the_later_float16_stage_too(tmp_path, capsys):
     """The float16 cases run in their own later stage (test16): its junit file, or the log of a run
     it stopped, counts with the first stage's, and a float16 failure un-validates the pair."""
     tool = tool_module("gpu_validated")
-    junit = "<testsuites><testsuite>{}</testsuite></testsuites>"
-    (tmp_path / "junit_ops.xml").write_text(junit.format(
-        '<testcase classname="tests.test_masking" name="test_a[ext-cuda-fp32]"/>'
-        '<testcase classname="tests.test_masked_mse" name="test_b[triton-cuda-bf16]"/>'))
+    write_junit(tmp_path / "junit_ops.xml", [("tests.test_masking", "test_a[ext-cuda-fp32]", ""),
+                                             ("tests.test_masked_mse", "test_b[triton-cuda-bf16]", "")])
     (tmp_path / "stage1_kernel_check.log").write_text("select_keep/long                   ok (0.1s)\n")
     assert tool.main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
