@@ -7,7 +7,8 @@ Every backend offers the same kernel-level functions (the schemas in ``csrc/ops.
 Backends: ``ext`` (our compiled C++ / CUDA kernels, ``pyimputmae._C``), ``triton``
 (``pyimputmae.kernels``), ``reference`` (plain PyTorch, ``pyimputmae.reference.backend``).
 Order for CUDA tensors: per op family ``CUDA_ORDER`` (ext → triton → reference until a GPU run
-measures which is faster), among the pairs in ``GPU_VALIDATED``; for CPU tensors: ext → reference. Triton runs
+measures which is faster), among the pairs in ``GPU_VALIDATED`` (for float16 tensors also in
+``GPU_VALIDATED_FP16``); for CPU tensors: ext → reference. Triton runs
 on CPU tensors only when asked for by name, under ``TRITON_INTERPRET=1``. A per-call ``backend=``
 wins over ``PYIMPUTMAE_BACKEND`` (one name for every op, or ``family=name`` pairs separated by
 commas, e.g. ``masked_mse=triton,patch_embed=ext``), which wins over the default order.
@@ -34,6 +35,9 @@ ALIASES = {"cpp": "ext", "cpu": "ext", "cuda": "ext", "c++": "ext", "ref": "refe
 #: these; the others run when asked for by name (backend= or PYIMPUTMAE_BACKEND), or for all of
 #: them with PYIMPUTMAE_GPU_UNVALIDATED=1 (what tools/gpu_check.sh sets to validate them).
 GPU_VALIDATED = frozenset({("triton", "masking"), ("triton", "masked_mse")})
+#: the pairs of GPU_VALIDATED whose float16 cases passed on a GPU too (tools/gpu_check.sh runs them in a
+#: later stage, test16): for float16 tensors on CUDA the automatic choice needs a pair in both sets
+GPU_VALIDATED_FP16: frozenset[tuple[str, str]] = frozenset()
 
 #: the automatic order on CUDA tensors per op family, fastest first: tools/gpu_validated.py prints it
 #: from a GPU run's bench_large.json (the family's training-pass times of its validated backends).
@@ -169,14 +173,16 @@ def resolve(family: str, device: torch.device, requested: str = "auto",
     for name in default_order(device, family):
         if name in DTYPES and not DTYPES[name].issuperset(dtypes):
             continue
-        if availability(name, device)[0] and _validated(name, family, device):
+        if availability(name, device)[0] and _validated(name, family, device, dtypes):
             return name
     return "reference"
 
 
-def _validated(name: str, family: str, device: torch.device) -> bool:
+def _validated(name: str, family: str, device: torch.device, dtypes: tuple[torch.dtype, ...] = ()) -> bool:
     if device.type != "cuda" or name == "reference" or os.environ.get("PYIMPUTMAE_GPU_UNVALIDATED") == "1":
         return True
+    if torch.float16 in dtypes and (name, family) not in GPU_VALIDATED_FP16:
+        return False
     return (name, family) in GPU_VALIDATED
 
 
@@ -208,4 +214,11 @@ def explain(device: torch.device) -> dict[str, dict]:
                                   "(backend=, PYIMPUTMAE_BACKEND) or with PYIMPUTMAE_GPU_UNVALIDATED=1")
             reasons[name] = (ok, why)
         out[family] = {"backend": chosen, "candidates": {n: {"ok": ok, "why": why} for n, (ok, why) in reasons.items()}}
+        if device.type == "cuda":  # float16 needs its own GPU validation
+            try:
+                half = resolve(family, device, dtypes=(torch.float16,))
+            except BackendError as err:
+                half = f"error: {err}"
+            if half != chosen:
+                out[family]["float16_backend"] = half
     return out

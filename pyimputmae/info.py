@@ -119,7 +119,9 @@ def render(info: dict) -> str:
             lines.append(f"  ext: {table['ext']}; triton: {table['triton']}")
             continue
         for family, entry in table.items():
-            lines.append(f"  {family:12s} → {entry['backend']}")
+            half = (f" (float16: {entry['float16_backend']}, its float16 kernels not yet validated on a GPU)"
+                    if "float16_backend" in entry else "")
+            lines.append(f"  {family:12s} → {entry['backend']}{half}")
             for name, cand in entry["candidates"].items():
                 mark = "ok " if cand["ok"] else "no "
                 lines.append(f"      {mark}{name:9s} {cand['why']}")

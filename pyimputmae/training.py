@@ -271,7 +271,8 @@ class _Trainer:
     def _save(self, pos: _Position, model: nn.Module, opt, sched, scaler, rng: torch.Tensor | None) -> None:
         grads = None
         if pos.micro:
-            # saved unscaled (fp16's loss scale is a power of two: exact), so a resume may change amp
+            # saved unscaled (fp16's loss scale is a power of two: exact): with amp="auto", a resume on
+            # another GPU may run another precision
             scale = scaler.get_scale() if scaler.is_enabled() else 1.0
             grads = {n: p.grad.detach().cpu() / scale for n, p in model.named_parameters() if p.grad is not None}
         state = {

@@ -103,7 +103,8 @@ def test_gpu_validated_falls_back_to_the_verbose_log_of_a_stopped_run(tmp_path, 
 
 def test_gpu_validated_counts_the_later_float16_stage_too(tmp_path, capsys):
     """The float16 cases run in their own later stage (test16): its junit file, or the log of a run
-    it stopped, counts with the first stage's, and a float16 failure un-validates the pair."""
+    it stopped, decides which validated pairs are validated for float16 too (GPU_VALIDATED_FP16);
+    a float16 failure leaves the pair's other dtypes validated and makes the exit status 1."""
     tool = tool_module("gpu_validated")
     write_junit(tmp_path / "junit_ops.xml", [("tests.test_masking", "test_a[ext-cuda-fp32]", ""),
                                              ("tests.test_masked_mse", "test_b[triton-cuda-bf16]", "")])
@@ -112,14 +113,18 @@ def test_gpu_validated_counts_the_later_float16_stage_too(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "the op tests' float16 cases did not run" in out
     assert 'GPU_VALIDATED = frozenset({("ext", "masking"), ("triton", "masked_mse")})' in out
+    assert "GPU_VALIDATED_FP16 = frozenset({})" in out
     (tmp_path / "stage1_test_fp16.log").write_text(
         "[gw0] [  1%] FAILED tests/test_masked_mse.py::test_b[triton-cuda-fp16] \n"
         "[gw1] [  2%] PASSED tests/test_masking.py::test_a[ext-cuda-fp16] \n")
     assert tool.main([str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert "the op tests' float16 cases did not finish; counting the verdicts stage1_test_fp16.log printed" in out
-    assert "ext     masking      tests: 2 passed, 0 failed" in out
-    assert 'GPU_VALIDATED = frozenset({("ext", "masking")})' in out
+    assert "ext     masking      tests: 1 passed, 0 failed, 0 skipped; kernel check: 1 ok, 0 failed; float16: 1 " \
+           "passed, 0 failed  -> VALIDATED, float16 too" in out
+    assert "float16: 1 passed, 1 failed" not in out and "float16: 0 passed, 1 failed  -> VALIDATED, not float16" in out
+    assert 'GPU_VALIDATED = frozenset({("ext", "masking"), ("triton", "masked_mse")})' in out
+    assert 'GPU_VALIDATED_FP16 = frozenset({("ext", "masking")})' in out
 
 
 def test_gpu_validated_orders_each_family_by_its_measured_training_pass(tmp_path, capsys):
@@ -167,6 +172,25 @@ def test_auto_follows_the_per_family_cuda_order(monkeypatch):
     monkeypatch.delenv("PYIMPUTMAE_GPU_UNVALIDATED")
     monkeypatch.setattr(_backends, "GPU_VALIDATED", frozenset({("ext", "patch_embed")}))
     assert _backends.resolve("patch_embed", cuda) == "ext", "an unvalidated backend is skipped even when first"
+
+
+def test_float16_on_cuda_needs_its_own_gpu_validation(monkeypatch):
+    """A pair validated on a GPU with fp32/bf16 cases is not used for float16 CUDA tensors until its
+    float16 cases passed there too (GPU_VALIDATED_FP16); `pyimputmae info` says where they go."""
+    monkeypatch.setattr(_backends, "availability", lambda name, device: (True, "stub"))
+    monkeypatch.delenv("PYIMPUTMAE_GPU_UNVALIDATED", raising=False)
+    monkeypatch.delenv("PYIMPUTMAE_BACKEND", raising=False)
+    monkeypatch.setattr(_backends, "GPU_VALIDATED", frozenset({("triton", "masking"), ("ext", "masking")}))
+    monkeypatch.setattr(_backends, "GPU_VALIDATED_FP16", frozenset({("triton", "masking")}))
+    cuda = torch.device("cuda")
+    assert _backends.resolve("masking", cuda, dtypes=(torch.bfloat16,)) == "ext"
+    assert _backends.resolve("masking", cuda, dtypes=(torch.float16, torch.float32)) == "triton"
+    assert _backends.resolve("masking", cuda, "ext", (torch.float16,)) == "ext"  # asked for by name
+    assert _backends.resolve("masking", torch.device("cpu"), dtypes=(torch.float16,)) == "ext"  # CPU: no gate
+    monkeypatch.setattr(_backends, "GPU_VALIDATED_FP16", frozenset())
+    assert _backends.resolve("masking", cuda, dtypes=(torch.float16,)) == "reference"
+    explained = _backends.explain(cuda)["masking"]
+    assert explained["backend"] == "ext" and explained["float16_backend"] == "reference"
 
 
 def test_float16_autocast_runs_on_ext_like_the_reference():
@@ -291,8 +315,9 @@ def test_gpu_targets_judges_each_target_from_one_run_and_says_what_was_not_measu
     not finish: it may have been the reference's best)."""
     tool = tool_module("gpu_targets")
     _bench_file(tmp_path / "bench_large.json", "NVIDIA H200", mse_eager_ms=0.45, mse_roofline=0.75)
-    e2e = {"device": "NVIDIA H200", "ours": {"eager": {"patients_per_s": 1800.0, "peak_GB": 2.6},
-                                             "graph": {"patients_per_s": 5600.0, "peak_GB": 2.6}},
+    e2e = {"device": "NVIDIA H200", "config": "paper", "batch": 96, "dtype": "bf16",
+           "ours": {"eager": {"patients_per_s": 1800.0, "peak_GB": 2.6},
+                    "graph": {"patients_per_s": 5600.0, "peak_GB": 2.6}},
            "reference": {"error": "timed out", "eager fp32": {"patients_per_s": 1250.0, "peak_GB": 4.2},
                          "eager bf16": {"patients_per_s": 1220.0, "peak_GB": 2.9}}}
     (tmp_path / "e2e.json").write_text(json.dumps(e2e))
@@ -306,7 +331,7 @@ def test_gpu_targets_judges_each_target_from_one_run_and_says_what_was_not_measu
     assert got[mse + "memory beyond the gradient"][1] == "met"  # 128.5 MB against a 128 MB gradient
     assert got["`patch_embed3d` bf16 fwd: speed-up over compiled reshape + F.linear"] == ("1.16× (triton 0.08 ms)",
                                                                                          "missed")
-    assert got["`masking_fill` fp32 fwd+bwd: memory roofline"][1] == "not measured: no passing backend of ours"
+    assert got["`masking_fill` fp32 fwd+bwd: memory roofline"][1] == "not measured: no masking_fill fwd+bwd fp32 record"
     step = next(v for k, v in got.items() if k.startswith("whole pre-training step"))
     assert step[1].startswith("not measured: the reference's compile bf16 did not finish (timed out)")
     assert step[0].endswith("→ 4.48×")
@@ -318,6 +343,27 @@ def test_gpu_targets_judges_each_target_from_one_run_and_says_what_was_not_measu
     e2e["reference"]["compile bf16"]["peak_GB"] = 3.0
     (tmp_path / "e2e.json").write_text(json.dumps(e2e))
     assert tool.e2e_verdict(tmp_path / "e2e.json").verdict == "met"
+    # under 2× against the modes that finished: missed, whatever the unfinished mode would have given
+    e2e["ours"]["graph"]["patients_per_s"] = 2400.0
+    e2e["reference"].pop("compile bf16")
+    (tmp_path / "e2e.json").write_text(json.dumps(e2e))
+    assert tool.e2e_verdict(tmp_path / "e2e.json").verdict.startswith(
+        "missed (even before the reference's compile bf16 did not finish")
+    # another setting than the authors' configuration, batch 96, bf16 is not the target's measurement
+    (tmp_path / "e2e.json").write_text(json.dumps({**e2e, "config": "small", "batch": 8}))
+    assert tool.e2e_verdict(tmp_path / "e2e.json").verdict.startswith(
+        "not measured: run with {'config': 'small', 'batch': 8, 'dtype': 'bf16'}")
+    # every timed backend of ours wrong: missed, not "not measured"
+    bench = json.loads((tmp_path / "bench_large.json").read_text())
+    for r in bench["records"]:
+        if r.get("op") == "patch_embed3d" and r.get("backend") == "triton":
+            r["check"] = "MISMATCH 3e-1"
+    bench["records"] = [r for r in bench["records"] if not r.get("summary")]
+    bench["records"] += tool_module("bench").summarize(bench["records"])
+    (tmp_path / "bench_large.json").write_text(json.dumps(bench))
+    verdict = {v.target: v.verdict for v in tool.bench_verdicts(tmp_path / "bench_large.json")}
+    assert verdict["`patch_embed3d` bf16 fwd: speed-up over compiled reshape + F.linear"] == (
+        "missed: every timed backend of ours failed its correctness guard: triton (MISMATCH 3e-1)")
     # the same figures from another card are not the issue's measurement
     _bench_file(tmp_path / "bench_large.json", "NVIDIA A100-SXM4-80GB", mse_eager_ms=0.45, mse_roofline=0.75)
     verdicts = tool.bench_verdicts(tmp_path / "bench_large.json")

@@ -189,6 +189,28 @@ def test_new_patients_with_a_level_the_fitted_encoding_lacks_are_named(files: Pa
     np.testing.assert_array_equal(apply_clinical(m.clinical, fitted)[:, 0], [np.nan, 0, np.nan, np.nan])
 
 
+def test_a_free_text_column_gets_advice_to_leave_it_out_not_to_fix_spellings(files: Path):
+    rows = "".join(f"P{i},1,{i % 2},{'train' if i < 20 else 'test'},note {i}\n" for i in range(40))
+    path = write(files, "patient_id,time,event,split,comment\n" + rows)
+    with pytest.warns(ManifestWarning) as caught:
+        read_manifest(path)
+    [message] = [str(w.message) for w in caught]
+    assert message.startswith("manifest.csv: clinical column 'comment': 20 value(s) of a level no training patient "
+                              "had (training levels: 'note 0', 'note 1', 'note 10', ")
+    assert message.endswith("line 22 (patient 'P20') 'note 20', line 23 (patient 'P21') 'note 21', line 24 (patient "
+                            "'P22') 'note 22', line 25 (patient 'P23') 'note 23', line 26 (patient 'P24') 'note 24', "
+                            "line 27 (patient 'P25') 'note 25', line 28 (patient 'P26') 'note 26', line 29 (patient "
+                            "'P27') 'note 27', line 30 (patient 'P28') 'note 28', line 31 (patient 'P29') 'note 29' "
+                            "and 10 more; read as unknown, as the model has no feature for it (its values rarely "
+                            "repeat (identifiers or free text?): leave it out of the clinical columns (name the ones "
+                            "to use: --clinical, or clinical_columns in the settings))")
+    # a column no training patient has a value in gives no feature and no warning, as with a fitted encoding
+    path = write(files, "patient_id,time,event,split,grade\nP1,1,1,train,\nP2,1,0,test,G2\n", "empty.csv")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_manifest(path)
+
+
 def test_a_typo_in_a_yes_no_column_is_a_stray_not_a_category(files: Path):
     answers = ["yes"] * 50 + ["no"] * 50 + ["yse"]
     rows = "".join(f"P{i},1,{i % 2},{a}\n" for i, a in enumerate(answers))

@@ -32,7 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
-#: the anchor script's default modes (ANCHOR_MODES unset); the target is against the best of them
+#: the anchor script's default modes (ANCHOR_MODES unset); the target is against the best of them, so
+#: a run that restricts them (ANCHOR_MODES) does not measure it
 REFERENCE_MODES = ("eager fp32", "eager bf16", "compile bf16")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -276,12 +277,14 @@ def main(argv: list[str] | None = None) -> int:
         speedup = ours[best]["patients_per_s"] / refs[best_ref]["patients_per_s"]
         peak_ratio = ours[best]["peak_GB"] / refs[best_ref]["peak_GB"]
         # the target is against the reference's best mode: a default mode that did not finish may be it
-        missing = [m for m in REFERENCE_MODES if m not in refs] if not os.environ.get("ANCHOR_MODES") else []
+        # (a mode that did not finish can only raise the bar: under 2× against the others is a miss)
+        missing = [m for m in REFERENCE_MODES if m not in refs]
         met = speedup >= 2.0 and peak_ratio < 1.0
-        result.update(best_ref=best_ref, speedup=speedup, peak_ratio=peak_ratio, target_met=None if missing else met)
+        result.update(best_ref=best_ref, speedup=speedup, peak_ratio=peak_ratio,
+                      target_met=None if missing and speedup >= 2.0 else met)
         print(f"speed-up over the reference's best ({best_ref}): {speedup:.2f}x (target 2x); "
               f"peak memory {peak_ratio:.2f}x of its peak")
-        if missing:
+        if missing and speedup >= 2.0:
             result["target_note"] = (f"not measured: the reference's {', '.join(missing)} did not finish; against "
                                      f"the modes that did, the target would be {'met' if met else 'missed'}")
             print(result["target_note"])

@@ -29,8 +29,9 @@
 #          stage validated (tools/gpu_validated.py); with what is left, tools/saved_activations.py
 #                                                                    -> stage3_activations.log
 #          (builds the extension first when the machine has none: a second call on a fresh machine)
-#   test16 the float16 GPU cases of the op tests (training runs fp32 and bf16: those are validated
-#          first, fp16 with the time the timed stages leave)        -> stage1_test_fp16.log, junit_ops_fp16.xml
+#   test16 the float16 GPU cases of the op tests: they decide GPU_VALIDATED_FP16 (bf16 is what training
+#          runs on an H100/H200, so its cases come first; fp16, the choice of amp="auto" on older GPUs,
+#          gets the time the timed stages leave)                   -> stage1_test_fp16.log, junit_ops_fp16.xml
 #   sweep  tools/patch_embed_sweep.py: the Triton patch-embedding forward under a few tile
 #          configurations, large size, bf16                          -> patch_embed_sweep.json
 #   paper  tools/bench.py --device cuda --size paper --quick          -> bench_paper.json
@@ -296,8 +297,8 @@ test_args() {
   return 0
 }
 
-# the float16 cases run in their own later stage (test16): the dtypes training uses (fp32, bf16)
-# are validated first, and the fp16 ones with the time the timed stages leave
+# the float16 cases run in their own later stage (test16), which decides GPU_VALIDATED_FP16: the
+# dtypes an H100/H200 trains in (bf16, fp32) are validated first, fp16 with the time left
 stage_test() {
   if ! test_files; then
     skip test "none of ${OP_TESTS[*]} exists yet"
@@ -457,7 +458,8 @@ for s in (r for r in data["records"] if r.get("summary")):
           + (f"  vs conv {fmt(s.get('speedup_vs_conv'))}" if "speedup_vs_conv" in s else ""))
 PYEOF
 done
-if [[ -f $OUT/junit_ops.xml || -f $OUT/stage1_test.log || -f $OUT/stage1_kernel_check.log ]]; then
+if compgen -G "$OUT/junit_ops*.xml" >/dev/null || compgen -G "$OUT/stage1_test*.log" >/dev/null ||
+  [[ -f $OUT/stage1_kernel_check.log ]]; then
   echo
   echo "== which (backend, family) pairs this run validated (tools/gpu_validated.py)"
   "$PY" tools/gpu_validated.py "$OUT" | tee "$OUT/validated.txt"

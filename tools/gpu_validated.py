@@ -5,12 +5,13 @@
 
 Reads ``OUTDIR/junit_ops.xml`` (the op tests' GPU cases; when pytest was stopped before it wrote
 that file, the verdicts its ``-v`` log ``OUTDIR/stage1_test.log`` printed), the same for their
-float16 cases (``junit_ops_fp16.xml`` / ``stage1_test_fp16.log``, a later stage: a failure there
-un-validates the pair too) and ``OUTDIR/stage1_kernel_check.log``
+float16 cases (``junit_ops_fp16.xml`` / ``stage1_test_fp16.log``, a later stage) and ``OUTDIR/stage1_kernel_check.log``
 (``tools/cuda_kernel_check.py``: every CUDA code path once). A pair is validated when at least one
 of its CUDA test cases passed and none failed; for ``ext`` also every kernel-check case of the
 family passed. Cases of ``tests/test_compile.py`` exercise every family at once, so they count for
-each. Prints one line per pair and the set to put into ``pyimputmae._backends.GPU_VALIDATED``.
+each. A validated pair is validated for float16 too when its float16 cases ran, at least one passed
+and none failed. Prints one line per pair and the sets to put into
+``pyimputmae._backends.GPU_VALIDATED`` and ``GPU_VALIDATED_FP16``.
 With ``OUTDIR/bench_large.json`` it also prints ``CUDA_ORDER``: per family its validated backends,
 fastest first by the summed ``fwd+bwd`` median time of the family's bench ops in the training dtype
 (bf16 for patch embedding, fp32 for the others) whose correctness guard passed, then the reference.
@@ -128,22 +129,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("outdir", type=Path)
     opts = parser.parse_args(argv)
     check_log = opts.outdir / "stage1_kernel_check.log"
-    tests = collections.Counter()
     # the op tests' GPU cases: fp32/bf16/fp64 (stage "test"), then float16 (stage "test16")
-    for junit_name, log_name, what in (("junit_ops.xml", "stage1_test.log", "the op tests"),
-                                       ("junit_ops_fp16.xml", "stage1_test_fp16.log", "the op tests' float16 cases")):
+    stages = {}
+    for key, junit_name, log_name, what in (
+            ("main", "junit_ops.xml", "stage1_test.log", "the op tests"),
+            ("fp16", "junit_ops_fp16.xml", "stage1_test_fp16.log", "the op tests' float16 cases")):
         junit, test_log = opts.outdir / junit_name, opts.outdir / log_name
+        stages[key] = collections.Counter()
         if junit.exists():
-            tests += junit_outcomes(junit)
+            stages[key] = junit_outcomes(junit)
         elif test_log.exists():
             print(f"no {junit}: {what} did not finish; counting the verdicts {test_log.name} printed")
-            tests += log_outcomes(test_log)
+            stages[key] = log_outcomes(test_log)
         else:
             print(f"no {junit} nor {test_log}: {what} did not run")
+    tests, half = stages["main"], stages["fp16"]
     checks = kernel_check_outcomes(check_log) if check_log.exists() else collections.Counter()
     if not check_log.exists():
         print(f"no {check_log}: the CUDA kernel check did not run")
-    validated, any_failed = [], False
+    validated, validated16, any_failed = [], [], False
     for backend in BACKENDS:
         for family in FAMILIES:
             passed, failed, skipped = (tests[(backend, family, o)] for o in ("passed", "failed", "skipped"))
@@ -154,11 +158,18 @@ def main(argv: list[str] | None = None) -> int:
                 line += f"; kernel check: {c_ok} ok, {c_fail} failed"
                 ok = ok and c_ok > 0 and c_fail == 0
                 failed += c_fail
-            any_failed |= failed > 0
-            print(f"{line}  -> {'VALIDATED' if ok else 'not validated'}")
+            h_ok, h_fail = half[(backend, family, "passed")], half[(backend, family, "failed")]
+            line += f"; float16: {h_ok} passed, {h_fail} failed"
+            ok16 = ok and h_ok > 0 and h_fail == 0
+            any_failed |= failed > 0 or h_fail > 0
+            verdict = ("VALIDATED, float16 too" if ok16 else "VALIDATED, not float16" if ok else "not validated")
+            print(f"{line}  -> {verdict}")
             if ok:
                 validated.append((backend, family))
+            if ok16:
+                validated16.append((backend, family))
     print("GPU_VALIDATED = frozenset({" + ", ".join(f'("{b}", "{f}")' for b, f in validated) + "})")
+    print("GPU_VALIDATED_FP16 = frozenset({" + ", ".join(f'("{b}", "{f}")' for b, f in validated16) + "})")
     bench_path = opts.outdir / "bench_large.json"
     if bench_path.exists():
         order = cuda_order(json.loads(bench_path.read_text(encoding="utf-8")), validated)

@@ -405,15 +405,22 @@ def _unseen_levels(name: str, clinical: Any, kinds: dict[str, str], fitted: dict
             levels = set(known[c])
         else:
             levels = {values[k] for k in train if not is_unknown(values[k])}
+            if not levels:
+                continue  # no feature at all, as with a fitted encoding that does not use the column
         unseen = [k for k, v in enumerate(values) if not is_unknown(v) and v not in levels]
         if not unseen:
             continue
         shown = ", ".join(f"line {rows[k][0]} (patient {rows[k][1]!r}) {values[k]!r}" for k in unseen[:10])
         more = f" and {len(unseen) - 10} more" if len(unseen) > 10 else ""
         among = ", ".join(repr(v) for v in sorted(levels)[:20]) + (", …" if len(levels) > 20 else "")
+        if len({values[k] for k in unseen}) > 10:  # values that rarely repeat are no categories
+            hint = ("its values rarely repeat (identifiers or free text?): leave it out of the clinical columns "
+                    "(name the ones to use: --clinical, or clinical_columns in the settings)")
+        else:
+            hint = "if it is a training level spelled differently, correct the spelling"
         messages.append(f"{name}: clinical column {c!r}: {len(unseen)} value(s) of a level no training patient had "
-                        f"(training levels: {among or 'none'}): {shown}{more}; read as unknown, as the model has no "
-                        "feature for it (if it is a training level spelled differently, correct the spelling)")
+                        f"(training levels: {among}): {shown}{more}; read as unknown, as the model has no "
+                        f"feature for it ({hint})")
     return messages
 
 

@@ -175,11 +175,13 @@ def _run_omics_stage(root: Any, out: Path, manifest: Manifest, cfg: PreprocessCo
     for m in (m for m in cfg.modalities if m in _OMICS_MODALITIES):
         if (_progress(out) / f"{m}.json").exists():
             continue
+        # the cohort-level omics warnings are kept for the report's summary; every warning is shown
+        # as it would have been (the others went through the usual filters while recorded)
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+            warnings.simplefilter("always", OmicsWarning)
             stage = run_omics(manifest.ids, manifest.sources[m], train, getattr(cfg, m),
                               fitted.get(m) if fitted else None, max(1, workers), progress, m)
-        for w in caught:  # shown as they were, and the cohort-level ones kept for the report's summary
+        for w in caught:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
         noted = [str(w.message) for w in caught if issubclass(w.category, OmicsWarning)]
         root[f"{m}/data"][:] = stage.values
