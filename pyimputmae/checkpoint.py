@@ -164,7 +164,8 @@ def resume_differences(saved: dict[str, Any], train_config: dict[str, Any], mode
 
 
 #: What a run writes in out_dir (relative paths); an out_dir holding any of them holds a run.
-RUN_FILES = ("checkpoints/last.pt", "model.pt", "metrics.json", "metrics.jsonl", "config.json", "tensorboard")
+RUN_FILES = ("checkpoints/last.pt", "model.pt", "metrics.json", "metrics.jsonl", "config.json", "tensorboard",
+             "training_curves.png", "risk_groups.png")
 
 
 def check_out_dir(cfg: TrainConfig) -> None:

@@ -5,6 +5,7 @@
   pyimputmae train --config FILE       pre-train + fine-tune from a YAML/JSON configuration
   pyimputmae predict --model M --data STORE --out preds.csv
   pyimputmae impute  --model M --data STORE --out imputed.npz
+  pyimputmae plot RUN_DIR              loss curves from RUN_DIR/metrics.jsonl (also while it trains)
   pyimputmae preprocess MANIFEST --out STORE.zarr
 
 predict and impute check that the store fits the model: the same clinical columns in the same
@@ -92,6 +93,21 @@ def _train(args: argparse.Namespace) -> int:
         print(f"{split:5s} C-index {m['c_index']:.3f}  CS-score {m['cs_score']:.3f}  IBS {m['ibs']:.3f}  "
               f"Harrell C {m['harrell_c']:.3f}")
     print(f"model: {result.paths['model']}")
+    for name in ("training_curves", "risk_groups"):
+        if name in result.paths:
+            print(f"figure: {result.paths[name]}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from .plots import plot_history, read_history
+
+    run = Path(args.run)
+    history = read_history(run)
+    out = Path(args.out) if args.out else (run if run.is_dir() else run.parent) / "training_curves.png"
+    plot_history(history, out)
+    stages = {r["stage"]: r["step"] for r in history}
+    print(f"{out}: {len(history)} records, " + ", ".join(f"{s} up to step {n}" for s, n in stages.items()))
     return 0
 
 
@@ -187,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", nargs="+", type=_key_value, default=[], metavar="KEY=VALUE",
                    help="override settings (JSON values); model.FIELD=... changes one model setting")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("plot", help="loss curves of a training run from its metrics.jsonl (also while it runs)")
+    p.add_argument("run", help="the run's out_dir, or its metrics.jsonl")
+    p.add_argument("--out", default=None, help="PNG file (default: training_curves.png in the run's folder)")
+    p.set_defaults(func=_plot)
 
     for name, func, what in (("predict", _predict, "survival curves and risk scores (CSV)"),
                              ("impute", _impute, "inputs with missing modalities imputed (NPZ)")):

@@ -22,8 +22,8 @@ import torch
 from .baselines import coxph_clinical
 from .data.cohort import Cohort
 from .data.synthetic import make_cohort
-from .inference import predict_survival
 from .model.config import ModelConfig
+from .plots import new_figure, plot_risk_groups
 from .training import TrainResult, train
 
 #: Settings of the demo's training runs (small model; sized for ~2 minutes per arm on 2 CPU cores).
@@ -55,46 +55,8 @@ def demo_config() -> ModelConfig:
     return ModelConfig.small(**DEMO_MODEL)
 
 
-def _risk(curves: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    """Risk score = −(restricted mean survival time up to the last cut)."""
-    return -(curves[:, 1:] @ np.diff(grid))
-
-
-def plot_risk_groups(model, cohort: Cohort, test_idx: np.ndarray, path: Path) -> dict[str, float]:
-    """Kaplan–Meier curves of the test patients split at the median predicted risk; log-rank p."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from lifelines import KaplanMeierFitter
-    from lifelines.statistics import logrank_test
-
-    grid = model.cuts.cpu().numpy()
-    risk = _risk(predict_survival(model, cohort, test_idx), grid)
-    t = cohort.time[torch.as_tensor(test_idx)].cpu().numpy()
-    e = cohort.event[torch.as_tensor(test_idx)].cpu().numpy()
-    high = risk > np.median(risk)
-    p = float(logrank_test(t[high], t[~high], e[high], e[~high]).p_value)
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for mask, label, colour in ((~high, "predicted low risk", "tab:blue"), (high, "predicted high risk", "tab:red")):
-        KaplanMeierFitter().fit(t[mask], e[mask], label=f"{label} (n={int(mask.sum())})").plot_survival_function(
-            ax=ax, color=colour, ci_show=True)
-    ax.set_xlabel("years")
-    ax.set_ylabel("survival probability")
-    ax.set_title(f"Test patients by predicted risk (log-rank p = {p:.2g})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return {"logrank_p": p, "n_high": int(high.sum()), "n_low": int((~high).sum())}
-
-
 def plot_imputation(model, cohort: Cohort, test_idx: np.ndarray, path: Path) -> dict[str, Any]:
     """Hide a test patient's MRI (then RNA), impute it from the rest, and plot it against the truth."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(cohort.modalities)
     present = cohort.present[torch.as_tensor(test_idx)].cpu().numpy()
     mri, rna = names.index("mri"), names.index("rna")
@@ -119,7 +81,8 @@ def plot_imputation(model, cohort: Cohort, test_idx: np.ndarray, path: Path) -> 
     out["mri_corr"] = float(np.corrcoef(true_mri.reshape(-1).numpy(), rec_mri.reshape(-1).numpy())[0, 1])
     out["rna_corr"] = float(np.corrcoef(true_rna, rec_rna)[0, 1])
     z = true_mri.shape[0] // 2
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
+    fig = new_figure(figsize=(11, 3.6))
+    axes = fig.subplots(1, 3)
     lim = float(max(true_mri.abs().max(), rec_mri.abs().max()))
     axes[0].imshow(true_mri[z].numpy(), cmap="gray", vmin=-lim, vmax=lim)
     axes[0].set_title("MRI, true (central slice)")
@@ -136,7 +99,6 @@ def plot_imputation(model, cohort: Cohort, test_idx: np.ndarray, path: Path) -> 
     fig.suptitle(f"Imputation of held-out modalities, test patient {out['patient']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return out
 
 

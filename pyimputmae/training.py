@@ -416,6 +416,31 @@ class _Trainer:
         return saved_stage == stage and s["position"]["epoch"] >= epochs and s["position"]["batch"] == 0
 
 
+def _draw_figures(out: Path, history: list[dict], model: nn.Module | None, cohort: Cohort,
+                  test_idx: np.ndarray) -> dict[str, str]:
+    """training_curves.png (the losses, learning rate and fp16 loss scale by step) and, after
+    fine-tuning, risk_groups.png (Kaplan–Meier curves of the test patients by predicted risk, when
+    the test split has deaths among at least 4 patients). A figure that cannot be drawn is a
+    warning: the model and metrics are already written."""
+    from . import plots
+
+    drawn: dict[str, str] = {}
+    jobs = [("training_curves", lambda path: plots.plot_history(history, path))]
+    events = float(cohort.event[torch.as_tensor(test_idx, device=cohort.event.device)].sum()) if len(test_idx) else 0
+    if model is not None and len(test_idx) >= 4 and events > 0:
+        jobs.append(("risk_groups", lambda path: plots.plot_risk_groups(model, cohort, test_idx, path)))
+    for name, draw in jobs:
+        path = out / f"{name}.png"
+        try:
+            draw(path)
+        except Exception as err:  # a figure must not cost the finished run
+            warnings.warn(f"{path}: could not draw the figure ({type(err).__name__}: {err}); the model and "
+                          "metrics are written", RuntimeWarning, stacklevel=3)
+        else:
+            drawn[name] = str(path)
+    return drawn
+
+
 # ----------------------------------------------------------------------------------- public
 def train(config: TrainConfig | str | os.PathLike | Mapping[str, Any] | None = None, *,
           cohort: Cohort | None = None, **overrides: Any) -> TrainResult:
@@ -424,7 +449,8 @@ def train(config: TrainConfig | str | os.PathLike | Mapping[str, Any] | None = N
     config: a :class:`TrainConfig`, a YAML/JSON path or a dict; ``overrides``: any TrainConfig field.
     cohort: an in-memory :class:`Cohort` to use instead of ``config.data`` / the synthetic one.
     Outputs in ``out_dir``: ``model.pt`` (for :func:`load`), ``metrics.json``, ``metrics.jsonl``
-    (the history), ``config.json``, ``checkpoints/last.pt``. Everything that can be checked before
+    (the history), ``config.json``, ``checkpoints/last.pt``, and the figures ``training_curves.png``
+    and (after fine-tuning, when the test split has deaths) ``risk_groups.png``. Everything that can be checked before
     training (settings, out_dir, cohort, model, the checkpoint to resume, ``pretrain_from``) is
     checked before anything is written. torch's thread count and deterministic-algorithms mode,
     which ``num_threads`` / ``deterministic`` set, are restored when it returns.
@@ -510,4 +536,5 @@ def _train(cfg: TrainConfig, cohort: Cohort | None) -> TrainResult:
              "config": str(out / "config.json")}
     save_model(model, paths["model"], metrics, cfg)
     Path(paths["metrics"]).write_text(json.dumps(metrics, indent=1))
+    paths.update(_draw_figures(out, trainer.history, model if cfg.finetune else None, cohort, test_idx))
     return TrainResult(model=model, metrics=metrics, history=trainer.history, paths=paths, config=cfg)

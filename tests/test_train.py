@@ -33,8 +33,10 @@ def cohort():
 
 def test_train_pretrains_finetunes_and_writes_everything(tmp_path, cohort):
     res = train(cohort=cohort, model=TINY, out_dir=str(tmp_path), checkpoint_every=2, **FAST)
-    for key in ("model", "metrics", "history", "checkpoint", "config"):
+    for key in ("model", "metrics", "history", "checkpoint", "config", "training_curves", "risk_groups"):
         assert Path(res.paths[key]).exists(), key
+    for key in ("training_curves", "risk_groups"):  # figures: PNG files
+        assert Path(res.paths[key]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", key
     assert {"train", "test"} <= set(res.metrics)
     for m in res.metrics.values():
         assert set(m) == {"c_index", "ibs", "cs_score", "harrell_c"}
@@ -143,10 +145,13 @@ def test_an_out_dir_holding_a_run_is_not_overwritten_by_accident(tmp_path, cohor
                                               r" model.pt.*resume=True .*overwrite=True .*another out_dir"):
         train(**run)
     assert (tmp_path / "metrics.jsonl").read_bytes() == log
-    (tmp_path / "tensorboard").mkdir()  # a file of the old run that the new one would not rewrite
+    assert (tmp_path / "training_curves.png").exists()
+    (tmp_path / "tensorboard").mkdir()  # files of the old run that the new one would not rewrite
+    (tmp_path / "risk_groups.png").write_bytes(b"old figure")  # (no fine-tuning: no risk groups drawn)
     (tmp_path / "notes.txt").write_text("mine")
     train(**run, overwrite=True)
     assert not (tmp_path / "tensorboard").exists() and (tmp_path / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "risk_groups.png").exists()
     (tmp_path / "checkpoints" / "last.pt").unlink()
     with pytest.raises(FileExistsError, match="no checkpoint .* only the finished run's model.pt"):
         train(**run, resume=True)

@@ -1,0 +1,143 @@
+"""Figures of a training run: loss curves from its history, Kaplan–Meier curves by predicted risk.
+
+:func:`train` draws both into its ``out_dir`` when it finishes; ``pyimputmae plot RUN_DIR`` draws
+the loss curves from ``metrics.jsonl`` at any time, also while the run is still going.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+#: the fields of a history record that are not a loss to plot
+BOOKKEEPING = frozenset({"stage", "epoch", "step", "loss", "lr", "patients_per_s", "loss_scale"})
+STAGE_TITLES = {"pretrain": "pre-training: masked reconstruction (MSE)",
+                "finetune": "fine-tuning: survival loss (NLL)"}
+
+
+def new_figure(**kwargs: Any) -> Any:
+    """A matplotlib ``Figure`` outside pyplot: drawing it to a file changes no global state (a
+    notebook's backend stays as it is) and needs no display."""
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
+
+def read_history(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a run's ``metrics.jsonl`` (``path``: the file or the run's folder).
+
+    A last line cut short (a run killed while it wrote) is left out with a warning; any other line
+    that is not a JSON record is an error naming the file and the line."""
+    path = Path(path)
+    why = "a run of pyimputmae.train writes metrics.jsonl in its out_dir after its first logged step"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such run folder or metrics.jsonl file ({why})")
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file ({why})")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                warnings.warn(f"{path} line {number}: cut short ({err.msg}), left out: the run was probably "
+                              "stopped while writing it", RuntimeWarning, stacklevel=2)
+                continue
+            raise ValueError(f"{path} line {number}: not a JSON record ({err.msg}): {line[:80]!r}") from None
+        if not isinstance(record, dict) or "stage" not in record or "step" not in record:
+            raise ValueError(f"{path} line {number}: not a training record (no 'stage' and 'step'): {line[:80]!r}")
+        records.append(record)
+    return records
+
+
+def plot_history(history: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
+    """Loss curves of a run against the optimizer step of each stage: pre-training's loss with its
+    per-modality parts, fine-tuning's loss, the learning rate, and fp16's loss scale when logged.
+
+    history: :func:`train`'s ``TrainResult.history`` or :func:`read_history`'s records. Writes a PNG
+    to ``path`` and returns it."""
+    stages = [s for s in STAGE_TITLES if any(r.get("stage") == s for r in history)]
+    if not stages:
+        raise ValueError("the history holds no record of a training stage: nothing to plot")
+    scaled = any("loss_scale" in r for r in history)
+    panels = len(stages) + 1 + scaled
+    fig = new_figure(figsize=(4.3 * panels, 3.5))
+    axes = list(fig.subplots(1, panels, squeeze=False)[0])
+    for ax, stage in zip(axes, stages):
+        recs = [r for r in history if r.get("stage") == stage]
+        steps = [r["step"] for r in recs]
+        parts = [k for k in recs[-1] if k not in BOOKKEEPING and isinstance(recs[-1][k], (int, float))]
+        ax.plot(steps, [r["loss"] for r in recs], color="black", lw=1.8, label="total" if parts else "loss")
+        for k in parts:
+            ax.plot(steps, [r.get(k, math.nan) for r in recs], lw=1.0, label=k)
+        if all(r["loss"] > 0 for r in recs):
+            ax.set_yscale("log")
+        ax.set_title(STAGE_TITLES[stage], fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.legend(fontsize=8)
+    ax = axes[len(stages)]
+    for stage in stages:
+        recs = [r for r in history if r.get("stage") == stage and "lr" in r]
+        ax.plot([r["step"] for r in recs], [r["lr"] for r in recs], label=stage)
+    ax.set_title("learning rate", fontsize=10)
+    ax.set_xlabel("optimizer step")
+    ax.legend(fontsize=8)
+    if scaled:
+        ax = axes[-1]
+        for stage in stages:
+            recs = [r for r in history if r.get("stage") == stage and "loss_scale" in r]
+            ax.step([r["step"] for r in recs], [r["loss_scale"] for r in recs], where="post", label=stage)
+        ax.set_yscale("log", base=2)
+        ax.set_title("fp16 loss scale (lowered on overflow)", fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def risk_scores(curves: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Risk score = −(restricted mean survival time up to the last cut): ``curves (N, T)`` on ``grid (T,)``."""
+    return -(curves[:, 1:] @ np.diff(grid))
+
+
+def plot_risk_groups(model: Any, cohort: Any, idx: np.ndarray, path: str | os.PathLike,
+                     split: str = "test") -> dict[str, float]:
+    """Kaplan–Meier curves of the patients ``idx`` split at their median predicted risk, with the
+    log-rank p-value; writes a PNG to ``path`` and returns ``{"logrank_p", "n_high", "n_low"}``."""
+    from lifelines import KaplanMeierFitter
+    from lifelines.statistics import logrank_test
+
+    from .inference import predict_survival
+
+    grid = model.cuts.cpu().numpy()
+    risk = risk_scores(predict_survival(model, cohort, idx), grid)
+    t = cohort.time[torch.as_tensor(idx)].cpu().numpy()
+    e = cohort.event[torch.as_tensor(idx)].cpu().numpy()
+    high = risk > np.median(risk)
+    p = float(logrank_test(t[high], t[~high], e[high], e[~high]).p_value)
+    fig = new_figure(figsize=(5.5, 4))
+    ax = fig.subplots()
+    for mask, label, colour in ((~high, "predicted low risk", "tab:blue"), (high, "predicted high risk", "tab:red")):
+        KaplanMeierFitter().fit(t[mask], e[mask], label=f"{label} (n={int(mask.sum())})").plot_survival_function(
+            ax=ax, color=colour, ci_show=True)
+    ax.set_xlabel("years")
+    ax.set_ylabel("survival probability")
+    ax.set_title(f"{split.capitalize()} patients by predicted risk (log-rank p = {p:.2g})")
+    fig.tight_layout()
+    fig.savefig(Path(path), dpi=120)
+    return {"logrank_p": p, "n_high": int(high.sum()), "n_low": int((~high).sum())}

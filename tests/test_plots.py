@@ -1,0 +1,77 @@
+"""Figures of a run: loss curves from the history (pyimputmae plot), drawn without touching
+matplotlib's global state; metrics.jsonl read back, a line cut short by a kill left out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pyimputmae import cli
+from pyimputmae.plots import plot_history, read_history
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def history(fp16: bool = False) -> list[dict]:
+    records = []
+    for step in range(1, 6):
+        rec = {"stage": "pretrain", "epoch": step - 1, "step": step, "loss": 2.0 / step, "lr": 1e-3 * step / 5,
+               "patients_per_s": 100.0, "rna": 1.0 / step, "mri": 1.0 / step}
+        records.append({**rec, "loss_scale": 65536.0 / 2 ** (step // 3)} if fp16 else rec)
+    for step in range(1, 4):
+        rec = {"stage": "finetune", "epoch": 0, "step": step, "loss": 3.0 - step / 2, "lr": 1e-4,
+               "patients_per_s": 50.0}
+        records.append({**rec, "loss_scale": 32768.0} if fp16 else rec)
+    return records
+
+
+def write_log(folder: Path, records: list[dict], tail: str = "") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + tail)
+    return folder
+
+
+@pytest.mark.parametrize("fp16", [False, True], ids=["bf16", "fp16_loss_scale"])
+def test_loss_curves_are_drawn_without_changing_the_users_matplotlib_backend(tmp_path, fp16):
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    path = plot_history(history(fp16), tmp_path / "curves.png")
+    assert path.read_bytes()[:8] == PNG
+    assert matplotlib.get_backend() == before  # a notebook's inline backend stays as it was
+
+
+def test_a_history_without_a_stage_is_refused():
+    with pytest.raises(ValueError, match="no record of a training stage"):
+        plot_history([], "never.png")
+
+
+def test_reading_the_log_of_a_killed_run_and_errors_naming_the_file_and_line(tmp_path):
+    run = write_log(tmp_path / "run", history(), tail='{"stage": "finetune", "ep')
+    with pytest.warns(RuntimeWarning, match=r"metrics.jsonl line 9: cut short .* left out"):
+        assert len(read_history(run)) == 8
+    broken = write_log(tmp_path / "broken", history())
+    lines = (broken / "metrics.jsonl").read_text().splitlines()
+    lines[2] = "garbage"
+    (broken / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"broken/metrics.jsonl line 3: not a JSON record"):
+        read_history(broken / "metrics.jsonl")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty/metrics.jsonl: no such file \(a run of pyimputmae.train"):
+        read_history(tmp_path / "empty")
+
+
+def test_the_plot_command_draws_a_runs_curves_and_reports_a_bad_folder_in_one_line(tmp_path, capsys):
+    run = write_log(tmp_path / "run", history(fp16=True))
+    assert cli.main(["plot", str(run)]) == 0
+    assert (run / "training_curves.png").read_bytes()[:8] == PNG
+    assert capsys.readouterr().out.strip() == (f"{run / 'training_curves.png'}: 8 records, pretrain up to step 5, "
+                                               "finetune up to step 3")
+    assert cli.main(["plot", str(run / "metrics.jsonl"), "--out", str(tmp_path / "mine.png")]) == 0
+    assert (tmp_path / "mine.png").exists()
+    assert cli.main(["plot", str(tmp_path / "nowhere")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"pyimputmae plot: error: {tmp_path / 'nowhere'}: no such run folder or metrics.jsonl file (a "
+                   "run of pyimputmae.train writes metrics.jsonl in its out_dir after its first logged step)"]
