@@ -91,15 +91,24 @@ class BenchRun:
         return None
 
 
+def _best(run: BenchRun, op: str, pass_: str, dtype: str, target: str,
+          threshold: str) -> tuple[dict, None] | tuple[None, Verdict]:
+    """The summary record of ``op``/``pass_``/``dtype`` when one of our backends is its best, else the verdict."""
+    s = run.summary(op, pass_, dtype)
+    if s is None:
+        return None, Verdict(target, "-", threshold, f"not measured: no {op} {pass_} {dtype} record")
+    if not s.get("best_backend"):
+        return None, Verdict(target, "-", threshold, run.no_best_reason(op, pass_, dtype))
+    return s, None
+
+
 def _ratio_target(run: BenchRun, op: str, pass_: str, dtype: str, baseline: str, at_least: float,
                   label: str) -> Verdict:
     threshold = f"≥ {at_least:g}× {label}"
     target = f"`{op}` {dtype} {pass_}: speed-up over {label}"
-    s = run.summary(op, pass_, dtype)
+    s, verdict = _best(run, op, pass_, dtype, target, threshold)
     if s is None:
-        return Verdict(target, "-", threshold, f"not measured: no {op} {pass_} {dtype} record")
-    if not s.get("best_backend"):
-        return Verdict(target, "-", threshold, run.no_best_reason(op, pass_, dtype))
+        return verdict
     value = s.get(f"speedup_vs_{baseline}")
     if value is None:
         return Verdict(target, "-", threshold, f"not measured: the {label} baseline has no time")
@@ -110,11 +119,9 @@ def _ratio_target(run: BenchRun, op: str, pass_: str, dtype: str, baseline: str,
 def _roofline_target(run: BenchRun, op: str, pass_: str, dtype: str, at_least: float) -> Verdict:
     threshold = f"≥ {at_least:.0%} of the copy bandwidth"
     target = f"`{op}` {dtype} {pass_}: memory roofline"
-    s = run.summary(op, pass_, dtype)
+    s, verdict = _best(run, op, pass_, dtype, target, threshold)
     if s is None:
-        return Verdict(target, "-", threshold, f"not measured: no {op} {pass_} {dtype} record")
-    if not s.get("best_backend"):
-        return Verdict(target, "-", threshold, run.no_best_reason(op, pass_, dtype))
+        return verdict
     r = run.ours(op, pass_, dtype, s["best_backend"])
     frac = r.get("roofline_frac") if r else None
     if frac is None:
