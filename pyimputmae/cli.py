@@ -12,7 +12,8 @@ predict and impute check that the store fits the model: the same clinical column
 order and the same preprocessing (make stores of new patients with `preprocess --fitted
 TRAINING_STORE`). Exit status: 0 done; 1 failed (one line `pyimputmae COMMAND: error: ...` for bad
 input or settings; the traceback too for an unexpected error); 2 bad command line; 130
-interrupted. --traceback (or PYIMPUTMAE_TRACEBACK=1) shows the traceback of every error.
+interrupted; 143 SIGTERM (train stops at a batch and writes a checkpoint first). --traceback
+(or PYIMPUTMAE_TRACEBACK=1) shows the traceback of every error.
 """
 
 from __future__ import annotations
@@ -258,12 +259,18 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. Exit status: 0 done; 1 the command failed — one line ``pyimputmae COMMAND:
     error: MESSAGE`` on stderr for bad input, a missing file or a bad setting, the traceback too for
     anything unexpected (a bug); 2 the command line itself is wrong (argparse); 130 interrupted
-    (Ctrl-C). ``--traceback`` or ``PYIMPUTMAE_TRACEBACK=1`` shows the traceback of every error."""
+    (Ctrl-C), 143 stopped by SIGTERM (``train`` first writes a checkpoint at the batch it reached).
+    ``--traceback`` or ``PYIMPUTMAE_TRACEBACK=1`` shows the traceback of every error."""
     args = build_parser().parse_args(argv)
     verbose = args.traceback or os.environ.get("PYIMPUTMAE_TRACEBACK", "") not in ("", "0")
     try:
         return args.func(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        from .training import TrainingInterrupted
+
+        if isinstance(err, TrainingInterrupted):  # stopped at a batch boundary, checkpoint written
+            print(f"pyimputmae {args.command}: {err}", file=sys.stderr)
+            return 143 if err.signal == "SIGTERM" else 130
         resume = "; `pyimputmae train --resume` continues from the last checkpoint" if args.command == "train" else ""
         print(f"pyimputmae {args.command}: interrupted{resume}", file=sys.stderr)
         return 130

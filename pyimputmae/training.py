@@ -25,6 +25,7 @@ import importlib.util
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -238,6 +239,76 @@ class _Logger:
             self.tb.close()
 
 
+# ----------------------------------------------------------------------------------- stopping
+class TrainingInterrupted(KeyboardInterrupt):
+    """:func:`train` was stopped by SIGINT (Ctrl-C) or SIGTERM (``kill``, a batch scheduler's time
+    limit or pre-emption) after writing a checkpoint at the batch it had reached; ``resume=True``
+    continues from there. ``signal``: the signal's name; ``checkpoint``: the file, or None when it
+    came before any training."""
+
+    def __init__(self, message: str, signal: str, checkpoint: str | None) -> None:
+        super().__init__(message)
+        self.signal, self.checkpoint = signal, checkpoint
+
+
+class StopRequests:
+    """SIGINT and SIGTERM while :func:`train` runs (in the main thread; elsewhere signals keep their
+    handlers). The first one asks the loop to stop at the next batch boundary, after a checkpoint;
+    a second SIGINT stops at once (the checkpoint is then the last periodic one)."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self, checkpoint_path: Path | None = None) -> None:
+        self.signal: str | None = None
+        self.checkpoint_path = checkpoint_path
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequests:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                number = getattr(signal, name)
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
+
+    def _handle(self, number: int, frame: Any) -> None:
+        import signal
+
+        name = signal.Signals(number).name
+        if self.signal is not None:
+            if name == "SIGINT":
+                raise KeyboardInterrupt  # a second Ctrl-C: at once
+            return
+        self.signal = name
+        print(f"\npyimputmae train: {name} received: stopping after this batch, once a checkpoint is written "
+              "(Ctrl-C again stops at once, from the last periodic checkpoint)", file=sys.stderr, flush=True)
+
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def check(self, where: str, saved: bool) -> None:
+        """Raise :class:`TrainingInterrupted` if a stop was asked for; ``saved``: the checkpoint holds
+        the run up to ``where``."""
+        if self.signal is None:
+            return
+        path = str(self.checkpoint_path) if saved and self.checkpoint_path else None
+        if path:
+            message = (f"stopped by {self.signal} at {where}; checkpoint {path} holds everything so far: "
+                       "resume=True (pyimputmae train --resume) continues from there")
+        else:
+            message = f"stopped by {self.signal} before training started: nothing to save"
+        raise TrainingInterrupted(message, self.signal, path)
+
+
 # ----------------------------------------------------------------------------------- stages
 @dataclass
 class _Position:
@@ -256,6 +327,8 @@ class _Trainer:
         self.ckpt_path = self.out / checkpoint.RUN_FILES[0]
         self.amp = amp_dtype(cfg.amp, device)
         self.saved, self.identity = saved, identity  # the checkpoint being resumed (None: a new run)
+        self._restored_window: dict[str, float] | None = None
+        self.stop = StopRequests(self.ckpt_path)  # SIGINT / SIGTERM while it trains (installed by _train)
         self.history: list[dict] = list(saved["history"]) if saved else []
         tb = self.out / "tensorboard" if cfg.tensorboard else None
         self.logger = _Logger(self.out / "metrics.jsonl", self.history, tb)
@@ -268,7 +341,10 @@ class _Trainer:
         fused = self.device.type == "cuda"
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused)
 
-    def _save(self, pos: _Position, model: nn.Module, opt, sched, scaler, rng: torch.Tensor | None) -> None:
+    def _save(self, pos: _Position, model: nn.Module, opt, sched, scaler, rng: torch.Tensor | None,
+              window: dict[str, float] | None = None) -> None:
+        """Write the checkpoint of ``pos``; ``window``: the steps since the last log record (their
+        summed loss, count and patients), so that a resumed run logs the same record."""
         grads = None
         if pos.micro:
             # saved unscaled (fp16's loss scale is a power of two: exact): with amp="auto", a resume on
@@ -288,6 +364,7 @@ class _Trainer:
             "mask_rng": None if rng is None else rng.detach().cpu(),
             "rng": checkpoint.rng_state(),
             "partial_grads": grads,
+            "window": window,
             "history": self.history,
             "saved_at": time.time(),
         }
@@ -311,6 +388,7 @@ class _Trainer:
                 if n in s["partial_grads"]:
                     p.grad = s["partial_grads"][n].to(p.device) * scale
         checkpoint.set_rng_state(s["rng"])
+        self._restored_window = s.get("window")  # (none in checkpoints written before it was saved)
         self.saved = None
         return _Position(**s["position"])
 
@@ -348,9 +426,17 @@ class _Trainer:
 
             bar = tqdm(total=epochs * n_batches, initial=pos.epoch * n_batches + pos.batch, desc=stage,
                        unit="batch", dynamic_ncols=True, mininterval=0.5)
+        window, self._restored_window = self._restored_window, None  # the resumed checkpoint's, if any
         model.train()
         # the running loss stays on the device: one host sync per log record, not per step
-        window_loss, window_n, window_patients, t0 = torch.zeros((), device=self.device), 0, 0, time.perf_counter()
+        window_loss = torch.full((), (window or {}).get("loss_sum", 0.0), device=self.device)
+        window_n, window_patients = int((window or {}).get("n", 0)), int((window or {}).get("patients", 0))
+        t0 = time.perf_counter()
+
+        def window_state() -> dict[str, float]:
+            return {"loss_sum": float(window_loss), "n": window_n, "patients": window_patients}
+
+        self.stop.check(f"the start of {stage} epoch {pos.epoch} batch {pos.batch}", saved=self.ckpt_path.exists())
         for epoch, b, rows in self._batches(stage, idx, bs, pos):
             batch = self.cohort.batch(rows).to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, self.amp, enabled=self.amp is not None):
@@ -397,8 +483,15 @@ class _Trainer:
                 if bar is not None:
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", pps=f"{rec['patients_per_s']:.0f}")
                 window_loss, window_n, window_patients, t0 = window_loss.zero_(), 0, 0, time.perf_counter()
-            if pos.micro == 0 and pos.step % cfg.checkpoint_every == 0:
-                self._save(pos, model, opt, sched, scaler, rng)
+            saved = pos.micro == 0 and pos.step % cfg.checkpoint_every == 0
+            if saved:
+                self._save(pos, model, opt, sched, scaler, rng, window_state())
+            if self.stop.requested():  # SIGINT / SIGTERM: stop here, at a batch boundary, with nothing lost
+                if bar is not None:
+                    bar.close()
+                if not saved:
+                    self._save(pos, model, opt, sched, scaler, rng, window_state())
+                self.stop.check(f"{stage} epoch {pos.epoch} batch {pos.batch}", saved=True)
         if bar is not None:
             bar.close()
         pos = _Position(stage, epoch=epochs, batch=0, step=pos.step, micro=0)
@@ -502,6 +595,24 @@ def _train(cfg: TrainConfig, cohort: Cohort | None) -> TrainResult:
             cohort = cohort.to(device)
 
     trainer = _Trainer(cfg, model_cfg, cohort, device, saved, identity)
+    with trainer.stop:  # Ctrl-C / SIGTERM: stop at a batch boundary with a checkpoint
+        try:
+            model, metrics = _run(cfg, model_cfg, cohort, device, trainer, pretrained, train_idx, val_idx, test_idx)
+        finally:
+            trainer.logger.close()
+    paths = {"out_dir": str(out), "model": str(out / "model.pt"), "metrics": str(out / "metrics.json"),
+             "history": str(out / "metrics.jsonl"), "checkpoint": str(trainer.ckpt_path),
+             "config": str(out / "config.json")}
+    save_model(model, paths["model"], metrics, cfg)
+    Path(paths["metrics"]).write_text(json.dumps(metrics, indent=1))
+    paths.update(_draw_figures(out, trainer.history, model if cfg.finetune else None, cohort, test_idx))
+    return TrainResult(model=model, metrics=metrics, history=trainer.history, paths=paths, config=cfg)
+
+
+def _run(cfg: TrainConfig, model_cfg: ModelConfig, cohort: Cohort, device: torch.device, trainer: _Trainer,
+         pretrained: dict | None, train_idx: np.ndarray, val_idx: np.ndarray,
+         test_idx: np.ndarray) -> tuple[nn.Module, dict[str, dict[str, float]]]:
+    """The stages and the evaluation: the trained model and its metrics per split."""
     mae = ImputeMAE(model_cfg).to(device)
     if pretrained is not None:
         mae.load_state_dict(pretrained)
@@ -527,14 +638,9 @@ def _train(cfg: TrainConfig, cohort: Cohort | None) -> TrainResult:
         elif trainer.saved is not None:
             surv.load_state_dict(trainer.saved["model"])
         model = surv
+    trainer.stop.check("the end of training, before evaluation", saved=trainer.ckpt_path.exists())
+    if cfg.finetune:
         for split, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx)):
             if len(idx) and float(cohort.event[torch.as_tensor(idx, device=cohort.event.device)].sum()) > 0:
-                metrics[split] = evaluate_model(surv, cohort, idx, check=False)  # fitted on it
-    trainer.logger.close()
-    paths = {"out_dir": str(out), "model": str(out / "model.pt"), "metrics": str(out / "metrics.json"),
-             "history": str(out / "metrics.jsonl"), "checkpoint": str(trainer.ckpt_path),
-             "config": str(out / "config.json")}
-    save_model(model, paths["model"], metrics, cfg)
-    Path(paths["metrics"]).write_text(json.dumps(metrics, indent=1))
-    paths.update(_draw_figures(out, trainer.history, model if cfg.finetune else None, cohort, test_idx))
-    return TrainResult(model=model, metrics=metrics, history=trainer.history, paths=paths, config=cfg)
+                metrics[split] = evaluate_model(model, cohort, idx, check=False)  # fitted on it
+    return model, metrics

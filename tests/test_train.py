@@ -173,6 +173,24 @@ def test_the_cli_passes_overwrite_and_one_model_setting(monkeypatch):
     assert cfg.model_overrides == {"clinical_features": ["age"]} and cfg.pretrain_lr == 1e-3
 
 
+def test_the_cli_reports_a_stop_by_signal_with_its_exit_status(monkeypatch, capsys):
+    from pyimputmae import cli, training
+
+    for signal_name, status in (("SIGTERM", 143), ("SIGINT", 130)):
+        def stopped(config, _name=signal_name, **overrides):
+            raise training.TrainingInterrupted(f"stopped by {_name} at pretrain epoch 2 batch 5; checkpoint "
+                                               "runs/x/checkpoints/last.pt holds everything so far: resume=True "
+                                               "(pyimputmae train --resume) continues from there", _name,
+                                               "runs/x/checkpoints/last.pt")
+
+        monkeypatch.setattr(training, "train", stopped)
+        assert cli.main(["train"]) == status
+        assert capsys.readouterr().err.strip() == (
+            f"pyimputmae train: stopped by {signal_name} at pretrain epoch 2 batch 5; checkpoint "
+            "runs/x/checkpoints/last.pt holds everything so far: resume=True (pyimputmae train --resume) continues "
+            "from there")
+
+
 def test_the_model_takes_the_clinical_columns_of_the_data_unless_they_are_set(tmp_path, cohort):
     store_like = make_cohort(n_patients=96, shapes=TINY_SHAPES, seed=3)
     # what `pyimputmae preprocess` encodes by default: every manifest column, one-hot categories
@@ -257,6 +275,46 @@ def test_fp16_trains_with_loss_scaling_and_a_crash_resumes_to_the_same_weights(t
         train(out_dir=str(tmp_path / "crashed"), **run)
     monkeypatch.setattr(training._Trainer, "_save", save)
     resumed = train(out_dir=str(tmp_path / "crashed"), resume=True, **run)
+    timing = "patients_per_s"
+    assert [{k: v for k, v in r.items() if k != timing} for r in resumed.history] == [
+        {k: v for k, v in r.items() if k != timing} for r in whole.history]
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    assert [k for k in a if isinstance(a[k], torch.Tensor) and not torch.equal(a[k], b[k])] == []
+
+
+def test_sigterm_stops_at_a_batch_with_a_checkpoint_and_the_resumed_run_loses_nothing(tmp_path, cohort, monkeypatch):
+    """SIGTERM (a scheduler's time limit) in the middle of a gradient accumulation and of a logging
+    window: train() finishes the batch, writes a checkpoint there (pending gradients, the window's
+    running loss) and raises TrainingInterrupted; resuming gives the uninterrupted run's weights and
+    log. No periodic checkpoint is due (checkpoint_every=1000): nothing but the stop saves."""
+    import signal
+
+    from pyimputmae import training
+
+    run = dict(cohort=cohort, model=TINY, deterministic=True, num_threads=1, checkpoint_every=1000, grad_accum=2,
+               **{**FAST, "pretrain_epochs": 3, "finetune_epochs": 2, "pretrain_batch_size": 16, "log_every": 3})
+    whole = train(out_dir=str(tmp_path / "whole"), **run)
+    batches = training._Trainer._batches
+
+    def signal_during_a_batch(self, stage, idx, bs, pos):
+        for epoch, b, rows in batches(self, stage, idx, bs, pos):
+            if (stage, epoch, b) == ("pretrain", 1, 2):  # the first micro-batch of an accumulation pair
+                signal.raise_signal(signal.SIGTERM)
+            yield epoch, b, rows
+
+    monkeypatch.setattr(training._Trainer, "_batches", signal_during_a_batch)
+    handler = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "stopped"
+    with pytest.raises(training.TrainingInterrupted, match=rf"stopped by SIGTERM at pretrain epoch 1 batch 3; "
+                                                           rf"checkpoint {out}/checkpoints/last.pt holds everything"):
+        train(out_dir=str(out), **run)
+    assert signal.getsignal(signal.SIGTERM) is handler  # train() puts the handlers back
+    saved = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    assert saved["position"] == {"stage": "pretrain", "epoch": 1, "batch": 3, "step": saved["position"]["step"],
+                                 "micro": 1}
+    assert saved["partial_grads"] and saved["window"]["n"] > 0
+    monkeypatch.setattr(training._Trainer, "_batches", batches)
+    resumed = train(out_dir=str(out), resume=True, **run)
     timing = "patients_per_s"
     assert [{k: v for k, v in r.items() if k != timing} for r in resumed.history] == [
         {k: v for k, v in r.items() if k != timing} for r in whole.history]
