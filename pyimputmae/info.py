@@ -74,7 +74,9 @@ def collect() -> dict:
             "note": "no CUDA device visible; on a GPU the order per op family is "
                     + "; ".join(f"{f}: {' → '.join(o)}" for f, o in _backends.CUDA_ORDER.items())
                     + ", among the kernels validated on a GPU: "
-                    + ", ".join(f"{b} {f}" for b, f in sorted(_backends.GPU_VALIDATED)),
+                    + ", ".join(f"{b} {f}" for b, f in sorted(_backends.GPU_VALIDATED))
+                    + "; for float16: " + (", ".join(f"{b} {f}" for b, f in sorted(_backends.GPU_VALIDATED_FP16))
+                                           or "none yet (the PyTorch reference runs)"),
             "ext": "CUDA kernels compiled for " + ", ".join(f"sm_{a}" for a in _extension.cuda_archs())
             if ext_ok and _extension.cuda_archs() else "no CUDA kernels in this build",
             "triton": "importable" if tri_ok else "not importable",
