@@ -44,7 +44,10 @@ def read_history(path: str | os.PathLike) -> list[dict[str, Any]]:
         path = path / "metrics.jsonl"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file ({why})")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file: expected a run's metrics.jsonl (or its folder)") from None
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -57,9 +60,12 @@ def read_history(path: str | os.PathLike) -> list[dict[str, Any]]:
                               "stopped while writing it", RuntimeWarning, stacklevel=2)
                 continue
             raise ValueError(f"{path} line {number}: not a JSON record ({err.msg}): {line[:80]!r}") from None
-        if not isinstance(record, dict) or "stage" not in record or "step" not in record:
-            raise ValueError(f"{path} line {number}: not a training record (no 'stage' and 'step'): {line[:80]!r}")
+        if not isinstance(record, dict) or not {"stage", "step", "loss"} <= set(record):
+            raise ValueError(f"{path} line {number}: not a training record (it needs 'stage', 'step' and 'loss'): "
+                             f"{line[:80]!r}")
         records.append(record)
+    if not records:
+        raise ValueError(f"{path}: no record yet (a run writes its first after log_every optimizer steps)")
     return records
 
 
@@ -79,10 +85,13 @@ def plot_history(history: Sequence[Mapping[str, Any]], path: str | os.PathLike) 
     for ax, stage in zip(axes, stages):
         recs = [r for r in history if r.get("stage") == stage]
         steps = [r["step"] for r in recs]
-        parts = [k for k in recs[-1] if k not in BOOKKEEPING and isinstance(recs[-1][k], (int, float))]
-        ax.plot(steps, [r["loss"] for r in recs], color="black", lw=1.8, label="total" if parts else "loss")
+        parts = sorted({k for r in recs for k in r if k not in BOOKKEEPING and isinstance(r[k], (int, float))},
+                       key=lambda k: next(i for i, r in enumerate(recs) if k in r))
+        marker = "." if len(recs) < 3 else None  # a line needs two points: a lone record still shows
+        ax.plot(steps, [r["loss"] for r in recs], color="black", lw=1.8, marker=marker,
+                label="mean loss (sum of the parts)" if parts else "mean loss")
         for k in parts:
-            ax.plot(steps, [r.get(k, math.nan) for r in recs], lw=1.0, label=k)
+            ax.plot(steps, [r.get(k, math.nan) for r in recs], lw=1.0, marker=marker, label=k)
         if all(r["loss"] > 0 for r in recs):
             ax.set_yscale("log")
         ax.set_title(STAGE_TITLES[stage], fontsize=10)
@@ -91,7 +100,8 @@ def plot_history(history: Sequence[Mapping[str, Any]], path: str | os.PathLike) 
     ax = axes[len(stages)]
     for stage in stages:
         recs = [r for r in history if r.get("stage") == stage and "lr" in r]
-        ax.plot([r["step"] for r in recs], [r["lr"] for r in recs], label=stage)
+        ax.plot([r["step"] for r in recs], [r["lr"] for r in recs], marker="." if len(recs) < 3 else None,
+                label=stage)
     ax.set_title("learning rate", fontsize=10)
     ax.set_xlabel("optimizer step")
     ax.legend(fontsize=8)
@@ -116,9 +126,10 @@ def risk_scores(curves: np.ndarray, grid: np.ndarray) -> np.ndarray:
 
 
 def plot_risk_groups(model: Any, cohort: Any, idx: np.ndarray, path: str | os.PathLike,
-                     split: str = "test") -> dict[str, float]:
-    """Kaplan–Meier curves of the patients ``idx`` split at their median predicted risk, with the
-    log-rank p-value; writes a PNG to ``path`` and returns ``{"logrank_p", "n_high", "n_low"}``."""
+                     split: str = "test") -> dict[str, Any]:
+    """Kaplan–Meier curves of the patients ``idx`` split into halves by predicted risk, with the
+    log-rank p-value; writes a PNG to ``path`` and returns ``{"logrank_p", "n_high", "n_low"}`` —
+    or ``{"skipped": why}``, drawing nothing, when every patient has the same predicted risk."""
     from lifelines import KaplanMeierFitter
     from lifelines.statistics import logrank_test
 
@@ -126,9 +137,13 @@ def plot_risk_groups(model: Any, cohort: Any, idx: np.ndarray, path: str | os.Pa
 
     grid = model.cuts.cpu().numpy()
     risk = risk_scores(predict_survival(model, cohort, idx), grid)
+    if np.unique(risk).size < 2:
+        return {"skipped": f"all {len(risk)} {split} patients have the same predicted risk: no groups to compare"}
     t = cohort.time[torch.as_tensor(idx)].cpu().numpy()
     e = cohort.event[torch.as_tensor(idx)].cpu().numpy()
-    high = risk > np.median(risk)
+    # halves by rank (ties at the median split by patient order), so that neither half is empty
+    high = np.zeros(len(risk), dtype=bool)
+    high[np.argsort(risk, kind="stable")[len(risk) // 2:]] = True
     p = float(logrank_test(t[high], t[~high], e[high], e[~high]).p_value)
     fig = new_figure(figsize=(5.5, 4))
     ax = fig.subplots()

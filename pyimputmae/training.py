@@ -239,6 +239,47 @@ class _Logger:
             self.tb.close()
 
 
+class _Window:
+    """The optimizer steps since the last log record: the mean loss of their batches, each extra
+    (pre-training's per-modality losses) averaged over the batches where it is not NaN (a modality
+    no row of the batch has), and patients/s. Sums stay on the device until :meth:`record`;
+    :meth:`state` / ``saved`` carry them through a checkpoint, elapsed time included."""
+
+    def __init__(self, device: torch.device, saved: dict[str, Any] | None = None) -> None:
+        saved = saved or {}
+        self.device = device
+        self.loss = torch.tensor(float(saved.get("loss_sum", 0.0)), device=device)
+        self.n, self.patients = int(saved.get("n", 0)), int(saved.get("patients", 0))
+        self.parts = {k: (torch.tensor(float(v[0]), device=device), torch.tensor(float(v[1]), device=device))
+                      for k, v in saved.get("parts", {}).items()}
+        self.t0 = time.perf_counter() - float(saved.get("seconds", 0.0))
+
+    def add(self, loss: torch.Tensor, extras: dict[str, torch.Tensor], patients: int) -> None:
+        self.loss += loss.float()
+        self.n += 1
+        self.patients += patients
+        for k, v in extras.items():
+            v = v.float()
+            counted = ~torch.isnan(v)
+            total, count = self.parts.setdefault(k, (torch.zeros((), device=self.device),
+                                                     torch.zeros((), device=self.device)))
+            total += torch.where(counted, v, torch.zeros_like(v))
+            count += counted.float()
+
+    def record(self) -> dict[str, float]:
+        rec = {"loss": float(self.loss) / max(self.n, 1),
+               "patients_per_s": self.patients / max(time.perf_counter() - self.t0, 1e-9)}
+        for k, (total, count) in self.parts.items():
+            if float(count) > 0:
+                rec[k] = float(total) / float(count)
+        return rec
+
+    def state(self) -> dict[str, Any]:
+        return {"loss_sum": float(self.loss), "n": self.n, "patients": self.patients,
+                "seconds": time.perf_counter() - self.t0,
+                "parts": {k: [float(t), float(c)] for k, (t, c) in self.parts.items()}}
+
+
 # ----------------------------------------------------------------------------------- stopping
 class TrainingInterrupted(KeyboardInterrupt):
     """:func:`train` was stopped by SIGINT (Ctrl-C) or SIGTERM (``kill``, a batch scheduler's time
@@ -270,14 +311,23 @@ class StopRequests:
         if threading.current_thread() is threading.main_thread():
             for name in self.SIGNALS:
                 number = getattr(signal, name)
-                self._previous[number] = signal.signal(number, self._handle)
+                previous = signal.getsignal(number)
+                # left alone: a signal ignored (a background job's SIGINT) or handled outside Python
+                # (an embedding host's, which getsignal reports as None and could not be put back)
+                if previous is None or previous == signal.SIG_IGN:
+                    continue
+                self._previous[number] = previous
+                signal.signal(number, self._handle)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         import signal
 
         for number, handler in self._previous.items():
-            signal.signal(number, handler)
+            try:
+                signal.signal(number, handler)
+            except (TypeError, ValueError, OSError) as err:  # never mask what is propagating
+                warnings.warn(f"could not restore the handler of signal {number}: {err}", RuntimeWarning, stacklevel=2)
         self._previous.clear()
 
     def _handle(self, number: int, frame: Any) -> None:
@@ -289,8 +339,11 @@ class StopRequests:
                 raise KeyboardInterrupt  # a second Ctrl-C: at once
             return
         self.signal = name
-        print(f"\npyimputmae train: {name} received: stopping after this batch, once a checkpoint is written "
-              "(Ctrl-C again stops at once, from the last periodic checkpoint)", file=sys.stderr, flush=True)
+        try:  # (no stderr under pythonw; a write it interrupts may refuse a reentrant one)
+            print(f"\npyimputmae train: {name} received: stopping after this batch, once a checkpoint is written "
+                  "(Ctrl-C again stops at once, from the last periodic checkpoint)", file=sys.stderr, flush=True)
+        except (AttributeError, OSError, RuntimeError, ValueError):
+            pass
 
     def requested(self) -> bool:
         return self.signal is not None
@@ -327,7 +380,7 @@ class _Trainer:
         self.ckpt_path = self.out / checkpoint.RUN_FILES[0]
         self.amp = amp_dtype(cfg.amp, device)
         self.saved, self.identity = saved, identity  # the checkpoint being resumed (None: a new run)
-        self._restored_window: dict[str, float] | None = None
+        self._restored_window: dict[str, Any] | None = None
         self.stop = StopRequests(self.ckpt_path)  # SIGINT / SIGTERM while it trains (installed by _train)
         self.history: list[dict] = list(saved["history"]) if saved else []
         tb = self.out / "tensorboard" if cfg.tensorboard else None
@@ -342,7 +395,7 @@ class _Trainer:
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused)
 
     def _save(self, pos: _Position, model: nn.Module, opt, sched, scaler, rng: torch.Tensor | None,
-              window: dict[str, float] | None = None) -> None:
+              window: dict[str, Any] | None = None) -> None:
         """Write the checkpoint of ``pos``; ``window``: the steps since the last log record (their
         summed loss, count and patients), so that a resumed run logs the same record."""
         grads = None
@@ -426,15 +479,11 @@ class _Trainer:
 
             bar = tqdm(total=epochs * n_batches, initial=pos.epoch * n_batches + pos.batch, desc=stage,
                        unit="batch", dynamic_ncols=True, mininterval=0.5)
-        window, self._restored_window = self._restored_window, None  # the resumed checkpoint's, if any
         model.train()
-        # the running loss stays on the device: one host sync per log record, not per step
-        window_loss = torch.full((), (window or {}).get("loss_sum", 0.0), device=self.device)
-        window_n, window_patients = int((window or {}).get("n", 0)), int((window or {}).get("patients", 0))
-        t0 = time.perf_counter()
-
-        def window_state() -> dict[str, float]:
-            return {"loss_sum": float(window_loss), "n": window_n, "patients": window_patients}
+        # the steps since the last log record (restored from the checkpoint being resumed): the
+        # running sums stay on the device, one host sync per log record, not per step
+        window = _Window(self.device, self._restored_window)
+        self._restored_window = None
 
         self.stop.check(f"the start of {stage} epoch {pos.epoch} batch {pos.batch}", saved=self.ckpt_path.exists())
         for epoch, b, rows in self._batches(stage, idx, bs, pos):
@@ -448,9 +497,7 @@ class _Trainer:
             if rng is not None:
                 advance_rng_(rng)
             pos.micro += 1
-            window_loss += loss.float()
-            window_n += 1
-            window_patients += len(rows)
+            window.add(loss, extras, len(rows))
             last_of_epoch = b == n_batches - 1
             if pos.micro == cfg.grad_accum or last_of_epoch:
                 if cfg.grad_clip:
@@ -473,24 +520,22 @@ class _Trainer:
             if bar is not None:
                 bar.update(1)
             if pos.micro == 0 and (pos.step % cfg.log_every == 0 or last_of_epoch):
-                dt = time.perf_counter() - t0
-                rec = {"stage": stage, "epoch": epoch, "step": pos.step, "loss": float(window_loss) / window_n,
-                       "lr": sched.get_last_lr()[0], "patients_per_s": window_patients / max(dt, 1e-9)}
-                rec.update({k: float(v) for k, v in extras.items()})
+                rec = {"stage": stage, "epoch": epoch, "step": pos.step, **window.record(),
+                       "lr": sched.get_last_lr()[0]}
                 if scaler.is_enabled():
                     rec["loss_scale"] = scaler.get_scale()
                 self.logger.log(rec)
                 if bar is not None:
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", pps=f"{rec['patients_per_s']:.0f}")
-                window_loss, window_n, window_patients, t0 = window_loss.zero_(), 0, 0, time.perf_counter()
+                window = _Window(self.device)
             saved = pos.micro == 0 and pos.step % cfg.checkpoint_every == 0
             if saved:
-                self._save(pos, model, opt, sched, scaler, rng, window_state())
+                self._save(pos, model, opt, sched, scaler, rng, window.state())
             if self.stop.requested():  # SIGINT / SIGTERM: stop here, at a batch boundary, with nothing lost
                 if bar is not None:
                     bar.close()
                 if not saved:
-                    self._save(pos, model, opt, sched, scaler, rng, window_state())
+                    self._save(pos, model, opt, sched, scaler, rng, window.state())
                 self.stop.check(f"{stage} epoch {pos.epoch} batch {pos.batch}", saved=True)
         if bar is not None:
             bar.close()
@@ -518,17 +563,20 @@ def _draw_figures(out: Path, history: list[dict], model: nn.Module | None, cohor
     from . import plots
 
     drawn: dict[str, str] = {}
-    jobs = [("training_curves", lambda path: plots.plot_history(history, path))]
+    jobs = [("training_curves", lambda path: plots.plot_history(history, path))] if history else []
     events = float(cohort.event[torch.as_tensor(test_idx, device=cohort.event.device)].sum()) if len(test_idx) else 0
     if model is not None and len(test_idx) >= 4 and events > 0:
         jobs.append(("risk_groups", lambda path: plots.plot_risk_groups(model, cohort, test_idx, path)))
     for name, draw in jobs:
         path = out / f"{name}.png"
         try:
-            draw(path)
+            result = draw(path)
         except Exception as err:  # a figure must not cost the finished run
             warnings.warn(f"{path}: could not draw the figure ({type(err).__name__}: {err}); the model and "
                           "metrics are written", RuntimeWarning, stacklevel=3)
+            continue
+        if isinstance(result, dict) and "skipped" in result:
+            warnings.warn(f"{path}: not drawn: {result['skipped']}", RuntimeWarning, stacklevel=3)
         else:
             drawn[name] = str(path)
     return drawn
@@ -546,7 +594,11 @@ def train(config: TrainConfig | str | os.PathLike | Mapping[str, Any] | None = N
     and (after fine-tuning, when the test split has deaths) ``risk_groups.png``. Everything that can be checked before
     training (settings, out_dir, cohort, model, the checkpoint to resume, ``pretrain_from``) is
     checked before anything is written. torch's thread count and deterministic-algorithms mode,
-    which ``num_threads`` / ``deterministic`` set, are restored when it returns.
+    which ``num_threads`` / ``deterministic`` set, are restored when it returns. While it trains (in
+    the main thread) it handles SIGINT and SIGTERM itself: the first stops the run at the next batch
+    boundary after a checkpoint and raises :class:`TrainingInterrupted` (``resume=True`` continues,
+    losing nothing); a second Ctrl-C stops at once. Signals that are ignored or handled outside
+    Python are left alone.
     """
     cfg = TrainConfig.load(config, **overrides)
     threads = torch.get_num_threads()
@@ -609,6 +661,17 @@ def _train(cfg: TrainConfig, cohort: Cohort | None) -> TrainResult:
     return TrainResult(model=model, metrics=metrics, history=trainer.history, paths=paths, config=cfg)
 
 
+def _pretrain_step(mae: ImputeMAE, batch: Any, rng: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Pre-training's loss and its per-modality parts, a part NaN for a modality no row of the batch
+    has (its loss is 0 by contract, which would pull the logged averages down)."""
+    loss, parts = mae.forward_pretrain(batch, rng, check=False)
+    order = list(batch.modalities)
+    has = batch.present.any(0)
+    missing = torch.full((), float("nan"), device=loss.device)
+    return loss, {k: torch.where(has[order.index(k)], v.float(), missing) if k in order else missing
+                  for k, v in parts.items()}
+
+
 def _run(cfg: TrainConfig, model_cfg: ModelConfig, cohort: Cohort, device: torch.device, trainer: _Trainer,
          pretrained: dict | None, train_idx: np.ndarray, val_idx: np.ndarray,
          test_idx: np.ndarray) -> tuple[nn.Module, dict[str, dict[str, float]]]:
@@ -620,8 +683,7 @@ def _run(cfg: TrainConfig, model_cfg: ModelConfig, cohort: Cohort, device: torch
         # a batch needs at least one modality: patients with clinical data only are left to fine-tuning
         has_any = cohort.present[torch.as_tensor(train_idx, device=cohort.present.device)].any(1).cpu().numpy()
         rng = new_rng(cfg.seed, device)
-        trainer.run_stage("pretrain", mae, train_idx[has_any],
-                          lambda batch: mae.forward_pretrain(batch, rng, check=False), rng)
+        trainer.run_stage("pretrain", mae, train_idx[has_any], lambda batch: _pretrain_step(mae, batch, rng), rng)
     elif trainer.completed("pretrain") and trainer.saved["position"]["stage"] == "pretrain":
         mae.load_state_dict(trainer.saved["model"])
         checkpoint.set_rng_state(trainer.saved["rng"])
@@ -643,4 +705,5 @@ def _run(cfg: TrainConfig, model_cfg: ModelConfig, cohort: Cohort, device: torch
         for split, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx)):
             if len(idx) and float(cohort.event[torch.as_tensor(idx, device=cohort.event.device)].sum()) > 0:
                 metrics[split] = evaluate_model(model, cohort, idx, check=False)  # fitted on it
+    trainer.stop.check("the evaluation after training", saved=trainer.ckpt_path.exists())
     return model, metrics

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from pyimputmae import cli
-from pyimputmae.plots import plot_history, read_history
+from pyimputmae.plots import plot_history, plot_risk_groups, read_history
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -75,3 +77,47 @@ def test_the_plot_command_draws_a_runs_curves_and_reports_a_bad_folder_in_one_li
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"pyimputmae plot: error: {tmp_path / 'nowhere'}: no such run folder or metrics.jsonl file (a "
                    "run of pyimputmae.train writes metrics.jsonl in its out_dir after its first logged step)"]
+
+
+def test_logs_that_are_empty_binary_or_not_training_records_are_named(tmp_path):
+    empty = write_log(tmp_path / "empty", [])
+    with pytest.raises(ValueError, match=r"empty/metrics.jsonl: no record yet \(a run writes its first after "
+                                         r"log_every optimizer steps\)"):
+        read_history(empty)
+    (tmp_path / "figure.png").write_bytes(PNG + b"\xff\xfe")
+    with pytest.raises(ValueError, match=r"figure.png: not a text file: expected a run's metrics.jsonl"):
+        read_history(tmp_path / "figure.png")
+    other = write_log(tmp_path / "other", [{"stage": "pretrain", "step": 1}])
+    with pytest.raises(ValueError, match=r"line 1: not a training record \(it needs 'stage', 'step' and 'loss'\)"):
+        read_history(other)
+
+
+def test_a_lone_record_per_stage_still_draws(tmp_path):
+    one = [{"stage": "pretrain", "epoch": 0, "step": 1, "loss": 1.0, "lr": 1e-3, "rna": 0.5}]
+    assert plot_history(one, tmp_path / "one.png").read_bytes()[:8] == PNG
+
+
+class _Cohort:
+    def __init__(self, n: int) -> None:
+        self.time = torch.linspace(0.5, 5.0, n)
+        self.event = (torch.arange(n) % 2).float()
+
+
+class _Model:
+    cuts = torch.tensor([0.0, 1.0, 2.0, 3.0])
+
+
+def test_risk_groups_split_by_rank_so_ties_leave_no_half_empty(tmp_path, monkeypatch):
+    from pyimputmae import inference
+
+    n = 9
+    curves = np.ones((n, 4))
+    curves[0, 1:] = 0.2  # one patient at high risk, the other eight tied
+    monkeypatch.setattr(inference, "predict_survival", lambda model, cohort, idx: curves[idx])
+    result = plot_risk_groups(_Model(), _Cohort(n), np.arange(n), tmp_path / "ties.png")
+    assert (result["n_high"], result["n_low"]) == (5, 4) and np.isfinite(result["logrank_p"])
+    assert (tmp_path / "ties.png").read_bytes()[:8] == PNG
+    curves[0, 1:] = 1.0  # everyone the same: nothing to compare, nothing drawn
+    result = plot_risk_groups(_Model(), _Cohort(n), np.arange(n), tmp_path / "same.png")
+    assert result == {"skipped": "all 9 test patients have the same predicted risk: no groups to compare"}
+    assert not (tmp_path / "same.png").exists()

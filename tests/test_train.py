@@ -322,6 +322,65 @@ def test_sigterm_stops_at_a_batch_with_a_checkpoint_and_the_resumed_run_loses_no
     assert [k for k in a if isinstance(a[k], torch.Tensor) and not torch.equal(a[k], b[k])] == []
 
 
+def test_a_stop_during_evaluation_is_honoured_and_resuming_writes_the_model(tmp_path, cohort, monkeypatch):
+    import signal
+
+    from pyimputmae import training
+
+    run = dict(cohort=cohort, model=TINY, out_dir=str(tmp_path), **{**FAST, "pretrain_epochs": 1,
+                                                                     "finetune_epochs": 1})
+    evaluate = training.evaluate_model
+
+    def evaluate_then_signal(*args, **kwargs):
+        signal.raise_signal(signal.SIGTERM)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(training, "evaluate_model", evaluate_then_signal)
+    with pytest.raises(training.TrainingInterrupted, match="stopped by SIGTERM at the evaluation after training"):
+        train(**run)
+    assert not (tmp_path / "model.pt").exists()
+    monkeypatch.setattr(training, "evaluate_model", evaluate)
+    done = train(**run, resume=True)
+    assert Path(done.paths["model"]).exists() and "test" in done.metrics
+
+
+def test_signals_that_are_ignored_or_handled_outside_python_are_left_alone(monkeypatch):
+    """A background job's SIGINT is ignored (SIG_IGN) and must stay so; a handler an embedding host
+    installed in C reads as None and could not be put back: neither is taken over."""
+    import signal
+
+    from pyimputmae.training import StopRequests
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with StopRequests():
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    real = signal.getsignal
+    monkeypatch.setattr(signal, "getsignal", lambda number: None if number == signal.SIGTERM else real(number))
+    before = real(signal.SIGTERM)
+    with StopRequests():
+        assert real(signal.SIGTERM) is before  # not replaced
+
+
+def test_logged_pretraining_parts_are_window_means_over_the_batches_that_have_the_modality():
+    from pyimputmae.training import _Window
+
+    w = _Window(torch.device("cpu"))
+    nan = torch.tensor(float("nan"))
+    w.add(torch.tensor(3.0), {"rna": torch.tensor(1.0), "mri": torch.tensor(2.0)}, 4)
+    w.add(torch.tensor(1.0), {"rna": torch.tensor(0.5), "mri": nan}, 4)  # no row of this batch has MRI
+    w.add(torch.tensor(2.0), {"rna": torch.tensor(0.0), "dnam": nan}, 4)
+    rec = w.record()
+    assert rec["loss"] == 2.0 and rec["rna"] == 0.5 and rec["mri"] == 2.0 and "dnam" not in rec
+    again = _Window(torch.device("cpu"), w.state())  # through a checkpoint
+    assert {k: v for k, v in again.record().items() if k != "patients_per_s"} == {
+        k: v for k, v in rec.items() if k != "patients_per_s"}
+
+
 def test_amp_auto_picks_bf16_only_where_the_gpu_has_it(monkeypatch):
     from pyimputmae import training
 
