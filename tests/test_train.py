@@ -246,6 +246,15 @@ def test_integer_patient_ids_and_synthetic_settings_from_yaml(tmp_path, cohort):
         TrainConfig(synthetic={"n_patients": "forty"})
 
 
+def assert_same_run(resumed, whole) -> None:
+    """A resumed run equals the uninterrupted one: every log record (but its timing) and every weight."""
+    timing = "patients_per_s"
+    assert [{k: v for k, v in r.items() if k != timing} for r in resumed.history] == [
+        {k: v for k, v in r.items() if k != timing} for r in whole.history]
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    assert [k for k in a if isinstance(a[k], torch.Tensor) and not torch.equal(a[k], b[k])] == []
+
+
 def test_fp16_trains_with_loss_scaling_and_a_crash_resumes_to_the_same_weights(tmp_path, cohort, monkeypatch):
     """amp="fp16" (what amp="auto" picks on a GPU without native bf16) trains under GradScaler: the
     loss scale is logged, steps whose scaled gradients overflow are skipped and the scale lowered, and
@@ -275,11 +284,7 @@ def test_fp16_trains_with_loss_scaling_and_a_crash_resumes_to_the_same_weights(t
         train(out_dir=str(tmp_path / "crashed"), **run)
     monkeypatch.setattr(training._Trainer, "_save", save)
     resumed = train(out_dir=str(tmp_path / "crashed"), resume=True, **run)
-    timing = "patients_per_s"
-    assert [{k: v for k, v in r.items() if k != timing} for r in resumed.history] == [
-        {k: v for k, v in r.items() if k != timing} for r in whole.history]
-    a, b = whole.model.state_dict(), resumed.model.state_dict()
-    assert [k for k in a if isinstance(a[k], torch.Tensor) and not torch.equal(a[k], b[k])] == []
+    assert_same_run(resumed, whole)
 
 
 def test_sigterm_stops_at_a_batch_with_a_checkpoint_and_the_resumed_run_loses_nothing(tmp_path, cohort, monkeypatch):
@@ -315,11 +320,7 @@ def test_sigterm_stops_at_a_batch_with_a_checkpoint_and_the_resumed_run_loses_no
     assert saved["partial_grads"] and saved["window"]["n"] > 0
     monkeypatch.setattr(training._Trainer, "_batches", batches)
     resumed = train(out_dir=str(out), resume=True, **run)
-    timing = "patients_per_s"
-    assert [{k: v for k, v in r.items() if k != timing} for r in resumed.history] == [
-        {k: v for k, v in r.items() if k != timing} for r in whole.history]
-    a, b = whole.model.state_dict(), resumed.model.state_dict()
-    assert [k for k in a if isinstance(a[k], torch.Tensor) and not torch.equal(a[k], b[k])] == []
+    assert_same_run(resumed, whole)
 
 
 def test_a_stop_during_evaluation_is_honoured_and_resuming_writes_the_model(tmp_path, cohort, monkeypatch):
