@@ -85,8 +85,9 @@ def plot_history(history: Sequence[Mapping[str, Any]], path: str | os.PathLike) 
     for ax, stage in zip(axes, stages):
         recs = [r for r in history if r.get("stage") == stage]
         steps = [r["step"] for r in recs]
-        parts = sorted({k for r in recs for k in r if k not in BOOKKEEPING and isinstance(r[k], (int, float))},
-                       key=lambda k: next(i for i, r in enumerate(recs) if k in r))
+        # the parts in the order the records list them (the model's modality order), whichever record has them
+        parts = list(dict.fromkeys(k for r in recs for k in r if k not in BOOKKEEPING
+                                   and isinstance(r[k], (int, float))))
         marker = "." if len(recs) < 3 else None  # a line needs two points: a lone record still shows
         ax.plot(steps, [r["loss"] for r in recs], color="black", lw=1.8, marker=marker,
                 label="mean loss (sum of the parts)" if parts else "mean loss")
