@@ -190,6 +190,11 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
+def _precision_name(dtype: torch.dtype | None) -> str:
+    """How a checkpoint names the autocast dtype a run trains in."""
+    return {None: "float32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[dtype]
+
+
 def _native_bf16(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 8
 
@@ -414,6 +419,7 @@ class _Trainer:
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
             "scaler": scaler.state_dict(),  # fp16's loss scale ({} when amp is not fp16)
+            "precision": _precision_name(self.amp),  # what amp resolved to on this device
             "mask_rng": None if rng is None else rng.detach().cpu(),
             "rng": checkpoint.rng_state(),
             "partial_grads": grads,
@@ -428,6 +434,11 @@ class _Trainer:
         s = self.saved
         if s is None or s["position"]["stage"] != stage:
             return None
+        now = _precision_name(self.amp)
+        if s.get("precision", now) != now:  # amp="auto" on another device (none saved before this was)
+            warnings.warn(f"{self.ckpt_path}: the run so far trained in {s['precision']}, this resume trains in {now} "
+                          f"(amp={self.cfg.amp!r} on {self.device}); set amp to keep one precision",
+                          RuntimeWarning, stacklevel=3)
         model.load_state_dict(s["model"])
         opt.load_state_dict(s["optimizer"])
         sched.load_state_dict(s["scheduler"])

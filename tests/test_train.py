@@ -382,6 +382,20 @@ def test_logged_pretraining_parts_are_window_means_over_the_batches_that_have_th
         k: v for k, v in rec.items() if k != "patients_per_s"}
 
 
+def test_a_resume_that_trains_in_another_precision_says_so(tmp_path, cohort, monkeypatch):
+    """amp="auto" resolves per device: a run resumed elsewhere may change precision; it is allowed
+    (device may change on resume) but named, with the way to keep one."""
+    from pyimputmae import training
+
+    run = dict(cohort=cohort, model=TINY, out_dir=str(tmp_path), **{**FAST, "pretrain_epochs": 1,
+                                                                     "finetune_epochs": 1})
+    train(**run)
+    monkeypatch.setattr(training, "amp_dtype", lambda amp, device: torch.bfloat16)  # as on another machine
+    with pytest.warns(RuntimeWarning, match=r"last.pt: the run so far trained in float32, this resume trains in bf16 "
+                                            r"autocast \(amp='auto' on cpu\); set amp to keep one precision"):
+        train(**{**run, "finetune_epochs": 2}, resume=True)
+
+
 def test_amp_auto_picks_bf16_only_where_the_gpu_has_it(monkeypatch):
     from pyimputmae import training
 
