@@ -272,11 +272,15 @@ class _Window:
             count += counted.float()
 
     def record(self) -> dict[str, float]:
-        rec = {"loss": float(self.loss) / max(self.n, 1),
+        """The log record's figures (one host sync for all of them)."""
+        names = list(self.parts)
+        values = torch.stack([self.loss, *(t for k in names for t in self.parts[k])]).tolist()
+        rec = {"loss": values[0] / max(self.n, 1),
                "patients_per_s": self.patients / max(time.perf_counter() - self.t0, 1e-9)}
-        for k, (total, count) in self.parts.items():
-            if float(count) > 0:
-                rec[k] = float(total) / float(count)
+        for i, k in enumerate(names):
+            total, count = values[1 + 2 * i], values[2 + 2 * i]
+            if count > 0:
+                rec[k] = total / count
         return rec
 
     def state(self) -> dict[str, Any]:
