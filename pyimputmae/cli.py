@@ -151,7 +151,30 @@ def _predict(args: argparse.Namespace) -> int:
     frame.insert(0, "patient_id", [cohort.ids[i] for i in rows])
     frame.to_csv(args.out, index=False)
     print(f"wrote survival curves and risk scores of {len(rows)} patients to {args.out}")
+    if args.plot:
+        _plot_outcomes(args, model, cohort, rows)
     return 0
+
+
+def _plot_outcomes(args: argparse.Namespace, model, cohort, rows) -> None:
+    """``predict --plot``: Kaplan–Meier curves of the patients' halves by predicted risk, for those
+    whose survival the store records (an external validation cohort)."""
+    import numpy as np
+    import torch
+
+    from .plots import plot_risk_groups
+
+    picked = torch.as_tensor(rows)
+    time, event = cohort.time[picked].cpu().numpy(), cohort.event[picked].cpu().numpy()
+    recorded = np.isfinite(time) & np.isin(event, (0.0, 1.0))
+    known, deaths = rows[recorded], int(event[recorded].sum())
+    if len(known) < 4 or deaths == 0:
+        raise ValueError(f"--plot needs patients whose survival the store records: {len(known)} of {len(rows)} "
+                         f"have a time and event, with {deaths} deaths (at least 4 patients and 1 death)")
+    result = plot_risk_groups(model, cohort, known, args.plot, split=args.split if args.split != "all" else "")
+    if "skipped" in result:
+        raise ValueError(f"--plot: {result['skipped']}")
+    print(f"wrote {args.plot}: {len(known)} patients with known survival, log-rank p = {result['logrank_p']:.3g}")
 
 
 def _impute(args: argparse.Namespace) -> int:
@@ -219,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True)
         p.add_argument("--split", default="all", choices=("all", "train", "val", "test"))
         p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+        if name == "predict":
+            p.add_argument("--plot", default=None, metavar="PNG",
+                           help="also draw Kaplan–Meier curves of the patients' halves by predicted risk (for "
+                                "patients whose survival the store records, e.g. an external validation cohort)")
         p.set_defaults(func=func)
 
     from .data.preprocess import add_parser

@@ -153,7 +153,8 @@ def plot_risk_groups(model: Any, cohort: Any, idx: np.ndarray, path: str | os.Pa
             ax=ax, color=colour, ci_show=True)
     ax.set_xlabel("years")
     ax.set_ylabel("survival probability")
-    ax.set_title(f"{split.capitalize()} patients by predicted risk (log-rank p = {p:.2g})")
+    ax.set_title(f"{split.capitalize() + ' patients' if split else 'Patients'} by predicted risk "
+                 f"(log-rank p = {p:.2g})")
     fig.tight_layout()
     fig.savefig(Path(path), dpi=120)
     return {"logrank_p": p, "n_high": int(high.sum()), "n_low": int((~high).sum())}

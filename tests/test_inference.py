@@ -86,6 +86,27 @@ def test_a_store_made_with_fitted_predicts_and_imputes(setup, tmp_path, capsys):
     assert "warning" not in capsys.readouterr().err
 
 
+def test_predict_plots_the_risk_groups_of_patients_with_known_survival(setup, tmp_path, capsys):
+    """An external validation cohort: ``--plot`` draws Kaplan–Meier curves of the predicted risk halves."""
+    out, png = tmp_path / "p.csv", tmp_path / "groups.png"
+    args = ["predict", "--model", str(setup["model"]), "--data", str(setup["fitted"]), "--out", str(out)]
+    assert main([*args, "--split", "test", "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"wrote {png}: 20 patients with known survival, "
+                                                              "log-rank p = ")
+    cohort = load_cohort(setup["fitted"])
+    cohort.time[:] = float("nan")  # new patients without follow-up: nothing to draw, said so
+    from pyimputmae import cli
+
+    class Args:
+        split, plot = "all", str(tmp_path / "none.png")
+
+    with pytest.raises(ValueError, match=r"--plot needs patients whose survival the store records: 0 of 80 have a "
+                                         r"time and event, with 0 deaths"):
+        cli._plot_outcomes(Args(), load(setup["model"]), cohort, np.arange(N))
+    assert not (tmp_path / "none.png").exists()
+
+
 def test_clinical_columns_in_another_order_are_refused(setup, tmp_path, capsys):
     out = tmp_path / "p.csv"
     rc = main(["predict", "--model", str(setup["model"]), "--data", str(setup["reordered"]), "--out", str(out)])
