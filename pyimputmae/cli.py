@@ -134,11 +134,11 @@ def _load_for_inference(args: argparse.Namespace, *, clinical: bool):
 
 
 def _predict(args: argparse.Namespace) -> int:
-    import numpy as np
     import pandas as pd
 
     from .inference import predict_survival
     from .model.survival import SurvivalModel
+    from .plots import risk_scores
 
     model, cohort, rows = _load_for_inference(args, clinical=True)
     if not isinstance(model, SurvivalModel):
@@ -147,7 +147,7 @@ def _predict(args: argparse.Namespace) -> int:
     curves = predict_survival(model, cohort.to(args.device), rows, check=False)
     cuts = model.cuts.cpu().numpy()
     frame = pd.DataFrame(curves, columns=[f"S({c:.3f})" for c in cuts])
-    frame.insert(0, "risk", -(curves[:, 1:] @ np.diff(cuts)))
+    frame.insert(0, "risk", risk_scores(curves, cuts))
     frame.insert(0, "patient_id", [cohort.ids[i] for i in rows])
     frame.to_csv(args.out, index=False)
     print(f"wrote survival curves and risk scores of {len(rows)} patients to {args.out}")

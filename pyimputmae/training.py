@@ -25,7 +25,9 @@ import importlib.util
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -264,12 +266,12 @@ class _Window:
         self.n += 1
         self.patients += patients
         for k, v in extras.items():
-            v = v.float()
+            if k not in self.parts:  # (created once, not on every step)
+                self.parts[k] = (torch.zeros((), device=self.device), torch.zeros((), device=self.device))
+            total, count = self.parts[k]
             counted = ~torch.isnan(v)
-            total, count = self.parts.setdefault(k, (torch.zeros((), device=self.device),
-                                                     torch.zeros((), device=self.device)))
-            total += torch.where(counted, v, torch.zeros_like(v))
-            count += counted.float()
+            total += torch.where(counted, v.float(), 0.0)
+            count += counted
 
     def record(self) -> dict[str, float]:
         """The log record's figures (one host sync for all of them)."""
@@ -314,9 +316,6 @@ class StopRequests:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequests:
-        import signal
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             for name in self.SIGNALS:
                 number = getattr(signal, name)
@@ -330,8 +329,6 @@ class StopRequests:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        import signal
-
         for number, handler in self._previous.items():
             try:
                 signal.signal(number, handler)
@@ -340,8 +337,6 @@ class StopRequests:
         self._previous.clear()
 
     def _handle(self, number: int, frame: Any) -> None:
-        import signal
-
         name = signal.Signals(number).name
         if self.signal is not None:
             if name == "SIGINT":
@@ -501,6 +496,7 @@ class _Trainer:
         self._restored_window = None
 
         self.stop.check(f"the start of {stage} epoch {pos.epoch} batch {pos.batch}", saved=self.ckpt_path.exists())
+        first_step = True
         for epoch, b, rows in self._batches(stage, idx, bs, pos):
             batch = self.cohort.batch(rows).to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, self.amp, enabled=self.amp is not None):
@@ -520,12 +516,14 @@ class _Trainer:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 scaler.step(opt)  # fp16: skipped when a gradient is inf/NaN, and the scale lowered
                 scaler.update()
-                if scaler.is_enabled():
-                    # a skipped step still advances the schedule, as it does on the GPU, where the fused
-                    # optimizer skips inside its kernel; torch would warn that opt.step() was not called
+                if first_step:
+                    # a step fp16's GradScaler skipped still advances the schedule, as it does on the GPU,
+                    # where the fused optimizer skips inside its kernel; torch checks a scheduler's first
+                    # step only and would warn that opt.step() was not called
                     with warnings.catch_warnings():
                         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
                         sched.step()
+                    first_step = False
                 else:
                     sched.step()
                 opt.zero_grad(set_to_none=True)

@@ -73,22 +73,22 @@ class BenchRun:
                 return r
         return None
 
+    def ours(self, op: str, pass_: str, dtype: str) -> list[dict]:
+        """The records of our backends (not baselines, not summaries) for ``op``/``pass_``/``dtype``."""
+        return [r for r in self.records if not r.get("summary") and r.get("baseline") is None
+                and (r.get("op"), r.get("pass"), r.get("dtype")) == (op, pass_, dtype)]
+
+    def backend(self, op: str, pass_: str, dtype: str, backend: str) -> dict | None:
+        return next((r for r in self.ours(op, pass_, dtype) if r.get("backend") == backend), None)
+
     def no_best_reason(self, op: str, pass_: str, dtype: str) -> str:
         """The verdict when no backend of ours is the best: ``missed`` when some were timed and every
         one failed its correctness guard (a result that is wrong is no result), else ``not measured``."""
-        timed = [r for r in self.records if not r.get("summary") and r.get("baseline") is None and r.get("op") == op
-                 and r.get("pass") == pass_ and r.get("dtype") == dtype and r.get("median_ms")]
+        timed = [r for r in self.ours(op, pass_, dtype) if r.get("median_ms")]
         if timed:
             failed = ", ".join(f"{r['backend']} ({str(r.get('check'))[:60]})" for r in timed)
             return f"missed: every timed backend of ours failed its correctness guard: {failed}"
         return "not measured: no backend of ours was timed"
-
-    def ours(self, op: str, pass_: str, dtype: str, backend: str) -> dict | None:
-        for r in self.records:
-            if (not r.get("summary") and r.get("baseline") is None and r.get("op") == op and r.get("pass") == pass_
-                    and r.get("dtype") == dtype and r.get("backend") == backend):
-                return r
-        return None
 
 
 def _best(run: BenchRun, op: str, pass_: str, dtype: str, target: str,
@@ -122,7 +122,7 @@ def _roofline_target(run: BenchRun, op: str, pass_: str, dtype: str, at_least: f
     s, verdict = _best(run, op, pass_, dtype, target, threshold)
     if s is None:
         return verdict
-    r = run.ours(op, pass_, dtype, s["best_backend"])
+    r = run.backend(op, pass_, dtype, s["best_backend"])
     frac = r.get("roofline_frac") if r else None
     if frac is None:
         return Verdict(target, "-", threshold, "not measured: no roofline fraction recorded")
@@ -134,7 +134,7 @@ def _mse_memory_target(run: BenchRun) -> Verdict:
     op, pass_, dtype = "masked_mse", "fwd+bwd", "fp32"
     target = f"`{op}` {dtype} {pass_}: memory beyond the gradient"
     s = run.summary(op, pass_, dtype)
-    r = run.ours(op, pass_, dtype, s["best_backend"]) if s and s.get("best_backend") else None
+    r = run.backend(op, pass_, dtype, s["best_backend"]) if s and s.get("best_backend") else None
     if r is None or r.get("peak_extra_mb") is None or "pred" not in (r.get("shape") or {}):
         return Verdict(target, "-", "≤ the gradient", "not measured: no peak-memory record of the best backend")
     numel = 1

@@ -360,7 +360,8 @@ class OmicsStage:
     """The result of reading, fitting and applying one modality for a whole manifest.
 
     values: ``(N, 1, width)`` float32 (zeros where missing or failed); status: ``(N,)`` "present",
-    "missing" or "failed"; errors: patient index → message; replaced: ``(N,)``; fitted: the dict.
+    "missing" or "failed"; errors: patient index → message; replaced: ``(N,)``; fitted: the dict;
+    warnings: the cohort-level :class:`OmicsWarning` messages (also warned), for a report.
     """
 
     values: np.ndarray
@@ -368,6 +369,7 @@ class OmicsStage:
     errors: dict[int, str] = field(default_factory=dict)
     replaced: np.ndarray | None = None
     fitted: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 def read_cohort_omics(ids: list[str], sources: list[Any], config: OmicsConfig, workers: int = 1,
@@ -459,13 +461,14 @@ def _drop_patients(frames: dict[int, Any], bad: set[int]) -> None:
 
 
 def screen_patients(frames: dict[int, Any], ids: list[str], sources: list[Any], train: np.ndarray,
-                    values: str, fitted: dict[str, Any] | None = None, name: str = "omics") -> dict[int, str]:
+                    values: str, fitted: dict[str, Any] | None = None, name: str = "omics",
+                    notes: list[str] | None = None) -> dict[int, str]:
     """Take out of ``frames`` (as :func:`read_cohort_omics` returns them; changed in place) the
     patients whose data cannot be this modality, and return ``{patient index: message}`` for them:
 
     * ``values == "beta"``: values outside [0, 1] (M-values, or another modality's file). When every
       patient (two or more) fails this check, the files hold M-values: an :class:`OmicsWarning` says
-      so once, and each patient's message too;
+      so once (its message also appended to ``notes``), and each patient's message too;
     * sharing fewer than :data:`MIN_SHARED_FEATURES` of the smaller of (the patient's own features,
       the reference features) with the reference — the ``fitted`` features (those measured in
       training), or else those that at least half of the (remaining) training patients have: the
@@ -491,9 +494,12 @@ def screen_patients(frames: dict[int, Any], ids: list[str], sources: list[Any], 
                                 f"values lie outside [0, 1] ({shown}): not beta values")
         every = n_with >= 2 and len(found) == n_with
         if every:
-            warnings.warn(f"{name}: all {n_with} patients with a {name} file have values outside [0, 1]: the files "
-                          f"look like M-values, not beta values. Set {name}.values to 'm_value'{flag} and "
-                          f"preprocess again; until then no patient's {name} is used", OmicsWarning, stacklevel=3)
+            note = (f"{name}: all {n_with} patients with a {name} file have values outside [0, 1]: the files look "
+                    f"like M-values, not beta values. Set {name}.values to 'm_value'{flag} and preprocess again; "
+                    f"until then no patient's {name} is used")
+            warnings.warn(note, OmicsWarning, stacklevel=3)
+            if notes is not None:
+                notes.append(note)
         for i, what in found.items():
             hint = (f"like every patient's {name} file: they look like M-values; set {name}.values to 'm_value'{flag}"
                     if every else f"If the file holds M-values, set {name}.values to 'm_value'{flag}; otherwise "
@@ -554,14 +560,15 @@ def run_omics(ids: list[str], sources: list[Any], train: np.ndarray, config: Omi
     all. A file that fails — unreadable, or data that cannot be this modality
     (:func:`screen_patients`) — is recorded for its patient and never stops the others."""
     frames, errors = read_cohort_omics(ids, sources, config, workers, progress, name)
+    notes: list[str] = []
     errors.update(screen_patients(frames, ids, sources, train, (fitted or {}).get("values", config.values), fitted,
-                                  name))
+                                  name, notes))
     status = ["missing" if s is None else "failed" if i in errors else "present" for i, s in enumerate(sources)]
     width = (fitted or {}).get("width", config.width)
     values = np.zeros((len(ids), 1, width), dtype=np.float32)
     replaced = np.zeros(len(ids), dtype=np.int64)
     if not frames:
-        return OmicsStage(values, status, errors, replaced, fitted)
+        return OmicsStage(values, status, errors, replaced, fitted, notes)
     if fitted is None:
         # only training patients' data: test patients can change neither the features nor their order
         train_parts = [f.loc[[i for i in f.index if train[i]]] for f in frames.values()]
@@ -572,11 +579,11 @@ def run_omics(ids: list[str], sources: list[Any], train: np.ndarray, config: Omi
             for f in frames.values():
                 for i in f.index:
                     status[i], errors[i] = "failed", f"patient {ids[i]!r}: {name}: {e}"
-            return OmicsStage(values, status, errors, replaced, None)
+            return OmicsStage(values, status, errors, replaced, None, notes)
     frame = _concat(list(frames.values()))
     out, n_bad = apply_omics(frame, fitted)
     rows = frame.index.to_numpy(np.int64)
     values = np.zeros((len(ids), 1, fitted["width"]), dtype=np.float32)
     values[rows] = out
     replaced[rows] = n_bad
-    return OmicsStage(values, status, errors, replaced, fitted)
+    return OmicsStage(values, status, errors, replaced, fitted, notes)

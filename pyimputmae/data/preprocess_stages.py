@@ -11,14 +11,13 @@ import json
 import os
 import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .manifest import Manifest, apply_clinical, file_sha256, fit_clinical
-from .omics import OmicsWarning, run_omics
+from .omics import run_omics
 from .preprocess_config import PreprocessConfig, PreprocessReport
 from .store import FORMAT, SPLIT_CODES, STATUS, create_store
 
@@ -175,15 +174,8 @@ def _run_omics_stage(root: Any, out: Path, manifest: Manifest, cfg: PreprocessCo
     for m in (m for m in cfg.modalities if m in _OMICS_MODALITIES):
         if (_progress(out) / f"{m}.json").exists():
             continue
-        # the cohort-level omics warnings are kept for the report's summary; every warning is shown
-        # as it would have been (the others went through the usual filters while recorded)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", OmicsWarning)
-            stage = run_omics(manifest.ids, manifest.sources[m], train, getattr(cfg, m),
-                              fitted.get(m) if fitted else None, max(1, workers), progress, m)
-        for w in caught:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
-        noted = [str(w.message) for w in caught if issubclass(w.category, OmicsWarning)]
+        stage = run_omics(manifest.ids, manifest.sources[m], train, getattr(cfg, m),
+                          fitted.get(m) if fitted else None, max(1, workers), progress, m)
         root[f"{m}/data"][:] = stage.values
         root[f"{m}/replaced"][:] = stage.replaced.astype(np.int32)
         files = sorted({str(s.path) for s in manifest.sources[m] if s is not None})
@@ -192,7 +184,8 @@ def _run_omics_stage(root: Any, out: Path, manifest: Manifest, cfg: PreprocessCo
                    if st == "present" else None for s, st in zip(manifest.sources[m], stage.status)]
         _write_json_atomic(_progress(out) / f"{m}.json", {
             "status": stage.status, "errors": {str(i): e for i, e in stage.errors.items()},
-            "fitted": stage.fitted, "sources": sources, "warnings": noted})
+            "fitted": stage.fitted, "sources": sources,
+            "warnings": stage.warnings})  # the cohort-level ones, for the report's summary
 
 
 def _journal_patient(out: Path, i: int, entry: dict[str, Any]) -> None:
