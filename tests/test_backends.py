@@ -368,3 +368,45 @@ def test_gpu_targets_judges_each_target_from_one_run_and_says_what_was_not_measu
     _bench_file(tmp_path / "bench_large.json", "NVIDIA A100-SXM4-80GB", mse_eager_ms=0.45, mse_roofline=0.75)
     verdicts = tool.bench_verdicts(tmp_path / "bench_large.json")
     assert verdicts[0].verdict == "not measured: run on NVIDIA A100-SXM4-80GB, not an H100 or H200 (would be met)"
+
+
+def test_cuda_resource_check_reads_spills_launch_bounds_and_occupancy():
+    """tools/cuda_resource_check.py: per kernel, the registers and spills ptxas reports, the block
+    size of its __launch_bounds__ in the PTX, and the resident warps per SM they allow."""
+    tool = tool_module("cuda_resource_check")
+    ptx = """
+.visible .entry _Z3fooPf(
+\t.param .u64 _Z3fooPf_param_0
+)
+.maxntid 512, 1, 1
+{
+\tret;
+}
+.visible .entry _Z3barPf(
+\t.param .u64 _Z3barPf_param_0
+)
+{
+\tret;
+}
+"""
+    log = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_90'
+ptxas info    : Function properties for _Z3fooPf
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 96 registers, used 1 barriers, 128 bytes smem, 368 bytes cmem[0]
+ptxas info    : Compiling entry function '_Z3barPf' for 'sm_90'
+ptxas info    : Function properties for _Z3barPf
+    24 bytes stack frame, 20 bytes spill stores, 16 bytes spill loads
+ptxas info    : Used 255 registers, used 0 barriers, 360 bytes cmem[0]
+"""
+    bounds = tool.launch_bounds(ptx)
+    assert bounds == {"_Z3fooPf": 512}
+    foo, bar = tool.parse_ptxas(log, "x.cu", bounds, 90)
+    assert (foo.name, foo.registers, foo.smem, foo.block, foo.clean) == ("foo", 96, 128, 512, True)
+    # 96 registers × 32 lanes = 3,072 per warp: 21 warps fit, so one 16-warp block per SM
+    assert foo.warps_per_sm == 16
+    assert (bar.name, bar.spill_stores, bar.spill_loads, bar.stack, bar.clean) == ("bar", 20, 16, 24, False)
+    assert bar.block is None and bar.warps_per_sm is None
+    # 32 registers: the 64-warp limit binds; 48 KiB of shared memory per block: 4 blocks of 8 warps
+    assert tool.occupancy(32, 0, 256, 90) == 64
+    assert tool.occupancy(32, 48 * 1024, 256, 90) == 32

@@ -28,7 +28,10 @@ namespace {
 constexpr int kMseThreads = 512;      // most threads per row block
 // Vectors of V values a thread holds in registers at a time (target and pred each): 16 values for
 // vectorised fp32/bf16/fp16, 8 for their scalar fallback, 4 for fp64 (a checking dtype): sizes that keep
-// every variant free of register spills.
+// every variant free of register spills on sm_90. On sm_80 ptxas holds the vectorised 16-bit norm_pix
+// variants (and fp64 pred on fp32 x) to 64 registers or fewer and spills 12-36 bytes per thread (to L1);
+// `__launch_bounds__(512, 1)` removes that at half the resident warps. Which is faster is for an A100
+// to say (registers and spills: tools/cuda_resource_check.py --arch 80).
 constexpr int mse_items(int acc_bytes, int vec) { return (acc_bytes == 8 ? 4 : vec == 1 ? 8 : 16) / vec; }
 constexpr double kNormPixEps = 1e-6;  // as in MAE's norm_pix_loss
 constexpr int kSumThreads = 1024;
