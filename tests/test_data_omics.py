@@ -70,6 +70,42 @@ def test_tables_of_both_orientations_parquet_and_headerless_beta(tmp_path: Path)
         read_omics(tmp_path / "genes_x_samples.tsv", "TCGA-ZZ-9999", cfg, cache=cache)
 
 
+def test_an_id_never_picks_a_longer_id_that_merely_starts_with_it(tmp_path: Path):
+    # P1 has no column; P10 does: P1 must not silently get P10's values (only an id followed by a
+    # separator, as in a TCGA sample barcode, is a prefix match)
+    table = pd.DataFrame({"P10": [1.0, 2.0], "P2": [3.0, 4.0], "TCGA-AA-0001.01A": [5.0, 6.0]}, index=["G1", "G2"])
+    table.to_csv(tmp_path / "matrix.tsv", sep="\t")
+    cfg = OmicsConfig.dnam()
+    with pytest.raises(OmicsError, match=r"matrix.tsv \(patient 'P1'\): no column or row named 'P1'"):
+        read_omics(tmp_path / "matrix.tsv", "P1", cfg)
+    np.testing.assert_array_equal(read_omics(tmp_path / "matrix.tsv", "TCGA-AA-0001", cfg).to_numpy(), [5, 6])
+    frames, errors = run_omics_frames(tmp_path / "matrix.tsv", ["P1", "P10"], cfg)
+    assert list(frames) == [1] and list(errors) == [0] and "no column or row named 'P1'" in errors[0]
+
+
+def run_omics_frames(path: Path, ids: list[str], cfg: OmicsConfig) -> tuple[dict, dict]:
+    from pyimputmae.data.omics import read_cohort_omics
+
+    return read_cohort_omics(ids, [Source(path)] * len(ids), cfg)
+
+
+def test_a_sample_barcode_id_against_a_case_barcode_table_says_how_to_pick_it(tmp_path: Path):
+    table = pd.DataFrame({"G1": [1.0, 2.0], "G2": [3.0, 4.0]}, index=["TCGA-CS-4938", "TCGA-CS-4941"])
+    table.to_csv(tmp_path / "rna.csv")
+    with pytest.raises(OmicsError, match=r"rna.csv \(patient 'TCGA-CS-4938-01A'\): no column or row named "
+                                         r"'TCGA-CS-4938-01A'.*the table has 'TCGA-CS-4938'.*"
+                                         r"add #TCGA-CS-4938 to the path"):
+        read_omics(tmp_path / "rna.csv", "TCGA-CS-4938-01A", OmicsConfig())
+
+
+def test_a_table_without_a_known_separator_is_an_error_naming_the_file_not_a_crash(tmp_path: Path):
+    (tmp_path / "beta.dat").write_text("cg01 0.25\ncg02 0.75\n")
+    stage = run_omics(["P1"], [Source(tmp_path / "beta.dat")], np.array([True]), OmicsConfig.dnam(width=4))
+    assert stage.status == ["failed"]
+    assert re.search(r"beta.dat \(patient 'P1'\): cannot read the omics table: no tab, comma or semicolon in its "
+                     r"first line 'cg01 0.25'", stage.errors[0])
+
+
 def cohort(n_train: int = 30, n_test: int = 10, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
     rng = np.random.default_rng(seed)
     genes = [f"G{j}" for j in range(40)]

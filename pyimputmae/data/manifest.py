@@ -10,7 +10,8 @@ A manifest is a CSV/TSV (or parquet) table with columns
 * one path column per modality — ``rna``, ``dnam``, ``wsi``, ``mri`` (or ``<name>_path``); empty =
   the patient lacks it. Paths are relative to the manifest's folder. An omics path may pick a
   column (or row) of a cohort-level matrix with ``file.tsv#SAMPLE``; without ``#``, the patient id
-  (or the single TCGA sample barcode that starts with it) is used. MRI may also be given per
+  is used, or else the first label that is the id followed by a separator (a TCGA sample barcode
+  ``TCGA-XX-XXXX-01A…`` for ``TCGA-XX-XXXX``; ``P1`` never picks ``P10``). MRI may also be given per
   sequence (``mri_t1``, ``mri_t1ce``, ``mri_t2``, ``mri_flair``) with ``mri_tumor_mask`` /
   ``mri_brain_mask``; ``mri`` itself may be a BraTS-style case folder;
 * clinical columns: every other column unless ``clinical_columns`` names them (columns called

@@ -189,7 +189,11 @@ def read_table(path: str | Path) -> Any:
     elif stem.suffix.lower() == ".csv":
         sep = ","
     else:
-        sep = csv.Sniffer().sniff(first[0], delimiters="\t,;").delimiter
+        try:
+            sep = csv.Sniffer().sniff(first[0], delimiters="\t,;").delimiter
+        except csv.Error:
+            raise ValueError(f"no tab, comma or semicolon in its first line {first[0][:80]!r}: expected a table "
+                             "separated by tabs, commas or semicolons, or a GDC STAR counts file") from None
     fields = first[0].split(sep)
     headerless = len(fields) >= 2 and all(_is_number(v) for v in fields[1:])
     table = pd.read_csv(path, sep=sep, comment="#", index_col=0, header=None if headerless else 0)
@@ -208,6 +212,11 @@ def _is_number(v: str) -> bool:
     return True
 
 
+#: characters that end an id inside a longer label (``TCGA-CS-4938`` in ``TCGA-CS-4938-01A``, or
+#: ``TCGA.CS.4938.01`` as R writes it): a prefix match must stop at one, so ``P1`` never picks ``P10``
+_ID_SEPARATORS = "-._ |:;/"
+
+
 class _Labels:
     """Sorted labels of one table axis, for exact and prefix look-ups in O(log n)."""
 
@@ -216,8 +225,19 @@ class _Labels:
         self.sorted = sorted(self.exact)
 
     def prefixed(self, key: str) -> str | None:
-        i = bisect.bisect_left(self.sorted, key)
-        return self.sorted[i] if i < len(self.sorted) and self.sorted[i].startswith(key) else None
+        """The first label in sorted order that is ``key`` followed by a separator and more."""
+        hits = []
+        for sep in _ID_SEPARATORS:
+            i = bisect.bisect_left(self.sorted, key + sep)
+            if i < len(self.sorted) and self.sorted[i].startswith(key + sep):
+                hits.append(self.sorted[i])
+        return min(hits) if hits else None
+
+    def shorter(self, key: str) -> str | None:
+        """The longest label that ``key`` starts with, up to a separator (``TCGA-CS-4938`` for the
+        sample barcode ``TCGA-CS-4938-01A``): a hint for an id that matches nothing."""
+        cuts = [k for k in range(len(key) - 1, 0, -1) if key[k] in _ID_SEPARATORS]
+        return next((key[:k] for k in cuts if key[:k] in self.exact), None)
 
 
 def find_sample(table: Any, patient: str, select: str | None = None, path: Path | str = "",
@@ -225,9 +245,10 @@ def find_sample(table: Any, patient: str, select: str | None = None, path: Path 
     """Where one sample sits in a feature table of either orientation: ``("column" | "row", label)``.
 
     ``select`` (or else ``patient``) names a column (features × samples) or a row (samples ×
-    features); failing that, the first in sorted order of the columns/rows whose name starts with
-    it (a TCGA sample barcode ``TCGA-XX-XXXX-01A-…`` for patient ``TCGA-XX-XXXX``: the primary
-    tumour ``-01`` sorts first); failing that, a table with a single value column is the sample.
+    features); failing that, the first in sorted order of the columns/rows whose name is it
+    followed by a separator (``-``, ``.``, ``_``, …) and more (a TCGA sample barcode
+    ``TCGA-XX-XXXX-01A-…`` for patient ``TCGA-XX-XXXX``: the primary tumour ``-01`` sorts first; ``P1``
+    never picks ``P10``); failing that, a table with a single value column is the sample.
     ``labels``: the table's :class:`_Labels` (columns, rows), when looking up many patients.
     """
     labels = labels or (_Labels(table.columns), _Labels(table.index))
@@ -240,9 +261,12 @@ def find_sample(table: Any, patient: str, select: str | None = None, path: Path 
             return axis, hit
     if select is None and table.shape[1] == 1:
         return "column", table.columns[0]
+    shorter = next((hit for lab in labels if (hit := lab.shorter(key)) is not None), None)
+    hint = (f"; the table has {shorter!r}, the start of that id (a case barcode for a sample barcode?): if it is "
+            f"this patient's, add #{shorter} to the path in the manifest" if shorter else "")
     raise OmicsError(f"{_where(path, patient)}: no column or row named {key!r} (table of "
                      f"{table.shape[0]} rows × {table.shape[1]} columns; columns start "
-                     f"{list(table.columns[:5])}, rows start {list(table.index[:5])})")
+                     f"{list(table.columns[:5])}, rows start {list(table.index[:5])}){hint}")
 
 
 def select_sample(table: Any, patient: str, select: str | None = None, path: Path | str = "") -> Any:
