@@ -143,3 +143,27 @@ def test_brats_folder_and_per_sequence_sources(case: dict[str, Path]):
     assert single == {"t1ce": case["t1ce"], "tumor_mask": case["tumor_mask"]}
     with pytest.raises(MriError, match=r"\(patient 'P'\): no t1, t2, flair sequence found"):
         resolve_mri_paths(Source(case["t1ce"]), FOUR, "P")
+
+
+def test_nan_background_reads_as_zero_and_infinite_voxels_are_named(case: dict[str, Path], tmp_path: Path):
+    # an MHA export with NaN outside the head (SimpleITK keeps NaN in MHA/NRRD; its NIfTI reader reads 0):
+    # the same result as the zero background, with a note, never an ITK error or a silently empty volume
+    img = sitk.ReadImage(str(case["t1ce"]))
+    a = sitk.GetArrayFromImage(img)
+    nan = sitk.GetImageFromArray(np.where(a == 0, np.nan, a).astype(np.float32))
+    nan.CopyInformation(img)
+    sitk.WriteImage(nan, str(tmp_path / "t1ce_nan.mha"))
+    cfg = MriConfig(spacing=4.0, crop=(16, 16, 16))
+    for extra in ({}, {"brain_mask": case["brain_mask"]}):
+        want = preprocess_mri({"t1ce": case["t1ce"], **extra}, cfg, patient="P1")
+        got = preprocess_mri({"t1ce": tmp_path / "t1ce_nan.mha", **extra}, cfg, patient="P1")
+        np.testing.assert_allclose(got.volume, want.volume, atol=1e-5)
+        assert np.abs(got.volume).sum() > 0 and list(got.center) == list(want.center)
+        assert any(f"t1ce_nan.mha (patient 'P1') [t1ce]: {int((a == 0).sum())} of {a.size} voxels are NaN; "
+                   "read as 0 (background)" in w for w in got.warnings)
+    inf = sitk.GetImageFromArray(np.where(a == a.max(), np.inf, a).astype(np.float32))
+    inf.CopyInformation(img)
+    sitk.WriteImage(inf, str(tmp_path / "t1ce_inf.mha"))
+    with pytest.raises(MriError, match=rf"t1ce_inf.mha \(patient 'P1'\) \[t1ce\]: {int((a == a.max()).sum())} "
+                                       r"voxels are infinite"):
+        preprocess_mri({"t1ce": tmp_path / "t1ce_inf.mha"}, cfg, patient="P1")

@@ -6,7 +6,8 @@ T1ce only; BraTS: T1, T1ce, T2, FLAIR):
 
 1. read each sequence (NIfTI, NRRD, MHA, … or a DICOM series folder), check it is a 3-D scalar
    volume, and that all sequences and masks share one geometry (size, spacing, origin, direction:
-   they must be co-registered; this module does not register);
+   they must be co-registered; this module does not register); NaN voxels (a common background in
+   MHA/NRRD exports) are read as 0 with a note, infinite ones are an error;
 2. reorient to LPS (so every patient's axes mean the same), resample to ``spacing`` mm
    isotropic (linear for images, nearest for masks);
 3. crop ``crop`` voxels centred on the tumour mask's centroid when given (and not empty), else on
@@ -201,6 +202,24 @@ def check_geometry(images: dict[str, Any], paths: dict[str, Path], patient: str 
                                f"{roles[0]} {fmt(a)} of {paths[roles[0]]}; sequences and masks must be co-registered")
 
 
+def _finite(image: Any, where: str, notes: list[str]) -> Any:
+    """``image`` with its NaN voxels set to 0, noted (NaN outside the brain is a common export convention
+    of MHA/NRRD volumes; SimpleITK's NIfTI reader already reads it as 0); :class:`MriError` for ±Inf."""
+    import SimpleITK as sitk
+
+    a = sitk.GetArrayViewFromImage(image)
+    if not np.issubdtype(a.dtype, np.floating) or np.isfinite(a).all():
+        return image
+    if np.isinf(a).any():
+        raise MriError(f"{where}: {int(np.isinf(a).sum())} voxels are infinite (a damaged or wrongly scaled "
+                       "volume); convert it again from the scanner data")
+    nan = np.isnan(a)
+    notes.append(f"{where}: {int(nan.sum())} of {nan.size} voxels are NaN; read as 0 (background)")
+    fixed = sitk.GetImageFromArray(np.where(nan, 0, a).astype(a.dtype))
+    fixed.CopyInformation(image)
+    return fixed
+
+
 def _resample(image: Any, spacing: float, is_mask: bool) -> Any:
     import SimpleITK as sitk
 
@@ -248,10 +267,12 @@ def preprocess_mri(paths: dict[str, str | Path], config: MriConfig | None = None
     roles = [*cfg.sequences, *(r for r in ("tumor_mask", "brain_mask") if r in paths)]
     images = {r: read_volume(paths[r], patient, r) for r in roles}
     check_geometry(images, paths, patient, cfg.geometry_tol)
+    notes: list[str] = []
+    for s in cfg.sequences:
+        images[s] = _finite(images[s], f"{_where(paths[s], patient)} [{s}]", notes)
     images = {r: sitk.DICOMOrient(img, "LPS") for r, img in images.items()}
     images = {r: _resample(img, cfg.spacing, r.endswith("_mask")) for r, img in images.items()}
     channels = np.stack([sitk.GetArrayFromImage(images[s]).astype(np.float32) for s in cfg.sequences])
-    notes: list[str] = []
 
     if "brain_mask" in images:
         brain = sitk.GetArrayFromImage(images["brain_mask"]) > 0
