@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from pyimputmae.data.manifest import (
@@ -61,6 +62,49 @@ def test_duplicate_id_is_named_with_both_lines_and_the_rest_is_kept(files: Path)
         read_manifest(path, strict=True)
 
 
+def test_ids_of_one_patient_in_other_case_or_barcode_forms_are_duplicates(files: Path):
+    # the same patient twice (e.g. once in train and once in test) would leak into the evaluation
+    path = write(files, "patient_id,time,event,split\nTCGA-CS-4938,1,1,train\ntcga-cs-4938 ,2,0,test\n"
+                        "TCGA-CS-4941-01A,1,0,train\nTCGA-CS-4941,1,1,test\nP7,1,1,train\np7,1,0,test\nP8,3,0,test\n")
+    with pytest.warns(ManifestWarning) as caught:
+        m = read_manifest(path)
+    assert m.ids == ["P8"]
+    messages = [str(w.message) for w in caught]
+    assert ("manifest.csv line 3 (patient 'tcga-cs-4938'): duplicate patient, also on line(s) 2 ('TCGA-CS-4938'): "
+            "barcodes of the same TCGA case 'TCGA-CS-4938' name one patient; keep one row per patient; row left out"
+            ) in messages
+    assert ("manifest.csv line 4 (patient 'TCGA-CS-4941-01A'): duplicate patient, also on line(s) 5 ('TCGA-CS-4941'): "
+            "barcodes of the same TCGA case 'TCGA-CS-4941' name one patient; keep one row per patient; row left out"
+            ) in messages
+    assert ("manifest.csv line 7 (patient 'p7'): duplicate patient, also on line(s) 6 ('P7'): ids that differ only "
+            "in case name one patient; keep one row per patient; row left out") in messages
+    assert len(messages) == 6
+    # distinct samples of distinct cases, and ids that only share a beginning, stay apart
+    path = write(files, "patient_id,time,event\nTCGA-CS-4938-01A,1,1\nTCGA-CS-4939-01A,2,0\nP1,1,1\nP10,2,0\n")
+    assert read_manifest(path).ids == ["TCGA-CS-4938-01A", "TCGA-CS-4939-01A", "P1", "P10"]
+
+
+@pytest.mark.parametrize("kind", ["parquet", "dataframe"])
+def test_missing_cells_of_nullable_columns_are_empty_cells(files: Path, kind: str):
+    # pandas' nullable dtypes (Int64, string) hold pd.NA, which str() writes '<NA>': an empty cell, not a value
+    table = pd.DataFrame({"patient_id": ["P1", "P2"], "time": [1.5, 2.0],
+                          "event": pd.array([1, 0], dtype="Int64"), "fold": pd.array([0, None], dtype="Int64"),
+                          "grade": pd.array(["G2", None], dtype="string"), "age": pd.array([40, None], dtype="Int64")})
+    if kind == "parquet":
+        table.to_parquet(files / "manifest.parquet")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ManifestWarning)
+        m = read_manifest(files / "manifest.parquet" if kind == "parquet" else table)
+    assert m.ids == ["P1", "P2"]
+    np.testing.assert_array_equal(m.fold, [0, -1])
+    np.testing.assert_array_equal(m.event, [1, 0])
+    encoded = apply_clinical(m.clinical, fit_clinical(m.clinical, np.array([True, True])))
+    np.testing.assert_array_equal(np.isnan(encoded), [[False, False], [True, True]])
+    missing = pd.DataFrame({"patient_id": ["P1", "P2"], "time": [1.0, None], "event": pd.array([1, None], "Int64")})
+    with pytest.warns(ManifestWarning, match=r"line 3 \(patient 'P2'\): missing time; .*missing event; row left out"):
+        assert read_manifest(missing).ids == ["P1"]
+
+
 def lenient_then_strict(path: Path, message: str, warned: str = "", **kw):
     """The manifest read as usual, which warns ``message + warned`` (a regex); read with
     ``strict=True`` the same file is an error matching ``message``."""
@@ -75,7 +119,7 @@ def lenient_then_strict(path: Path, message: str, warned: str = "", **kw):
     ("", "1", r"line 3 \(patient 'P2'\): missing time"),
     ("soon", "1", r"line 3 \(patient 'P2'\): time 'soon' is not a number"),
     ("1.0", "2", r"line 3 \(patient 'P2'\): event '2' is not 0/1"),
-    ("1.0", "dead", r"line 3 \(patient 'P2'\): event 'dead' is not 0/1"),
+    ("1.0", "dead", r"line 3 \(patient 'P2'\): event 'dead' is not 0/1 \(write 1 where the death was observed"),
 ])
 def test_bad_survival_values_are_named(files: Path, time: str, event: str, message: str):
     path = write(files, f"patient_id,time,event\nP1,1,0\nP2,{time},{event}\n")

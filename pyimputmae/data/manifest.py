@@ -2,7 +2,9 @@
 
 A manifest is a CSV/TSV (or parquet) table with columns
 
-* ``patient_id`` — unique (aliases: ``case_id``, ``case_submitter_id``, ``submitter_id``, ``id``);
+* ``patient_id`` — unique, compared ignoring case and TCGA barcodes by their case barcode
+  (``TCGA-CS-4938-01A`` and ``TCGA-CS-4938`` are one patient) (aliases: ``case_id``,
+  ``case_submitter_id``, ``submitter_id``, ``id``);
 * ``time`` ≥ 0 in the data's own unit and ``event`` in {0, 1} (aliases: ``time_years``,
   ``survival_time``, ``duration``; ``status``, ``dead``);
 * ``split`` in {train, val, test} (default: all ``train``; ``test`` when preprocessing new patients
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +73,10 @@ _TRUE = {"yes", "true", "y", "1", "1.0"}
 _FALSE = {"no", "false", "n", "0", "0.0"}
 _YES_NO = _TRUE | _FALSE
 _UNKNOWN = _EMPTY | MISSING_MARKERS
+
+
+#: a TCGA barcode's case part (lower case): ``TCGA-CS-4938`` of the sample barcode ``TCGA-CS-4938-01A``
+_TCGA_CASE = re.compile(r"(tcga-[a-z0-9]{2}-[a-z0-9]{4})(?:-|$)")
 
 
 class ManifestError(ValueError):
@@ -131,6 +138,25 @@ class Manifest:
         return tuple(self.sources)
 
 
+def _patient_key(pid: str) -> str:
+    """What identifies a patient among the manifest's ids: the id ignoring case, and a TCGA barcode's case
+    barcode (a sample barcode ``TCGA-CS-4938-01A`` and ``TCGA-CS-4938`` are one patient)."""
+    key = pid.casefold()
+    tcga = _TCGA_CASE.match(key)
+    return tcga.group(1) if tcga else key
+
+
+def _duplicate(where: str, pid: str, line: int, others: list[tuple[int, str]]) -> str:
+    """The message for a row whose patient is also on the ``others`` (line, id) rows."""
+    if all(o == pid for _, o in others):
+        return f"{where}: duplicate patient id, also on line(s) {', '.join(str(x) for x, _ in others)}"
+    tcga = _TCGA_CASE.match(pid.casefold())
+    why = (f"barcodes of the same TCGA case {tcga.group(1).upper()!r}" if tcga
+           else "ids that differ only in case")
+    shown = ", ".join(f"{x} ({o!r})" for x, o in others)
+    return f"{where}: duplicate patient, also on line(s) {shown}: {why} name one patient; keep one row per patient"
+
+
 def _is_empty(value: Any, words: frozenset[str] | set[str] = _EMPTY) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip().lower() in words
 
@@ -165,9 +191,15 @@ def _read_table(path: Path) -> Any:
     if not path.exists():
         raise ManifestError(f"manifest {path} does not exist")
     if path.suffix == ".parquet":
-        return pd.read_parquet(path).astype(str).reset_index(drop=True)
+        return _as_text(pd.read_parquet(path))
     sep = "\t" if path.suffix.lower() in (".tsv", ".tab", ".txt") else ","
     return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, comment=None)
+
+
+def _as_text(table: Any) -> Any:
+    """A DataFrame's cells as text, a missing one (``None``, NaN, pandas' ``NA`` of nullable columns,
+    ``NaT``) as an empty cell, never the text ``'<NA>'``."""
+    return table.astype(object).where(table.notna(), "").astype(str).reset_index(drop=True)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -201,7 +233,7 @@ def read_manifest(
     import pandas as pd
 
     if isinstance(manifest, pd.DataFrame):
-        table = manifest.astype(str).reset_index(drop=True)
+        table = _as_text(manifest)
         path, name, base = None, "manifest", Path.cwd()
         digest = hashlib.sha256(table.to_csv(index=False).encode()).hexdigest()
     else:
@@ -232,7 +264,7 @@ def read_manifest(
     ids = [str(v).strip() for v in table[col["patient_id"]]]
     first_line: dict[str, list[int]] = {}
     for i, pid in enumerate(ids):
-        first_line.setdefault(pid, []).append(i + 2)
+        first_line.setdefault(_patient_key(pid), []).append(i + 2)
     bad_rows: dict[int, str] = {}
     accepted: list[int] = []
     times, events, splits, folds = [], [], [], []
@@ -242,9 +274,8 @@ def read_manifest(
         reasons = []
         if pid == "" or pid.lower() in _EMPTY:
             reasons.append(f"{name} line {line}: empty patient id")
-        elif len(first_line[pid]) > 1:
-            reasons.append(f"{where}: duplicate patient id, also on line(s) "
-                           f"{', '.join(str(x) for x in first_line[pid] if x != line)}")
+        elif len(lines := first_line[_patient_key(pid)]) > 1:
+            reasons.append(_duplicate(where, pid, line, [(x, ids[x - 2]) for x in lines if x != line]))
         t = e = math.nan
         if col["time"] is not None:
             raw = table[col["time"]].iloc[i]
@@ -267,7 +298,8 @@ def read_manifest(
             elif str(raw).strip() in ("0", "1", "0.0", "1.0"):
                 e = float(raw)
             else:
-                reasons.append(f"{where}: event {raw!r} is not 0/1")
+                reasons.append(f"{where}: event {raw!r} is not 0/1 (write 1 where the death was observed — e.g. "
+                               "vital status Dead —, 0 where the patient was censored, e.g. Alive)")
         split = default_split
         if col["split"] is not None and not _is_empty(table[col["split"]].iloc[i]):
             split = str(table[col["split"]].iloc[i]).strip().lower()
