@@ -347,6 +347,19 @@ def test_a_manifest_without_files_is_an_error_naming_the_columns(tmp_path: Path)
                       verbose=False)
 
 
+def test_a_cohort_without_training_patients_needs_fitted(tmp_path: Path):
+    # new patients preprocessed without --fitted: nothing to fit the features and clinical encoding on, so
+    # every omics file would fail; an error that says to pass --fitted, before a store is written
+    pd.DataFrame({"P1": [0.2, 0.4], "P2": [0.6, 0.8]}, index=["cg1", "cg2"]).to_csv(tmp_path / "beta.tsv", sep="\t")
+    (tmp_path / "new.csv").write_text("patient_id,time,event,split,dnam\nP1,1,1,test,beta.tsv\nP2,2,0,val,beta.tsv\n")
+    out = tmp_path / "new.zarr"
+    with pytest.raises(ManifestError, match=r"new.csv: no patient is in the training split \(test 1, val 1\): .* "
+                                            r"pass --fitted TRAINING_STORE"):
+        pp.preprocess(tmp_path / "new.csv", out, config={**CONFIG, "modalities": ["dnam"]}, progress=False,
+                      verbose=False)
+    assert not out.exists()
+
+
 def test_m_values_given_as_beta_values_are_a_warning_in_the_report(tmp_path: Path):
     """A cohort-level omics warning (every DNAm file holds values outside [0, 1]) is shown when it
     happens and kept in the report, whose summary a user reads after a long run."""

@@ -149,9 +149,16 @@ def check_sources(manifest: Manifest, modalities: tuple[str, ...], training: boo
     """Whether the manifest gives files for the requested modalities. Returns warnings (under
     ``strict``, raises them as a :class:`ManifestError`): a modality without a path column; no file
     for any modality when preprocessing new patients (``training`` False: predictions then rest on
-    the clinical data alone). No file for any modality while ``training`` is always an error: an
-    all-missing store cannot pre-train the model."""
+    the clinical data alone). No file for any modality, or no patient in the training split, while
+    ``training`` is always an error: an all-missing store cannot pre-train the model, and nothing
+    can be fitted without training patients."""
     name = manifest.path.name if manifest.path else "manifest"
+    if training and not (manifest.split == "train").any():
+        counts = ", ".join(f"{s} {int((manifest.split == s).sum())}" for s in sorted(set(manifest.split)))
+        raise ManifestError(f"{name}: no patient is in the training split ({counts}): the preprocessing (omics "
+                            "features, clinical encoding) is fitted on training patients. For new patients, pass "
+                            "--fitted TRAINING_STORE (apply_preprocessing); otherwise set split to train for the "
+                            "training patients (an empty split cell is train)")
     listed = {m: sum(s is not None for s in manifest.sources[m]) for m in modalities}
     absent = [m for m in modalities if not manifest.path_columns.get(m) and not listed[m]]
     looked = "; ".join(f"{m}: {', '.join(path_column_names(m))}" for m in absent)
