@@ -171,6 +171,10 @@ RUN_FILES = ("checkpoints/last.pt", "model.pt", "metrics.json", "metrics.jsonl",
 def check_out_dir(cfg: TrainConfig) -> None:
     """Refuse to write over an earlier run in ``out_dir`` unless ``resume`` or ``overwrite`` says so."""
     out = Path(cfg.out_dir)
+    blocked = next((p for p in (out, *out.parents) if p.exists()), None)
+    if blocked is not None and not blocked.is_dir():
+        where = "is" if blocked == out else f"is inside {blocked}, which is"
+        raise NotADirectoryError(f"out_dir {out} {where} a file, not a folder: choose another out_dir")
     found = [f for f in RUN_FILES if (out / f).exists()]
     if not found or cfg.overwrite:
         return

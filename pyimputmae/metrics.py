@@ -214,13 +214,17 @@ def harrell_c(surv, time_grid, durations, events, steps: str = "pre") -> float:
     """Harrell's C (``lifelines.utils.concordance_index``) on the restricted mean survival time.
 
     The score handed to lifelines is :func:`restricted_mean_survival` (higher = longer
-    predicted survival, as lifelines expects; i.e. risk = −RMST). Ties in the score count ½.
+    predicted survival, as lifelines expects; i.e. risk = −RMST). Ties in the score count ½. NaN
+    when no pair is comparable (as :func:`concordance_td`; lifelines raises ZeroDivisionError).
     """
     from lifelines.utils import concordance_index
 
     _, _, t, e = _checked_inputs(surv, time_grid, durations, events)
     score = restricted_mean_survival(surv, time_grid, steps)
-    return float(concordance_index(t, score, e.astype(np.float64)))
+    try:
+        return float(concordance_index(t, score, e.astype(np.float64)))
+    except ZeroDivisionError:  # "No admissable pairs in the dataset": one patient, or no death before a later time
+        return float("nan")
 
 
 def evaluate(surv, time_grid, durations, events, n_ibs_times: int = 50, steps: str = "pre") -> dict[str, float]:

@@ -104,9 +104,18 @@ def clinical_features_for(model_cfg: ModelConfig, cohort: Cohort, explicit: bool
 
 
 def split_indices(cohort: Cohort, val_fold: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Training, validation and test rows; ``val_fold`` must be a fold of the training split."""
+    """Training, validation and test rows. The validation rows are the cohort's ``"val"`` split
+    (the manifest's), or with ``val_fold`` that cross-validation fold of the training split — not
+    both: a cohort with a ``"val"`` split and a ``val_fold`` is refused."""
     if val_fold is None:
-        return cohort.indices("train"), np.array([], dtype=np.int64), cohort.indices("test")
+        return cohort.indices("train"), cohort.indices("val"), cohort.indices("test")
+    in_val = cohort.indices("val")
+    if len(in_val):
+        shown = ", ".join(str(cohort.ids[i]) for i in in_val[:5]) + (", ..." if len(in_val) > 5 else "")
+        raise ValueError(f"val_fold={val_fold} would hold out fold {val_fold} of the training split for validation, "
+                         f"but the cohort already has {len(in_val)} patients in split 'val' ({shown}), which would "
+                         "then be neither trained on nor evaluated. Leave val_fold unset to validate on the 'val' "
+                         "split, or mark those patients 'train' (or 'test') in the manifest to use folds")
     folds = sorted(set(np.asarray(cohort.fold)[np.asarray(cohort.split) == "train"].tolist()) - {-1})
     if val_fold not in folds:
         have = (f"its folds are {', '.join(map(str, folds))}" if folds
@@ -157,8 +166,23 @@ def load_cohort_for(cfg: TrainConfig, model_cfg: ModelConfig) -> Cohort:
     return make_cohort(**kwargs)
 
 
-def check_cohort(cohort: Cohort, model_cfg: ModelConfig, train_idx: np.ndarray) -> None:
-    """Clear errors for a cohort that cannot train this model."""
+def _listed(cohort: Cohort, rows: np.ndarray, limit: int = 5) -> str:
+    """The ids of ``rows``, the first ``limit`` of them."""
+    return ", ".join(str(cohort.ids[i]) for i in rows[:limit]) + (", ..." if len(rows) > limit else "")
+
+
+def nonfinite_rows(values: torch.Tensor, chunk: int = 64) -> np.ndarray:
+    """Rows of ``values`` ``(N, ...)`` holding a NaN or an infinity (checked ``chunk`` rows at a time:
+    a cohort's inputs can be GBs)."""
+    bad = [(~torch.isfinite(values[start:start + chunk])).flatten(1).any(1).cpu()
+           for start in range(0, values.shape[0], chunk)]
+    return np.flatnonzero(torch.cat(bad).numpy()) if bad else np.zeros(0, dtype=np.int64)
+
+
+def check_cohort(cohort: Cohort, model_cfg: ModelConfig, train_idx: np.ndarray, source: str = "the cohort") -> None:
+    """Clear errors for a cohort that cannot train this model: modalities and shapes, NaN or
+    infinite inputs (they would turn every weight into NaN), the training patients' survival.
+    ``source``: where the cohort came from, for the messages."""
     for m in model_cfg.modalities:
         if m.name not in cohort.inputs:
             raise ValueError(f"the model expects modality {m.name!r} but the cohort has {list(cohort.inputs)}")
@@ -169,12 +193,37 @@ def check_cohort(cohort: Cohort, model_cfg: ModelConfig, train_idx: np.ndarray) 
     unknown = [n for n in cohort.inputs if n not in model_cfg.names]
     if unknown:
         raise ValueError(f"the cohort has modalities {unknown} the model does not know (configured: {model_cfg.names})")
+    present = cohort.present.cpu().numpy()
+    for m, name in enumerate(cohort.inputs):
+        bad = nonfinite_rows(cohort.inputs[name])
+        if len(bad):
+            absent = bad[~present[bad, m]]
+            which = (f"; {len(absent)} of them lack it (present is False): a missing modality's inputs must be "
+                     "zeros, not NaN" if len(absent) else "")
+            raise ValueError(f"modality {name!r} of {source} holds NaN or infinite values for {len(bad)} patient(s) "
+                             f"({_listed(cohort, bad)}){which}. They would make every weight NaN: replace them "
+                             "(e.g. by the training median) or mark the modality missing for those patients (zeros, "
+                             "present False); a store written by `pyimputmae preprocess` has none")
     if len(train_idx) == 0:
         raise ValueError("the training split is empty")
-    events = cohort.event[torch.as_tensor(train_idx, device=cohort.event.device)]
+    rows = torch.as_tensor(train_idx, device=cohort.event.device)
+    time, event = cohort.time[rows].cpu().numpy(), cohort.event[rows].cpu().numpy()
+    bad = train_idx[~(np.isfinite(time) & (time >= 0) & np.isin(event, (0.0, 1.0)))]
+    if len(bad):
+        first = int(np.flatnonzero(train_idx == bad[0])[0])
+        raise ValueError(f"{len(bad)} patient(s) of the training split of {source} have no usable survival "
+                         f"({_listed(cohort, bad)}; the first: time {time[first]}, event {event[first]}): training "
+                         "needs a time ≥ 0 and an event of 0 or 1 for every training patient; mark patients without "
+                         "follow-up 'test' (or drop them)")
+    events = cohort.event[rows]
     if float(events.sum()) == 0:
         raise ValueError(f"no patient of the training split ({len(train_idx)} patients) has an event: "
                          "survival cannot be learned")
+    never = [name for m, name in enumerate(cohort.inputs) if not present[train_idx, m].any()]
+    if never:
+        warnings.warn(f"{source}: no patient of the training split ({len(train_idx)} patients) has modality "
+                      f"{' or '.join(map(repr, never))}: the model cannot learn to read or impute it, and it is "
+                      "treated as missing for every patient", RuntimeWarning, stacklevel=3)
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -645,7 +694,7 @@ def _train(cfg: TrainConfig, cohort: Cohort | None) -> TrainResult:
         source = "an in-memory cohort"
     model_cfg = clinical_features_for(model_cfg, cohort, clinical_set, cfg.finetune, source)
     train_idx, val_idx, test_idx = split_indices(cohort, cfg.val_fold)
-    check_cohort(cohort, model_cfg, train_idx)
+    check_cohort(cohort, model_cfg, train_idx, source)
     identity = checkpoint.cohort_identity(cohort, source)
     out = Path(cfg.out_dir)
     saved = checkpoint.load_resume_state(cfg, out / checkpoint.RUN_FILES[0], model_cfg, identity)
@@ -695,6 +744,10 @@ def _run(cfg: TrainConfig, model_cfg: ModelConfig, cohort: Cohort, device: torch
     if cfg.pretrain and not trainer.completed("pretrain"):
         # a batch needs at least one modality: patients with clinical data only are left to fine-tuning
         has_any = cohort.present[torch.as_tensor(train_idx, device=cohort.present.device)].any(1).cpu().numpy()
+        if not has_any.any():
+            warnings.warn(f"no patient of the training split ({len(train_idx)} patients) has any of the modalities "
+                          f"{list(cohort.inputs)}: there is nothing to pre-train on, pre-training is skipped",
+                          RuntimeWarning, stacklevel=3)
         rng = new_rng(cfg.seed, device)
         trainer.run_stage("pretrain", mae, train_idx[has_any], lambda batch: _pretrain_step(mae, batch, rng), rng)
     elif trainer.completed("pretrain") and trainer.saved["position"]["stage"] == "pretrain":
@@ -716,7 +769,21 @@ def _run(cfg: TrainConfig, model_cfg: ModelConfig, cohort: Cohort, device: torch
     trainer.stop.check("the end of training, before evaluation", saved=trainer.ckpt_path.exists())
     if cfg.finetune:
         for split, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx)):
-            if len(idx) and float(cohort.event[torch.as_tensor(idx, device=cohort.event.device)].sum()) > 0:
-                metrics[split] = evaluate_model(model, cohort, idx, check=False)  # fitted on it
+            if not len(idx):
+                continue
+            rows = torch.as_tensor(idx, device=cohort.event.device)
+            time, event = cohort.time[rows].cpu().numpy(), cohort.event[rows].cpu().numpy()
+            known = np.isfinite(time) & np.isin(event, (0.0, 1.0))  # new patients may have no follow-up
+            if event[known].sum() == 0:
+                warnings.warn(f"the {split} split is not evaluated: none of its {len(idx)} patients "
+                              f"{'with a recorded time and event ' if not known.all() else ''}has an event, so the "
+                              f"C-index is undefined (metrics.json has no {split!r} entry)", RuntimeWarning,
+                              stacklevel=3)
+                continue
+            if not known.all():
+                warnings.warn(f"the {split} split is evaluated on the {int(known.sum())} of its {len(idx)} patients "
+                              f"whose time and event are recorded ({_listed(cohort, idx[~known])} have none)",
+                              RuntimeWarning, stacklevel=3)
+            metrics[split] = evaluate_model(model, cohort, idx[known], check=False)  # fitted on it
     trainer.stop.check("the evaluation after training", saved=trainer.ckpt_path.exists())
     return model, metrics

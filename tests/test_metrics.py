@@ -179,6 +179,19 @@ def test_harrell_c_is_lifelines_on_restricted_mean_survival():
     np.testing.assert_allclose(rmst, surv[:, 1:] @ np.diff(grid))
 
 
+def test_no_comparable_pair_is_nan_for_both_concordances_not_an_error():
+    """One evaluated patient, or deaths only at the last time: no pair is comparable (lifelines
+    itself raises ZeroDivisionError), so a tiny split after training is reported, not a crash."""
+    grid = np.linspace(0.0, 4.0, 5)
+    surv = np.linspace(1.0, 0.2, 5)[None, :].repeat(3, 0)
+    for t, e in ((np.array([1.5]), np.array([1.0])), (np.array([1.0, 1.0, 2.0]), np.array([0.0, 0.0, 1.0]))):
+        n = len(t)
+        assert np.isnan(metrics.concordance_td(surv[:n], grid, t, e))
+        assert np.isnan(metrics.harrell_c(surv[:n], grid, t, e))
+        out = metrics.evaluate(surv[:n], grid, t, e)
+        assert np.isnan(out["c_index"]) and np.isnan(out["harrell_c"])
+
+
 def test_a_perfect_ranking_scores_one_and_its_reverse_zero():
     t = np.array([0.5, 1.5, 2.5, 3.5, 4.5, 5.5])
     e = np.ones(6)

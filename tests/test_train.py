@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -110,6 +111,68 @@ def test_clear_errors_for_bad_data(tmp_path, cohort):
         ImputeMAE(TINY).forward_pretrain(batch, new_rng(0))
 
 
+def test_nan_inputs_or_survival_are_refused_before_training_naming_the_patients(tmp_path):
+    """A NaN anywhere in the inputs made every weight NaN and failed only at the evaluation, after
+    the whole run, with lifelines' "NaNs detected in inputs"; now refused before anything is written."""
+    out = tmp_path / "run"
+    bad = make_cohort(n_patients=32, shapes=TINY_SHAPES, seed=1)
+    has, lacks = int(np.flatnonzero(bad.present[:, 0])[0]), int(np.flatnonzero(~bad.present[:, 0])[0])
+    bad.inputs["rna"][has, 0, 3] = float("inf")
+    with pytest.raises(ValueError, match=rf"modality 'rna' of an in-memory cohort holds NaN or infinite values for 1 "
+                                         rf"patient\(s\) \({bad.ids[has]}\)\. They would make every weight NaN"):
+        train(cohort=bad, model=TINY, out_dir=str(out), **FAST)
+    bad.inputs["rna"][has] = 0.0
+    bad.inputs["rna"][lacks] = float("nan")  # a missing modality written as NaN rather than zeros
+    with pytest.raises(ValueError, match=rf"values for 1 patient\(s\) \({bad.ids[lacks]}\); 1 of them lack it "
+                                         r"\(present is False\): a missing modality's inputs must be zeros"):
+        train(cohort=bad, model=TINY, out_dir=str(out), **FAST)
+    bad.inputs["rna"][lacks] = 0.0
+    patient = int(bad.indices("train")[2])
+    bad.time[patient] = float("nan")
+    with pytest.raises(ValueError, match=rf"1 patient\(s\) of the training split of an in-memory cohort have no usable "
+                                         rf"survival \({bad.ids[patient]}; the first: time nan, event"):
+        train(cohort=bad, model=TINY, out_dir=str(out), **FAST)
+    assert not out.exists()
+
+
+def test_manifest_val_split_is_evaluated_and_never_mixed_with_val_fold(tmp_path):
+    """Patients the manifest puts in split 'val' were silently neither trained on nor evaluated."""
+    cohort = make_cohort(n_patients=48, shapes=TINY_SHAPES, seed=2)
+    val = cohort.indices("train")[:8]
+    cohort.split = cohort.split.copy()
+    cohort.split[val] = "val"
+    train_idx, val_idx, _ = split_indices(cohort, None)
+    assert sorted(val_idx) == sorted(val) and not set(train_idx) & set(val)
+    res = train(cohort=cohort, model=TINY, out_dir=str(tmp_path / "run"), **FAST)
+    assert {"train", "val", "test"} <= set(res.metrics)
+    with pytest.raises(ValueError, match=rf"val_fold=1 would hold out fold 1 of the training split for validation, but "
+                                         rf"the cohort already has 8 patients in split 'val' \({cohort.ids[val[0]]}, .*"
+                                         r"Leave val_fold unset"):
+        train(cohort=cohort, model=TINY, out_dir=str(tmp_path / "folds"), val_fold=1, **FAST)
+
+
+def test_tiny_splits_and_splits_without_deaths_are_reported_not_fatal(tmp_path):
+    """A one-patient test split crashed the evaluation (Harrell's C: no admissible pair) after the
+    whole run, losing model.pt; a split without deaths, or a modality no training patient has,
+    went unmentioned."""
+    cohort = make_cohort(n_patients=40, shapes=TINY_SHAPES, seed=2)
+    test = cohort.indices("test")
+    cohort.split = cohort.split.copy()
+    cohort.split[test[1:4]] = "val"
+    cohort.split[test[4:]] = "train"
+    cohort.event[test[0]] = 1.0
+    cohort.event[torch.as_tensor(test[1:4])] = 0.0  # no death in the validation split
+    cohort.present[torch.as_tensor(cohort.indices("train")), 3] = False  # no training patient has MRI
+    with pytest.warns(RuntimeWarning) as caught:
+        res = train(cohort=cohort, model=TINY, out_dir=str(tmp_path), **FAST)
+    messages = [str(w.message) for w in caught]
+    assert any(re.search(r"no patient of the training split \(\d+ patients\) has modality 'mri': the model cannot "
+                         r"learn to read or impute it", m) for m in messages), messages
+    assert any(m.startswith("the val split is not evaluated: none of its 3 patients has an event") for m in messages)
+    assert Path(res.paths["model"]).exists() and "val" not in res.metrics
+    assert np.isnan(res.metrics["test"]["c_index"]) and np.isnan(res.metrics["test"]["harrell_c"])
+
+
 def test_resume_refuses_a_checkpoint_of_another_run_and_allows_more_epochs(tmp_path, cohort):
     out = tmp_path / "run"
     run = dict(cohort=cohort, model=TINY, out_dir=str(out), **{**FAST, "pretrain_epochs": 1, "finetune_epochs": 1})
@@ -155,6 +218,17 @@ def test_an_out_dir_holding_a_run_is_not_overwritten_by_accident(tmp_path, cohor
     (tmp_path / "checkpoints" / "last.pt").unlink()
     with pytest.raises(FileExistsError, match="no checkpoint .* only the finished run's model.pt"):
         train(**run, resume=True)
+
+
+def test_an_out_dir_that_is_a_file_is_refused_in_one_line_before_anything_runs(tmp_path, capsys):
+    from pyimputmae import cli
+
+    (tmp_path / "results").write_text("not a folder")
+    for out, where in ((tmp_path / "results", "is a file"), (tmp_path / "results" / "run",
+                                                            f"is inside {tmp_path / 'results'}, which is a file")):
+        assert cli.main(["train", "--out", str(out), "--set", "progress=false"]) == 1
+        err = capsys.readouterr().err
+        assert err == f"pyimputmae train: error: out_dir {out} {where}, not a folder: choose another out_dir\n", err
 
 
 def test_the_cli_passes_overwrite_and_one_model_setting(monkeypatch):
