@@ -188,9 +188,10 @@ def _impute(args: argparse.Namespace) -> int:
     present = cohort.present[torch.as_tensor(rows)].cpu().numpy()
     ids = np.array([cohort.ids[i] for i in rows])
     no_data = ~present.any(1)
-    np.savez_compressed(args.out, patient_id=ids, present=present, **arrays)
+    out = args.out if args.out.endswith(".npz") else args.out + ".npz"  # (numpy would add it, unsaid)
+    np.savez_compressed(out, patient_id=ids, present=present, **arrays)
     print(f"wrote inputs with missing modalities imputed for {int((~no_data).sum())} of {len(rows)} patients "
-          f"to {args.out} (arrays {', '.join(arrays)}; 'present' says which were observed)")
+          f"to {out} (arrays {', '.join(arrays)}; 'present' says which were observed)")
     if no_data.any():
         shown = ", ".join(ids[no_data][:5]) + (", ..." if no_data.sum() > 5 else "")
         print(f"{int(no_data.sum())} patients have clinical data only ({shown}): nothing to impute from, so their "

@@ -170,6 +170,13 @@ def test_impute_skips_clinical_only_patients_and_writes_the_rest(setup, tmp_path
     assert f"{int(no_data.sum())} patients have clinical data only ({cohort.ids[rows[no_data][0]]}" in printed
 
 
+def test_impute_names_the_file_it_writes_when_numpy_adds_the_npz_suffix(setup, tmp_path, capsys):
+    out = tmp_path / "imputed"
+    assert main(["impute", "--model", str(setup["model"]), "--data", str(setup["fitted"]), "--out", str(out)]) == 0
+    assert f"patients to {out}.npz (arrays dnam;" in capsys.readouterr().out
+    assert (tmp_path / "imputed.npz").is_file() and not out.exists()
+
+
 def test_impute_api_with_a_pretrained_model(setup):
     cohort = load_cohort(setup["fitted"])
     out = impute(load(setup["pretrained"]), cohort, cohort.indices("test"))
