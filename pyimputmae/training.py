@@ -183,9 +183,16 @@ def check_cohort(cohort: Cohort, model_cfg: ModelConfig, train_idx: np.ndarray, 
     """Clear errors for a cohort that cannot train this model: modalities and shapes, NaN or
     infinite inputs (they would turn every weight into NaN), the training patients' survival.
     ``source``: where the cohort came from, for the messages."""
+    lacking = [m.name for m in model_cfg.modalities if m.name not in cohort.inputs]
+    if lacking:
+        kept = [m for m in model_cfg.to_dict()["modalities"] if m["name"] in cohort.inputs]
+        fix = (f"configure the model with the cohort's modalities only, e.g. --set "
+               f"model.modalities='{json.dumps(kept)}' (model_overrides={{'modalities': [...]}}), or " if kept else "")
+        raise ValueError(f"the model expects modalit{'ies' if len(lacking) > 1 else 'y'} "
+                         f"{', '.join(map(repr, lacking))} but {source} has "
+                         f"{list(cohort.inputs)}: {fix}write the store with every modality of the model (`pyimputmae "
+                         "preprocess` without --modalities: a patient without a file counts as missing it)")
     for m in model_cfg.modalities:
-        if m.name not in cohort.inputs:
-            raise ValueError(f"the model expects modality {m.name!r} but the cohort has {list(cohort.inputs)}")
         got = tuple(cohort.inputs[m.name].shape[1:])
         if got != m.shape:
             raise ValueError(f"modality {m.name!r}: the cohort holds inputs of shape {got} per patient, the model "

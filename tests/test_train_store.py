@@ -57,6 +57,20 @@ def test_a_named_model_takes_the_clinical_columns_of_the_store(store, tmp_path):
     assert np.isfinite(res.metrics["test"]["c_index"])
 
 
+def test_a_store_without_some_of_the_models_modalities_is_refused_with_the_setting_that_fits(store, tmp_path, capsys):
+    from pyimputmae.model.config import ModelConfig
+
+    args = ["train", "--out", str(tmp_path / "run"), "--set", f"data={store}", "model=small", "progress=false"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"pyimputmae train: error: the model expects modalities 'dnam', 'wsi', 'mri' but {store} has "
+                          "['rna']: configure the model with the cohort's modalities only, e.g. --set "
+                          "model.modalities='"), err
+    suggested = json.loads(err.split("model.modalities='")[1].split("'")[0])
+    assert suggested == [m for m in ModelConfig.small().to_dict()["modalities"] if m["name"] == "rna"]
+    assert not (tmp_path / "run").exists()
+
+
 def test_yaml_with_one_model_setting_from_the_command_line(store, tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(f"model: small\nmodel_overrides: {RNA_ONLY}\ndata: {store}\nout_dir: {tmp_path / 'run'}\n"
