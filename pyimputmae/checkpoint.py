@@ -48,6 +48,23 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
+def json_text(obj: Any, indent: int | None = None) -> str:
+    """``obj`` as strict JSON: a NaN or infinite number (an undefined C-index, a diverged loss) is
+    ``null``, which every JSON reader takes (Python writes ``NaN``, which jq, R's jsonlite and
+    JavaScript refuse)."""
+
+    def finite(value: Any) -> Any:
+        if isinstance(value, float):
+            return value if math.isfinite(value) else None
+        if isinstance(value, Mapping):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return value
+
+    return json.dumps(finite(obj), indent=indent, allow_nan=False)
+
+
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
     """Load a checkpoint written by :func:`atomic_save` (full pickle: our own files only)."""
     return torch.load(path, map_location=map_location, weights_only=False)

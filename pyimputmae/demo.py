@@ -11,7 +11,6 @@ N seeds and adds the same network fine-tuned without pre-training, with mean ± 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from .baselines import coxph_clinical
+from .checkpoint import json_text
 from .data.cohort import Cohort
 from .data.synthetic import make_cohort
 from .model.config import ModelConfig
@@ -190,7 +190,7 @@ def run_demo(out_dir: str | Path = "pyimputmae-demo", seeds: int = 1, ablation: 
     }
     if ablation:
         result["baselines"]["no_pretraining"] = arms["no_pretraining"][0]
-    (out / "metrics.json").write_text(json.dumps(result, indent=1))
+    (out / "metrics.json").write_text(json_text(result, indent=1))
     return result
 
 

@@ -63,7 +63,8 @@ def read_history(path: str | os.PathLike) -> list[dict[str, Any]]:
         if not isinstance(record, dict) or not {"stage", "step", "loss"} <= set(record):
             raise ValueError(f"{path} line {number}: not a training record (it needs 'stage', 'step' and 'loss'): "
                              f"{line[:80]!r}")
-        records.append(record)
+        # undefined figures are written as null (strict JSON): NaN again here, as the plots expect
+        records.append({k: math.nan if v is None else v for k, v in record.items()})
     if not records:
         raise ValueError(f"{path}: no record yet (a run writes its first after log_every optimizer steps)")
     return records

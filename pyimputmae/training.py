@@ -281,7 +281,7 @@ class _Logger:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w") as f:
             for rec in history:
-                f.write(json.dumps(rec) + "\n")
+                f.write(checkpoint.json_text(rec) + "\n")
         self.tb = None
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
@@ -291,7 +291,7 @@ class _Logger:
     def log(self, record: dict) -> None:
         self.history.append(record)
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(checkpoint.json_text(record) + "\n")
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("step", "epoch"):
@@ -725,7 +725,7 @@ def _train(cfg: TrainConfig, cohort: Cohort | None) -> TrainResult:
              "history": str(out / "metrics.jsonl"), "checkpoint": str(trainer.ckpt_path),
              "config": str(out / "config.json")}
     save_model(model, paths["model"], metrics, cfg)
-    Path(paths["metrics"]).write_text(json.dumps(metrics, indent=1))
+    Path(paths["metrics"]).write_text(checkpoint.json_text(metrics, indent=1))
     paths.update(_draw_figures(out, trainer.history, model if cfg.finetune else None, cohort, test_idx))
     return TrainResult(model=model, metrics=metrics, history=trainer.history, paths=paths, config=cfg)
 

@@ -97,6 +97,21 @@ def test_a_lone_record_per_stage_still_draws(tmp_path):
     assert plot_history(one, tmp_path / "one.png").read_bytes()[:8] == PNG
 
 
+def test_undefined_figures_are_null_in_the_log_and_nan_when_read_back(tmp_path):
+    """metrics.jsonl is strict JSON (a diverged loss is null, not Python's NaN that other readers
+    refuse); read_history gives NaN back and the curves still draw."""
+    from pyimputmae.checkpoint import json_text
+
+    records = history()
+    records[2] = {**records[2], "loss": float("nan"), "mri": float("inf")}
+    (tmp_path / "metrics.jsonl").write_text("".join(json_text(r) + "\n" for r in records))
+    line = (tmp_path / "metrics.jsonl").read_text().splitlines()[2]
+    assert '"loss": null' in line and '"mri": null' in line and "NaN" not in line
+    back = read_history(tmp_path)
+    assert np.isnan(back[2]["loss"]) and np.isnan(back[2]["mri"]) and back[3] == records[3]
+    assert plot_history(back, tmp_path / "curves.png").read_bytes()[:8] == PNG
+
+
 class _Cohort:
     def __init__(self, n: int) -> None:
         self.time = torch.linspace(0.5, 5.0, n)

@@ -171,6 +171,11 @@ def test_tiny_splits_and_splits_without_deaths_are_reported_not_fatal(tmp_path):
     assert any(m.startswith("the val split is not evaluated: none of its 3 patients has an event") for m in messages)
     assert Path(res.paths["model"]).exists() and "val" not in res.metrics
     assert np.isnan(res.metrics["test"]["c_index"]) and np.isnan(res.metrics["test"]["harrell_c"])
+    # metrics.json is strict JSON: the undefined C-indices are null (Python's NaN is refused by jq, R, JS)
+    def refuse(constant):
+        raise AssertionError(f"metrics.json holds {constant}")
+    saved = json.loads(Path(res.paths["metrics"]).read_text(), parse_constant=refuse)
+    assert saved["test"]["c_index"] is None and saved["test"]["harrell_c"] is None
 
 
 def test_resume_refuses_a_checkpoint_of_another_run_and_allows_more_epochs(tmp_path, cohort):
