@@ -16,6 +16,8 @@ import json
 import os
 import pickle
 import warnings
+import zipfile
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -226,13 +228,41 @@ def save_model(model: nn.Module, path: str | os.PathLike, metrics: dict | None =
     return checkpoint.atomic_save(state, path)
 
 
+def _member_failing_its_checksum(path: Path) -> str | None:
+    """The first member of the zip archive ``torch.save`` wrote whose bytes do not match the CRC-32
+    stored with them (None when all match, or when the archive cannot be read that way: torch.load then
+    says what is wrong). torch.load does not check these checksums, so without this a byte changed in
+    a tensor's data (a bad copy, a failing disk) would load and predict silently different numbers.
+    A member stored with CRC 0 is not checked (torch writes 0 when its ``compute_crc32`` is off)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.CRC == 0:
+                    continue
+                try:
+                    with archive.open(info) as member:
+                        while member.read(1 << 24):
+                            pass
+                except zipfile.BadZipFile:
+                    return info.filename
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, zlib.error):
+        return None
+    return None
+
+
 def _read_model_file(path: Path) -> Any:
-    """``torch.load`` of ``path`` on the CPU; ValueError naming the file when it is no torch file."""
+    """``torch.load`` of ``path`` on the CPU; ValueError naming the file when it is no torch file or
+    a damaged one (the archive's checksums are verified first)."""
     with path.open("rb") as f:
         head = f.read(4)
     if not head:
         raise ValueError(f"{path} is not a pyimputmae model file (it is empty: a copy or download that did "
                          "not finish?)")
+    bad = _member_failing_its_checksum(path) if head == b"PK\x03\x04" else None
+    if bad is not None:
+        raise ValueError(f"{path} is a damaged model file: the bytes of {bad!r} inside it do not match the checksum "
+                         "written with them (a copy, download or disk that changed the file?). Copy it again from "
+                         "where training wrote it")
     try:
         return checkpoint.load(path, map_location="cpu")
     except (PermissionError, FileNotFoundError, IsADirectoryError):
@@ -270,7 +300,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Modu
         mae = ImputeMAE(cfg)
         model: nn.Module = SurvivalModel(mae, cfg) if state["kind"] == "survival" else mae
         model.load_state_dict(state["state_dict"])
-    except (KeyError, ValueError, RuntimeError) as e:
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
         raise ValueError(f"{path}: this pyimputmae model file (written by pyimputmae {state.get('version', '?')}) "
                          f"cannot be restored by pyimputmae {__version__}: {type(e).__name__}: {e}") from e
     model.to(device).eval()

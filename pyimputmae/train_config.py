@@ -47,7 +47,9 @@ class TrainConfig:
     float settings, integral floats (``2.0``) for integer ones. ``model_overrides`` changes
     ModelConfig fields of ``model`` (e.g. ``model="small", model_overrides={"dim": 128}``). The
     model's ``clinical_features`` are the cohort's clinical columns unless set explicitly (in
-    ``model_overrides``, in a ``model`` dict, or by passing a ModelConfig).
+    ``model_overrides``, in a ``model`` dict, or by passing a ModelConfig). Without pre-trained
+    encoders (``pretrain=False`` and no ``pretrain_from``) the model's ``freeze`` is ``"none"``
+    unless set explicitly in the same way (:func:`resolve_model`).
     """
 
     model: Any = "small"  # a ModelConfig, its name ("small", "paper") or its to_dict()
@@ -180,13 +182,31 @@ class TrainConfig:
         return d
 
 
+def set_explicitly(cfg: TrainConfig, field_name: str) -> bool:
+    """Was the ModelConfig field ``field_name`` chosen by the user: a ModelConfig passed as ``model``,
+    or a key of a ``model`` dict or of ``model_overrides`` (not a named model's default)?"""
+    return (isinstance(cfg.model, ModelConfig) or field_name in cfg.model_overrides
+            or (isinstance(cfg.model, Mapping) and field_name in cfg.model))
+
+
+def pretrains(cfg: TrainConfig) -> bool:
+    """Will the encoders be pre-trained: pre-training runs for at least one epoch, or ``pretrain_from``
+    gives pre-trained weights?"""
+    return bool(cfg.pretrain_from) or (cfg.pretrain and cfg.pretrain_epochs > 0)
+
+
 def resolve_model(cfg: TrainConfig) -> tuple[ModelConfig, bool]:
     """The model configuration of ``cfg`` (``model`` with ``model_overrides`` applied) and whether its
     ``clinical_features`` were set explicitly (a ModelConfig, or a key of a ``model`` dict or of
-    ``model_overrides``); when not, :func:`train` takes them from the cohort."""
-    explicit = (isinstance(cfg.model, ModelConfig) or "clinical_features" in cfg.model_overrides
-                or (isinstance(cfg.model, Mapping) and "clinical_features" in cfg.model))
+    ``model_overrides``); when not, :func:`train` takes them from the cohort.
+
+    Without pre-trained encoders (``pretrain=False`` or no pre-training epoch, and no
+    ``pretrain_from``) a ``freeze`` policy the user did not set is ``"none"``: the freezing of the
+    named models (the paper's: MRI and WSI encoders frozen, 5 of 6 omics blocks) is meant for
+    pre-trained encoders and would leave randomly initialised ones untrained."""
     model_cfg = resolve_config(cfg.model)
     if cfg.model_overrides:
         model_cfg = model_cfg.replace(**cfg.model_overrides)
-    return model_cfg, explicit
+    if not pretrains(cfg) and not set_explicitly(cfg, "freeze") and model_cfg.freeze != "none":
+        model_cfg = model_cfg.replace(freeze="none")
+    return model_cfg, set_explicitly(cfg, "clinical_features")

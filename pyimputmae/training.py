@@ -45,7 +45,7 @@ from .inference import evaluate_model, load, predict_survival, save_model  # noq
 from .model.config import ModelConfig
 from .model.mae import ImputeMAE, advance_rng_, model_preprocessing, new_rng
 from .model.survival import SurvivalModel
-from .train_config import TrainConfig, check_device, resolve_model
+from .train_config import TrainConfig, check_device, pretrains, resolve_model
 
 STAGES = ("pretrain", "finetune")
 
@@ -682,6 +682,13 @@ def train(config: TrainConfig | str | os.PathLike | Mapping[str, Any] | None = N
 
 def _train(cfg: TrainConfig, cohort: Cohort | None) -> TrainResult:
     model_cfg, clinical_set = resolve_model(cfg)
+    frozen = [n for n, blocks in model_cfg.trainable_blocks().items() if blocks != -1]
+    if cfg.finetune and not pretrains(cfg) and frozen:
+        warnings.warn(f"nothing is pre-trained (pretrain=False or pretrain_epochs=0, and no pretrain_from), but the "
+                      f"configured freeze={model_cfg.freeze!r} keeps the randomly initialised encoder(s) of "
+                      f"{', '.join(map(repr, frozen))} partly or wholly frozen during fine-tuning, where they will not "
+                      "learn; set freeze='none' (model_overrides={'freeze': 'none'}, --set model.freeze='\"none\"') "
+                      "to train them", RuntimeWarning, stacklevel=3)
     device = device_for(cfg.device)
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise MissingPackageError("tensorboard=True needs the tensorboard package: pip install tensorboard (or set "

@@ -4,8 +4,10 @@ line's one-line errors and exit status."""
 
 from __future__ import annotations
 
+import struct
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -218,6 +220,43 @@ def test_files_that_are_not_models_are_named(setup, tmp_path, capsys):
         assert rc == 1 and f"pyimputmae predict: error: {path} is not a pyimputmae model file" in err, err
     with pytest.raises(IsADirectoryError, match=r"is a folder, not a model file \(pass the model.pt inside it\)"):
         load(setup["dir"])
+
+
+def _flip_a_byte_of_the_largest_tensor(source: Path, target: Path) -> str:
+    """Copy ``source`` to ``target`` with one byte changed in the middle of its largest stored tensor
+    (what a bad copy does); → that member's name."""
+    data = bytearray(source.read_bytes())
+    with zipfile.ZipFile(source) as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    data[info.header_offset + 30 + name_len + extra_len + info.file_size // 2] ^= 0x10
+    target.write_bytes(bytes(data))
+    return info.filename
+
+
+def test_a_model_file_with_a_changed_byte_is_refused_not_loaded_with_other_weights(setup, tmp_path, capsys):
+    # torch.load does not check the archive's checksums: such a file used to load and predict other numbers
+    damaged = tmp_path / "damaged.pt"
+    member = _flip_a_byte_of_the_largest_tensor(setup["model"], damaged)
+    with pytest.raises(ValueError, match=f"{damaged} is a damaged model file: the bytes of '{member}' inside it do "
+                                         "not match the checksum written with them .* Copy it again"):
+        load(damaged)
+    rc = main(["predict", "--model", str(damaged), "--data", str(setup["fitted"]), "--out", str(tmp_path / "p.csv")])
+    assert rc == 1 and f"{damaged} is a damaged model file" in capsys.readouterr().err
+    # a file written without checksums (torch's compute_crc32 off) has nothing to check and still loads
+    config = pytest.importorskip("torch.utils.serialization").config.save
+    state = torch.load(setup["model"], weights_only=False)
+    unchecked = tmp_path / "unchecked.pt"
+    before, config.compute_crc32 = config.compute_crc32, False
+    try:
+        torch.save(state, unchecked)
+    finally:
+        config.compute_crc32 = before
+    with zipfile.ZipFile(unchecked) as archive:
+        assert {i.CRC for i in archive.infolist()} == {0}
+    cohort = load_cohort(setup["fitted"])
+    np.testing.assert_array_equal(predict_survival(load(unchecked), cohort), predict_survival(load(setup["model"]),
+                                                                                              cohort))
 
 
 # ------------------------------------------------------------------------------- command-line errors

@@ -290,6 +290,8 @@ def test_config_round_trips_through_json():
     (lambda: tiny_config(mask_ratio={"pet": 0.5}), ["unknown modality", "'pet'"]),
     (lambda: tiny_config(mask_ratio=0.9), ["'rna'", "no visible token"]),
     (lambda: tiny_config(missing="drop"), ["missing", "'drop'"]),
+    # impute() gives per-patch normalised patches with norm_pix: the encoders would read them as raw input
+    (lambda: tiny_config(missing="impute", norm_pix=True), ["missing='impute'", "norm_pix=True", "norm_pix=False"]),
     (lambda: tiny_config(dim=17), ["dim", "17", "head"]),
     (lambda: ModelConfig.from_dict({**tiny_config().to_dict(), "depth": 3}), ["unknown ModelConfig keys", "depth"]),
     (lambda: ModelConfig.named("huge"), ["huge", "paper"]),

@@ -82,6 +82,23 @@ def test_skipping_pretraining_and_loading_a_pretrained_model(tmp_path, cohort):
         TrainConfig.load(pretrain=False, finetune=False)
 
 
+def test_fine_tuning_without_pre_training_trains_every_encoder(tmp_path, cohort):
+    # a named model's freezing (the paper's: MRI and WSI encoders frozen) is for pre-trained encoders;
+    # without pre-training it used to leave randomly initialised encoders frozen, never learning
+    small = {"dim": 32, "heads": 2, "mlp": 64, "decoder_dim": 32, "decoder_heads": 2, "decoder_mlp": 64}
+    res = train(cohort=cohort, model="small", model_overrides=small, out_dir=str(tmp_path / "scratch"),
+                pretrain=False, **FAST)
+    assert res.model.config.freeze == "none"
+    assert all(p.requires_grad for p in res.model.mae.encoders.parameters())
+    # a freezing policy set explicitly is kept, with a warning naming the encoders it leaves untrained
+    with pytest.warns(RuntimeWarning, match=r"nothing is pre-trained .* freeze='paper' keeps the randomly "
+                                            r"initialised encoder\(s\) of 'rna', 'dnam', 'wsi', 'mri' .* set "
+                                            r"freeze='none'"):
+        res = train(cohort=cohort, model=TINY.replace(freeze="paper"), out_dir=str(tmp_path / "frozen"),
+                    pretrain=False, **FAST)
+    assert not any(p.requires_grad for p in res.model.mae.encoders["mri"].parameters())
+
+
 def test_config_from_yaml_and_json_files(tmp_path):
     (tmp_path / "c.yaml").write_text("seed: 4\npretrain_epochs: 3\nmodel: small\n")
     (tmp_path / "c.json").write_text(json.dumps({"seed": 5, "finetune_lr": 0.001}))

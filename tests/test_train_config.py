@@ -74,6 +74,20 @@ def test_one_model_setting_changed_on_top_of_a_named_model(tmp_path):
         TrainConfig.load(model={"dim": 32})
 
 
+def test_without_pre_training_a_named_model_fine_tunes_every_encoder():
+    # the paper's freezing (MRI and WSI encoders frozen, 5 of 6 omics blocks) is for pre-trained encoders:
+    # applied to randomly initialised ones it left them untrained
+    assert resolve_model(TrainConfig.load(model="paper"))[0].freeze == "paper"
+    for settings in ({"pretrain": False}, {"pretrain_epochs": 0}):
+        assert resolve_model(TrainConfig.load(model="paper", **settings))[0].freeze == "none"
+    from_file = TrainConfig.load(model="paper", pretrain=False, pretrain_from="runs/pre/model.pt")
+    assert resolve_model(from_file)[0].freeze == "paper"
+    # a policy the user chose is kept (train() warns that it freezes untrained encoders)
+    chosen = TrainConfig.load(model="paper", pretrain=False, model_overrides={"freeze": "authors_code"})
+    assert resolve_model(chosen)[0].freeze == "authors_code"
+    assert resolve_model(TrainConfig.load(model=ModelConfig.paper(), pretrain=False))[0].freeze == "paper"
+
+
 @pytest.mark.parametrize(("changes", "message"), [
     ({"dim": 32.5}, r"ModelConfig.dim must be an integer, got 32.5 \(float\)"),
     ({"dim": "64"}, r"ModelConfig.dim must be an integer, got '64' \(str\)"),

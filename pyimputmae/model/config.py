@@ -112,7 +112,8 @@ class ModelConfig:
     before the head), ``n_bins`` discrete-time intervals, ``fusion_heads`` / ``fusion_dropout``,
     ``freeze`` (a name in :data:`FREEZE_POLICIES` or ``{modality: trainable last blocks}``), and
     ``missing`` ("mask": a missing modality is excluded by attention masking; "impute": the
-    decoder reconstructs it and its encoder encodes the reconstruction).
+    decoder reconstructs it and its encoder encodes the reconstruction; not with ``norm_pix``, whose
+    reconstructions are per-patch normalised rather than raw inputs).
     """
 
     modalities: tuple[ModalityConfig, ...]
@@ -168,6 +169,11 @@ class ModelConfig:
         _choice("pos_embed", self.pos_embed, POS_EMBEDS)
         _choice("clinical_mode", self.clinical_mode, CLINICAL_MODES)
         _choice("missing", self.missing, MISSING_MODES)
+        if self.missing == "impute" and self.norm_pix:
+            raise ValueError("missing='impute' cannot be combined with norm_pix=True: with norm_pix the decoder "
+                             "reconstructs each patch normalised to mean 0 and variance 1, not the raw input the "
+                             "encoders read, and a missing modality's own patch means and variances are unknown; "
+                             "set norm_pix=False to fine-tune on imputed modalities, or missing='mask'")
         if self.clinical_mode == "tokens" and self.clinical_features and self.clinical_tokens < 1:
             raise ValueError("clinical_mode='tokens' with clinical features needs clinical_tokens ≥ 1")
         if isinstance(self.mask_ratio, dict):
