@@ -281,8 +281,12 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Modu
     ``predict_survival``; its ``.mae.impute`` imputes) or an :class:`ImputeMAE` (pre-training only).
 
     ValueError naming the file for anything else (an empty, damaged or foreign file, a training
-    checkpoint)."""
+    checkpoint); ValueError naming the device for one that is not there (``"cuda"`` without a GPU).
+    ``device``: a ``torch.device`` or its name (``"auto"``: a CUDA GPU when one is visible)."""
+    from .train_config import device_for
+
     path = Path(path)
+    device = device_for(device) if isinstance(device, str) else device
     if not path.exists():
         raise FileNotFoundError(f"model file {path} does not exist")
     if path.is_dir():

@@ -37,6 +37,26 @@ def check_device(name: str) -> None:
                          f"{name!r}") from None
 
 
+def device_for(name: str) -> Any:
+    """``name`` as a ``torch.device``; a clear error for a name torch does not know and for a GPU
+    that is not there."""
+    import torch
+
+    check_device(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+            raise ValueError(f"device={name!r} but no CUDA GPU is visible to PyTorch (torch {torch.__version__}, "
+                               f"{build}; check CUDA_VISIBLE_DEVICES and nvidia-smi); use device='cpu' or 'auto'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device={name!r} but only {torch.cuda.device_count()} CUDA GPU(s) are visible "
+                               f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    return device
+
+
 @dataclass
 class TrainConfig:
     """Everything :func:`train` needs. Epoch counts are per stage; learning rates follow a linear

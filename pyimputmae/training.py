@@ -45,7 +45,7 @@ from .inference import evaluate_model, load, predict_survival, save_model  # noq
 from .model.config import ModelConfig
 from .model.mae import ImputeMAE, advance_rng_, model_preprocessing, new_rng
 from .model.survival import SurvivalModel
-from .train_config import TrainConfig, check_device, pretrains, resolve_model
+from .train_config import TrainConfig, device_for, pretrains, resolve_model
 
 STAGES = ("pretrain", "finetune")
 
@@ -65,24 +65,6 @@ class TrainResult:
 # ----------------------------------------------------------------------------------- helpers
 class MissingPackageError(ImportError):
     """An optional package a chosen setting needs is not installed (the message says which)."""
-
-
-def device_for(name: str) -> torch.device:
-    """``name`` as a device; a clear error for a name torch does not know and for a GPU that is
-    not there."""
-    check_device(name)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
-            raise ValueError(f"device={name!r} but no CUDA GPU is visible to PyTorch (torch {torch.__version__}, "
-                               f"{build}; check CUDA_VISIBLE_DEVICES and nvidia-smi); use device='cpu' or 'auto'")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device={name!r} but only {torch.cuda.device_count()} CUDA GPU(s) are visible "
-                               f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
-    return device
 
 
 def clinical_features_for(model_cfg: ModelConfig, cohort: Cohort, explicit: bool, finetune: bool,

@@ -222,6 +222,14 @@ def test_files_that_are_not_models_are_named(setup, tmp_path, capsys):
         load(setup["dir"])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_loading_onto_a_gpu_that_is_not_there_names_the_device(setup):
+    # torch's own error came from deep inside Module.to ("Found no NVIDIA driver ...")
+    with pytest.raises(ValueError, match=r"device='cuda' but no CUDA GPU is visible to PyTorch .* use device='cpu'"):
+        load(setup["model"], device="cuda")
+    assert next(load(setup["model"], device="auto").parameters()).device.type == "cpu"
+
+
 def _flip_a_byte_of_the_largest_tensor(source: Path, target: Path) -> str:
     """Copy ``source`` to ``target`` with one byte changed in the middle of its largest stored tensor
     (what a bad copy does); → that member's name."""
