@@ -340,3 +340,36 @@ def test_repeated_backward_after_the_gradient_was_changed_in_place_raises(backen
     assert_close(leaf.grad, 2 * first, what=f"{backend}: second accumulated gradient")
     with pytest.raises(RuntimeError, match="changed in place"):
         loss.backward()
+
+
+def test_integer_input_is_the_target_by_value(backend, device):
+    """A uint8 image as the raw input: the same loss as its float values (ext refused it)."""
+    x = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8).to(device)
+    pred = (torch.rand(2, 4, 16) * 255).to(device).requires_grad_(True)
+    mask = torch.tensor([[1, 0, 1, 0], [1, 1, 1, 1]], dtype=torch.bool).to(device)
+    loss = masked_mse(pred, x, mask, patch=4, backend=backend)
+    loss.backward()
+    ref_pred = pred.detach().clone().requires_grad_(True)
+    expected = masked_mse_reference(ref_pred, x.float(), mask, None, 4)
+    expected.backward()
+    assert_close(loss, expected, what=f"{backend}: loss")
+    assert_close(pred.grad, ref_pred.grad, what=f"{backend}: grad")
+
+
+@pytest.mark.parametrize("name", ["x", "mask", "present"])
+def test_an_argument_on_another_device_is_refused_by_name(name):
+    args = {"pred": torch.zeros(2, 4, 16), "x": torch.zeros(2, 1, 8, 8), "mask": torch.ones(2, 4),
+            "present": torch.ones(2)}
+    args[name] = args[name].to("meta")
+    with pytest.raises(ValueError, match=rf"{name} is on meta but pred is on cpu: move it there"):
+        masked_mse(*args.values(), patch=4)
+
+
+def test_patch_size_may_be_a_numpy_integer_and_a_float_is_refused(backend):
+    import numpy as np
+
+    pred, x, mask = torch.randn(2, 4, 16), torch.randn(2, 1, 8, 8), torch.ones(2, 4)
+    expected = masked_mse_reference(pred, x, mask, None, 4)
+    assert_close(masked_mse(pred, x, mask, patch=np.int64(4), backend=backend), expected, what=backend)
+    with pytest.raises(TypeError, match=r"patch size must be an integer, got 4\.0 \(float\)"):
+        masked_mse(pred, x, mask, patch=4.0, backend=backend)

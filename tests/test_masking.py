@@ -453,3 +453,44 @@ def test_masking_rejects_bad_arguments_with_a_clear_message():
         random_masking(tokens, (3, 4), 0.5, present, rng.to(torch.int32))
     with pytest.raises(ValueError, match="mask ratio of segment 1"):
         random_masking(tokens, (3, 4), (0.5, 1.5), present, rng)
+
+
+def test_unshuffle_fill_refuses_ids_that_are_not_int64_or_outside_the_mask(backend):
+    """int32 ids ran on the reference and Triton backends but failed inside ext (the CPU default);
+    an id outside [0, L) was a bare index error (reference) or silently dropped (Triton)."""
+    x, mask_token = torch.randn(2, 3, 4), torch.randn(4)
+    ids = torch.tensor([[0, 1, 2], [4, 3, 2]])
+    mask = torch.tensor([[0, 0, 0, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"ids_keep must be int64 .*got torch\.int32"):
+        unshuffle_fill(x, ids.to(torch.int32), mask, mask_token, backend=backend)
+    for bad in (-1, 5):
+        ids_bad = ids.clone()
+        ids_bad[1, 2] = bad
+        with pytest.raises(ValueError, match=rf"ids_keep\[1, 2\] = {bad} is outside \[0, 5\) \(mask has L = 5"):
+            unshuffle_fill(x, ids_bad, mask, mask_token, backend=backend)
+
+
+@pytest.mark.parametrize("name", ["ids_keep", "mask", "mask_token"])
+def test_unshuffle_fill_refuses_an_argument_on_another_device_by_name(name):
+    args = {"x": torch.randn(2, 3, 4), "ids_keep": torch.tensor([[0, 1, 2], [4, 3, 2]]),
+            "mask": torch.zeros(2, 5, dtype=torch.bool), "mask_token": torch.randn(4)}
+    args[name] = args[name].to("meta")
+    with pytest.raises(ValueError, match=rf"{name} is on meta but x is on cpu: move it there"):
+        unshuffle_fill(*args.values())
+
+
+def test_random_masking_refuses_present_on_another_device():
+    with pytest.raises(ValueError, match=r"present is on meta but tokens is on cpu"):
+        random_masking(torch.randn(2, 5, 3), [2, 3], 0.5, torch.ones(2, 2, dtype=torch.bool, device="meta"),
+                       torch.tensor([1, 2]))
+
+
+def test_one_ratio_for_all_segments_may_be_a_numpy_scalar():
+    """np.float32 is no Python float: it failed with "object of type 'numpy.float32' has no len()"."""
+    import numpy as np
+
+    assert keep_counts([4, 6], np.float32(0.5)) == keep_counts([4, 6], 0.5) == [2, 3]
+    tokens, present, rng = torch.randn(2, 10, 3), torch.ones(2, 2, dtype=torch.bool), torch.tensor([1, 2])
+    got = random_masking(tokens, [4, 6], np.float32(0.5), present, rng)
+    for a, b in zip(got, random_masking(tokens, [4, 6], 0.5, present, rng)):
+        assert torch.equal(a, b)

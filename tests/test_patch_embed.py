@@ -417,3 +417,65 @@ def test_empty_batch_gives_zero_gradients_to_weight_and_positions(backend, devic
     assert out.shape == (0, 4, 5)
     gw, gpos = torch.autograd.grad(out.sum(), (w, pos))
     assert torch.equal(gw, torch.zeros_like(w)) and torch.equal(gpos, torch.zeros_like(pos))
+
+
+def test_integer_input_is_embedded_as_numbers_in_the_weight_dtype(backend, device):
+    """uint8 pixels: the result is conv(x.float()), in the weight's dtype — the weight was cast to
+    x's integer dtype (truncated to garbage) by the reference and Triton backends, refused by ext."""
+    x = torch.randint(0, 256, (2, 2, 4, 4), dtype=torch.uint8).to(device)
+    w = torch.randn(5, 8).to(device)
+    bias = torch.randn(5).to(device)
+    expected = nn.functional.conv2d(x.float(), w.view(5, 2, 2, 2), bias, stride=2).flatten(2).transpose(1, 2)
+    out = patch_embed(x, w, bias, patch=2, backend=backend)
+    assert out.dtype == torch.float32
+    assert_close(out, expected, what=f"{backend}: uint8 input")
+
+
+@pytest.mark.parametrize("bad", [-1, 4, 4_000_000])
+def test_keep_outside_the_patch_grid_is_refused_naming_the_entry(backend, bad):
+    """An out-of-range keep id was a segmentation fault (Triton), a bare index error (reference)."""
+    x, w, pos = torch.randn(2, 2, 4, 4), torch.randn(5, 8), torch.randn(4, 5)
+    keep = torch.tensor([[0, 3], [2, bad]])
+    with pytest.raises(ValueError, match=rf"keep\[1, 1\] = {bad} is outside \[0, 4\) \(the patch grid of input "
+                                         r"\(2, 2, 4, 4\) with patch 2 has 4 patches\)"):
+        patch_embed(x, w, None, pos, keep, patch=2, backend=backend)
+
+
+@pytest.mark.parametrize("name", ["weight", "bias", "pos", "keep"])
+def test_an_argument_on_another_device_is_refused_by_name(name):
+    args = {"x": torch.randn(2, 2, 4, 4), "weight": torch.randn(5, 8), "bias": torch.randn(5),
+            "pos": torch.randn(4, 5), "keep": torch.tensor([[0, 1], [2, 3]])}
+    args[name] = args[name].to("meta")
+    with pytest.raises(ValueError, match=rf"{name} is on meta but x is on cpu: move it there \({name}.to\('cpu'\)\)"):
+        patch_embed(*args.values(), patch=2)
+
+
+@pytest.mark.parametrize("name", ["reference", "ext"])
+def test_a_patch_kept_twice_gets_the_sum_of_both_gradients(name):
+    """The gradient of the spec's gather is a scatter-add. The reference backend (the fallback on every
+    device) overwrote instead: one row's gradient, which one undefined. (The GPU kernels document
+    that they keep one row: select_keep never repeats an id.)"""
+    reason = backend_skip_reason(name, torch.device("cpu"), FAMILIES)
+    if reason:
+        pytest.skip(reason)
+    inputs = with_grad({"x": torch.randn(2, 2, 4, 4, dtype=torch.float64),
+                        "weight": torch.randn(5, 8, dtype=torch.float64)})
+    keep = torch.tensor([[0, 0, 1], [3, 2, 3]])
+    expected = with_grad(inputs)
+    patch_embed(inputs["x"], inputs["weight"], keep=keep, patch=2, backend=name).pow(2).sum().backward()
+    patch_embed_reference(expected["x"], expected["weight"], None, None, keep, 2).pow(2).sum().backward()
+    for key in ("x", "weight"):
+        assert_close(inputs[key].grad, expected[key].grad, what=f"{name}: grad {key}")
+
+
+def test_patch_size_may_be_any_integer_and_a_float_is_refused(backend):
+    """A numpy integer (from a config read with numpy) failed inside the Triton kernels; a float
+    patch size failed deep in reshape or the op schema."""
+    import numpy as np
+
+    x, w = torch.randn(2, 2, 4, 4), torch.randn(5, 8)
+    expected = patch_embed_reference(x, w, None, None, None, 2)
+    for patch in (np.int64(2), torch.tensor(2)):
+        assert_close(patch_embed(x, w, patch=patch, backend=backend), expected, what=f"{backend}: patch={patch!r}")
+    with pytest.raises(TypeError, match=r"patch size must be an integer, got 2\.0 \(float\)"):
+        patch_embed(x, w, patch=2.0, backend=backend)

@@ -52,6 +52,28 @@ def traced() -> bool:
     return torch.compiler.is_compiling()
 
 
+def check_indices(name: str, ids: torch.Tensor, bound: int, what: str) -> None:
+    """``ids: (B, K)`` int64 must lie in ``[0, bound)``: a ValueError naming the first entry outside.
+
+    Checked for CPU tensors only, outside tracing (reading them costs nothing there): on a GPU it
+    would synchronise the host, and the Triton kernels would otherwise read or write out of bounds
+    (a segmentation fault under the interpreter). The CUDA kernels assert on the device."""
+    if ids.device.type != "cpu" or ids.numel() == 0 or traced():
+        return
+    bad = (ids < 0) | (ids >= bound)
+    if bool(bad.any()):
+        b, k = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name}[{b}, {k}] = {int(ids[b, k])} is outside [0, {bound}) ({what})")
+
+
+def check_same_device(anchor: str, device: torch.device, **tensors: torch.Tensor | None) -> None:
+    """Every tensor given (None skipped) must live on ``device``, the one of argument ``anchor``."""
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but {anchor} is on {device}: move it there "
+                             f"({name}.to({str(device)!r}))")
+
+
 class CustomOpKernels:
     """Kernel-level functions with a backend module's signatures that call the custom ops instead:
     what a backward reaches the kernels through when it is traced. ``ops``: name → custom op

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 
 from ..reference.masked_mse import accumulation_dtype, gradient_dtype, mse_weights
-from ..reference.patch_embed import check_patch_input
-from ._common import backend_for, call, check_backend_arg, eager_function, kernels
+from ..reference.patch_embed import check_patch_input, patch_size
+from ._common import backend_for, call, check_backend_arg, check_same_device, eager_function, kernels
 
 
 @torch.library.custom_op("pyimputmae::masked_mse", mutates_args=())
@@ -105,6 +105,7 @@ def masked_mse(
     the next forward.
     """
     backend = check_backend_arg(backend)
+    patch = patch_size(patch)
     grid = check_patch_input(x, patch)
     B, C, k = x.shape[0], x.shape[1], len(grid)
     L = 1
@@ -120,5 +121,8 @@ def masked_mse(
         raise ValueError(f"present must be (B,) = ({B},), got {tuple(present.shape)}")
     if norm_pix and P < 2:
         raise ValueError("norm_pix needs at least 2 values per patch")
+    check_same_device("pred", pred.device, x=x, mask=mask, present=present)
+    if not x.is_floating_point():  # an integer target (uint8 pixels): its values, in the accumulation dtype
+        x = x.to(accumulation_dtype(pred.dtype))
     return call(_masked_mse, _MaskedMSEEager, "masked_mse", backend, pred.contiguous(), x.detach().contiguous(),
                 mse_weights(mask, present).contiguous(), patch, norm_pix)[0]

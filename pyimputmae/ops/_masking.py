@@ -13,7 +13,17 @@ from collections.abc import Sequence
 import torch
 
 from ..reference.masking import keep_counts
-from ._common import autocast_dtype, backend_for, call, check_backend_arg, eager_function, kernels, traced
+from ._common import (
+    autocast_dtype,
+    backend_for,
+    call,
+    check_backend_arg,
+    check_indices,
+    check_same_device,
+    eager_function,
+    kernels,
+    traced,
+)
 
 
 @torch.library.custom_op("pyimputmae::random_keep", mutates_args=())
@@ -163,6 +173,7 @@ def random_masking(
     B, L, _ = tokens.shape
     lengths = [int(n) for n in lengths]
     _check_layout(B, L, lengths, present)
+    check_same_device("tokens", tokens.device, present=present)
     if rng.shape != (2,) or rng.dtype != torch.int64:
         raise ValueError(f"rng must be a (2,) int64 tensor (seed, offset), got {tuple(rng.shape)} {rng.dtype}")
     if rng.device != tokens.device:
@@ -192,6 +203,10 @@ def unshuffle_fill(
         raise ValueError(f"mask must be (B, L) with B = {x.shape[0]}, got {tuple(mask.shape)}")
     if mask_token.shape != (x.shape[2],):
         raise ValueError(f"mask_token must be (E,) = ({x.shape[2]},), got {tuple(mask_token.shape)}")
+    check_same_device("x", x.device, ids_keep=ids_keep, mask=mask, mask_token=mask_token)
+    if ids_keep.dtype != torch.int64:
+        raise ValueError(f"ids_keep must be int64 (as random_masking and random_keep return it), got {ids_keep.dtype}")
+    check_indices("ids_keep", ids_keep, mask.shape[1], f"mask has L = {mask.shape[1]} positions")
     dtype = autocast_dtype(x.device) or x.dtype
     return call(_unshuffle_fill, _FillEager, "masking", backend, x.to(dtype).contiguous(), ids_keep.contiguous(),
                 mask.to(torch.bool).contiguous(), mask_token.to(dtype).contiguous())

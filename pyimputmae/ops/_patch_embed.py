@@ -7,8 +7,17 @@ import math
 import torch
 
 from ..reference.masked_mse import accumulation_dtype
-from ..reference.patch_embed import check_patch_input
-from ._common import autocast_dtype, backend_for, call, check_backend_arg, eager_function, kernels
+from ..reference.patch_embed import check_patch_input, patch_size
+from ._common import (
+    autocast_dtype,
+    backend_for,
+    call,
+    check_backend_arg,
+    check_indices,
+    check_same_device,
+    eager_function,
+    kernels,
+)
 
 
 @torch.library.custom_op("pyimputmae::patch_embed", mutates_args=())
@@ -107,10 +116,13 @@ def patch_embed(
     keep: ``(B, K)`` int64 patch indices → ``(B, L, E)``, or ``(B, K, E)`` with ``keep``.
     Equals ``conv(x).flatten(2).transpose(1, 2) (+ pos)``. Differentiable in x, weight, bias, pos.
     Runs in autocast's dtype when autocast is on (the patches read are rounded to it; the result and
-    the weight gradient are in it, x's gradient in x's dtype), else in x's dtype.
+    the weight gradient are in it, x's gradient in x's dtype), else in x's dtype — in the weight's for
+    an integer x (uint8 pixels are read as numbers, like ``conv(x.to(weight.dtype))``).
     """
     backend = check_backend_arg(backend)
+    patch = patch_size(patch)
     grid = check_patch_input(x, patch)
+    check_same_device("x", x.device, weight=weight, bias=bias, pos=pos, keep=keep)
     C, k, L = x.shape[1], len(grid), math.prod(grid)
     if weight.dim() != 2 or weight.shape[1] != C * patch**k:
         raise ValueError(f"weight must be (E, C·p^k) = (E, {C * patch**k}) for input {tuple(x.shape)} and patch "
@@ -123,11 +135,13 @@ def patch_embed(
     if keep is not None:
         if keep.dim() != 2 or keep.shape[0] != x.shape[0] or keep.dtype != torch.int64:
             raise ValueError(f"keep must be (B, K) int64 with B = {x.shape[0]}, got {tuple(keep.shape)} {keep.dtype}")
+        check_indices("keep", keep, L, f"the patch grid of input {tuple(x.shape)} with patch {patch} has {L} patches")
         keep = keep.contiguous()
-    # The compute dtype: autocast's, else x's. x itself is not cast when it is float32, float64,
-    # float16 or bfloat16: the kernels round the patches they read to the weight's dtype, so under
-    # autocast only the kept patches are read and no half-precision copy of the whole input is made or saved.
-    dtype = autocast_dtype(x.device) or x.dtype
+    # The compute dtype: autocast's, else x's (the weight's for an integer x). x itself is not cast
+    # when it is float32, float64, float16 or bfloat16: the kernels round the patches they read to the
+    # weight's dtype, so under autocast only the kept patches are read and no half-precision copy of the
+    # whole input is made or saved.
+    dtype = autocast_dtype(x.device) or (x.dtype if x.is_floating_point() else weight.dtype)
     weight = weight.to(dtype)
     if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         x = x.to(dtype)

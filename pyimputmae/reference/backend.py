@@ -35,7 +35,8 @@ def patch_embed_backward(grad_out, x, weight, keep, patch: int, need_x: bool, ne
         gcols = g @ weight.to(acc)  # (B, N, F)
         if keep is not None:
             full = gcols.new_zeros(x.shape[0], int(torch.tensor(grid).prod()), F)
-            gcols = full.scatter_(1, keep.unsqueeze(-1).expand(-1, -1, F), gcols)
+            # add: a patch kept twice gets both rows' gradients (autograd of the reference's gather)
+            gcols = full.scatter_add_(1, keep.unsqueeze(-1).expand(-1, -1, F), gcols)
         grad_x = unpatchify(gcols, x.shape[1], grid, patch).to(x.dtype)
     return grad_x, grad_weight
 

@@ -19,6 +19,7 @@ Mask convention as in MAE: ``mask = 1`` hidden (to reconstruct), ``0`` visible; 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -28,7 +29,7 @@ from .philox import token_keys
 
 def keep_counts(lengths: Sequence[int], ratios: Sequence[float] | float) -> list[int]:
     """``K_m = floor(L_m·(1 − r_m))`` per segment (1e-9 guards ``0.3 → 0.29999…`` round-off)."""
-    if isinstance(ratios, (int, float)):
+    if isinstance(ratios, numbers.Real):  # numpy scalars too (np.float32 is no Python float)
         ratios = [float(ratios)] * len(lengths)
     if len(ratios) != len(lengths):
         raise ValueError(f"{len(ratios)} mask ratios given for {len(lengths)} segments")

@@ -8,9 +8,18 @@ the result equals ``conv(x).flatten(2).transpose(1, 2) (+ pos)``.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.nn.functional as F
+
+
+def patch_size(patch: int) -> int:
+    """``patch`` as a Python int (a numpy integer or a 0-d integer tensor too): what the kernels take."""
+    try:
+        return operator.index(patch)
+    except TypeError:
+        raise TypeError(f"patch size must be an integer, got {patch!r} ({type(patch).__name__})") from None
 
 
 def check_patch_input(x: torch.Tensor, patch: int) -> tuple[int, ...]:
