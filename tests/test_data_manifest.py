@@ -152,6 +152,18 @@ def test_tsv_with_aliases_and_mri_per_sequence_columns(files: Path):
     assert m.fold[0] == 2 and list(m.clinical.columns) == []  # has_* flags are not clinical
 
 
+def test_path_columns_of_modalities_left_out_are_not_clinical(files: Path):
+    # `preprocess --modalities rna` on a manifest that also lists slides and MRI: those paths are not
+    # clinical data (they were one-hot encoded as categories, one level per file)
+    path = write(files, "patient_id,time,event,age,rna,wsi_path,MRI,mri_t1ce,mri_brain_mask\n"
+                        "P1,1.5,1,50,a.tsv,s1.svs,,,\nP2,2.0,0,61,,,,,\n")
+    m = read_manifest(path, modalities=("rna",))
+    assert list(m.clinical.columns) == ["age"]
+    assert m.sources["rna"][0].path == files / "a.tsv"
+    m = read_manifest(path, modalities=("rna",), clinical_columns=["age", "wsi_path"])  # named: taken
+    assert list(m.clinical.columns) == ["age", "wsi_path"]
+
+
 def test_clinical_encoding_is_fitted_on_train_only(files: Path):
     path = write(files, "patient_id,time,event,split,radiation,age,grade\n"
                         "P1,1,1,train,yes,40,G2\nP2,1,0,train,no,,G3\nP3,1,0,train,,60,G3\n"

@@ -17,7 +17,8 @@ A manifest is a CSV/TSV (or parquet) table with columns
   sequence (``mri_t1``, ``mri_t1ce``, ``mri_t2``, ``mri_flair``) with ``mri_tumor_mask`` /
   ``mri_brain_mask``; ``mri`` itself may be a BraTS-style case folder;
 * clinical columns: every other column unless ``clinical_columns`` names them (columns called
-  ``has_*`` — availability flags — are never clinical by default). Empty cells and the usual
+  ``has_*`` — availability flags — and the path columns of modalities left out of ``modalities``
+  are never clinical by default). Empty cells and the usual
   placeholders (``NA``, GDC's ``'--``/``not reported``/``Unknown``, TCGA's ``[Not Available]``,
   ``[Unknown]``, ``[Discrepancy]``…: :data:`MISSING_MARKERS`) are unknown values — never a category
   of their own. A column whose known values are mostly (more than half) numbers stays numeric, one
@@ -256,7 +257,10 @@ def read_manifest(
         path_cols[m] = {role: c for role, names in _path_aliases(m).items() if (c := _find(columns, names))}
     used = {c for c in col.values() if c} | {c for cols in path_cols.values() for c in cols.values()}
     if clinical_columns is None:
-        clinical_columns = [c for c in columns if c not in used and not c.lower().startswith("has_")]
+        # the path columns of a modality left out of ``modalities`` are paths too, never clinical data
+        paths = {n for m in MODALITIES for n in path_column_names(m)}
+        clinical_columns = [c for c in columns if c not in used and c.lower() not in paths
+                            and not c.lower().startswith("has_")]
     missing_clin = [c for c in clinical_columns if c not in columns]
     if missing_clin:
         raise ManifestError(f"{name}: clinical column(s) {missing_clin} not found; columns: {', '.join(columns)}")
