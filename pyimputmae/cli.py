@@ -214,9 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation", action="store_true", help="also fine-tune the same network without pre-training")
     p.add_argument("--patients", type=_at_least(30), default=1104,  # demo.MIN_PATIENTS (not imported: heavy)
                    help="cohort size, at least 30 (default: %(default)s)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--pretrain-epochs", type=int, default=None)
-    p.add_argument("--finetune-epochs", type=int, default=None)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    # the defaults are demo.DEMO_SETTINGS' (not imported: heavy)
+    p.add_argument("--pretrain-epochs", type=_at_least(0), default=None, help="pre-training epochs (default: 15)")
+    p.add_argument("--finetune-epochs", type=_at_least(0), default=None, help="fine-tuning epochs (default: 12)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_demo)
 

@@ -4,6 +4,7 @@ fitted preprocessing for new patients; the command line with a process pool."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -395,3 +396,21 @@ def test_a_modality_without_a_path_column_is_a_warning_in_the_report(inputs: Pat
     with pytest.raises(ManifestError, match=re.escape(message)):
         pp.preprocess(tmp_path / "no_mri.csv", tmp_path / "strict.zarr", config=config, progress=False,
                       verbose=False, strict=True)
+
+
+def test_fitted_refuses_settings_it_would_ignore(store: Path, tmp_path: Path):
+    # --fitted takes every setting from the training store: a flag given with it was silently dropped
+    (tmp_path / "new.csv").write_text("patient_id,age\nNEW0,40\n")
+    out = tmp_path / "new.zarr"
+    with pytest.raises(ValueError, match=rf"--fitted {re.escape(str(store))} applies the training store's "
+                                         r"preprocessing unchanged .*, so --clinical, --rna-width, --rna-no-log1p "
+                                         r"would be ignored: leave them out"):
+        pp.main([str(tmp_path / "new.csv"), "--out", str(out), "--fitted", str(store), "--clinical", "age",
+                 "--rna-width", "0", "--rna-no-log1p"])
+    assert not out.exists()
+    # every flag of the parser is either a setting (refused with --fitted) or about the run itself
+    parser = argparse.ArgumentParser()
+    command = pp.add_parser(parser.add_subparsers())
+    dests = {a.dest for a in command._actions} - {"help", "manifest", "out", "fitted", "workers", "strict",
+                                                 "overwrite", "no_progress"}
+    assert dests == set(pp._SETTING_FLAGS)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pyimputmae.cli import main
-from pyimputmae.demo import MIN_PATIENTS, MIN_TEST_EVENTS, render, run_demo
+from pyimputmae.demo import DEMO_SETTINGS, MIN_PATIENTS, MIN_TEST_EVENTS, render, run_demo
 
 pytest.importorskip("lifelines", reason="the demo's Cox baseline and Kaplan-Meier plot")
 pytest.importorskip("matplotlib", reason="the demo's figures")
@@ -24,6 +24,15 @@ def test_seeds_and_cohort_size_are_checked_first(tmp_path, capsys):
             main(["demo", flag, value, "--out", str(tmp_path)])
         assert exited.value.code == 2
         assert f"argument {flag}: must be at least {low}, got {value}" in capsys.readouterr().err
+
+
+def test_help_states_the_demo_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert f"pre-training epochs (default: {DEMO_SETTINGS['pretrain_epochs']})" in shown
+    assert f"fine-tuning epochs (default: {DEMO_SETTINGS['finetune_epochs']})" in shown
+    assert "cuda:N (default: auto)" in shown
 
 
 def test_one_seed_on_a_tiny_cohort_warns_and_prints_no_spread(tmp_path, capsys):

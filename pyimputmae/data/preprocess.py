@@ -11,7 +11,7 @@ modality and one per patient for the images, each written to a temporary name an
 patient that reads as complete, and re-running the same command skips the finished ones (zarr
 itself writes every chunk to a temporary file and renames it). The journal is removed once the
 store is complete. A re-run with another manifest or other options refuses to mix the two
-(``overwrite=True`` starts afresh).
+(``--overwrite``, ``overwrite=True``, starts afresh).
 
 **Robust.** A file that cannot be read (a damaged slide, a volume of the wrong dimensionality, a
 table without the gene column) or whose data cannot be the modality (an omics table sharing few
@@ -297,6 +297,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+#: the flags that shape the store (with ``--fitted`` the training store's settings are used instead)
+_SETTING_FLAGS = ("config", "modalities", "clinical", "codec", "rna_value", "rna_genes", "rna_min_std", "rna_width",
+                  "rna_no_log1p", "dnam_values", "dnam_width", "wsi_tile_px", "wsi_mpp", "wsi_candidates", "wsi_keep",
+                  "wsi_default_mpp", "mri_sequences", "mri_spacing", "mri_crop")
+
+
 def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     d: dict[str, Any] = {}
     if args.config:
@@ -341,6 +347,14 @@ def run_cli(args: argparse.Namespace) -> int:
     """The ``preprocess`` sub-command: 0 once the store is written (failed files are listed in the
     summary and the store's report); 1 under ``--strict`` when any file failed. Manifest warnings
     are printed once, in that summary (not also by Python's warnings machinery)."""
+    if args.fitted:  # every setting comes from the training store: a setting given too would be ignored
+        values = {k: getattr(args, k) for k in _SETTING_FLAGS}
+        given = [f"--{k.replace('_', '-')}" for k, v in values.items() if v is not None and v is not False]
+        if given:
+            raise ValueError(f"--fitted {args.fitted} applies the training store's preprocessing unchanged (its "
+                             f"settings, feature lists and clinical columns), so {', '.join(given)} would be "
+                             "ignored: leave them out, or preprocess the new patients without --fitted to fit "
+                             "new settings")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ManifestWarning)
         report = preprocess(args.manifest, args.out, config=None if args.fitted else _config_from_args(args),
