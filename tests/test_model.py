@@ -341,6 +341,26 @@ def test_e2e_benchmark_dry_runs_on_cpu(tmp_path):
     assert eager["patients_per_s"] > 0 and eager["step_ms"] > 0 and result["reference"] is None
 
 
+def test_e2e_benchmark_keeps_the_modes_that_finished_when_a_later_one_does_not(tmp_path, monkeypatch):
+    """tools/e2e_step.py rewrites --json after each mode: a call stopped during a later mode (the GPU
+    check's timeout, SIGTERM) or a mode that raises still leaves the modes measured before it."""
+    e2e_step = tool_module("e2e_step")
+    figures = {"step_ms": 10.0, "patients_per_s": 400.0, "peak_GB": None, "backends": {}}
+
+    def fake_run_mode(args):
+        if args.worker == "graph":
+            raise SystemExit(143)  # what the SIGTERM handler raises on CUDA
+        return dict(figures)
+
+    monkeypatch.setattr(e2e_step, "run_mode", fake_run_mode)
+    out = tmp_path / "run" / "e2e.json"
+    with pytest.raises(SystemExit):
+        e2e_step.main(["--device", "cpu", "--modes", "eager,graph", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["ours"] == {"eager": figures}
+    assert not (tmp_path / "run" / "e2e.json.tmp").exists()
+
+
 def test_saved_activation_report_counts_both_models(capsys):
     """tools/saved_activations.py: ours and the anchor's model (when ../shared is beside the checkout)
     at batch 2, each with a positive figure; the anchor's figure is larger, as at batch 96."""

@@ -13,7 +13,8 @@ the same card. On CUDA each mode runs in its own process (so peak memory is per 
 limit, so the whole call fits ``--budget-s`` (default 350 s, inside the issue's 6 minutes) and a
 slow compile cannot hang it; the CPU dry run runs its modes in this process.
 Prints step ms, patients/s and peak GB per mode, the speed-up of our best mode over the anchor's
-best, and writes everything to ``--json``.
+best, and writes everything to ``--json``, rewritten after each mode and after the anchor, so that a
+call stopped from outside (its caller's timeout) still leaves what finished.
 
     python tools/e2e_step.py --json out/e2e.json                       # GPU, paper config, batch 96
     python tools/e2e_step.py --device cpu --config small --steps 2     # the CPU dry run
@@ -234,6 +235,15 @@ def main(argv: list[str] | None = None) -> int:
                     "config": args.config, "batch": args.batch, "dtype": args.dtype, "steps": args.steps,
                     "ours": {}, "reference": None}
 
+    def save() -> None:
+        """Write what is measured so far: a caller's timeout (SIGTERM) or a mode that crashes the
+        CPU dry run still leaves the modes that finished in ``--json``."""
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            tmp = args.json.with_name(args.json.name + ".tmp")
+            tmp.write_text(json.dumps(result, indent=1))
+            os.replace(tmp, args.json)
+
     def run_ours(mode: str) -> None:
         limit = min(MODE_LIMITS[mode], left())
         if limit < 10:
@@ -243,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         else:  # the CPU dry run: in this process, no time limit
             result["ours"][mode] = run_mode(argparse.Namespace(**{**vars(args), "worker": mode}))
         print(_row(f"ours {mode}", result["ours"][mode]), flush=True)
+        save()
 
     # the modes that need no compilation first, then the anchor, then torch.compile with what is left
     for mode in modes:
@@ -255,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                 result["reference"] = {"error": "skipped: time budget spent"}
             else:
                 result["reference"] = measure_reference(args.ref, min(REF_LIMIT, left()))
+            save()
         else:
             print(f"reference script not found at {args.ref}: skipped (pass --ref)", flush=True)
     if "compile" in modes:
@@ -289,9 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                                      f"the modes that did, the target would be {'met' if met else 'missed'}")
             print(result["target_note"])
     print(f"total {time.monotonic() - t0:.0f} s")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
+    save()
     return 0 if ours else 1
 
 
