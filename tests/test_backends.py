@@ -287,6 +287,35 @@ def test_gpu_check_script_without_a_gpu_skips_its_gpu_stages_and_bundles_what_it
         assert {"./env.txt", "./summary.tsv"} <= set(bundle.getnames())
 
 
+def test_gpu_check_bundles_even_when_a_file_changed_while_tar_read_it(tmp_path):
+    """GNU tar exits 1 when a file changed as it read it (a background warm-up appending to its log
+    on the GPU machine); the archive is whole, so tools/gpu_check.sh must still put it in OUTDIR."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tarfile
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine runs the real stages")
+    real_tar = shutil.which("tar")
+    assert real_tar, "tar is needed"
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "tar").write_text(f'#!/bin/sh\n"{real_tar}" "$@" || exit $?\n'
+                                  'echo "tar: ./warm_anchor.log: file changed as we read it" >&2\nexit 1\n')
+    (fake_bin / "tar").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "GPU_CHECK_FORCE"}
+    env.update(PYTHON=sys.executable, PATH=f"{fake_bin}{os.pathsep}{os.environ.get('PATH', '')}")
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), str(out), "env"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (out / "gpu_check.tar.gz").exists(), sorted(p.name for p in out.iterdir())
+    with tarfile.open(out / "gpu_check.tar.gz") as bundle:
+        assert {"./env.txt", "./summary.tsv"} <= set(bundle.getnames())
+
+
 def _bench_file(path: Path, device: str, *, mse_eager_ms: float, mse_roofline: float) -> None:
     """A bench_large.json as tools/bench.py writes it, with the records tools/gpu_targets.py reads."""
     tool = tool_module("bench")

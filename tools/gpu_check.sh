@@ -86,9 +86,13 @@ remaining() { echo $((BUDGET - ($(date +%s) - START))); }
 KILL_GRACE=10  # seconds between a step's TERM and KILL
 
 bundle() {  # OUTDIR/gpu_check.tar.gz: everything written so far (written aside, then moved in)
-  local f tmp="$OUT.tar.gz"
+  local f rc tmp="$OUT.tar.gz"
   for f in "${KEY_FILES[@]}"; do [[ -f $OUT/$f ]] && cp "$OUT/$f" "$FINAL/$f"; done
-  tar -czf "$tmp" -C "$OUT" . 2>/dev/null && mv -f "$tmp" "$FINAL/gpu_check.tar.gz"
+  tar -czf "$tmp" -C "$OUT" . 2>/dev/null
+  rc=$?
+  # GNU tar exits 1 when a file changed while it read it (a background warm-up appending to its log,
+  # or its note in summary.tsv): the archive is whole all the same
+  ((rc <= 1)) && mv -f "$tmp" "$FINAL/gpu_check.tar.gz"
 }
 
 note() {  # stage status seconds detail
