@@ -287,6 +287,46 @@ def test_gpu_check_script_without_a_gpu_skips_its_gpu_stages_and_bundles_what_it
         assert {"./env.txt", "./summary.tsv"} <= set(bundle.getnames())
 
 
+def test_gpu_check_commands_of_the_test_and_e2e_stages(tmp_path):
+    """What tools/gpu_check.sh runs in its test and e2e stages, with a stand-in Python that records
+    its arguments: the op tests' GPU cases without a --maxfail (a stop after N failures of one
+    backend would leave every other (backend, family) pair of the rare GPU run without a verdict),
+    and the backends this run validated (gpu_validated.py's last line) for the end-to-end step and
+    for the saved-activation figure alike."""
+    import os
+    import shutil
+    import subprocess
+
+    repo = tmp_path / "repo"
+    (repo / "tools").mkdir(parents=True)
+    shutil.copy(ROOT / "tools" / "gpu_check.sh", repo / "tools" / "gpu_check.sh")
+    (repo / "tools" / "e2e_step.py").write_text('# stand-in: takes "--budget-s" and "--ref"\n')
+    (repo / "tests").mkdir()
+    (repo / "tests" / "test_masking.py").write_text("")
+    (repo / "shared" / "anchors").mkdir(parents=True)
+    (repo / "shared" / "anchors" / "ref_step_bench.py").write_text("")
+    log = tmp_path / "calls.log"
+    fake_py = tmp_path / "fakepy"
+    fake_py.write_text('#!/bin/sh\necho "backend=${PYIMPUTMAE_BACKEND-none} args: $*" >>"$FAKE_PY_LOG"\n'
+                       'case "$1" in tools/gpu_validated.py) echo "PYIMPUTMAE_BACKEND=masking=triton";; esac\n'
+                       'exit 0\n')
+    fake_py.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPU_CHECK", "PYIMPUTMAE"))}
+    env.update(PYTHON=str(fake_py), FAKE_PY_LOG=str(log), GPU_CHECK_FORCE="1", GPU_CHECK_WARM="0",
+               PATH=os.environ.get("PATH", ""))
+    proc = subprocess.run(["bash", str(repo / "tools" / "gpu_check.sh"), str(tmp_path / "out"), "test", "e2e"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    calls = log.read_text().splitlines()
+    pytest_call = next(c for c in calls if "-m pytest" in c)
+    assert "-m gpu and not slow" in pytest_call and "--maxfail" not in pytest_call, pytest_call
+    e2e_call = next(c for c in calls if "tools/e2e_step.py" in c)
+    activations = next(c for c in calls if "tools/saved_activations.py" in c)
+    for call in (e2e_call, activations):
+        assert call.startswith("backend=masking=triton "), call
+    assert f"--ref {repo / 'shared' / 'anchors' / 'ref_step_bench.py'}" in e2e_call
+
+
 def test_gpu_check_bundles_even_when_a_file_changed_while_tar_read_it(tmp_path):
     """GNU tar exits 1 when a file changed as it read it (a background warm-up appending to its log
     on the GPU machine); the archive is whole, so tools/gpu_check.sh must still put it in OUTDIR."""

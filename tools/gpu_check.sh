@@ -27,7 +27,7 @@
 #          (our modes: E2E_MODES, default eager,graph; add compile for torch.compile of our model),
 #          with PYIMPUTMAE_BACKEND set to the fastest backend per op family among those the test
 #          stage validated (tools/gpu_validated.py); with what is left, tools/saved_activations.py
-#                                                                    -> stage3_activations.log
+#          on the same backends                                      -> stage3_activations.log
 #          (builds the extension first when the machine has none: a second call on a fresh machine)
 #   test16 the float16 GPU cases of the op tests: they decide GPU_VALIDATED_FP16 (bf16 is what training
 #          runs on an H100/H200, so its cases come first; fp16, the choice of amp="auto" on older GPUs,
@@ -247,8 +247,8 @@ try:
               round(p.total_memory / 2**30, 1), "GiB")
 except Exception as err:
     print("torch: import failed:", err)
-for name in ("triton", "numpy", "pandas", "matplotlib", "pytest", "pytest_timeout", "zarr", "openslide",
-             "SimpleITK", "lifelines"):
+for name in ("triton", "numpy", "pandas", "matplotlib", "pytest", "pytest_timeout", "xdist", "ninja", "zarr",
+             "openslide", "SimpleITK", "lifelines"):
     try:
         mod = importlib.import_module(name)
         print(f"{name} {getattr(mod, '__version__', '?')}")
@@ -293,8 +293,10 @@ test_files() {
 }
 test_args() {
   # only the GPU cases (device "cuda" and the tests marked gpu): CI checks the CPU ones on every run.
-  # -v: a run cut short by its timeout still names every test it finished in the log
-  TEST_ARGS=(-v -rfE --maxfail=25 -m "gpu and not slow" -p no:cacheprovider --junitxml="$1")
+  # -v: a run cut short by its timeout still names every test it finished in the log. No --maxfail:
+  # the stage's timeout bounds it, and a stop after N failures of one (backend, family) pair would
+  # leave every other pair of this rare run without a verdict
+  TEST_ARGS=(-v -rfE --tb=short -m "gpu and not slow" -p no:cacheprovider --junitxml="$1")
   "$PY" -c "import pytest_timeout" >/dev/null 2>&1 && TEST_ARGS+=(--timeout 120)
   # several processes share the GPU: the cases are small, the time goes to Triton's JIT and Python
   "$PY" -c "import xdist" >/dev/null 2>&1 && ((${TEST_WORKERS:-8} > 1)) && TEST_ARGS+=(-n "${TEST_WORKERS:-8}")
@@ -422,7 +424,7 @@ PYEOF
   fi
   # what each model keeps for backward: the part of the peak memory the model decides
   if [[ -n $anchor ]]; then
-    run_step activations 60 "$OUT/stage3_activations.log" \
+    run_step activations 60 "$OUT/stage3_activations.log" env ${choice:+PYIMPUTMAE_BACKEND="$choice"} \
       "$PY" tools/saved_activations.py --device cuda --batch 96 --ref "$anchor" --top 10
   fi
 }
