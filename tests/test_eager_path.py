@@ -69,14 +69,39 @@ def test_compiled_step_traces_the_custom_ops_and_equals_eager():
         torch.testing.assert_close(g, w)
 
 
-def test_eager_backward_refuses_a_second_order_gradient():
-    """The backwards are first-order only: asking for a second order raises, it is never silently 0."""
+@pytest.mark.parametrize("backend", ["reference", "ext"])
+def test_eager_backward_refuses_a_second_order_gradient(backend):
+    """The backwards are first-order only: a backward asked for a graph (create_graph=True) raises.
+    The gradients they return carry no graph, so a second order through them used to lose this op's
+    terms silently: masked_mse's gradient 2·w·(pred − target)/(P·Σw) depends on pred, yet a gradient
+    penalty on it got nothing back from the op."""
+    if backend == "ext":
+        from pyimputmae import _backends
+
+        if not _backends.availability("ext", torch.device("cpu"))[0]:
+            pytest.skip("the extension is not built")
+    torch.manual_seed(0)
     x = torch.randn(2, 1, 8, 8)
+    pred = torch.randn(2, 4, 16, requires_grad=True)
     w = torch.randn(6, 16, requires_grad=True)
-    out = patch_embed(x, w, None, patch=4, backend="reference")
-    (gw,) = torch.autograd.grad(out.square().sum(), w, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice|not have been used in the graph"):
-        torch.autograd.grad(gw.sum(), w)
+    tokens = torch.randn(2, 4, 6, requires_grad=True)
+    token = torch.zeros(6, requires_grad=True)
+    present, rng = torch.ones(2, 2, dtype=torch.bool), torch.tensor([1, 2])
+    losses = {  # the public function (op name): its loss
+        "masked_mse": lambda: masked_mse(pred, x, torch.rand(2, 4) > 0.3, patch=4, backend=backend),
+        "patch_embed": lambda: patch_embed(x, w, None, patch=4, backend=backend).square().sum(),
+        "gather_kept": lambda: random_masking(tokens, [2, 2], 0.5, present, rng, backend=backend)[0].square().sum(),
+        "fill_masked": lambda: unshuffle_fill(*random_masking(tokens, [2, 2], 0.5, present, rng, backend=backend),
+                                              token, backend=backend).square().sum(),
+    }
+    for name, loss in losses.items():
+        public = {"gather_kept": "random_masking", "fill_masked": "unshuffle_fill"}.get(name, name)
+        with pytest.raises(RuntimeError, match=rf"pyimputmae.{public} \(op pyimputmae::{name}\) has no second "
+                                               r"derivative: .*create_graph=True.*pyimputmae.reference"):
+            torch.autograd.grad(loss(), (pred, w, tokens, token), create_graph=True, allow_unused=True)
+        # the usual first-order backward is untouched
+        grads = torch.autograd.grad(loss(), (pred, w, tokens, token), allow_unused=True)
+        assert any(g is not None for g in grads)
 
 
 @pytest.fixture

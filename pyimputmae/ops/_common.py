@@ -93,6 +93,10 @@ def kernels(spec: ModuleType | str, ops: dict[str, Callable[..., Any]]) -> Modul
     return CustomOpKernels(ops, spec) if isinstance(spec, str) else spec
 
 
+#: custom op name → the public function that calls it, for messages
+_PUBLIC = {"gather_kept": "random_masking", "fill_masked": "unshuffle_fill"}
+
+
 def eager_function(name: str, kernel: str, setup_context: Callable[..., None],
                    backward: Callable[..., Any]) -> type[torch.autograd.Function]:
     """The eager path of custom op ``name``: an ``autograd.Function`` whose forward calls the backend
@@ -108,9 +112,23 @@ def eager_function(name: str, kernel: str, setup_context: Callable[..., None],
         setup_context(ctx, args, output)
         return output
 
+    first_order = once_differentiable(backward)
+
+    def backward_once(ctx, *grads):
+        # grad mode is on in a backward only under create_graph=True: the gradients returned here
+        # carry no graph, so a second derivative through them would silently miss every term of this op
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"pyimputmae.{_PUBLIC.get(name, name)} (op pyimputmae::{name}) has no second derivative: its "
+                "backward was asked for a graph "
+                "(create_graph=True: double backward, a gradient penalty, higher-order gradients). For "
+                "those, use the plain-PyTorch twins in pyimputmae.reference (e.g. masked_mse_reference, "
+                "patch_embed_reference, random_masking_reference, unshuffle_fill_reference)")
+        return first_order(ctx, *grads)
+
     return type(name, (torch.autograd.Function,), {
         "forward": staticmethod(run),
-        "backward": staticmethod(once_differentiable(backward)),
+        "backward": staticmethod(backward_once),
         "__doc__": f"The eager path of ``pyimputmae::{name}`` (see ``pyimputmae.ops._common``).",
     })
 
