@@ -219,6 +219,25 @@ def test_resume_after_a_crash(inputs: Path, store: Path, tmp_path: Path, monkeyp
         load_cohort(out)
     assert completed_patients(out).tolist() == [True, True, False, False, False, True]  # P5: omics only
     assert load_cohort(out, allow_incomplete=True).ids == ["P0", "P1", "P5"]
+    # the slide tile counts of an unfinished store come from the journal (wsi/count is written
+    # last): P0's mean is over its 3 tiles, as in the finished store, not over tile 0 alone
+    whole = load_cohort(store, wsi_tile="mean")
+    partial = load_cohort(out, allow_incomplete=True, wsi_tile="mean")
+    torch.testing.assert_close(partial.inputs["wsi"][0], whole.inputs["wsi"][0], rtol=0, atol=0)
+    # streaming the unfinished store gives the same patients and values as loading it
+    with pytest.raises(StoreError, match=r"crashed.zarr is incomplete.*allow_incomplete=True"):
+        StoreDataset(out)
+    for mode in ("best", "mean"):
+        ds = StoreDataset(out, wsi_tile=mode, allow_incomplete=True)
+        ref = load_cohort(out, allow_incomplete=True, wsi_tile=mode)
+        assert [ds[k]["id"] for k in range(len(ds))] == ref.ids
+        for k in range(len(ds)):
+            assert torch.equal(ds[k]["present"], ref.present[k])
+            for m in ref.modalities:
+                torch.testing.assert_close(ds[k]["inputs"][m], ref.inputs[m][k], rtol=0, atol=0)
+    assert [b.ids for b in make_dataloader(out, batch_size=8, allow_incomplete=True)] == [["P0", "P1", "P5"]]
+    with pytest.raises(StoreError, match=r"crashed.zarr is incomplete and patients \['P2'\] .*not written yet"):
+        StoreDataset(out, indices=[0, 2], allow_incomplete=True)
     # a half-written chunk of the crashed patient: it never reads as complete, and is redone
     chunk = out / "mri" / "data" / "c" / "2" / "0" / "0" / "0" / "0"
     chunk.write_bytes(chunk.read_bytes()[:10])

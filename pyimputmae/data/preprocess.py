@@ -59,6 +59,7 @@ from .preprocess_stages import (  # the public names are re-exported: store.py a
     checksum,  # noqa: F401
     journal_complete,  # noqa: F401
     journal_status,  # noqa: F401
+    journal_wsi_count,  # noqa: F401
 )
 from .store import load_preprocessing
 from .wsi import WsiConfig, tile_slide

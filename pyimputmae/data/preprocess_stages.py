@@ -67,6 +67,20 @@ def journal_complete(store: str | Path, n: int) -> np.ndarray:
     return done
 
 
+def journal_wsi_count(store: str | Path, n: int) -> np.ndarray:
+    """``(n,)`` int16: slide tiles stored per patient of an unfinished store, from the journal
+    (``wsi/count`` is written only when the store is finished)."""
+    store = Path(store)
+    plan = _read_json(_progress(store) / "plan.json") or {"image_tasks": []}
+    count = np.zeros(n, dtype=np.int16)
+    for i in plan["image_tasks"]:
+        entry = _read_json(_image_entry(store, int(i))) or {}
+        wsi = entry.get("wsi", {})
+        if wsi.get("status") == "present":
+            count[i] = wsi["count"]
+    return count
+
+
 def journal_status(store: str | Path, modalities: list[str], n: int) -> np.ndarray:
     """``(n, M)`` int8 :data:`~pyimputmae.data.store.STATUS` codes from the journal."""
     store = Path(store)

@@ -258,7 +258,7 @@ def load_cohort(path: str | Path, device: torch.device | str = "cpu", *, modalit
                 # one chunk per patient: read only the patients that have it (MRI: 165 of 1,104)
                 have = np.flatnonzero(present[:, j])
                 if m == "wsi":
-                    part = _wsi_from_tiles(root["wsi/tiles"], root["wsi/count"][:], rows[have], wsi_tile)
+                    part = _wsi_from_tiles(root["wsi/tiles"], _wsi_count(root, Path(path)), rows[have], wsi_tile)
                 else:
                     part = read_patients(root["mri/data"], rows[have])
                 if len(have) == len(rows):
@@ -291,6 +291,16 @@ def _journal_present(path: Path, mods: list[str], n: int) -> np.ndarray:
     return journal_status(path, mods, n) == STATUS["present"]
 
 
+def _wsi_count(root: Any, path: Path) -> np.ndarray:
+    """``(N,)`` slide tiles stored per patient: ``wsi/count`` of a finished store, the journal's of
+    an unfinished one (``wsi/count`` is written last, and reads as 0 until then)."""
+    from .preprocess import journal_wsi_count
+
+    if root.attrs.get("complete", False):
+        return root["wsi/count"][:]
+    return journal_wsi_count(path, len(root.attrs["ids"]))
+
+
 def load_wsi_bank(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """All stored tiles for training-time random draws: ``(tiles (N, k, 3, T, T) uint8, count (N,)
     int64)`` — uint8 keeps them 4× smaller than float; :func:`draw_wsi_tiles` converts per batch."""
@@ -319,29 +329,41 @@ class StoreDataset(torch.utils.data.Dataset):
     makes a :class:`~pyimputmae.data.cohort.Batch`. wsi_tile: "best", "mean" or "random" (a uniform
     draw among the stored tiles, for training; seeded per worker by torch). The zarr arrays are
     opened lazily in each process, so the dataset is safe to use with forked DataLoader workers.
+    allow_incomplete: stream only the patients that read as complete from an interrupted store
+    (as :func:`load_cohort`; ``indices`` must be among them).
     """
 
     def __init__(self, path: str | Path, indices: np.ndarray | list[int] | None = None, *,
-                 modalities: list[str] | None = None, wsi_tile: str = "best") -> None:
+                 modalities: list[str] | None = None, wsi_tile: str = "best", allow_incomplete: bool = False) -> None:
         if wsi_tile not in WSI_TILE_MODES:
             raise ValueError(f"wsi_tile must be one of {WSI_TILE_MODES}, got {wsi_tile!r}")
-        root = open_store(path)
+        root = open_store(path, require_complete=not allow_incomplete)
         attrs = root.attrs.asdict()
         self.path = Path(path)
+        self.allow_incomplete = allow_incomplete
         self.all_modalities = list(attrs["modalities"])
         self.modalities = self.all_modalities if modalities is None else list(modalities)
         self.wsi_tile = wsi_tile
         self.ids: list[str] = list(attrs["ids"])
-        self.indices = np.arange(len(self.ids)) if indices is None else np.asarray(indices, dtype=np.int64)
+        complete = bool(attrs.get("complete", False))
+        readable = np.ones(len(self.ids), dtype=bool) if complete else completed_patients(path)
+        self.indices = np.flatnonzero(readable) if indices is None else np.asarray(indices, dtype=np.int64)
+        unfinished = [self.ids[i] for i in self.indices if not readable[i]]
+        if unfinished:
+            raise StoreError(f"{path} is incomplete and patients {unfinished[:5]} (of {len(unfinished)}) were "
+                             "not written yet; finish it with `pyimputmae preprocess`, or leave them out of indices")
         cols = [self.all_modalities.index(m) for m in self.modalities]
-        # the small tables live in memory; only the modality arrays are read per item
-        self.present = root["table/present"][:][:, cols].astype(bool)
+        # the small tables live in memory; only the modality arrays are read per item (an
+        # unfinished store's presence and tile counts are in its journal: written last)
+        present = root["table/present"][:] if complete else _journal_present(self.path, self.all_modalities,
+                                                                               len(self.ids))
+        self.present = present[:, cols].astype(bool)
         self.clinical = root["table/clinical"][:].astype(np.float32)
         self.time = root["table/time"][:].astype(np.float32)
         self.event = root["table/event"][:].astype(np.float32)
         self.split = _split_names(root["table/split"][:])
         self.fold = root["table/fold"][:].astype(np.int64)
-        self.wsi_count = root["wsi/count"][:] if "wsi" in self.all_modalities else None
+        self.wsi_count = _wsi_count(root, self.path) if "wsi" in self.all_modalities else None
         self._arrays: dict[str, Any] | None = None
         self._pid = -1
 
@@ -352,7 +374,7 @@ class StoreDataset(torch.utils.data.Dataset):
         import os
 
         if self._arrays is None or self._pid != os.getpid():
-            root = open_store(self.path)
+            root = open_store(self.path, require_complete=not self.allow_incomplete)
             self._arrays = {m: root["wsi/tiles" if m == "wsi" else f"{m}/data"] for m in self.modalities}
             self._pid = os.getpid()
         return self._arrays
@@ -401,23 +423,24 @@ def _worker_init(worker_id: int) -> None:
 def make_dataloader(path: str | Path, *, split: str | None = None, fold: int | None = None, batch_size: int = 24,
                     shuffle: bool = False, num_workers: int = 0, wsi_tile: str = "best",
                     modalities: list[str] | None = None, drop_last: bool = False, seed: int | None = None,
-                    **kwargs: Any) -> torch.utils.data.DataLoader:
+                    allow_incomplete: bool = False, **kwargs: Any) -> torch.utils.data.DataLoader:
     """A DataLoader of :class:`~pyimputmae.data.cohort.Batch` over a store, streaming patients
     from disk in ``num_workers`` processes (forked workers are safe: arrays open lazily per
     process, zarr ≥ 3.1 resets its event loop after fork, and each worker limits zarr's threads).
-    ``split``/``fold`` select rows like :meth:`Cohort.indices`."""
-    ds = StoreDataset(path, modalities=modalities, wsi_tile=wsi_tile)
+    ``split``/``fold`` select rows like :meth:`Cohort.indices`; allow_incomplete: see
+    :class:`StoreDataset`."""
+    ds = StoreDataset(path, modalities=modalities, wsi_tile=wsi_tile, allow_incomplete=allow_incomplete)
     if split is not None:
         train = ds.split == "train"
         if fold is None:
-            rows = np.flatnonzero(ds.split == split)
+            keep = ds.split == split
         elif split == "train":
-            rows = np.flatnonzero(train & (ds.fold != fold))
+            keep = train & (ds.fold != fold)
         elif split == "val":
-            rows = np.flatnonzero(train & (ds.fold == fold))
+            keep = train & (ds.fold == fold)
         else:
-            rows = np.flatnonzero(ds.split == split)
-        ds.indices = rows
+            keep = ds.split == split
+        ds.indices = ds.indices[keep[ds.indices]]  # of the readable rows (all, in a finished store)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     mods = tuple(ds.modalities)
     return torch.utils.data.DataLoader(
