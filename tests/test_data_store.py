@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pyimputmae.data.bench_store import bench_store_load, write_synthetic_store
-from pyimputmae.data.store import StoreError, create_store, load_cohort, read_patients
+from pyimputmae.data.store import StoreDataset, StoreError, create_store, load_cohort, read_patients
 
 pytest.importorskip("zarr", reason="zarr>=3 writes the store")
 
@@ -56,3 +56,14 @@ def test_bench_store_load_reports_load_and_stream(tmp_path: Path):
                          stream_batches=3, batch_size=4)
     assert r["n_patients"] == 24 and r["codec"] == "lz4" and r["memory_mb"] > 0 and r["store_mb"] > 0
     assert r["load_s"] > 0 and r["load_cpu_s"] >= 0 and r["stream_patients_per_s"] > 0
+
+
+def test_a_store_of_another_format_version_is_refused(tmp_path: Path):
+    path = write_synthetic_store(tmp_path / "v.zarr", n_patients=4, sizes="small")
+    import zarr
+
+    zarr.open_group(str(path), mode="r+").attrs.update({"format_version": 2, "package_version": "9.0"})
+    for read in (load_cohort, StoreDataset):
+        with pytest.raises(StoreError, match=r"v.zarr is a pyimputmae store of format version 2 \(written by "
+                           r"pyimputmae 9.0\); this pyimputmae reads version 1: write the store again"):
+            read(path)

@@ -124,6 +124,11 @@ def open_store(path: str | Path, *, require_complete: bool = True) -> Any:
     root = zarr.open_group(str(path), mode="r")
     if root.attrs.get("format") != FORMAT:
         raise StoreError(f"{path} is a zarr store but not one written by pyimputmae preprocess")
+    version = root.attrs.get("format_version")
+    if version != FORMAT_VERSION:
+        raise StoreError(f"{path} is a pyimputmae store of format version {version} (written by pyimputmae "
+                         f"{root.attrs.get('package_version', '?')}); this pyimputmae reads version {FORMAT_VERSION}: "
+                         "write the store again with `pyimputmae preprocess`, or use the version that wrote it")
     if require_complete and not root.attrs.get("complete", False):
         raise StoreError(f"{path} is incomplete (preprocessing was interrupted); run `pyimputmae preprocess` "
                          "again with the same manifest and options to finish it, or pass allow_incomplete=True")
