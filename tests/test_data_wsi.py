@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from test_data_common import SLIDE, need
 
-from pyimputmae.data.wsi import SlideError, WsiConfig, otsu_threshold, saturation, tile_slide
+from pyimputmae.data.wsi import SlideError, WsiConfig, otsu_threshold, saturation, slide_mpp, tile_slide
 
 pytest.importorskip("openslide", reason="openslide-python + openslide-bin are needed for slides")
 
@@ -60,3 +60,19 @@ def test_slide_without_tissue_or_resolution_is_an_error(tmp_path: Path):
     Image.new("RGB", (512, 512), (250, 250, 250)).save(blank)
     with pytest.raises(SlideError, match=r"blank.tiff \(patient 'P'\): .*(not a slide|resolution)"):
         tile_slide(blank, SMALL, patient="P")
+
+
+class _Props:
+    def __init__(self, **props: str) -> None:
+        self.properties = {f"openslide.{k.replace('_', '-')}": v for k, v in props.items()}
+
+
+def test_a_recorded_resolution_that_is_not_positive_falls_back_to_default_mpp():
+    assert slide_mpp(_Props(mpp_x="0.25", mpp_y="0.25"), WsiConfig(), "s.svs") == 0.25
+    assert slide_mpp(_Props(mpp_x="0", mpp_y="0"), WsiConfig(default_mpp=0.5), "s.svs") == 0.5
+    zero = r"records an unusable resolution \(openslide.mpp-x/-y = '0'/'0'\)"
+    for props, what in ((_Props(mpp_x="0", mpp_y="0"), zero),
+                        (_Props(mpp_x="nan", mpp_y="0.5"), r"records an unusable resolution \(.*'nan'/'0.5'\)"),
+                        (_Props(), "does not record its resolution")):
+        with pytest.raises(SlideError, match=rf"s.svs \(patient 'P'\): the slide {what}; set WsiConfig.default_mpp"):
+            slide_mpp(props, WsiConfig(), "s.svs (patient 'P')")

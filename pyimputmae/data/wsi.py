@@ -106,15 +106,22 @@ def _rgb(region: Any) -> np.ndarray:
 
 
 def slide_mpp(slide: Any, config: WsiConfig, where: str) -> float:
-    """The slide's µm/px at level 0 (``openslide.mpp-x``/``-y``), else ``config.default_mpp``."""
+    """The slide's µm/px at level 0 (``openslide.mpp-x``/``-y``), else ``config.default_mpp`` (also
+    for a recorded value that is not a positive number, e.g. an Aperio ``MPP = 0``)."""
     props = slide.properties
+    recorded = (props.get("openslide.mpp-x"), props.get("openslide.mpp-y"))
     try:
-        return float(props["openslide.mpp-x"]) * 0.5 + float(props["openslide.mpp-y"]) * 0.5
-    except (KeyError, ValueError):
-        if config.default_mpp is None:
-            raise SlideError(f"{where}: the slide does not record its resolution (openslide.mpp-x); "
-                             f"set WsiConfig.default_mpp (--wsi-default-mpp)") from None
-        return float(config.default_mpp)
+        mpp = float(recorded[0]) * 0.5 + float(recorded[1]) * 0.5
+    except (TypeError, ValueError):
+        mpp = math.nan
+    if math.isfinite(mpp) and mpp > 0:
+        return mpp
+    if config.default_mpp is None:
+        what = "does not record its resolution" if recorded == (None, None) else \
+            f"records an unusable resolution (openslide.mpp-x/-y = {recorded[0]!r}/{recorded[1]!r})"
+        raise SlideError(f"{where}: the slide {what}; set WsiConfig.default_mpp (--wsi-default-mpp) to its "
+                         "µm/px") from None
+    return float(config.default_mpp)
 
 
 def tile_slide(path: str | Path, config: WsiConfig | None = None, patient: str | None = None) -> SlideTiles:
