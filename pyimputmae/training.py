@@ -85,6 +85,11 @@ def clinical_features_for(model_cfg: ModelConfig, cohort: Cohort, explicit: bool
     return model_cfg
 
 
+def _listed(cohort: Cohort, rows: np.ndarray, limit: int = 5) -> str:
+    """The ids of ``rows``, the first ``limit`` of them."""
+    return ", ".join(str(cohort.ids[i]) for i in rows[:limit]) + (", ..." if len(rows) > limit else "")
+
+
 def split_indices(cohort: Cohort, val_fold: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Training, validation and test rows. The validation rows are the cohort's ``"val"`` split
     (the manifest's), or with ``val_fold`` that cross-validation fold of the training split — not
@@ -93,10 +98,10 @@ def split_indices(cohort: Cohort, val_fold: int | None) -> tuple[np.ndarray, np.
         return cohort.indices("train"), cohort.indices("val"), cohort.indices("test")
     in_val = cohort.indices("val")
     if len(in_val):
-        shown = ", ".join(str(cohort.ids[i]) for i in in_val[:5]) + (", ..." if len(in_val) > 5 else "")
         raise ValueError(f"val_fold={val_fold} would hold out fold {val_fold} of the training split for validation, "
-                         f"but the cohort already has {len(in_val)} patients in split 'val' ({shown}), which would "
-                         "then be neither trained on nor evaluated. Leave val_fold unset to validate on the 'val' "
+                         f"but the cohort already has {len(in_val)} patients in split 'val' "
+                         f"({_listed(cohort, in_val)}), which would then be neither trained on nor evaluated. Leave "
+                         "val_fold unset to validate on the 'val' "
                          "split, or mark those patients 'train' (or 'test') in the manifest to use folds")
     folds = sorted(set(np.asarray(cohort.fold)[np.asarray(cohort.split) == "train"].tolist()) - {-1})
     if val_fold not in folds:
@@ -148,9 +153,12 @@ def load_cohort_for(cfg: TrainConfig, model_cfg: ModelConfig) -> Cohort:
     return make_cohort(**kwargs)
 
 
-def _listed(cohort: Cohort, rows: np.ndarray, limit: int = 5) -> str:
-    """The ids of ``rows``, the first ``limit`` of them."""
-    return ", ".join(str(cohort.ids[i]) for i in rows[:limit]) + (", ..." if len(rows) > limit else "")
+def _survival(cohort: Cohort, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(time, event, recorded)`` of rows ``idx`` as numpy; ``recorded``: a finite time and an event
+    of 0 or 1 (new patients may have no follow-up)."""
+    rows = torch.as_tensor(idx, device=cohort.event.device)
+    time, event = cohort.time[rows].cpu().numpy(), cohort.event[rows].cpu().numpy()
+    return time, event, np.isfinite(time) & np.isin(event, (0.0, 1.0))
 
 
 def nonfinite_rows(values: torch.Tensor, chunk: int = 64) -> np.ndarray:
@@ -195,17 +203,15 @@ def check_cohort(cohort: Cohort, model_cfg: ModelConfig, train_idx: np.ndarray, 
                              "present False); a store written by `pyimputmae preprocess` has none")
     if len(train_idx) == 0:
         raise ValueError("the training split is empty")
-    rows = torch.as_tensor(train_idx, device=cohort.event.device)
-    time, event = cohort.time[rows].cpu().numpy(), cohort.event[rows].cpu().numpy()
-    bad = train_idx[~(np.isfinite(time) & (time >= 0) & np.isin(event, (0.0, 1.0)))]
+    time, event, recorded = _survival(cohort, train_idx)
+    bad = train_idx[~(recorded & (time >= 0))]
     if len(bad):
         first = int(np.flatnonzero(train_idx == bad[0])[0])
         raise ValueError(f"{len(bad)} patient(s) of the training split of {source} have no usable survival "
                          f"({_listed(cohort, bad)}; the first: time {time[first]}, event {event[first]}): training "
                          "needs a time ≥ 0 and an event of 0 or 1 for every training patient; mark patients without "
                          "follow-up 'test' (or drop them)")
-    events = cohort.event[rows]
-    if float(events.sum()) == 0:
+    if event.sum() == 0:
         raise ValueError(f"no patient of the training split ({len(train_idx)} patients) has an event: "
                          "survival cannot be learned")
     never = [name for m, name in enumerate(cohort.inputs) if not present[train_idx, m].any()]
@@ -767,9 +773,7 @@ def _run(cfg: TrainConfig, model_cfg: ModelConfig, cohort: Cohort, device: torch
         for split, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx)):
             if not len(idx):
                 continue
-            rows = torch.as_tensor(idx, device=cohort.event.device)
-            time, event = cohort.time[rows].cpu().numpy(), cohort.event[rows].cpu().numpy()
-            known = np.isfinite(time) & np.isin(event, (0.0, 1.0))  # new patients may have no follow-up
+            _, event, known = _survival(cohort, idx)
             if event[known].sum() == 0:
                 warnings.warn(f"the {split} split is not evaluated: none of its {len(idx)} patients "
                               f"{'with a recorded time and event ' if not known.all() else ''}has an event, so the "

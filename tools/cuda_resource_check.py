@@ -23,6 +23,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -83,11 +84,9 @@ def nvcc_command(nvcc: str, source: Path, ptx: Path, arch: int) -> list[str]:
         if os.path.isdir(inc):
             includes.append(inc)
             break
-    python_inc = subprocess.run([sys.executable, "-c", "import sysconfig; print(sysconfig.get_paths()['include'])"],
-                                capture_output=True, text=True).stdout.strip()
     return [nvcc, "--ptx", f"-arch=compute_{arch}", "-std=c++20", "-O3", "--use_fast_math",
             "-DPYIMPUTMAE_PYTHON_MODULE", "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C",
-            *cpp_extension.COMMON_NVCC_FLAGS, *(f"-I{p}" for p in [*includes, python_inc]),
+            *cpp_extension.COMMON_NVCC_FLAGS, *(f"-I{p}" for p in [*includes, sysconfig.get_paths()["include"]]),
             str(source), "-o", str(ptx)]
 
 

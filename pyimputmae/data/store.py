@@ -252,10 +252,9 @@ def load_cohort(path: str | Path, device: torch.device | str = "cpu", *, modalit
     unknown = [m for m in mods if m not in all_mods]
     if unknown:
         raise StoreError(f"{path}: no modality {unknown}; the store has {all_mods}")
-    n_all = len(attrs["ids"])
-    rows = np.arange(n_all) if attrs.get("complete") else np.flatnonzero(completed_patients(path))
-    present_all = root["table/present"][:] if attrs.get("complete") else _journal_present(Path(path), all_mods, n_all)
-    present = present_all[rows][:, [all_mods.index(m) for m in mods]].astype(bool)
+    readable, present_all = _readable(root, Path(path))
+    rows = np.flatnonzero(readable)
+    present = present_all[rows][:, [all_mods.index(m) for m in mods]]
     inputs: dict[str, torch.Tensor] = {}
     with zarr.config.set({"async.concurrency": concurrency}):
         for j, m in enumerate(mods):
@@ -273,7 +272,7 @@ def load_cohort(path: str | Path, device: torch.device | str = "cpu", *, modalit
                     x[have] = part
             else:
                 arr = root[f"{m}/data"]
-                x = arr[:] if len(rows) == n_all else arr.get_orthogonal_selection((rows,))
+                x = arr[:] if len(rows) == len(readable) else arr.get_orthogonal_selection((rows,))
             t = torch.from_numpy(x).to(device)
             # slide tiles travel as uint8 (4× less to copy to the device) and become [0, 1] there
             inputs[m] = t.float().div_(255.0) if m == "wsi" else t
@@ -288,6 +287,16 @@ def load_cohort(path: str | Path, device: torch.device | str = "cpu", *, modalit
         split=_split_names(table["split"]), fold=table["fold"].astype(np.int64),
         ids=[attrs["ids"][i] for i in rows], attrs=attrs,
     )
+
+
+def _readable(root: Any, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(N,)`` bool, the patients that read as complete (all of a finished store), and ``(N, M)``
+    bool, which stored modality each has: an unfinished store's from its journal (the table is
+    written last)."""
+    if root.attrs.get("complete", False):
+        return np.ones(len(root.attrs["ids"]), dtype=bool), root["table/present"][:].astype(bool)
+    n = len(root.attrs["ids"])
+    return completed_patients(path), _journal_present(path, list(root.attrs["modalities"]), n)
 
 
 def _journal_present(path: Path, mods: list[str], n: int) -> np.ndarray:
@@ -350,19 +359,15 @@ class StoreDataset(torch.utils.data.Dataset):
         self.modalities = self.all_modalities if modalities is None else list(modalities)
         self.wsi_tile = wsi_tile
         self.ids: list[str] = list(attrs["ids"])
-        complete = bool(attrs.get("complete", False))
-        readable = np.ones(len(self.ids), dtype=bool) if complete else completed_patients(path)
+        readable, present = _readable(root, self.path)
         self.indices = np.flatnonzero(readable) if indices is None else np.asarray(indices, dtype=np.int64)
         unfinished = [self.ids[i] for i in self.indices if not readable[i]]
         if unfinished:
             raise StoreError(f"{path} is incomplete and patients {unfinished[:5]} (of {len(unfinished)}) were "
                              "not written yet; finish it with `pyimputmae preprocess`, or leave them out of indices")
         cols = [self.all_modalities.index(m) for m in self.modalities]
-        # the small tables live in memory; only the modality arrays are read per item (an
-        # unfinished store's presence and tile counts are in its journal: written last)
-        present = root["table/present"][:] if complete else _journal_present(self.path, self.all_modalities,
-                                                                               len(self.ids))
-        self.present = present[:, cols].astype(bool)
+        # the small tables live in memory; only the modality arrays are read per item
+        self.present = present[:, cols]
         self.clinical = root["table/clinical"][:].astype(np.float32)
         self.time = root["table/time"][:].astype(np.float32)
         self.event = root["table/event"][:].astype(np.float32)

@@ -120,7 +120,7 @@ def slide_mpp(slide: Any, config: WsiConfig, where: str) -> float:
         what = "does not record its resolution" if recorded == (None, None) else \
             f"records an unusable resolution (openslide.mpp-x/-y = {recorded[0]!r}/{recorded[1]!r})"
         raise SlideError(f"{where}: the slide {what}; set WsiConfig.default_mpp (--wsi-default-mpp) to its "
-                         "µm/px") from None
+                         "µm/px")
     return float(config.default_mpp)
 
 
