@@ -57,6 +57,28 @@ def device_for(name: str) -> Any:
     return device
 
 
+def check_single_process(out_dir: str) -> None:
+    """ValueError when this is one of several processes of a distributed launch (``torchrun``,
+    ``torch.distributed.launch`` and others that set ``WORLD_SIZE``): :func:`pyimputmae.train` trains
+    in one process, and each of N processes would train on the whole cohort and write the same
+    ``out_dir``, each one overwriting the others' checkpoints and model. A world of size 1 passes."""
+    world = os.environ.get("WORLD_SIZE", "").strip()
+    try:
+        size = int(world) if world else 1
+    except ValueError:
+        raise ValueError(f"the environment variable WORLD_SIZE={world!r} is not a whole number; it is set by "
+                         "distributed launchers such as torchrun, and pyimputmae.train() runs in one process: "
+                         "unset it") from None
+    if size > 1:
+        rank = os.environ.get("RANK", "?")
+        raise ValueError(f"pyimputmae.train() runs in one process, but this is process {rank} of {size} of a "
+                         f"distributed launch (WORLD_SIZE={size}, as torchrun sets it). Each process would train "
+                         f"on the whole cohort on its own and write the same out_dir {out_dir!r}, overwriting the "
+                         "others' checkpoints and model; training across GPUs is not supported yet. Start it as "
+                         "one process (python, or torchrun --nproc_per_node=1) and choose the GPU with "
+                         "device='cuda:N'")
+
+
 @dataclass
 class TrainConfig:
     """Everything :func:`train` needs. Epoch counts are per stage; learning rates follow a linear

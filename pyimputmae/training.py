@@ -45,7 +45,7 @@ from .inference import evaluate_model, load, predict_survival, save_model  # noq
 from .model.config import ModelConfig
 from .model.mae import ImputeMAE, advance_rng_, model_preprocessing, new_rng
 from .model.survival import SurvivalModel
-from .train_config import TrainConfig, device_for, pretrains, resolve_model
+from .train_config import TrainConfig, check_single_process, device_for, pretrains, resolve_model
 
 STAGES = ("pretrain", "finetune")
 
@@ -669,6 +669,7 @@ def train(config: TrainConfig | str | os.PathLike | Mapping[str, Any] | None = N
 
 
 def _train(cfg: TrainConfig, cohort: Cohort | None) -> TrainResult:
+    check_single_process(cfg.out_dir)
     model_cfg, clinical_set = resolve_model(cfg)
     frozen = [n for n, blocks in model_cfg.trainable_blocks().items() if blocks != -1]
     if cfg.finetune and not pretrains(cfg) and frozen:

@@ -568,3 +568,21 @@ def test_sigkill_mid_run_then_resume_gives_bitwise_identical_weights(tmp_path):
 
 def test_public_entry_points():
     assert pyimputmae.train is train and pyimputmae.load is load
+
+
+@pytest.mark.parametrize("world", ["2", "8"])
+def test_a_distributed_launch_is_refused_before_anything_is_written(tmp_path, cohort, monkeypatch, world):
+    """Under torchrun each of WORLD_SIZE processes would train the whole cohort into the same out_dir."""
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setenv("RANK", "1")
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=rf"process 1 of {world} of a distributed launch.*'{re.escape(str(out))}'"
+                                          r".*--nproc_per_node=1"):
+        train(cohort=cohort, model=TINY, out_dir=str(out), **FAST)
+    assert not out.exists()
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE='two' is not a whole number"):
+        train(cohort=cohort, model=TINY, out_dir=str(out), **FAST)
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a world of one process trains as usual
+    res = train(cohort=cohort, model=TINY, out_dir=str(out), **FAST)
+    assert Path(res.paths["model"]).is_file()
