@@ -262,13 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input, a missing file or a bad setting — not a bug: one line, no traceback."""
     from ._backends import BackendError
+    from ._runlock import InUseError
     from .data.store import StoreError
     from .data.wsi import SlideError
     from .training import MissingPackageError
 
     # OSError: a missing folder, a full disk, no permission — the machine's state, not our code
     kinds: list[type[BaseException]] = [ValueError, StoreError, SlideError, BackendError, MissingPackageError,
-                                        OSError]
+                                        InUseError, OSError]
     try:
         import yaml
 

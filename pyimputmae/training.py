@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from . import __version__, checkpoint
+from ._runlock import exclusive_use
 from .data.cohort import Cohort
 from .inference import evaluate_model, load, predict_survival, save_model  # noqa: F401  (public here too)
 from .model.config import ModelConfig
@@ -701,29 +702,32 @@ def _train(cfg: TrainConfig, cohort: Cohort | None) -> TrainResult:
     identity = checkpoint.cohort_identity(cohort, source)
     out = Path(cfg.out_dir)
     saved = checkpoint.load_resume_state(cfg, out / checkpoint.RUN_FILES[0], model_cfg, identity)
-    # every check passed: from here on files are written
-    if cfg.overwrite:
-        checkpoint.remove_run_files(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({"train": cfg.to_dict(), "model": model_cfg.to_dict()}, indent=1))
-    if device.type == "cuda" and cfg.data_on_device != "no":
-        free, _ = torch.cuda.mem_get_info(device)
-        if cfg.data_on_device == "yes" or cohort.nbytes() < 0.5 * free:
-            cohort = cohort.to(device)
+    # every check passed: from here on files are written, by this run only (another one writing the
+    # same out_dir, e.g. the same job started twice, is refused)
+    with exclusive_use(out / checkpoint.LOCK_FILE, f"out_dir {out}",
+                       "Wait for it to end (or stop it), or choose another out_dir."):
+        if cfg.overwrite:
+            checkpoint.remove_run_files(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps({"train": cfg.to_dict(), "model": model_cfg.to_dict()}, indent=1))
+        if device.type == "cuda" and cfg.data_on_device != "no":
+            free, _ = torch.cuda.mem_get_info(device)
+            if cfg.data_on_device == "yes" or cohort.nbytes() < 0.5 * free:
+                cohort = cohort.to(device)
 
-    trainer = _Trainer(cfg, model_cfg, cohort, device, saved, identity)
-    with trainer.stop:  # Ctrl-C / SIGTERM: stop at a batch boundary with a checkpoint
-        try:
-            model, metrics = _run(cfg, model_cfg, cohort, device, trainer, pretrained, train_idx, val_idx, test_idx)
-        finally:
-            trainer.logger.close()
-    paths = {"out_dir": str(out), "model": str(out / "model.pt"), "metrics": str(out / "metrics.json"),
-             "history": str(out / "metrics.jsonl"), "checkpoint": str(trainer.ckpt_path),
-             "config": str(out / "config.json")}
-    save_model(model, paths["model"], metrics, cfg)
-    Path(paths["metrics"]).write_text(checkpoint.json_text(metrics, indent=1))
-    paths.update(_draw_figures(out, trainer.history, model if cfg.finetune else None, cohort, test_idx))
-    return TrainResult(model=model, metrics=metrics, history=trainer.history, paths=paths, config=cfg)
+        trainer = _Trainer(cfg, model_cfg, cohort, device, saved, identity)
+        with trainer.stop:  # Ctrl-C / SIGTERM: stop at a batch boundary with a checkpoint
+            try:
+                model, metrics = _run(cfg, model_cfg, cohort, device, trainer, pretrained, train_idx, val_idx, test_idx)
+            finally:
+                trainer.logger.close()
+        paths = {"out_dir": str(out), "model": str(out / "model.pt"), "metrics": str(out / "metrics.json"),
+                 "history": str(out / "metrics.jsonl"), "checkpoint": str(trainer.ckpt_path),
+                 "config": str(out / "config.json")}
+        save_model(model, paths["model"], metrics, cfg)
+        Path(paths["metrics"]).write_text(checkpoint.json_text(metrics, indent=1))
+        paths.update(_draw_figures(out, trainer.history, model if cfg.finetune else None, cohort, test_idx))
+        return TrainResult(model=model, metrics=metrics, history=trainer.history, paths=paths, config=cfg)
 
 
 def _pretrain_step(mae: ImputeMAE, batch: Any, rng: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -276,6 +276,29 @@ def test_killed_run_resumes(inputs: Path, store: Path, tmp_path: Path):
     assert_same_store(out, store)
 
 
+def test_a_store_another_run_is_writing_is_refused(inputs: Path, tmp_path: Path):
+    from pyimputmae._runlock import InUseError
+
+    out = tmp_path / "busy.zarr"
+    code = f"""
+        import time
+        from pyimputmae._runlock import exclusive_use
+        with exclusive_use({str(tmp_path / ".busy.zarr.lock")!r}, "the store", "wait"):
+            print("locked", flush=True)
+            time.sleep(120)
+    """
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(InUseError, match=rf"the store {out} is being written by another run \(process "
+                                             rf"{holder.pid} .*or choose another --out"):
+            run(inputs, out)
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_rerun_skips_a_complete_store_and_refuses_other_options(inputs: Path, store: Path, tmp_path: Path):
     out = tmp_path / "again.zarr"
     shutil.copytree(store, out)

@@ -40,6 +40,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
+from .._runlock import exclusive_use
 from .manifest import Manifest, ManifestError, ManifestWarning, Source, path_column_names, read_manifest
 from .mri import MriConfig, preprocess_mri, resolve_mri_paths
 from .preprocess_config import PreprocessConfig, PreprocessReport
@@ -220,38 +221,41 @@ def preprocess(manifest: str | Path | Manifest, out: str | Path, *, config: Prep
         print(f"{manifest.path.name if manifest.path else 'manifest'}: {len(manifest.rejected)} row(s) left out, "
               f"{len(notes)} warning(s): listed in the summary at the end", file=sys.stderr)
     out = Path(out).resolve()
-    root, resumed = _open_or_create(out, manifest, cfg, fitted, _fingerprint(manifest, cfg, fitted), overwrite)
-    if resumed and root.attrs.get("complete"):
-        report = PreprocessReport.from_dict(root.attrs["report"])
-        report.resumed, report.processed, report.seconds = report.n_patients, 0, time.perf_counter() - start
+    # one run at a time writes a store (the lock file lies beside it: --overwrite removes the store folder)
+    with exclusive_use(out.parent / f".{out.name}.lock", f"the store {out}",
+                       "Wait for it to end (or stop it), or choose another --out."):
+        root, resumed = _open_or_create(out, manifest, cfg, fitted, _fingerprint(manifest, cfg, fitted), overwrite)
+        if resumed and root.attrs.get("complete"):
+            report = PreprocessReport.from_dict(root.attrs["report"])
+            report.resumed, report.processed, report.seconds = report.n_patients, 0, time.perf_counter() - start
+            if verbose:
+                print(report.table(), file=sys.stderr)
+            return report
+        report = PreprocessReport(store=out, n_patients=len(manifest), counts={}, failures=[],
+                                  rejected=list(manifest.rejected), warnings=notes, replaced={})
+        _run_omics_stage(root, out, manifest, cfg, fitted, workers, progress)
+
+        from tqdm.auto import tqdm
+
+        plan = _read_json(_progress(out) / "plan.json")
+        todo = [i for i in plan["image_tasks"] if not _image_entry(out, i).exists()]
+        report.resumed = len(manifest) - len(todo) if resumed else 0
+        report.processed = len(todo)
+        tasks = [{"index": i, "id": manifest.ids[i], "wsi_config": cfg.wsi.to_dict(), "mri_config": cfg.mri.to_dict(),
+                  **{m: manifest.sources[m][i] for m in cfg.modalities if m in _IMAGE_MODALITIES}} for i in todo]
+        with tqdm(total=len(tasks), desc="slides/MRI", unit="patient", disable=not progress or not tasks) as bar:
+            def on_result(result: dict[str, Any]) -> None:
+                entry = _write_images(root, result, cfg)
+                _journal_patient(out, result["index"], entry)
+                bar.update(1)
+
+            _run_tasks(tasks, workers, on_result)
+        _finalize(root, out, manifest, cfg, report)
+        report.seconds = time.perf_counter() - start
+        root.attrs["report"] = report.to_dict()
         if verbose:
             print(report.table(), file=sys.stderr)
         return report
-    report = PreprocessReport(store=out, n_patients=len(manifest), counts={}, failures=[],
-                              rejected=list(manifest.rejected), warnings=notes, replaced={})
-    _run_omics_stage(root, out, manifest, cfg, fitted, workers, progress)
-
-    from tqdm.auto import tqdm
-
-    plan = _read_json(_progress(out) / "plan.json")
-    todo = [i for i in plan["image_tasks"] if not _image_entry(out, i).exists()]
-    report.resumed = len(manifest) - len(todo) if resumed else 0
-    report.processed = len(todo)
-    tasks = [{"index": i, "id": manifest.ids[i], "wsi_config": cfg.wsi.to_dict(), "mri_config": cfg.mri.to_dict(),
-              **{m: manifest.sources[m][i] for m in cfg.modalities if m in _IMAGE_MODALITIES}} for i in todo]
-    with tqdm(total=len(tasks), desc="slides/MRI", unit="patient", disable=not progress or not tasks) as bar:
-        def on_result(result: dict[str, Any]) -> None:
-            entry = _write_images(root, result, cfg)
-            _journal_patient(out, result["index"], entry)
-            bar.update(1)
-
-        _run_tasks(tasks, workers, on_result)
-    _finalize(root, out, manifest, cfg, report)
-    report.seconds = time.perf_counter() - start
-    root.attrs["report"] = report.to_dict()
-    if verbose:
-        print(report.table(), file=sys.stderr)
-    return report
 
 
 def apply_preprocessing(manifest: str | Path | Manifest, fitted: dict[str, Any] | str | Path, out: str | Path,
