@@ -400,7 +400,8 @@ def test_gpu_targets_judges_each_target_from_one_run_and_says_what_was_not_measu
     assert got[mse + "memory beyond the gradient"][1] == "met"  # 128.5 MB against a 128 MB gradient
     assert got["`patch_embed3d` bf16 fwd: speed-up over compiled reshape + F.linear"] == ("1.16× (triton 0.08 ms)",
                                                                                          "missed")
-    assert got["`masking_fill` fp32 fwd+bwd: memory roofline"][1] == "not measured: no masking_fill fwd+bwd fp32 record"
+    assert got["`masking_fill` fp32 fwd+bwd: memory roofline"][1] == (
+        "not measured: no masking_fill fwd+bwd fp32 record at size large")
     step = next(v for k, v in got.items() if k.startswith("whole pre-training step"))
     assert step[1].startswith("not measured: the reference's compile bf16 did not finish (timed out)")
     assert step[0].endswith("→ 4.48×")
@@ -437,6 +438,147 @@ def test_gpu_targets_judges_each_target_from_one_run_and_says_what_was_not_measu
     _bench_file(tmp_path / "bench_large.json", "NVIDIA A100-SXM4-80GB", mse_eager_ms=0.45, mse_roofline=0.75)
     verdicts = tool.bench_verdicts(tmp_path / "bench_large.json")
     assert verdicts[0].verdict == "not measured: run on NVIDIA A100-SXM4-80GB, not an H100 or H200 (would be met)"
+
+
+# every bench target of issue 6 at exactly its threshold: (op, pass, dtype) → our ms, roofline, peak,
+# and each baseline's ms; the baselines no target names are faster than ours, so they cannot count
+_AT_THRESHOLD = {
+    ("masked_mse", "fwd+bwd", "fp32"): {"roofline": 0.70, "peak": 129.0, "eager": 4.0, "compile": 4.0},
+    ("masking_fill", "fwd+bwd", "fp32"): {"roofline": 0.60, "eager": 3.0, "compile": 0.5},
+    **{("patch_embed3d", p, "bf16"): {"compile": 1.2, "conv": 10.0, "eager": 0.5} for p in ("fwd", "fwd+bwd")},
+    **{("patch_embed3d_keep50", p, "bf16"): {"compile": 2.0, "eager": 0.5, "conv": 0.5} for p in ("fwd", "fwd+bwd")},
+}
+
+
+def _write_bench(path: Path, figures: dict, *, size: str = "large", check: str = "ok",
+                 device: str = "NVIDIA H200") -> None:
+    """bench_large.json with our ext at 1 ms for each (op, pass, dtype) of ``figures`` and its
+    baselines at the given ms, summaries made by tools/bench.py's own summarize."""
+    records = []
+    for (op, pass_, dtype), f in figures.items():
+        key = {"op": op, "pass": pass_, "dtype": dtype, "size": size, "device": "cuda"}
+        ours = {**key, "backend": "ext", "baseline": None, "median_ms": 1.0, "check": check,
+                "shape": {"pred": [32, 512, 2048]} if op == "masked_mse" else {}}
+        if "roofline" in f:
+            ours.update(roofline_frac=f["roofline"], gbps=f["roofline"] * 4000)
+        if "peak" in f:
+            ours["peak_extra_mb"] = f["peak"]
+        records.append(ours)
+        records += [{**key, "backend": b, "baseline": b, "median_ms": f[b], "check": "ok"}
+                    for b in ("eager", "compile", "conv") if b in f]
+    path.write_text(json.dumps({"meta": {"device": device, "device_type": "cuda"},
+                                "records": records + tool_module("bench").summarize(records)}))
+
+
+def _write_e2e(path: Path, *, ours_pps: float = 4488.0, ours_peak: float = 2.3, device: str | None = "NVIDIA H200",
+               ref_device: str | None = None, drop: tuple[str, ...] = ()) -> None:
+    ref = {"eager fp32": {"patients_per_s": 1666.0, "peak_GB": 4.2}, "eager bf16": {"patients_per_s": 1886.0,
+           "peak_GB": 2.9}, "compile bf16": {"patients_per_s": 2244.0, "peak_GB": 2.36}}
+    ref = {k: v for k, v in ref.items() if k not in drop}
+    if drop:
+        ref["error"] = "timed out"
+    if ref_device:
+        ref["device"] = ref_device
+    data = {"config": "paper", "batch": 96, "dtype": "bf16", "reference": ref,
+            "ours": {"graph": {"patients_per_s": ours_pps, "peak_GB": ours_peak}}}
+    if device:
+        data["device"] = device
+    path.write_text(json.dumps(data))
+
+
+def test_gpu_targets_each_target_against_its_own_baseline_with_its_threshold_inclusive(tmp_path):
+    """tools/gpu_targets.py, issue 6's thresholds: at exactly the threshold every target is met (≥),
+    just under it that target alone is missed; each target reads its own baseline (masked_mse eager and
+    compile, masking_fill eager only, patch_embed3d compile and conv, keep50 the compiled all-patches)."""
+    tool = tool_module("gpu_targets")
+    bench, e2e = tmp_path / "bench_large.json", tmp_path / "e2e.json"
+    _write_bench(bench, _AT_THRESHOLD)
+    _write_e2e(e2e)  # 4488 / 2244 = 2.00×, 2.30 GB < 2.36 GB
+    verdicts = [*tool.bench_verdicts(bench), tool.e2e_verdict(e2e)]
+    assert len(verdicts) == 13
+    assert [v.target for v in verdicts if v.verdict != "met"] == []
+    assert tool.main([str(tmp_path)]) == 0
+
+    mse, mf, pe, k50 = (("masked_mse", "fwd+bwd", "fp32"), ("masking_fill", "fwd+bwd", "fp32"),
+                        ("patch_embed3d", "fwd", "bf16"), ("patch_embed3d_keep50", "fwd", "bf16"))
+    pe_bwd = ("patch_embed3d", "fwd+bwd", "bf16")
+    under = [
+        (mse, "roofline", 0.699, "`masked_mse` fp32 fwd+bwd: memory roofline"),
+        (mse, "eager", 3.99, "`masked_mse` fp32 fwd+bwd: speed-up over eager"),
+        (mse, "compile", 3.99, "`masked_mse` fp32 fwd+bwd: speed-up over torch.compile"),
+        (mse, "peak", 129.01, "`masked_mse` fp32 fwd+bwd: memory beyond the gradient"),
+        (mf, "roofline", 0.599, "`masking_fill` fp32 fwd+bwd: memory roofline"),
+        (mf, "eager", 2.99, "`masking_fill` fp32 fwd+bwd: speed-up over eager"),
+        (pe, "compile", 1.19, "`patch_embed3d` bf16 fwd: speed-up over compiled reshape + F.linear"),
+        (pe_bwd, "conv", 9.99, "`patch_embed3d` bf16 fwd+bwd: speed-up over nn.Conv3d"),
+        (k50, "compile", 1.99,
+         "`patch_embed3d_keep50` bf16 fwd: speed-up over compiled reshape + F.linear over all patches"),
+    ]
+    for key, field, value, target in under:
+        _write_bench(bench, {**_AT_THRESHOLD, key: {**_AT_THRESHOLD[key], field: value}})
+        got = {v.target: v.verdict for v in tool.bench_verdicts(bench)}
+        assert {t for t, v in got.items() if v != "met"} == {target}, (field, value)
+        assert got[target] == "missed"
+    _write_bench(bench, _AT_THRESHOLD)
+    _write_e2e(e2e, ours_pps=4487.0)
+    assert tool.e2e_verdict(e2e).verdict == "missed"  # 1.9996×
+    _write_e2e(e2e, ours_peak=2.36)
+    assert tool.e2e_verdict(e2e).verdict == "missed"  # the same peak is not a lower one
+    assert tool.main([str(tmp_path)]) == 1
+
+
+def test_gpu_targets_never_calls_met_what_the_run_did_not_measure(tmp_path):
+    """A baseline or record that is missing, records of another size, a best backend whose guard
+    did not run (--no-check), another card or none named: "not measured", never "met"."""
+    tool = tool_module("gpu_targets")
+    bench, e2e = tmp_path / "bench_large.json", tmp_path / "e2e.json"
+    keep50 = ("patch_embed3d_keep50", "fwd", "bf16")
+    _write_bench(bench, {**_AT_THRESHOLD, keep50: {"eager": 0.5, "conv": 0.5}})  # its compile did not run
+    got = {v.target: v.verdict for v in tool.bench_verdicts(bench)}
+    assert got["`patch_embed3d_keep50` bf16 fwd: speed-up over compiled reshape + F.linear over all patches"] == (
+        "not measured: the compiled reshape + F.linear over all patches baseline has no time")
+    _write_bench(bench, {k: v for k, v in _AT_THRESHOLD.items() if k[0] != "masking_fill"})
+    got = {v.target: v.verdict for v in tool.bench_verdicts(bench)}
+    assert got["`masking_fill` fp32 fwd+bwd: speed-up over eager"] == (
+        "not measured: no masking_fill fwd+bwd fp32 record at size large")
+
+    # the paper size's figures in bench_large.json are not the large size's targets
+    _write_bench(bench, _AT_THRESHOLD, size="paper")
+    verdicts = tool.bench_verdicts(bench)
+    assert {v.verdict.split(" record")[0] for v in verdicts} == {
+        f"not measured: no {op} {p} {dt}" for op, p, dt in _AT_THRESHOLD}
+    assert all(v.verdict.endswith("record at size large") for v in verdicts)
+
+    # bench.py --no-check: the summary takes the unchecked backend, the targets do not
+    _write_bench(bench, _AT_THRESHOLD, check="not checked")
+    verdicts = tool.bench_verdicts(bench)
+    assert {v.verdict for v in verdicts} == {
+        "not measured: the best backend, ext, has no passed correctness guard (not checked); "
+        "run tools/bench.py without --no-check"}
+
+    # no bench file at all
+    bench.unlink()
+    assert {v.verdict for v in tool.bench_verdicts(bench)} == {"not measured: bench_large.json is missing"}
+
+    # e2e: another card, none named, or ours and the reference on different cards
+    _write_e2e(e2e, device="NVIDIA A100-SXM4-80GB")
+    assert tool.e2e_verdict(e2e).verdict == "not measured: run on NVIDIA A100-SXM4-80GB, not an H100 or H200 " \
+                                            "(would be met)"
+    _write_e2e(e2e, device="NVIDIA A100-SXM4-80GB", ours_pps=3000.0, drop=("compile bf16",))
+    assert tool.e2e_verdict(e2e).verdict.startswith(
+        "not measured: run on NVIDIA A100-SXM4-80GB, not an H100 or H200 (would be missed (even before")
+    _write_e2e(e2e, device=None)
+    assert tool.e2e_verdict(e2e).verdict == "not measured: run on an unnamed device, not an H100 or H200 " \
+                                            "(would be met)"
+    _write_e2e(e2e, ref_device="NVIDIA H100 80GB HBM3")
+    assert tool.e2e_verdict(e2e).verdict.startswith(
+        "not measured: ours ran on NVIDIA H200, the reference on NVIDIA H100 80GB HBM3: not one card")
+    # a peak that was not recorded cannot be lower: missed, and the row still prints
+    _write_e2e(e2e, ours_peak=None)
+    v = tool.e2e_verdict(e2e)
+    assert v.verdict == "missed" and "peak not recorded" in v.measured
+    e2e.unlink()
+    assert tool.e2e_verdict(e2e).verdict == "not measured: e2e.json is missing"
 
 
 def test_cuda_resource_check_reads_spills_launch_bounds_and_occupancy():

@@ -9,9 +9,11 @@ threshold, and the verdict. Every ratio is taken within one file, i.e. one run o
 the issue asks; nothing is combined across runs.
 
 A verdict is ``met``, ``missed`` or ``not measured`` (with the reason: a file or record missing,
-no backend whose correctness guard passed, a reference mode that did not finish, or a card
-other than an H100/H200). The end-to-end target counts as measured only when every default mode
-of the reference script (eager fp32, eager bf16, compile bf16) finished in the same call, at the
+records of another size than ``large``, no backend whose correctness guard passed or a best
+backend whose guard did not run (``--no-check``), a reference mode that did not finish, or a card
+other than an H100/H200, none named, or ours and the reference's on different cards). The
+end-to-end target counts as measured only when every default mode of the reference script
+(eager fp32, eager bf16, compile bf16) finished in the same call, at the
 authors' configuration, batch 96, bf16: the target is against its best mode, and a mode that did
 not finish may be the best (but a speed-up under 2× against the modes that did is a miss: the
 missing ones can only raise the bar). A target whose every timed backend of ours failed its
@@ -33,6 +35,8 @@ from e2e_step import REFERENCE_MODES  # the reference's default modes: its best 
 
 #: the cards the issue's targets are set for
 TARGET_CARDS = ("H100", "H200")
+#: the bench size the kernel targets are set at (DESIGN.md section 5)
+BENCH_SIZE = "large"
 #: the end-to-end target's setting: the authors' configuration, batch 96, bf16 (tools/e2e_step.py's defaults)
 E2E_SETTINGS = {"config": "paper", "batch": 96, "dtype": "bf16"}
 #: allowance over the gradient for "no memory beyond the gradient" (the per-program partial losses)
@@ -68,15 +72,19 @@ class BenchRun:
         return None
 
     def summary(self, op: str, pass_: str, dtype: str) -> dict | None:
+        """The summary of ``op``/``pass_``/``dtype`` at :data:`BENCH_SIZE` (a record of another size
+        is not the target's measurement)."""
         for r in self.records:
-            if r.get("summary") and (r["op"], r["pass"], r["dtype"]) == (op, pass_, dtype):
+            if r.get("summary") and (r.get("op"), r.get("pass"), r.get("dtype"), r.get("size")) == (
+                    op, pass_, dtype, BENCH_SIZE):
                 return r
         return None
 
     def ours(self, op: str, pass_: str, dtype: str) -> list[dict]:
-        """The records of our backends (not baselines, not summaries) for ``op``/``pass_``/``dtype``."""
+        """The records of our backends (not baselines, not summaries) for ``op``/``pass_``/``dtype``
+        at :data:`BENCH_SIZE`."""
         return [r for r in self.records if not r.get("summary") and r.get("baseline") is None
-                and (r.get("op"), r.get("pass"), r.get("dtype")) == (op, pass_, dtype)]
+                and (r.get("op"), r.get("pass"), r.get("dtype"), r.get("size")) == (op, pass_, dtype, BENCH_SIZE)]
 
     def backend(self, op: str, pass_: str, dtype: str, backend: str) -> dict | None:
         return next((r for r in self.ours(op, pass_, dtype) if r.get("backend") == backend), None)
@@ -93,12 +101,21 @@ class BenchRun:
 
 def _best(run: BenchRun, op: str, pass_: str, dtype: str, target: str,
           threshold: str) -> tuple[dict, None] | tuple[None, Verdict]:
-    """The summary record of ``op``/``pass_``/``dtype`` when one of our backends is its best, else the verdict."""
+    """The summary record of ``op``/``pass_``/``dtype`` when one of our backends is its best and its
+    correctness guard passed, else the verdict."""
     s = run.summary(op, pass_, dtype)
     if s is None:
-        return None, Verdict(target, "-", threshold, f"not measured: no {op} {pass_} {dtype} record")
+        why = f"not measured: no {op} {pass_} {dtype} record at size {BENCH_SIZE}"
+        return None, Verdict(target, "-", threshold, why)
     if not s.get("best_backend"):
         return None, Verdict(target, "-", threshold, run.no_best_reason(op, pass_, dtype))
+    # bench.py's summary also takes a backend whose guard did not run (--no-check): not a result here
+    r = run.backend(op, pass_, dtype, s["best_backend"])
+    check = str(r.get("check")) if r and r.get("check") is not None else "no check recorded"
+    if not check.startswith("ok"):
+        return None, Verdict(target, "-", threshold,
+                             f"not measured: the best backend, {s['best_backend']}, has no passed correctness guard "
+                             f"({check[:60]}); run tools/bench.py without --no-check")
     return s, None
 
 
@@ -133,8 +150,10 @@ def _roofline_target(run: BenchRun, op: str, pass_: str, dtype: str, at_least: f
 def _mse_memory_target(run: BenchRun) -> Verdict:
     op, pass_, dtype = "masked_mse", "fwd+bwd", "fp32"
     target = f"`{op}` {dtype} {pass_}: memory beyond the gradient"
-    s = run.summary(op, pass_, dtype)
-    r = run.backend(op, pass_, dtype, s["best_backend"]) if s and s.get("best_backend") else None
+    s, verdict = _best(run, op, pass_, dtype, target, "≤ the gradient")
+    if s is None:
+        return verdict
+    r = run.backend(op, pass_, dtype, s["best_backend"])
     if r is None or r.get("peak_extra_mb") is None or "pred" not in (r.get("shape") or {}):
         return Verdict(target, "-", "≤ the gradient", "not measured: no peak-memory record of the best backend")
     numel = 1
@@ -198,19 +217,39 @@ def e2e_verdict(path: Path) -> Verdict:
     best_ref = max(refs, key=lambda k: refs[k]["patients_per_s"])
     speedup = ours[best]["patients_per_s"] / refs[best_ref]["patients_per_s"]
     peak, ref_peak = ours[best].get("peak_GB"), refs[best_ref].get("peak_GB")
-    measured = (f"ours {best}: {ours[best]['patients_per_s']:.0f} patients/s, {peak:.2f} GB; reference {best_ref}: "
-                f"{refs[best_ref]['patients_per_s']:.0f} patients/s, {ref_peak:.2f} GB → {_fmt_x(speedup)}")
+    measured = (f"ours {best}: {ours[best]['patients_per_s']:.0f} patients/s, {_fmt_gb(peak)}; reference {best_ref}: "
+                f"{refs[best_ref]['patients_per_s']:.0f} patients/s, {_fmt_gb(ref_peak)} → {_fmt_x(speedup)}")
     met = speedup >= 2.0 and peak is not None and ref_peak is not None and peak < ref_peak
     if missing:
         unfinished = f"the reference's {', '.join(missing)} did not finish ({ref.get('error', 'no result')})"
-        if speedup < 2.0:  # a mode that did not finish can only raise the bar: a miss stays a miss
-            return Verdict(target, measured, threshold, f"missed (even before {unfinished})")
-        return Verdict(target, measured, threshold, f"not measured: {unfinished}; against the modes that did "
-                       f"it would be {'met' if met else 'missed'}")
-    device = str(ref.get("device") or data.get("device") or "")
-    if device and not any(card in device for card in TARGET_CARDS):
-        return Verdict(target, measured, threshold, f"not measured: run on {device}, not an H100 or H200")
-    return Verdict(target, measured, threshold, "met" if met else "missed")
+        if speedup >= 2.0:
+            return Verdict(target, measured, threshold, f"not measured: {unfinished}; against the modes that did "
+                           f"it would be {'met' if met else 'missed'}")
+        verdict = f"missed (even before {unfinished})"  # a mode that did not finish can only raise the bar
+    else:
+        verdict = "met" if met else "missed"
+    problem = _e2e_card_problem(data, ref)
+    if problem:
+        verdict = f"not measured: {problem} (would be {verdict})"
+    return Verdict(target, measured, threshold, verdict)
+
+
+def _fmt_gb(v: float | None) -> str:
+    return f"{v:.2f} GB" if v is not None else "peak not recorded"
+
+
+def _e2e_card_problem(data: dict, ref: dict) -> str | None:
+    """Why the e2e call is not the issue's measurement card-wise: a card other than an H100/H200,
+    none named, or ours and the reference on different cards; None when it is."""
+    devices = list(dict.fromkeys(str(d) for d in (data.get("device"), ref.get("device")) if d))
+    if not devices:
+        return "run on an unnamed device, not an H100 or H200"
+    off = [d for d in devices if not any(card in d for card in TARGET_CARDS)]
+    if off:
+        return f"run on {', '.join(off)}, not an H100 or H200"
+    if len(devices) > 1:
+        return f"ours ran on {devices[0]}, the reference on {devices[1]}: not one card"
+    return None
 
 
 def markdown(verdicts: list[Verdict]) -> str:
