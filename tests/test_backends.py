@@ -581,6 +581,41 @@ def test_gpu_targets_never_calls_met_what_the_run_did_not_measure(tmp_path):
     assert tool.e2e_verdict(e2e).verdict == "not measured: e2e.json is missing"
 
 
+def test_bench_cuda_timer_without_triton_flushes_l2_before_every_timed_call(monkeypatch):
+    """tools/bench_timing.py on a GPU machine without Triton: the hand-made CUDA-event timer flushes
+    L2 before each timed call as do_bench does (paper-size inputs of some ops fit in an H200's 50 MB),
+    and bench.py's meta says which timer ran."""
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    timing = tool_module("bench_timing")
+    log: list[str] = []
+
+    class FakeEvent:
+        def __init__(self, enable_timing: bool = False) -> None:
+            pass
+
+        def record(self) -> None:
+            log.append("event")
+
+        def synchronize(self) -> None:
+            pass
+
+        def elapsed_time(self, end: object) -> float:
+            return 1.5
+
+    class FakeFlush:
+        def zero_(self) -> None:
+            log.append("flush")
+
+    monkeypatch.setattr(timing, "_do_bench", lambda: None)
+    monkeypatch.setattr(timing, "_l2_flush_buffer", FakeFlush)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
+    assert timing._time_cuda(lambda: log.append("fn"), quick=True) == 1.5
+    assert log[0] == "fn"  # the untimed first call
+    assert log[1:] == ["flush", "event", "fn", "event"] * 25  # 5 warm-up + 20 timed, each after a flush
+    assert timing.cuda_timer_name().startswith("median of CUDA events, L2 flushed before each call")
+
+
 def test_cuda_resource_check_reads_spills_launch_bounds_and_occupancy():
     """tools/cuda_resource_check.py: per kernel, the registers and spills ptxas reports, the block
     size of its __launch_bounds__ in the PTX, and the resident warps per SM they allow."""

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 from bench_config import BASELINES, DTYPES, OUR_BACKENDS, PASSES, SIZES
-from bench_timing import Context, measure_copy_gbps, measure_matmul_tflops, time_limit
+from bench_timing import Context, cuda_timer_name, measure_copy_gbps, measure_matmul_tflops, time_limit
 from bench_workloads import (
     Workload,
     build_masked_mse,
@@ -446,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "git_commit": git_commit(), "copy_gbps": ctx.copy_gbps, "copy": copy, "matmul_tflops": ctx.matmul_tflops,
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]), "size": args.size, "quick": args.quick,
         "backends": availability,
-        "timer": ("triton.testing.do_bench median (CUDA events)" if ctx.cuda
+        "timer": (cuda_timer_name() if ctx.cuda
                   else f"torch.utils.benchmark.Timer.blocked_autorange(min_run_time={ctx.min_run_time}) median"),
         "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
     }

@@ -116,19 +116,45 @@ class Context:
         return ok, why
 
 
-def _time_cuda(fn: Callable[[], Any], quick: bool) -> float:
-    warmup, rep = (10, 40) if quick else (25, 200)  # milliseconds, as do_bench counts them
+#: what the L2 flush before each timed call writes (triton.testing.do_bench's size; an H100/H200
+#: has 50 MB of L2, and the paper-size inputs of some ops would fit in it)
+L2_FLUSH_BYTES = 256 * 2**20
+
+
+def _do_bench() -> Callable | None:
+    """``triton.testing.do_bench``, or None when Triton is not installed."""
     try:
         from triton.testing import do_bench
     except ImportError:
-        do_bench = None
+        return None
+    return do_bench
+
+
+def _l2_flush_buffer() -> torch.Tensor:
+    return torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda")
+
+
+def cuda_timer_name() -> str:
+    """How :func:`_time_cuda` times on this machine (the ``timer`` of bench.py's meta)."""
+    if _do_bench() is not None:
+        return "triton.testing.do_bench median (CUDA events, L2 flushed before each call)"
+    return "median of CUDA events, L2 flushed before each call (Triton not installed: no do_bench)"
+
+
+def _time_cuda(fn: Callable[[], Any], quick: bool) -> float:
+    warmup, rep = (10, 40) if quick else (25, 200)  # milliseconds, as do_bench counts them
+    do_bench = _do_bench()
     if do_bench is not None:
         return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    # without Triton: the same protocol by hand, L2 flushed before every timed call as do_bench does,
+    # so that inputs that fit in L2 are not timed from it
+    flush = _l2_flush_buffer()
     fn()
     torch.cuda.synchronize()
     times = []
     for i in range(5 + (20 if quick else 100)):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        flush.zero_()
         start.record()
         fn()
         end.record()
