@@ -616,6 +616,62 @@ def test_bench_cuda_timer_without_triton_flushes_l2_before_every_timed_call(monk
     assert timing.cuda_timer_name().startswith("median of CUDA events, L2 flushed before each call")
 
 
+def test_bench_counts_the_bytes_of_design_section_5_at_its_sizes(monkeypatch):
+    """tools/bench.py's roofline bytes, per DESIGN.md section 5, for every default dtype: masked_mse
+    fwd+bwd = 3 × the tensor; masking_fill fwd = read K + write K + read K + write L tokens, fwd+bwd
+    twice that; patch embedding input + weight + output, keep50 the kept half; and the sizes of its table."""
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    bench = tool_module("bench")
+    assert bench.SIZES["large"] == {"mse": {"B": 32, "C": 4, "S": 64, "p": 8},  # L = 512, P = 2048
+                                    "masking": {"B": 64, "lengths": (256,) * 4, "E": 384},
+                                    "patch": {"B": 32, "C": 4, "S": 64, "p": 8, "E": 384}}
+    assert bench.SIZES["paper"] == {"mse": {"B": 96, "C": 1, "S": 64, "p": 16},  # L = 64, P = 4096
+                                    "masking": {"B": 96, "lengths": (32, 24, 256, 64), "E": 256},
+                                    "patch": {"B": 96, "C": 1, "S": 64, "p": 16, "E": 256}}
+    ctx = bench.Context(device=torch.device("cpu"), size="tiny")
+    for dtype, es in (("fp32", 4), ("bf16", 2)):
+        torch.manual_seed(0)
+        for op in ("masked_mse", "masked_mse_normpix"):
+            w = bench.WORKLOADS[op](ctx, dtype)
+            tensor = w.grad_inputs[0].numel() * es
+            assert w.bytes == {"fwd": 2 * tensor, "fwd+bwd": 3 * tensor}, (op, dtype)
+        w = bench.WORKLOADS["masking_fill"](ctx, dtype)
+        B, L, E = w.shape["tokens"]
+        K = sum(w.shape["keeps"])
+        assert K == L // 2 and w.bytes == {"fwd": B * E * es * (3 * K + L), "fwd+bwd": 2 * B * E * es * (3 * K + L)}
+        for op, share in (("patch_embed3d", 1.0), ("patch_embed3d_keep50", 0.5)):
+            w = bench.WORKLOADS[op](ctx, dtype)
+            x, weight = w.eager_args[0], w.eager_args[1]
+            assert w.shape["tokens"] == share * (x.shape[2] // w.shape["patch"]) ** 3
+            out = x.shape[0] * w.shape["tokens"] * weight.shape[0] * es
+            fwd = share * x.numel() * es + weight.numel() * es + out
+            assert w.bytes["fwd"] == fwd, (op, dtype)
+
+
+def test_bench_summary_speedups_of_the_fastest_checked_backend(monkeypatch):
+    """DESIGN.md section 5's summary: per op/size/pass/dtype, the fastest of ours whose guard passed,
+    speedup_vs_<baseline> = baseline ms / its ms (null where the baseline has no time), conv only
+    for patch embedding."""
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    bench = tool_module("bench")
+    key = {"size": "large", "pass": "fwd+bwd", "dtype": "fp32", "device": "cuda"}
+    records = [
+        {**key, "op": "masked_mse", "backend": "ext", "baseline": None, "median_ms": 2.0, "check": "ok"},
+        {**key, "op": "masked_mse", "backend": "triton", "baseline": None, "median_ms": 1.0, "check": "MISMATCH x"},
+        {**key, "op": "masked_mse", "backend": "reference", "baseline": None, "median_ms": None, "error": "OOM"},
+        {**key, "op": "masked_mse", "backend": "eager", "baseline": "eager", "median_ms": 8.0, "check": "ok"},
+        {**key, "op": "masked_mse", "backend": "compile", "baseline": "compile", "median_ms": None, "skipped": "slow"},
+        {**key, "op": "patch_embed3d", "backend": "ext", "baseline": None, "median_ms": 0.5, "check": "ok"},
+        {**key, "op": "patch_embed3d", "backend": "conv", "baseline": "conv", "median_ms": 5.0, "check": "ok"},
+    ]
+    got = {s["op"]: s for s in bench.summarize(records)}
+    mse, pe = got["masked_mse"], got["patch_embed3d"]
+    assert (mse["best_backend"], mse["best_ms"], mse["speedup_vs_eager"], mse["speedup_vs_compile"]) == (
+        "ext", 2.0, 4.0, None)
+    assert "speedup_vs_conv" not in mse
+    assert (pe["speedup_vs_conv"], pe["speedup_vs_eager"], pe["speedup_vs_compile"]) == (10.0, None, None)
+
+
 def test_cuda_resource_check_reads_spills_launch_bounds_and_occupancy():
     """tools/cuda_resource_check.py: per kernel, the registers and spills ptxas reports, the block
     size of its __launch_bounds__ in the PTX, and the resident warps per SM they allow."""
