@@ -179,14 +179,14 @@ def masked_mse_forward(
         raise ValueError(f"weight must be (B, L) = ({B}, {L}), got {tuple(weight.shape)}")
     if norm_pix and P < 2:
         raise ValueError("norm_pix needs at least 2 values per patch (unbiased variance)")
+    n_rows = B * L
+    check_sizes("masked_mse", **{"B*L": n_rows})  # before the (B, L, P) gradient is allocated
     acc_fp64 = pred.dtype == torch.float64
     acc_dtype = torch.float64 if acc_fp64 else torch.float32
     # fp16 keeps its gradient in fp32 (see reference.masked_mse.gradient_dtype): its range cannot hold it
     grad = torch.empty_like(pred, dtype=torch.float32 if pred.dtype == torch.float16 else pred.dtype)
     loss = torch.empty((), dtype=acc_dtype, device=pred.device)
     den = torch.empty(1, dtype=acc_dtype, device=pred.device)
-    n_rows = B * L
-    check_sizes("masked_mse", **{"B*L": n_rows})
     single, block_r, block_p, warps = _tile(P)
     n_prog = triton.cdiv(n_rows, block_r)
     partial = torch.empty(max(n_prog, 1), dtype=acc_dtype, device=pred.device)

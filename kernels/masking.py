@@ -186,10 +186,12 @@ def _sum_rows_kernel(out_ptr, partial_ptr, G, E, BLOCK_G: tl.constexpr, BLOCK_E:
 
 
 def _row_blocks(E: int) -> tuple[int, int]:
-    """(BLOCK_R, BLOCK_E) of the copy kernels: 32 rows × 128 features of 16-byte vectors on a GPU."""
+    """(BLOCK_R, BLOCK_E) of the copy kernels: 32 rows × 128 features of 16-byte vectors on a GPU
+    (a block of 1 for E = 0, where nothing is launched)."""
+    width = triton.next_power_of_2(max(E, 1))
     if interpreting():
-        return 8, min(16, triton.next_power_of_2(E))
-    return 32, min(128, triton.next_power_of_2(E))
+        return 8, min(16, width)
+    return 32, min(128, width)
 
 
 def select_keep(
@@ -236,11 +238,11 @@ def gather_visible(tokens: torch.Tensor, ids_keep: torch.Tensor, mask: torch.Ten
     B, L, E = tokens.shape
     K = ids_keep.shape[1]
     check_sizes("gather_visible", L=L, K=K, E=E)
+    block_r, block_e = _row_blocks(E)
+    check_grid_y("gather_visible", "E", E, block_e)
     out = torch.empty(B, K, E, dtype=tokens.dtype, device=tokens.device)
     if out.numel() == 0:
         return out
-    block_r, block_e = _row_blocks(E)
-    check_grid_y("gather_visible", "E", E, block_e)
     grid = (triton.cdiv(B * K, block_r), triton.cdiv(E, block_e))
     with device_guard(tokens):
         _gather_visible_kernel[grid](
@@ -262,13 +264,13 @@ def unshuffle_fill(
     B, K, E = x.shape
     L = mask.shape[1]
     check_sizes("unshuffle_fill", L=L, K=K, E=E)
+    block_r, block_e = _row_blocks(E)
+    check_grid_y("unshuffle_fill", "E", E, block_e)
     out = torch.empty(B, L, E, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
     mask_u8 = mask.view(torch.uint8)
     inv = torch.zeros(B, L, dtype=torch.int32, device=x.device)
-    block_r, block_e = _row_blocks(E)
-    check_grid_y("unshuffle_fill", "E", E, block_e)
     block_ids = 64 if interpreting() else 1024
     with device_guard(x):
         if K > 0:

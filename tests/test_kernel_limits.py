@@ -1,30 +1,42 @@
-"""Sizes the Triton kernels cannot index: a clear error before anything is allocated or launched.
+"""Sizes the GPU kernels cannot index: a clear ValueError before anything is allocated or launched.
 
-The kernels take lengths, counts and loop bounds as 32-bit scalars (tensor offsets are 64-bit), so
-each must stay below ``2^31 - 2^16``; a launch grid's second axis takes at most 65,535 tiles. The
-inputs here are ``meta`` tensors: the shapes are real, nothing is allocated, and a launcher that
-forgot its check would fail on the meta tensors with a different error than the one asserted.
+The Triton and CUDA kernels take lengths, counts and loop bounds as 32-bit numbers (tensor offsets
+are 64-bit), so each must stay below ``2^31 - 2^16``; a Triton launch grid's second axis takes at
+most 65,535 tiles, a CUDA grid's first at most 2^31 - 1 blocks. The Triton inputs here are ``meta``
+tensors: the shapes are real, nothing is allocated, and a launcher that forgot its check would fail
+on the meta tensors with a different error than the one asserted. The CUDA launchers run under the
+host emulator (``tests/cuda_emu``) on CPU tensors expanded from one element: the shapes are real and
+a few bytes are allocated, so each check must come before the launcher's own allocations.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from op_testing import backend_skip_reason
-
-pytestmark = pytest.mark.skipif(
-    backend_skip_reason("triton", torch.device("cpu")) is not None,
-    reason=str(backend_skip_reason("triton", torch.device("cpu"))),
-)
+from op_testing import backend_skip_reason, cuda_emu_ops
 
 BIG = 2**31 - 2**16  # the first size refused
 
 
+def _skip_unless(backend: str) -> None:
+    reason = backend_skip_reason(backend, torch.device("cpu"))
+    if reason is not None:
+        pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
 def kernels():
+    _skip_unless("triton")
     from pyimputmae import _backends
 
     return _backends.module("triton")
+
+
+@pytest.fixture(scope="module")
+def emu():
+    """Our CUDA launchers and kernels (``csrc/cuda``) under the host emulator."""
+    _skip_unless("cuda_emu")
+    return cuda_emu_ops()
 
 
 def meta(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -91,3 +103,76 @@ def test_rows_wider_than_one_launch_are_refused(kernels):
     check_grid_y("op", "E", GRID_Y_LIMIT * 128, 128)
     with pytest.raises(ValueError, match=r"op: E = 8,388,481 is too large for one Triton launch \(at most 8,388,480\)"):
         check_grid_y("op", "E", GRID_Y_LIMIT * 128 + 1, 128)
+
+
+# ---- the CUDA launchers (csrc/cuda), under the host emulator ---------------------------------
+
+def huge(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A CPU tensor of ``shape`` holding one element (every stride 0)."""
+    return torch.zeros((1,) * len(shape), dtype=dtype).expand(*shape)
+
+
+def cuda_message(op: str, what: str, n: int) -> str:
+    return (rf"{op}: {what} = {n:,} is too large for the CUDA kernels \(they take sizes below 2\^31 - 2\^16 = "
+            rf"2,147,418,112\); split the input or use backend='reference'")
+
+
+def test_cuda_patch_grid_of_2_to_the_32_patches_is_refused(emu):
+    x = huge(1, 1, 65536, 65536)
+    where = r"input \[1, 1, 65536, 65536\], patch 1"
+    with pytest.raises(ValueError, match=cuda_message(f"patch_embed_forward: {where}", "patches", 2**32)):
+        emu.patch_embed_forward(x, torch.zeros(8, 1), None, None, None, 1)
+    with pytest.raises(ValueError, match=cuda_message(f"masked_mse: {where}", "patches", 2**32)):
+        emu.masked_mse_forward(huge(1, 2**32, 1), x, huge(1, 2**32), 1, False)
+
+
+def test_cuda_patch_features_beyond_the_limit_are_refused(emu):
+    x = huge(1, 2**17, 128, 128)  # C·p² = 2^31 features in one patch of 128 × 128
+    with pytest.raises(ValueError, match=r"patch_embed_backward: input \[1, 131072, 128, 128\], patch 128: "
+                                         r"features C\*p\^k = 2,147,483,648 is too large for the CUDA kernels"):
+        emu.patch_embed_backward(huge(1, 1, 1), x, huge(1, 2**31), None, 128, True, True)
+
+
+def test_cuda_keep_width_and_keep_rows_beyond_the_limits_are_refused(emu):
+    x, weight = torch.zeros(1, 1, 8, 8), torch.zeros(8, 16)
+    with pytest.raises(ValueError, match=cuda_message("patch_embed_forward", r"K \(columns of keep\)", BIG)):
+        emu.patch_embed_forward(x, weight, None, None, huge(1, BIG, dtype=torch.int64), 4)
+    # grad_x with keep inverts keep with one CUDA block per batch item
+    B = 2**31
+    with pytest.raises(ValueError, match=r"patch_embed_backward: B \(rows of keep\) = 2,147,483,648 is too large "
+                                         r"for one CUDA launch \(at most 2,147,483,647\)"):
+        emu.patch_embed_backward(huge(B, 1, 8), huge(B, 1, 4), torch.zeros(8, 4), huge(B, 1, dtype=torch.int64), 4,
+                                 True, False)
+
+
+def test_cuda_masking_sizes_beyond_the_limits_are_refused(emu):
+    rng = torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(ValueError, match=cuda_message("select_keep", r"L \(sum of the segment lengths\)", 2**31)):
+        emu.select_keep(torch.ones(1, 2, dtype=torch.bool), [2**30, 2**30], [1, 1], rng)
+    # one block per patient: refused before the (B, K) ids and the (B, L) mask are allocated
+    with pytest.raises(ValueError, match=r"select_keep: B \(rows of present\) = 2,147,483,648 is too large for one "
+                                         r"CUDA launch"):
+        emu.select_keep(huge(2**31, 1, dtype=torch.bool), [4], [2], rng)
+    ids, token = torch.zeros(1, 2, dtype=torch.int64), torch.zeros(8)
+    with pytest.raises(ValueError, match=cuda_message("gather_visible", r"E \(token width\)", BIG)):
+        emu.gather_visible(huge(1, 4, BIG), ids, torch.zeros(1, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=cuda_message("unshuffle_fill", r"L \(columns of mask\)", BIG)):
+        emu.unshuffle_fill(torch.zeros(1, 2, 8), ids, huge(1, BIG, dtype=torch.bool), token)
+    with pytest.raises(ValueError, match=cuda_message("unshuffle_fill", r"K \(columns of x\)", BIG)):
+        emu.unshuffle_fill(huge(1, BIG, 8), huge(1, BIG, dtype=torch.int64), torch.zeros(1, 16, dtype=torch.bool),
+                           token)
+    with pytest.raises(ValueError, match=cuda_message("unshuffle_fill", r"E \(token width\)", BIG)):
+        emu.unshuffle_fill(huge(1, 2, BIG), ids, torch.zeros(1, 4, dtype=torch.bool), huge(BIG))
+    B = 2**31
+    with pytest.raises(ValueError, match=r"unshuffle_fill: B \(rows of x\) = 2,147,483,648 is too large for one "
+                                         r"CUDA launch"):
+        emu.unshuffle_fill(huge(B, 2, 8), huge(B, 2, dtype=torch.int64), huge(B, 4, dtype=torch.bool), token)
+
+
+def test_cuda_sizes_just_below_the_limits_pass_the_checks(emu):
+    """The last accepted size gets past the size checks to the next one (nothing that size is run)."""
+    with pytest.raises(ValueError, match=r"select_keep: B \(rows of present\)"):  # L = BIG - 1 accepted
+        emu.select_keep(huge(2**31, 1, dtype=torch.bool), [BIG - 1], [0], torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"unshuffle_fill: E \(token width\)"):  # L, K = BIG - 1 accepted
+        emu.unshuffle_fill(huge(1, BIG - 1, BIG), huge(1, BIG - 1, dtype=torch.int64),
+                           huge(1, BIG - 1, dtype=torch.bool), huge(BIG))

@@ -212,7 +212,7 @@ void launch_masked_mse(const at::Tensor& grad, const at::Tensor& loss, const at:
                           is_aligned(pred.data_ptr(), kVec * sizeof(PredT)) &&
                           is_aligned(grad.data_ptr(), kVec * sizeof(GradT));
   const int vec = vectorised ? kVec : 1;
-  const PatchGeometry geo = make_patch_geometry(x, patch, vec);
+  const PatchGeometry geo = make_patch_geometry(x, patch, vec, "masked_mse");
   const int64_t rows = pred.size(0) * pred.size(1);
   const int32_t vecs = geo.features / vec;
   const int items = mse_items(sizeof(A), vec);
@@ -267,7 +267,7 @@ std::tuple<at::Tensor, at::Tensor> masked_mse_forward_cuda(const at::Tensor& pre
               x_in.sizes());
   TORCH_CHECK(!x_in.is_complex() && x_in.scalar_type() != at::kBool, "masked_mse: x must be a real tensor, got ",
               x_in.scalar_type());
-  const PatchGeometry shape = make_patch_geometry(x_in, patch, 1);
+  const PatchGeometry shape = make_patch_geometry(x_in, patch, 1, "masked_mse");
   const int64_t B = x_in.size(0), L = shape.patches, P = shape.features;
   TORCH_CHECK(pred_in.dim() == 3 && pred_in.size(0) == B && pred_in.size(1) == L && pred_in.size(2) == P,
               "masked_mse: pred must be (B, L, P) = (", B, ", ", L, ", ", P, ") for input ", x_in.sizes(),

@@ -129,15 +129,15 @@ std::tuple<at::Tensor, at::Tensor> select_keep_cuda(const at::Tensor& present_in
     L += lengths[m];
     K += keeps[m];
   }
-  TORCH_CHECK(L < kIndexLimit, "select_keep: sequence length ", L, " must be below 2^31 - 2^16");
+  check_index_size("select_keep", "L (sum of the segment lengths)", L);  // K <= L
+  const int64_t B = present_in.size(0);
+  check_grid_x("select_keep", "B (rows of present)", B);  // one block per (row, segment)
   const c10::cuda::CUDAGuard guard(present_in.device());
   const at::Tensor present = present_in.contiguous();
   const at::Tensor rng_c = rng.contiguous();
-  const int64_t B = present.size(0);
   at::Tensor ids_keep = at::empty({B, K}, present.options().dtype(at::kLong));
   at::Tensor mask = at::empty({B, L}, present.options().dtype(at::kBool));
   if (B == 0 || M == 0) return {ids_keep, mask};
-  TORCH_CHECK(B < (int64_t(1) << 31), "select_keep: batch size ", B, " must be below 2^31");
 
   int64_t longest = 0;
   for (int64_t m = 0; m < M; ++m) longest = std::max<int64_t>(longest, lengths[m]);
@@ -298,6 +298,8 @@ at::Tensor gather_visible_cuda(const at::Tensor& tokens_in, const at::Tensor& id
   check_ids_and_mask("gather_visible", ids_keep_in, mask_in, B, K, tokens_in);
   TORCH_CHECK(mask_in.size(1) == L, "gather_visible: mask must be (B, L) = (", B, ", ", L, "), got shape ",
               mask_in.sizes());
+  // a row moves in units of at least one element (every element is aligned to its size): units <= E
+  check_index_size("gather_visible", "E (token width)", E);
   const c10::cuda::CUDAGuard guard(tokens_in.device());
   const at::Tensor tokens = tokens_in.contiguous(), ids_keep = ids_keep_in.contiguous(), mask = mask_in.contiguous();
   at::Tensor out = at::empty({B, K, E}, tokens.options());
@@ -305,7 +307,7 @@ at::Tensor gather_visible_cuda(const at::Tensor& tokens_in, const at::Tensor& id
   if (rows == 0 || E == 0) return out;
   const int64_t row_bytes = E * tokens.element_size();
   const int bytes = unit_bytes(row_bytes, {tokens.data_ptr(), out.data_ptr()});
-  TORCH_CHECK(row_bytes / bytes < kIndexLimit, "gather_visible: rows of ", E, " values are too wide");
+  TORCH_INTERNAL_ASSERT(row_bytes / bytes <= E, "gather_visible: ", E, " values move as ", row_bytes / bytes, " units");
   const int32_t units = static_cast<int32_t>(row_bytes / bytes);
   const RowLaunch launch = row_launch(rows, units);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -332,15 +334,16 @@ at::Tensor unshuffle_fill_cuda(const at::Tensor& x_in, const at::Tensor& ids_kee
   TORCH_CHECK(mask_token_in.scalar_type() == x_in.scalar_type(), "unshuffle_fill: mask_token has dtype ",
               mask_token_in.scalar_type(), " but x has ", x_in.scalar_type());
   const int64_t L = mask_in.size(1);
-  TORCH_CHECK(L < kIndexLimit && K < kIndexLimit, "unshuffle_fill: L = ", L, " and K = ", K,
-              " must be below 2^31 - 2^16");
+  check_index_size("unshuffle_fill", "L (columns of mask)", L);
+  check_index_size("unshuffle_fill", "K (columns of x)", K);
+  check_index_size("unshuffle_fill", "E (token width)", E);  // units <= E, as in gather_visible
+  check_grid_x("unshuffle_fill", "B (rows of x)", B);     // inverse_ids_kernel: one block per row
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), ids_keep = ids_keep_in.contiguous(), mask = mask_in.contiguous();
   const at::Tensor mask_token = mask_token_in.contiguous();
   at::Tensor out = at::empty({B, L, E}, x.options());
   const int64_t rows = B * L;
   if (rows == 0 || E == 0) return out;
-  TORCH_CHECK(B < (int64_t(1) << 31), "unshuffle_fill: batch size ", B, " must be below 2^31");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor inverse = at::empty({B, L}, x.options().dtype(at::kInt));
   inverse_ids_kernel<<<static_cast<unsigned>(B), kRowThreads, 0, stream>>>(
@@ -349,7 +352,7 @@ at::Tensor unshuffle_fill_cuda(const at::Tensor& x_in, const at::Tensor& ids_kee
 
   const int64_t row_bytes = E * x.element_size();
   const int bytes = unit_bytes(row_bytes, {x.data_ptr(), out.data_ptr(), mask_token.data_ptr()});
-  TORCH_CHECK(row_bytes / bytes < kIndexLimit, "unshuffle_fill: rows of ", E, " values are too wide");
+  TORCH_INTERNAL_ASSERT(row_bytes / bytes <= E, "unshuffle_fill: ", E, " values move as ", row_bytes / bytes, " units");
   const int32_t units = static_cast<int32_t>(row_bytes / bytes);
   const RowLaunch launch = row_launch(rows, units);
   with_unit_type(bytes, [&](auto unit) {

@@ -161,14 +161,14 @@ int row_threads(int64_t units) {
 unsigned row_blocks(int64_t rows) { return static_cast<unsigned>(std::min<int64_t>(rows, (int64_t(1) << 31) - 1)); }
 
 // cols (B·N, F) <- the kept patches of x
-void gather_patches(const at::Tensor& cols, const at::Tensor& x, const at::Tensor* keep, int64_t patch, int64_t N,
-                    cudaStream_t stream) {
+void gather_patches(const char* op, const at::Tensor& cols, const at::Tensor& x, const at::Tensor* keep,
+                    int64_t patch, int64_t N, cudaStream_t stream) {
   const int64_t rows = cols.size(0);
   if (rows == 0) return;
   const bool vectorised = patch_moves_vectorised(x, patch, {cols.data_ptr()});
   const int64_t es = x.element_size();
   const int64_t vec = vectorised ? 16 / es : 1;
-  const PatchGeometry geo = make_patch_geometry(x, patch, vec);
+  const PatchGeometry geo = make_patch_geometry(x, patch, vec, op);
   const int32_t units = static_cast<int32_t>(geo.features / vec);
   const int64_t* keep_ptr = keep != nullptr ? keep->data_ptr<int64_t>() : nullptr;
   with_move_types(es, vectorised, [&](auto element, auto unit) {
@@ -181,6 +181,7 @@ void gather_patches(const at::Tensor& cols, const at::Tensor& x, const at::Tenso
 }
 
 struct Checked {
+  const char* op;
   int64_t B, N, L, F, E;
 };
 
@@ -192,7 +193,7 @@ Checked check_patch_args(const char* op, const at::Tensor& x, const at::Tensor& 
               x.scalar_type());
   TORCH_CHECK(is_float_kind(weight.scalar_type()), op,
               ": weight must be float32, float64, float16 or bfloat16, got ", weight.scalar_type());
-  const PatchGeometry shape = make_patch_geometry(x, patch, 1);
+  const PatchGeometry shape = make_patch_geometry(x, patch, 1, op);
   const int64_t F = shape.features, L = shape.patches, B = x.size(0);
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == F, op, ": weight must be (E, C·p^k) = (E, ", F, ") for input ",
               x.sizes(), " and patch ", patch, ", got ", weight.sizes());
@@ -203,9 +204,9 @@ Checked check_patch_args(const char* op, const at::Tensor& x, const at::Tensor& 
                 ": keep must be a (B, K) int64 tensor with B = ", B, ", got shape ", keep->sizes(), " dtype ",
                 keep->scalar_type());
     N = keep->size(1);
-    TORCH_CHECK(N < kIndexLimit, op, ": keep has ", N, " columns, the limit is 2^31 - 2^16");
+    check_index_size(op, "K (columns of keep)", N);
   }
-  return {B, N, L, F, weight.size(0)};
+  return {op, B, N, L, F, weight.size(0)};
 }
 
 // The checked inputs made contiguous (under the caller's device guard, as the copies may launch).
@@ -227,7 +228,7 @@ struct Operands {
 // patches are read and converted.
 at::Tensor gather_in_weight_dtype(const Operands& o, const Checked& d, int64_t patch, cudaStream_t stream) {
   at::Tensor cols = at::empty({o.rows, d.F}, o.x.options());
-  gather_patches(cols, o.x, o.keep_or_null(), patch, d.N, stream);
+  gather_patches(d.op, cols, o.x, o.keep_or_null(), patch, d.N, stream);
   return cols.scalar_type() == o.weight.scalar_type() ? cols : cols.to(o.weight.scalar_type());
 }
 
@@ -293,6 +294,8 @@ std::tuple<at::Tensor, at::Tensor> patch_embed_backward_cuda(const at::Tensor& g
                   grad_out_in.size(2) == d.E && grad_out_in.scalar_type() == weight_in.scalar_type(),
               "patch_embed_backward: grad_out must be (B, N, E) = (", d.B, ", ", d.N, ", ", d.E, ") of dtype ",
               weight_in.scalar_type(), ", got shape ", grad_out_in.sizes(), " dtype ", grad_out_in.scalar_type());
+  // keep_inverse_kernel runs one block per batch item
+  if (need_x && keep_in.has_value()) check_grid_x(d.op, "B (rows of keep)", d.B);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const Operands o(x_in, weight_in, keep_in, d);
@@ -310,7 +313,6 @@ std::tuple<at::Tensor, at::Tensor> patch_embed_backward_cuda(const at::Tensor& g
     if (patch_rows > 0) {
       at::Tensor inverse;
       if (keep.has_value()) {
-        TORCH_CHECK(d.B < (int64_t(1) << 31), "patch_embed_backward: batch size ", d.B, " must be below 2^31");
         inverse = at::empty({d.B, d.L}, x.options().dtype(at::kInt));
         keep_inverse_kernel<<<static_cast<unsigned>(d.B), kRowThreads, 0, stream>>>(
             inverse.data_ptr<int32_t>(), keep->data_ptr<int64_t>(), d.N, d.L);
@@ -319,7 +321,7 @@ std::tuple<at::Tensor, at::Tensor> patch_embed_backward_cuda(const at::Tensor& g
       const bool vectorised = patch_moves_vectorised(x, patch, {grad_x.data_ptr(), gcols.data_ptr()});
       const int64_t es = x.element_size();
       const int64_t vec = vectorised ? 16 / es : 1;
-      const PatchGeometry geo = make_patch_geometry(x, patch, vec);
+      const PatchGeometry geo = make_patch_geometry(x, patch, vec, d.op);
       const int32_t units = static_cast<int32_t>(geo.features / vec);
       const int32_t* inverse_ptr = keep.has_value() ? inverse.data_ptr<int32_t>() : nullptr;
       with_move_types(es, vectorised, [&](auto element, auto unit) {

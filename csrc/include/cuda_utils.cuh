@@ -35,6 +35,29 @@ constexpr int64_t kIndexLimit = (int64_t(1) << 31) - (int64_t(1) << 16);
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// n with thousands separators, as the Triton launchers print sizes: 2147418112 -> "2,147,418,112"
+inline std::string grouped(int64_t n) {
+  std::string digits = std::to_string(n);
+  const int first = n < 0 ? 1 : 0;
+  for (int i = static_cast<int>(digits.size()) - 3; i > first; i -= 3) digits.insert(i, ",");
+  return digits;
+}
+
+// A size the kernels count in 32 bits: a ValueError naming the op (and the input it comes from) and
+// the size when it is kIndexLimit or more, the message of the Triton launchers' check_sizes.
+inline void check_index_size(const std::string& op, const char* name, int64_t n) {
+  TORCH_CHECK_VALUE(n < kIndexLimit, op, ": ", name, " = ", grouped(n),
+                    " is too large for the CUDA kernels (they take sizes below 2^31 - 2^16 = ", grouped(kIndexLimit),
+                    "); split the input or use backend='reference'");
+}
+
+// A size that sets the number of blocks along gridDim.x of one launch (at most 2^31 - 1).
+inline void check_grid_x(const std::string& op, const char* name, int64_t n) {
+  TORCH_CHECK_VALUE(n < (int64_t(1) << 31), op, ": ", name, " = ", grouped(n),
+                    " is too large for one CUDA launch (at most 2,147,483,647); split the input or use "
+                    "backend='reference'");
+}
+
 inline bool is_aligned(const void* ptr, size_t bytes) {
   return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
 }
@@ -145,16 +168,17 @@ struct PatchGeometry {
   }
 };
 
-// Geometry of x for patch size `patch`, vectors of `vec` features (vec must divide patch).
-inline PatchGeometry make_patch_geometry(const at::Tensor& x, int64_t patch, int64_t vec) {
+// Geometry of x for patch size `patch`, vectors of `vec` features (vec must divide patch); `op`
+// names the op in the errors.
+inline PatchGeometry make_patch_geometry(const at::Tensor& x, int64_t patch, int64_t vec, const char* op) {
   const int64_t k = x.dim() - 2;
-  TORCH_CHECK(k >= 1 && k <= 3, "patch input must be (B, C, *S) with 1 to 3 spatial dims, got shape ",
+  TORCH_CHECK(k >= 1 && k <= 3, op, ": patch input must be (B, C, *S) with 1 to 3 spatial dims, got shape ",
               x.sizes());
-  TORCH_CHECK(patch >= 1, "patch size must be positive, got ", patch);
+  TORCH_CHECK(patch >= 1, op, ": patch size must be positive, got ", patch);
   int64_t S[3] = {1, 1, 1}, p[3] = {1, 1, 1};
   for (int64_t a = 0; a < k; ++a) {
     const int64_t size = x.size(2 + a);
-    TORCH_CHECK(size % patch == 0, "spatial size ", size, " (axis ", 2 + a, " of input shape ", x.sizes(),
+    TORCH_CHECK(size % patch == 0, op, ": spatial size ", size, " (axis ", 2 + a, " of input shape ", x.sizes(),
                 ") is not divisible by the patch size ", patch);
     S[3 - k + a] = size;
     p[3 - k + a] = patch;
@@ -162,10 +186,10 @@ inline PatchGeometry make_patch_geometry(const at::Tensor& x, int64_t patch, int
   const int64_t C = x.size(1);
   const int64_t patches = (S[0] / p[0]) * (S[1] / p[1]) * (S[2] / p[2]);
   const int64_t features = C * p[0] * p[1] * p[2];
-  TORCH_CHECK(patches < kIndexLimit, "too many patches (", patches, ", the limit is 2^31 - 2^16) for input shape ",
-              x.sizes());
-  TORCH_CHECK(features >= 1 && features < kIndexLimit, "patch feature count C*p^k = ", features,
-              " must lie in [1, 2^31 - 2^16) (input shape ", x.sizes(), ", patch ", patch, ")");
+  TORCH_CHECK_VALUE(C >= 1, op, ": x must have at least one channel, got shape ", x.sizes());
+  const std::string where = std::string(op) + ": input " + c10::str(x.sizes()) + ", patch " + std::to_string(patch);
+  check_index_size(where, "patches", patches);
+  check_index_size(where, "features C*p^k", features);
   TORCH_CHECK(vec >= 1 && p[2] % vec == 0, "internal: vector width ", vec, " does not divide patch ", patch);
   PatchGeometry g;
   g.stride_2 = S[2];
