@@ -11,9 +11,14 @@ a few bytes are allocated, so each check must come before the launcher's own all
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from op_testing import backend_skip_reason, cuda_emu_ops
+from op_testing import backend_skip_reason, cuda_emu_ops, tool_module
 
 BIG = 2**31 - 2**16  # the first size refused
 
@@ -103,6 +108,34 @@ def test_rows_wider_than_one_launch_are_refused(kernels):
     check_grid_y("op", "E", GRID_Y_LIMIT * 128, 128)
     with pytest.raises(ValueError, match=r"op: E = 8,388,481 is too large for one Triton launch \(at most 8,388,480\)"):
         check_grid_y("op", "E", GRID_Y_LIMIT * 128 + 1, 128)
+
+
+def test_launch_grids_of_inputs_past_2_to_the_31_elements_fit_cuda(kernels):
+    """The launchers at their GPU tile sizes on meta inputs of 2^31 to 2^33 elements (row counts,
+    per-sample strides and element counts past 32 bits): every grid they would launch has at most
+    2^31 - 1 programs along its first axis and 65,535 along the others. Checked by
+    ``tools/triton_compile_check.py --size huge --grids-only`` in a process of its own, since the
+    kernels of this one are built for the interpreter and pick its tiles."""
+    tool = Path(__file__).resolve().parents[1] / "tools" / "triton_compile_check.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(tool), "--size", "huge", "--grids-only", "--dtypes", "bf16,fp64"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.rstrip().endswith("all ok")
+    launched = {line.split(": ")[-2] for line in run.stdout.splitlines() if line.endswith(" ok") and "grid (" in line}
+    assert len(launched) == 14, sorted(launched)  # every kernel of pyimputmae.kernels
+
+
+def test_a_grid_past_cuda_limits_is_reported(kernels):
+    saved = os.environ.get("TRITON_INTERPRET")
+    try:
+        tool = tool_module("triton_compile_check")  # it drops TRITON_INTERPRET for its own launches
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+    assert tool.grid_error((2**31 - 1, 65535, 65535)) is None
+    assert tool.grid_error((4, 65536)) == "grid (4, 65536): 65,536 programs along axis 1, CUDA takes at most 65,535"
+    assert "2,147,483,648 programs along axis 0" in tool.grid_error((2**31,))
 
 
 # ---- the CUDA launchers (csrc/cuda), under the host emulator ---------------------------------

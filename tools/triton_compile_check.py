@@ -1,6 +1,7 @@
 """Compile every Triton kernel of pyimputmae for a CUDA GPU, without a GPU: a pre-flight check.
 
-    python tools/triton_compile_check.py [--arch 90] [--dtypes fp32,bf16] [--size large|small] [--sweep]
+    python tools/triton_compile_check.py [--arch 90] [--dtypes fp32,bf16] [--size large|small|huge] [--sweep]
+                                         [--grids-only]
 
 The real launchers (``pyimputmae.kernels``) run on ``meta`` tensors of the benchmark shapes, with
 ``JITFunction.run`` swapped for a recorder: every launch they would make is caught with its
@@ -16,6 +17,10 @@ Shapes (``--size large``, those of ``tools/bench.py --size large``): masked MSE 
 ``B = 64``, 4 segments of 256 tokens, half kept, ``E = 384``; patch embedding of x
 ``(32, 4, 64, 64, 64)``, p = 8, ``E = 384``, with and without ``keep`` (half the patches),
 forward and backward. ``--size small`` shrinks every one of them (a quicker smoke run).
+``--size huge`` takes shapes past 2^31 elements (meta tensors: nothing is allocated), where Triton
+passes the row counts, per-sample strides and element counts as 64-bit scalars: the kernels must
+compile that way too, and every launch grid must stay within CUDA's limits (checked for every size:
+at most 2^31 - 1 programs along the first axis, 65,535 along the others).
 """
 
 from __future__ import annotations
@@ -75,9 +80,56 @@ def meta(*shape, dtype=torch.float32) -> torch.Tensor:
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
+#: programs a launch grid may have along its axes (CUDA's gridDim.x, .y, .z)
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+def grid_error(grid) -> str | None:
+    """Why CUDA would refuse the launch grid ``grid`` (a tuple of 1 to 3 ints), or None."""
+    for axis, (n, limit) in enumerate(zip(grid, GRID_LIMITS)):
+        if n > limit:
+            return f"grid {tuple(grid)}: {n:,} programs along axis {axis}, CUDA takes at most {limit:,}"
+    return None
+
+
+def huge_cases(k, dtype: torch.dtype) -> list[tuple[str, object]]:
+    """Launchers on shapes whose row counts, per-sample strides or element counts reach 2^31, so that
+    Triton specializes those scalars as int64 (each still within the kernels' 32-bit size limits)."""
+    rng, p = meta(2, dtype=torch.int64), 16
+    x_wide = meta(1, 2, 1024, 1024, 1024, dtype=dtype)  # one sample of 2^31 elements: its stride is int64
+    L_wide, F_wide = 64**3, 2 * p**3
+    weight = meta(64, F_wide, dtype=dtype)
+    x_rows = meta(2**12, 1, 2**20, dtype=dtype)  # 1-D, p = 2: B·L = 2^31 patch rows
+    w_rows = meta(64, 2, dtype=dtype)
+    keep_rows = meta(2**12, 2**19, dtype=torch.int64)
+    B, L, E = 2**16, 2**16, 64  # B·L = 2^32 token rows
+    tokens, mask = meta(B, L, E, dtype=dtype), meta(B, L, dtype=torch.bool)
+    ids = meta(B, L // 2, dtype=torch.int64)
+    return [
+        ("masked_mse", lambda: k.masked_mse_forward(meta(1, L_wide, F_wide, dtype=dtype), x_wide, meta(1, L_wide), p,
+                                                    False)),
+        ("masked_mse norm_pix", lambda: k.masked_mse_forward(meta(1, L_wide, F_wide, dtype=dtype), x_wide,
+                                                             meta(1, L_wide), p, True)),
+        ("scale_grad_", lambda: k.scale_grad_(meta(2**33, dtype=dtype), meta(1))),
+        ("select_keep", lambda: k.select_keep(meta(2**20, 4, dtype=torch.bool), [2**12] * 4, [2**11] * 4, rng)),
+        ("gather_visible", lambda: k.gather_visible(tokens, ids, mask)),
+        ("unshuffle_fill", lambda: k.unshuffle_fill(meta(B, L // 2, E, dtype=dtype), ids, mask, meta(E, dtype=dtype))),
+        ("hidden_sum", lambda: k.hidden_sum(tokens, mask)),
+        ("patch_embed fwd, wide sample", lambda: k.patch_embed_forward(x_wide, weight, None, None, None, p)),
+        ("patch_embed fwd, many rows", lambda: k.patch_embed_forward(x_rows, w_rows, None, None, None, 2)),
+        ("patch_embed fwd keep, many rows", lambda: k.patch_embed_forward(x_rows, w_rows, None, None, keep_rows, 2)),
+        ("patch_embed bwd, wide sample", lambda: k.patch_embed_backward(meta(1, L_wide, 64, dtype=dtype), x_wide,
+                                                                        weight, None, p, True, True)),
+        ("patch_embed bwd keep, many rows", lambda: k.patch_embed_backward(meta(2**12, 2**19, 64, dtype=dtype), x_rows,
+                                                                           w_rows, keep_rows, 2, True, True)),
+    ]
+
+
 def cases(k, dtype: torch.dtype, size: str, sweep: ModuleType | None = None) -> list[tuple[str, object]]:
     """(name, thunk) pairs: each thunk calls one launcher on meta tensors of the benchmark shapes;
     ``sweep``: ``tools/patch_embed_sweep.py``, whose tile configurations are compiled as well."""
+    if size == "huge":
+        return huge_cases(k, dtype)
     if size == "large":
         B, C, S, p, E = 32, 4, 64, 8, 384
         mB, seg, mE = 64, 256, 384
@@ -202,8 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 (H100/H200)")
     parser.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated, from {','.join(DTYPES)}")
-    parser.add_argument("--size", choices=("large", "small"), default="large")
+    parser.add_argument("--size", choices=("large", "small", "huge"), default="large")
     parser.add_argument("-k", dest="only", default="", help="only the cases whose name contains this")
+    parser.add_argument("--grids-only", action="store_true",
+                        help="only record the launches and check their grids against CUDA's limits (no compiling)")
     parser.add_argument("--sweep", action="store_true",
                         help="also the patch-embedding tile configurations of tools/patch_embed_sweep.py")
     opts = parser.parse_args(argv)
@@ -238,6 +292,14 @@ def main(argv: list[str] | None = None) -> int:
                 failed += 1
                 continue
             for launch in launches:
+                refused = grid_error(launch.grid)
+                if refused:
+                    failed += 1
+                    print(f"{dname:5s} {case}: {launch.fn.__name__}: ERROR {refused}", flush=True)
+                    continue
+                if opts.grids_only:
+                    print(f"{dname:5s} {case}: {launch.fn.__name__}: grid {tuple(launch.grid)} ok", flush=True)
+                    continue
                 try:
                     result = compile_launch(launch, target, backend, seen)
                 except Exception as err:
