@@ -252,7 +252,7 @@ at::Tensor patch_embed_forward_cuda(const at::Tensor& x_in, const at::Tensor& we
   const c10::cuda::CUDAGuard guard(x_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const Operands o(x_in, weight_in, keep_in, d);
-  const at::Tensor &x = o.x, &weight = o.weight;
+  const at::Tensor& weight = o.weight;
   const std::optional<at::Tensor>& keep = o.keep;
   const int64_t rows = o.rows;
 
