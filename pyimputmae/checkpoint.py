@@ -9,7 +9,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,35 +16,22 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ._atomic import atomic_write
+from ._atomic import remove_stale_temporaries as remove_temporaries
+
 if TYPE_CHECKING:
     from .model.config import ModelConfig
     from .train_config import TrainConfig
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``
+    (:func:`pyimputmae._atomic.atomic_write`).
 
     A crash at any moment leaves either the previous checkpoint or the new one, never a torn file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def json_text(obj: Any, indent: int | None = None) -> str:
@@ -216,6 +202,14 @@ def remove_run_files(out: Path) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """The temporaries a run killed while writing its checkpoint, model or logs left in ``out``
+    (each as large as the file it was to replace); called once the run owns ``out``."""
+    names = [Path(f) for f in RUN_FILES]
+    for folder in {p.parent for p in names}:
+        remove_temporaries(out / folder, [p.name for p in names if p.parent == folder])
 
 
 def load_resume_state(cfg: TrainConfig, ckpt_path: Path, model_cfg: ModelConfig,

@@ -136,6 +136,7 @@ def _load_for_inference(args: argparse.Namespace, *, clinical: bool):
 def _predict(args: argparse.Namespace) -> int:
     import pandas as pd
 
+    from ._atomic import atomic_write_text
     from .inference import predict_survival
     from .model.survival import SurvivalModel
     from .plots import risk_scores
@@ -149,7 +150,7 @@ def _predict(args: argparse.Namespace) -> int:
     frame = pd.DataFrame(curves, columns=[f"S({c:.3f})" for c in cuts])
     frame.insert(0, "risk", risk_scores(curves, cuts))
     frame.insert(0, "patient_id", [cohort.ids[i] for i in rows])
-    frame.to_csv(args.out, index=False)
+    atomic_write_text(args.out, frame.to_csv(index=False))  # a killed run leaves no CSV cut short
     print(f"wrote survival curves and risk scores of {len(rows)} patients to {args.out}")
     if args.plot:
         _plot_outcomes(args, model, cohort, rows)
@@ -181,6 +182,7 @@ def _impute(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from ._atomic import atomic_write
     from .inference import impute
 
     model, cohort, rows = _load_for_inference(args, clinical=False)
@@ -189,7 +191,7 @@ def _impute(args: argparse.Namespace) -> int:
     ids = np.array([cohort.ids[i] for i in rows])
     no_data = ~present.any(1)
     out = args.out if args.out.endswith(".npz") else args.out + ".npz"  # (numpy would add it, unsaid)
-    np.savez_compressed(out, patient_id=ids, present=present, **arrays)
+    atomic_write(out, lambda f: np.savez_compressed(f, patient_id=ids, present=present, **arrays))
     print(f"wrote inputs with missing modalities imputed for {int((~no_data).sum())} of {len(rows)} patients "
           f"to {out} (arrays {', '.join(arrays)}; 'present' says which were observed)")
     if no_data.any():

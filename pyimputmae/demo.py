@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._atomic import atomic_write_text
 from .baselines import coxph_clinical
 from .checkpoint import json_text
 from .data.cohort import Cohort
@@ -190,7 +191,7 @@ def run_demo(out_dir: str | Path = "pyimputmae-demo", seeds: int = 1, ablation: 
     }
     if ablation:
         result["baselines"]["no_pretraining"] = arms["no_pretraining"][0]
-    (out / "metrics.json").write_text(json_text(result, indent=1))
+    atomic_write_text(out / "metrics.json", json_text(result, indent=1))
     return result
 
 

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from . import __version__, checkpoint
+from ._atomic import atomic_write_text
 from ._runlock import exclusive_use
 from .data.cohort import Cohort
 from .inference import evaluate_model, load, predict_survival, save_model  # noqa: F401  (public here too)
@@ -267,10 +268,8 @@ class _Logger:
 
     def __init__(self, path: Path, history: list[dict], tensorboard_dir: Path | None) -> None:
         self.path, self.history = path, history
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w") as f:
-            for rec in history:
-                f.write(checkpoint.json_text(rec) + "\n")
+        # replaced whole (a run killed while writing it leaves the previous file, not a cut one)
+        atomic_write_text(path, "".join(checkpoint.json_text(rec) + "\n" for rec in history))
         self.tb = None
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
@@ -708,8 +707,10 @@ def _train(cfg: TrainConfig, cohort: Cohort | None) -> TrainResult:
                        "Wait for it to end (or stop it), or choose another out_dir."):
         if cfg.overwrite:
             checkpoint.remove_run_files(out)
+        checkpoint.remove_stale_temporaries(out)  # a run killed while writing a checkpoint or the model
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps({"train": cfg.to_dict(), "model": model_cfg.to_dict()}, indent=1))
+        atomic_write_text(out / "config.json",
+                          json.dumps({"train": cfg.to_dict(), "model": model_cfg.to_dict()}, indent=1))
         if device.type == "cuda" and cfg.data_on_device != "no":
             free, _ = torch.cuda.mem_get_info(device)
             if cfg.data_on_device == "yes" or cohort.nbytes() < 0.5 * free:
@@ -725,7 +726,7 @@ def _train(cfg: TrainConfig, cohort: Cohort | None) -> TrainResult:
                  "history": str(out / "metrics.jsonl"), "checkpoint": str(trainer.ckpt_path),
                  "config": str(out / "config.json")}
         save_model(model, paths["model"], metrics, cfg)
-        Path(paths["metrics"]).write_text(checkpoint.json_text(metrics, indent=1))
+        atomic_write_text(paths["metrics"], checkpoint.json_text(metrics, indent=1))
         paths.update(_draw_figures(out, trainer.history, model if cfg.finetune else None, cohort, test_idx))
         return TrainResult(model=model, metrics=metrics, history=trainer.history, paths=paths, config=cfg)
 

@@ -299,6 +299,80 @@ def test_a_store_another_run_is_writing_is_refused(inputs: Path, tmp_path: Path)
         holder.wait()
 
 
+def test_a_run_killed_while_creating_the_store_is_started_afresh(inputs: Path, store: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch):
+    """The store's metadata names it a pyimputmae store from its first file on: before, a run killed
+    between zarr's first metadata file and the attributes left a folder the next run refused as
+    "not a pyimputmae store" (the same for a folder holding only a zarr temporary)."""
+    import zarr
+
+    out = tmp_path / "cut.zarr"
+    create, calls = zarr.Group.create_array, []
+
+    def crash_on_the_third_array(self, *args, **kwargs):
+        calls.append(args)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        return create(self, *args, **kwargs)
+
+    monkeypatch.setattr(zarr.Group, "create_array", crash_on_the_third_array)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(inputs, out)
+    monkeypatch.undo()
+    with pytest.raises(StoreError, match="incomplete"):
+        load_cohort(out)
+    run(inputs, out)
+    assert_same_store(out, store)
+
+    earlier = tmp_path / "cut_earlier.zarr"  # killed before zarr renamed its first file into place
+    earlier.mkdir()
+    (earlier / f"zarr.{'0123abcd' * 4}.partial").write_bytes(b'{"zarr_format": 3, "node')
+    run(inputs, earlier)
+    assert_same_store(earlier, store)
+
+
+def test_a_run_killed_while_replacing_a_store_is_finished_by_the_next(inputs: Path, store: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch):
+    """--overwrite removes the old store first. A crash in the middle of that used to leave either
+    a folder without zarr.json, refused by every later run, or one whose zarr.json still said
+    complete, which a run without --overwrite then took as finished with chunks missing. Now the
+    store is marked unfinished before anything goes, and zarr.json goes last."""
+    out = tmp_path / "replaced.zarr"
+    shutil.copytree(store, out)
+    unlink, removed = os.unlink, []
+
+    def crash_on_the_third_file(path, *args, **kwargs):
+        removed.append(path)
+        if len(removed) == 3:
+            raise RuntimeError("simulated crash")
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", crash_on_the_third_file)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(inputs, out, overwrite=True)
+    monkeypatch.undo()
+    with pytest.raises(StoreError, match="incomplete"):  # never read as the finished store it was
+        load_cohort(out)
+    report = run(inputs, out)  # the same command without --overwrite
+    assert report.processed == 5 and report.resumed == 0
+    assert_same_store(out, store)
+
+
+def test_what_a_killed_run_left_in_the_store_is_removed_when_it_runs_again(inputs: Path, store: Path,
+                                                                           tmp_path: Path):
+    """Killed while removing the journal of a finished store (its last step), and while zarr wrote
+    a chunk (a temporary as large as the chunk): the next run removes both."""
+    out = tmp_path / "leftovers.zarr"
+    shutil.copytree(store, out)
+    (out / "_progress" / "images").mkdir(parents=True)
+    (out / "_progress" / "images" / "000001.json").write_text("{}")
+    partial = out / "wsi" / "tiles" / "c" / "0" / "0" / "0" / "0" / f"0.{'ab' * 16}.partial"
+    partial.write_bytes(b"half a chunk")
+    report = run(inputs, out)
+    assert report.processed == 0 and not (out / "_progress").exists() and not partial.exists()
+    assert_same_store(out, store)
+
+
 def test_rerun_skips_a_complete_store_and_refuses_other_options(inputs: Path, store: Path, tmp_path: Path):
     out = tmp_path / "again.zarr"
     shutil.copytree(store, out)

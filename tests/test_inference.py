@@ -4,6 +4,7 @@ line's one-line errors and exit status."""
 
 from __future__ import annotations
 
+import os
 import struct
 import subprocess
 import sys
@@ -177,6 +178,26 @@ def test_impute_names_the_file_it_writes_when_numpy_adds_the_npz_suffix(setup, t
     assert main(["impute", "--model", str(setup["model"]), "--data", str(setup["fitted"]), "--out", str(out)]) == 0
     assert f"patients to {out}.npz (arrays dnam;" in capsys.readouterr().out
     assert (tmp_path / "imputed.npz").is_file() and not out.exists()
+
+
+def test_predict_and_impute_replace_their_output_whole(setup, tmp_path, monkeypatch, capsys):
+    """An output is written to a temporary and renamed over the target: a run stopped while writing
+    (killed, or a full disk as here, where the rename fails) leaves the earlier file as it was and
+    no temporary, never a CSV cut short that reads as fewer patients."""
+    data = ["--model", str(setup["model"]), "--data", str(setup["fitted"])]
+    csv, npz = tmp_path / "p.csv", tmp_path / "i.npz"
+    csv.write_text("earlier\n")
+    npz.write_bytes(b"earlier")
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device", str(args[-1]))
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    assert main(["predict", *data, "--out", str(csv)]) == 1
+    assert main(["impute", *data, "--out", str(npz)]) == 1
+    assert f"{csv}: No space left on device" in capsys.readouterr().err
+    assert csv.read_text() == "earlier\n" and npz.read_bytes() == b"earlier"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["i.npz", "p.csv"]
 
 
 def test_impute_api_with_a_pretrained_model(setup):

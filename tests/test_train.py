@@ -383,6 +383,52 @@ def test_fp16_trains_with_loss_scaling_and_a_crash_resumes_to_the_same_weights(t
     assert_same_run(resumed, whole)
 
 
+def test_a_run_killed_while_writing_resumes_from_intact_files_and_leaves_no_temporaries(tmp_path, cohort,
+                                                                                         monkeypatch):
+    """A crash while the resume rewrites metrics.jsonl from the checkpoint's history leaves the
+    earlier log whole (it was truncated first, then rewritten); the temporaries a SIGKILL inside a
+    checkpoint or model write leaves (each as large as the file) are removed by the next run, which
+    ends as the uninterrupted run."""
+    from pyimputmae import checkpoint, training
+
+    run = dict(cohort=cohort, model=TINY, deterministic=True, num_threads=1, checkpoint_every=1, **FAST)
+    whole = train(out_dir=str(tmp_path / "whole"), **run)
+    out = tmp_path / "killed"
+    save = training._Trainer._save
+
+    def crash_after_a_finetune_save(self, pos, *args):
+        save(self, pos, *args)
+        if pos.stage == "finetune" and pos.step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training._Trainer, "_save", crash_after_a_finetune_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(out_dir=str(out), **run)
+    monkeypatch.setattr(training._Trainer, "_save", save)
+    log = (out / "metrics.jsonl").read_text()
+    assert len(log.splitlines()) > 2
+    json_text, calls = checkpoint.json_text, []
+
+    def crash_on_the_second_record(obj, indent=None):
+        calls.append(obj)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return json_text(obj, indent)
+
+    monkeypatch.setattr(checkpoint, "json_text", crash_on_the_second_record)
+    with pytest.raises(KeyboardInterrupt):
+        train(out_dir=str(out), resume=True, **run)
+    monkeypatch.setattr(checkpoint, "json_text", json_text)
+    assert (out / "metrics.jsonl").read_text() == log
+    stale = [out / "checkpoints" / ".last.pt.99999.0123abcd.tmp", out / ".model.pt.99999.89abcdef.tmp"]
+    for path in stale:
+        path.write_bytes((out / "checkpoints" / "last.pt").read_bytes()[:1000])
+    resumed = train(out_dir=str(out), resume=True, **run)
+    assert_same_run(resumed, whole)
+    assert not any(p.exists() for p in stale)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.pt"]
+
+
 def test_sigterm_stops_at_a_batch_with_a_checkpoint_and_the_resumed_run_loses_nothing(tmp_path, cohort, monkeypatch):
     """SIGTERM (a scheduler's time limit) in the middle of a gradient accumulation and of a logging
     window: train() finishes the batch, writes a checkpoint there (pending gradients, the window's

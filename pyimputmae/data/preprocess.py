@@ -9,9 +9,13 @@ by this process, the single writer); finally the presence table, the report, and
 modality and one per patient for the images, each written to a temporary name and renamed
 (atomic) only *after* the patient's arrays are written — so a crash at any point never leaves a
 patient that reads as complete, and re-running the same command skips the finished ones (zarr
-itself writes every chunk to a temporary file and renames it). The journal is removed once the
-store is complete. A re-run with another manifest or other options refuses to mix the two
-(``--overwrite``, ``overwrite=True``, starts afresh).
+≥ 3.1.3 itself writes every chunk and metadata file to a temporary file and renames it; the
+temporaries a killed run leaves are removed when it resumes). The journal is removed once the
+store is complete. The store's metadata marks it as ours from its first file on, and a store
+being replaced (``--overwrite``) is marked unfinished before anything is deleted, its metadata
+last, so a run killed while creating or removing it is started afresh by the next. A re-run with
+another manifest or other options refuses to mix the two (``--overwrite``, ``overwrite=True``,
+starts afresh).
 
 **Robust.** A file that cannot be read (a damaged slide, a volume of the wrong dimensionality, a
 table without the gene column) or whose data cannot be the modality (an omics table sharing few

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .._atomic import atomic_write_text
 from .manifest import Manifest, apply_clinical, file_sha256, fit_clinical
 from .omics import run_omics
 from .preprocess_config import PreprocessConfig, PreprocessReport
@@ -35,12 +37,7 @@ def _progress(store: Path) -> Path:
 def _write_json_atomic(path: Path, obj: Any) -> None:
     """Write to a temporary name, flush to disk, rename: readers see all of it or nothing."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj))
 
 
 def _read_json(path: Path) -> Any | None:
@@ -136,6 +133,49 @@ def _fingerprint(manifest: Manifest, cfg: PreprocessConfig, fitted: dict[str, An
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+#: what zarr's LocalStore writes before renaming it into place (a run killed meanwhile leaves it)
+_ZARR_TEMPORARY = re.compile(r".+\.[0-9a-f]{32}\.partial")
+
+
+def _is_our_store(out: Path) -> bool:
+    """A pyimputmae store (finished or not, or being removed), or a folder whose creation was cut
+    before the store's first metadata file was in place (it holds nothing but zarr temporaries)."""
+    import zarr
+
+    if (out / "zarr.json").exists():
+        return zarr.open_group(str(out), mode="r").attrs.get("format") == FORMAT
+    return all(_ZARR_TEMPORARY.fullmatch(p.name) for p in out.iterdir())
+
+
+def _remove_store(out: Path) -> None:
+    """Delete a store so that a run killed meanwhile leaves a folder the next run still recognises
+    (and removes): it is first marked unfinished and being removed, ``zarr.json`` goes last."""
+    import zarr
+
+    meta = out / "zarr.json"
+    if meta.exists():
+        zarr.open_group(str(out), mode="r+").attrs.update({"complete": False, "removing": True})
+    for entry in out.iterdir():
+        if entry != meta:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    meta.unlink(missing_ok=True)
+    out.rmdir()
+
+
+def _remove_leftovers(out: Path, complete: bool) -> None:
+    """What a killed run left in a store being resumed: zarr's temporaries (each as large as a
+    chunk) and, in a finished store, the rest of the journal (its removal is the last step)."""
+    if complete:
+        shutil.rmtree(_progress(out), ignore_errors=True)
+    for folder, _, files in os.walk(out):
+        for name in files:
+            if _ZARR_TEMPORARY.fullmatch(name) or (name.startswith(".") and name.endswith(".tmp")):
+                Path(folder, name).unlink(missing_ok=True)
+
+
 def _open_or_create(out: Path, manifest: Manifest, cfg: PreprocessConfig, fitted: dict[str, Any] | None,
                     fingerprint: str, overwrite: bool) -> tuple[Any, bool]:
     import zarr
@@ -143,19 +183,22 @@ def _open_or_create(out: Path, manifest: Manifest, cfg: PreprocessConfig, fitted
     from .. import __version__
 
     if out.exists():
-        ours = (out / "zarr.json").exists() and zarr.open_group(str(out), mode="r").attrs.get("format") == FORMAT
+        ours = _is_our_store(out)
         if not ours and any(out.iterdir()):  # never delete a folder this package did not write
             raise FileExistsError(f"{out} exists and is not a pyimputmae store; choose another --out")
-        if ours and not overwrite:
+        if ours and not overwrite and (out / "zarr.json").exists():
             root = zarr.open_group(str(out), mode="r+")
-            # a crash before the plan was written leaves nothing worth keeping: start afresh
-            started = root.attrs.get("complete") or (_progress(out) / "plan.json").exists()
+            # a crash before the plan was written, or while the store was being removed, leaves
+            # nothing worth keeping: start afresh
+            started = not root.attrs.get("removing") and (
+                root.attrs.get("complete") or (_progress(out) / "plan.json").exists())
             if root.attrs.get("fingerprint") == fingerprint and started:
+                _remove_leftovers(out, complete=bool(root.attrs.get("complete")))
                 return root, True
-            if root.attrs.get("fingerprint") != fingerprint:
+            if root.attrs.get("fingerprint") != fingerprint and started:
                 raise FileExistsError(f"{out} was built from another manifest or with other options; pass "
                                       "--overwrite (overwrite=True) to rebuild it, or choose another --out")
-        shutil.rmtree(out)
+        _remove_store(out)
     train = manifest.split == "train"
     clinical_fit = fitted["clinical"] if fitted else fit_clinical(manifest.clinical, train)
     clinical = apply_clinical(manifest.clinical, clinical_fit)

@@ -76,8 +76,14 @@ def create_store(path: str | Path, *, ids: list[str], shapes: dict[str, tuple[in
 
     n = len(ids)
     comp = compressors(codec)
-    root = zarr.open_group(str(path), mode="w", zarr_format=3)
     mods = list(shapes)
+    # the attributes go into the group's first metadata write: from its first file on, the folder
+    # reads as a pyimputmae store (unfinished), so a run killed while creating it is started afresh
+    root = zarr.open_group(str(path), mode="w", zarr_format=3, attributes={
+        "format": FORMAT, "format_version": FORMAT_VERSION, "ids": list(ids), "modalities": mods,
+        "shapes": {m: [int(x) for x in s] for m, s in shapes.items()}, "split_codes": SPLIT_CODES,
+        "status_codes": STATUS, "codec": codec, "complete": False, **(attrs or {}),
+    })
 
     def arr(name: str, shape: tuple[int, ...], dtype: str, chunks: tuple[int, ...] | None = None) -> None:
         root.create_array(name, shape=shape, chunks=chunks or shape, dtype=dtype, fill_value=0,
@@ -105,11 +111,6 @@ def create_store(path: str | Path, *, ids: list[str], shapes: dict[str, tuple[in
             else:
                 arr(f"{m}/replaced", (n,), "int32")
     root.create_group("provenance")
-    root.attrs.update({
-        "format": FORMAT, "format_version": FORMAT_VERSION, "ids": list(ids), "modalities": mods,
-        "shapes": {m: list(s) for m, s in shapes.items()}, "split_codes": SPLIT_CODES, "status_codes": STATUS,
-        "codec": codec, "complete": False, **(attrs or {}),
-    })
     return root
 
 
