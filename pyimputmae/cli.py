@@ -194,6 +194,9 @@ def _impute(args: argparse.Namespace) -> int:
     atomic_write(out, lambda f: np.savez_compressed(f, patient_id=ids, present=present, **arrays))
     print(f"wrote inputs with missing modalities imputed for {int((~no_data).sum())} of {len(rows)} patients "
           f"to {out} (arrays {', '.join(arrays)}; 'present' says which were observed)")
+    if getattr(model, "mae", model).config.norm_pix:
+        print("the model was pre-trained with norm_pix: every value written, observed ones included, is normalised "
+              "per patch (mean 0, variance 1), not in the store's units")
     if no_data.any():
         shown = ", ".join(ids[no_data][:5]) + (", ..." if no_data.sum() > 5 else "")
         print(f"{int(no_data.sum())} patients have clinical data only ({shown}): nothing to impute from, so their "

@@ -166,26 +166,48 @@ def _warn(notes: list[str]) -> None:
         warnings.warn(note, PreprocessingWarning, stacklevel=3)
 
 
-def evaluate_model(model: SurvivalModel, cohort: Cohort, idx: np.ndarray, batch_size: int = 256,
-                   device: torch.device | str | None = None, check: bool = True) -> dict[str, float]:
-    """C-index (Antolini), IBS, CS-score and Harrell's C of ``model`` on rows ``idx`` of ``cohort``;
-    ``check``: as for :func:`predict_survival` (off where the model was just fitted on ``cohort``)."""
+def evaluate_model(model: SurvivalModel, cohort: Cohort, idx: np.ndarray | torch.Tensor | None = None,
+                   batch_size: int = 256, device: torch.device | str | None = None,
+                   check: bool = True) -> dict[str, float]:
+    """C-index (Antolini), IBS, CS-score and Harrell's C of ``model`` on rows ``idx`` of ``cohort``
+    (row numbers or a boolean mask, as :meth:`Cohort.rows` reads them; default: all);
+    ``check``: as for :func:`predict_survival` (off where the model was just fitted on ``cohort``).
 
+    ValueError for no rows, or for rows without a recorded survival time and event (new patients
+    preprocessed with ``--fitted`` may have none; they are named). Rows without a death leave the
+    C-index undefined: the metrics are then NaN, with a RuntimeWarning saying so."""
+    idx = cohort.rows(idx)
+    if not len(idx):
+        raise ValueError("evaluate_model got no rows to evaluate (idx is empty)")
+    rows = torch.as_tensor(idx, device=cohort.time.device)
+    time_, event = cohort.time[rows].cpu().numpy(), cohort.event[rows].cpu().numpy()
+    unknown = idx[~(np.isfinite(time_) & np.isin(event, (0.0, 1.0)))]
+    if len(unknown):
+        shown = ", ".join(str(cohort.ids[i]) for i in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        raise ValueError(f"{len(unknown)} of the {len(idx)} patients to evaluate have no recorded survival time "
+                         f"and event 0/1 ({shown}): evaluate only the others, e.g. idx[np.isfinite("
+                         "cohort.time[idx].numpy())]")
+    if not event.any():
+        warnings.warn(f"none of the {len(idx)} patients evaluated has an event, so the C-index, IBS and "
+                      "Harrell's C are undefined (NaN)", RuntimeWarning, stacklevel=2)
     curves = predict_survival(model, cohort, idx, batch_size, device, check=check)
-    time_ = cohort.time[torch.as_tensor(idx, device=cohort.time.device)].cpu().numpy()
-    event = cohort.event[torch.as_tensor(idx, device=cohort.event.device)].cpu().numpy()
     return evaluate(curves, model.cuts.cpu().numpy(), time_, event)
 
 
-def predict_survival(model: SurvivalModel, cohort: Cohort, idx: np.ndarray | None = None, batch_size: int = 256,
-                     device: torch.device | str | None = None, *, check: bool = True) -> np.ndarray:
-    """Survival curves ``(N, n_bins + 1)`` at ``model.cuts`` for rows ``idx`` (default: all).
+def predict_survival(model: SurvivalModel, cohort: Cohort, idx: np.ndarray | torch.Tensor | None = None,
+                     batch_size: int = 256, device: torch.device | str | None = None, *,
+                     check: bool = True) -> np.ndarray:
+    """Survival curves ``(N, n_bins + 1)`` at ``model.cuts`` for rows ``idx`` (row numbers or a
+    boolean mask, as :meth:`Cohort.rows` reads them; default: all).
 
-    check: first :func:`check_compatible` (ValueError for other clinical columns or another
-    preprocessing; a :class:`PreprocessingWarning` for other training statistics)."""
+    A modality a row lacks (``present`` False, e.g. held out with :meth:`Cohort.withhold`) plays no
+    part in its prediction, whatever its inputs hold. A patient with none of the modalities is
+    predicted from its clinical data alone. check: first :func:`check_compatible` (ValueError for
+    other clinical columns or another preprocessing; a :class:`PreprocessingWarning` for other
+    training statistics)."""
     if check:
         _warn(check_compatible(model, cohort))
-    idx = np.arange(len(cohort)) if idx is None else np.asarray(idx)
+    idx = cohort.rows(idx)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     out = []
     for start in range(0, len(idx), batch_size):
@@ -194,19 +216,24 @@ def predict_survival(model: SurvivalModel, cohort: Cohort, idx: np.ndarray | Non
     return torch.cat(out).numpy() if out else np.zeros((0, model.config.n_bins + 1))
 
 
-def impute(model: nn.Module, cohort: Cohort, idx: np.ndarray | None = None, batch_size: int = 64,
+def impute(model: nn.Module, cohort: Cohort, idx: np.ndarray | torch.Tensor | None = None, batch_size: int = 64,
            device: torch.device | str | None = None, *, keep_present: bool = True,
            check: bool = True) -> dict[str, np.ndarray]:
     """Inputs of rows ``idx`` (default: all) with missing modalities reconstructed: name →
     ``(N, C, *S)`` float32 (:meth:`ImputeMAE.impute`, batch by batch). ``model``: an
     :class:`ImputeMAE` or a :class:`SurvivalModel`. A patient with none of the modalities
     (clinical data only) has nothing to impute from: NaN in every modality — find them with
-    ``~cohort.present[idx].any(1)``. check: :func:`check_compatible` first (the preprocessing;
-    clinical columns play no part in imputation)."""
+    ``~cohort.present[idx].any(1)``. A modality a row lacks (``present`` False) is reconstructed
+    from the row's other modalities only, whatever its inputs hold. With a ``norm_pix`` model every
+    value is per-patch normalised (:func:`pyimputmae.model.normalized_inputs`), the observed ones
+    too. Imputation fidelity: ``impute(model, cohort.withhold(name), idx)[name]`` against
+    ``impute(model, cohort, idx)[name]`` on rows that have ``name`` and another modality (both in
+    the model's unit). check: :func:`check_compatible` first (the preprocessing; clinical columns
+    play no part in imputation)."""
     mae = getattr(model, "mae", model)
     if check:
         _warn(check_compatible(model, cohort, clinical=False))
-    idx = np.arange(len(cohort)) if idx is None else np.asarray(idx)
+    idx = cohort.rows(idx)
     device = torch.device(device) if device is not None else next(mae.parameters()).device
     parts: dict[str, list[np.ndarray]] = {m.name: [] for m in mae.config.modalities}
     for start in range(0, len(idx), batch_size):

@@ -200,6 +200,26 @@ def test_predict_and_impute_replace_their_output_whole(setup, tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["i.npz", "p.csv"]
 
 
+def test_impute_of_a_norm_pix_model_writes_one_unit_and_says_which(setup, tmp_path, capsys):
+    """norm_pix: the observed values are written normalised per patch like the reconstructions (they
+    used to be raw beside normalised reconstructions in one array), and the command says so."""
+    from pyimputmae.model import normalized_inputs
+
+    torch.manual_seed(0)
+    cfg = MODEL.replace(norm_pix=True)
+    path = save_model(SurvivalModel(ImputeMAE(cfg), cfg).fit_preprocessing(load_cohort(setup["train"])),
+                      tmp_path / "norm_pix.pt")
+    out = tmp_path / "i.npz"
+    assert main(["impute", "--model", str(path), "--data", str(setup["train"]), "--out", str(out)]) == 0
+    assert "pre-trained with norm_pix: every value written, observed ones included, is normalised per patch" in (
+        capsys.readouterr().out)
+    cohort = load_cohort(setup["train"])
+    has = cohort.present[:, 0].numpy()
+    with np.load(out) as z:
+        np.testing.assert_allclose(z["dnam"][has], normalized_inputs(cohort.inputs["dnam"][has], 4).numpy(),
+                                   rtol=1e-6, atol=1e-6)
+
+
 def test_impute_api_with_a_pretrained_model(setup):
     cohort = load_cohort(setup["fitted"])
     out = impute(load(setup["pretrained"]), cohort, cohort.indices("test"))

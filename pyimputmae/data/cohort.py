@@ -9,10 +9,15 @@ built-in demo), or from a zarr store written by ``pyimputmae preprocess``
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+#: the split names a cohort may use
+SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -93,7 +98,21 @@ class Cohort:
 
     def indices(self, split: str, fold: int | None = None) -> np.ndarray:
         """Row indices of a split (``"train"``, ``"val"``, ``"test"``); with ``fold``, the training
-        rows outside / inside that cross-validation fold for ``"train"`` / ``"val"``."""
+        rows outside / inside that cross-validation fold for ``"train"`` / ``"val"``.
+
+        A split of another name, or a ``fold`` no training patient has, is a ValueError (not an
+        empty selection, or the whole training split, that would go unnoticed); a known split
+        without patients (``"val"`` when the manifest has none) is an empty array."""
+        if split not in SPLITS:
+            have = sorted({str(s) for s in np.asarray(self.split).tolist()})
+            raise ValueError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)} (this cohort has "
+                             f"{', '.join(have) or 'no patients'})")
+        if fold is not None:
+            folds = sorted({int(f) for f in np.asarray(self.fold)[np.asarray(self.split) == "train"].tolist()} - {-1})
+            if fold not in folds:
+                have = (f"its training folds are {', '.join(map(str, folds))}" if folds
+                        else "it has no folds (fold is -1 for every training patient)")
+                raise ValueError(f"fold {fold} is not a cross-validation fold of this cohort: {have}")
         if fold is None:
             return np.flatnonzero(self.split == split)
         train = self.split == "train"
@@ -103,9 +122,37 @@ class Cohort:
             return np.flatnonzero(train & (self.fold == fold))
         return np.flatnonzero(self.split == split)
 
+    def rows(self, idx: np.ndarray | torch.Tensor | list[int] | None = None, what: str = "idx") -> np.ndarray:
+        """``idx`` as int64 row numbers: None → every row; integers (numpy, torch or a list) as
+        they are; a boolean mask of one entry per patient → the rows where it is True (as numpy
+        indexing reads it). ValueError naming ``what`` for anything else — floats, a mask of
+        another length, a row outside ``[0, N)`` — rather than rows silently misread (a boolean
+        mask cast to integers would select rows 0 and 1)."""
+        if idx is None:
+            return np.arange(len(self))
+        arr = idx.detach().cpu().numpy() if isinstance(idx, torch.Tensor) else np.asarray(idx)
+        n = len(self)
+        if arr.dtype == np.bool_:
+            if arr.shape != (n,):
+                raise ValueError(f"{what} is a boolean mask of shape {arr.shape}, but the cohort has {n} patients: "
+                                 f"give one True/False per patient, or row numbers")
+            return np.flatnonzero(arr)
+        if arr.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"{what} must be integer row numbers or a boolean mask, got dtype {arr.dtype} "
+                             f"(first entry {arr.reshape(-1)[0].item()!r})")
+        if arr.ndim != 1:
+            raise ValueError(f"{what} must be one-dimensional, got shape {arr.shape}")
+        bad = arr[(arr < 0) | (arr >= n)]
+        if bad.size:
+            raise ValueError(f"{what} has row {int(bad[0])}, outside the cohort's {n} rows (0 to {n - 1})")
+        return arr.astype(np.int64, copy=False)
+
     def batch(self, idx: np.ndarray | torch.Tensor) -> Batch:
-        """Rows ``idx`` as a :class:`Batch` on the cohort's device."""
-        index = torch.as_tensor(np.asarray(idx), dtype=torch.int64, device=self.present.device)
+        """Rows ``idx`` (as :meth:`rows` reads them) as a :class:`Batch` on the cohort's device."""
+        idx = self.rows(idx)
+        index = torch.as_tensor(idx, dtype=torch.int64, device=self.present.device)
         return Batch(
             inputs={k: v.index_select(0, index) for k, v in self.inputs.items()},
             present=self.present.index_select(0, index),
@@ -113,8 +160,32 @@ class Cohort:
             time=self.time.index_select(0, index),
             event=self.event.index_select(0, index),
             modalities=self.modalities,
-            ids=[self.ids[i] for i in np.asarray(idx).tolist()],
+            ids=[self.ids[i] for i in idx.tolist()],
         )
+
+    def withhold(self, modalities: str | Iterable[str], rows: np.ndarray | torch.Tensor | None = None) -> Cohort:
+        """A copy in which ``modalities`` are missing for ``rows`` (default: every patient), as if
+        preprocessing had found none: ``present`` False and the inputs zeros there — the evaluation
+        of a model with modalities held out at test time, or of imputation fidelity (hide what a
+        patient has, impute it, compare with this cohort's inputs).
+
+        modalities: a name or names of the cohort's modalities (ValueError naming the known ones
+        otherwise); rows: as :meth:`rows` reads them. To keep only some modalities, withhold the
+        others: ``cohort.withhold(set(cohort.modalities) - {"rna"})``. This cohort is not changed;
+        the copy shares its tensors except ``present`` and the withheld modalities' inputs."""
+        names = [modalities] if isinstance(modalities, str) else list(modalities)
+        unknown = [n for n in names if n not in self.inputs]
+        if unknown:
+            raise ValueError(f"cannot withhold modality {unknown[0]!r}: the cohort has "
+                             f"{', '.join(self.modalities)}")
+        picked = self.rows(rows, what="rows")
+        index = torch.as_tensor(picked, dtype=torch.int64, device=self.present.device)
+        present, inputs = self.present.clone(), dict(self.inputs)
+        for name in dict.fromkeys(names):
+            present[index, self.modalities.index(name)] = False
+            inputs[name] = inputs[name].clone()
+            inputs[name][index] = 0
+        return dataclasses.replace(self, inputs=inputs, present=present)
 
     def to(self, device: torch.device | str) -> Cohort:
         return Cohort(

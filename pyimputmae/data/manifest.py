@@ -50,9 +50,10 @@ from typing import Any
 
 import numpy as np
 
+from .cohort import SPLITS
+
 MODALITIES = ("rna", "dnam", "wsi", "mri")
 MRI_ROLES = ("t1", "t1ce", "t2", "flair", "tumor_mask", "brain_mask")
-SPLITS = ("train", "val", "test")
 
 _ALIASES = {
     "patient_id": ("patient_id", "patient", "case_id", "case_submitter_id", "submitter_id", "id"),

@@ -7,7 +7,7 @@ logits, ``predict_survival(batch)``). Save with ``state_dict()`` + ``config.to_d
 
 from .config import FREEZE_POLICIES, ModalityConfig, ModelConfig, resolve_config
 from .encoders import ClinicalEncoder, PatchEncoder, count_parameters
-from .mae import ImputeMAE, advance_rng_, eval_mode, new_rng
+from .mae import ImputeMAE, advance_rng_, eval_mode, new_rng, normalized_inputs
 from .survival import SurvivalModel, apply_freeze
 
 __all__ = [
@@ -23,5 +23,6 @@ __all__ = [
     "count_parameters",
     "eval_mode",
     "new_rng",
+    "normalized_inputs",
     "resolve_config",
 ]

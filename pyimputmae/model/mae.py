@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..reference.masked_mse import patch_target
 from ..reference.patch_embed import unpatchify
 from .config import ModelConfig, resolve_config
 from .encoders import PatchEncoder
@@ -79,6 +80,15 @@ def jsonable(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
+
+
+def normalized_inputs(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """``x: (B, C, *S)`` normalised per patch as the ``norm_pix`` pre-training target is (mean 0,
+    unbiased variance 1 per patch of ``patch`` per spatial axis; ``masked_mse``'s ``norm_pix``):
+    the unit in which a ``norm_pix`` model reconstructs, to compare its imputations with the truth.
+    float32, same shape."""
+    channels, grid = x.shape[1], tuple(s // patch for s in x.shape[2:])
+    return unpatchify(patch_target(x, patch, norm_pix=True), channels, grid, patch)
 
 
 #: per-patient content of a store's attributes that a model file does not keep
@@ -278,7 +288,9 @@ class ImputeMAE(nn.Module):
         for every configured modality: the reconstruction where the row lacks the modality and,
         with ``keep_present`` (default), the row's own input where it has it (False: the decoder's
         output everywhere). With ``norm_pix`` the model learned per-patch normalised targets, so
-        reconstructions are per-patch normalised (mean 0, variance 1 per patch), not raw values.
+        reconstructions are per-patch normalised (mean 0, variance 1 per patch), not raw values,
+        and with ``keep_present`` the rows' own inputs are given normalised the same way
+        (:func:`normalized_inputs`): every value of the output is in one unit.
         A row with none of the modalities (clinical data only) has nothing to impute from: its
         rows are NaN in every modality (also when no row of the batch has any). Repeated calls give
         identical output.
@@ -290,6 +302,8 @@ class ImputeMAE(nn.Module):
                     for m in self.config.modalities}
         with eval_mode(self):
             recon = self._reconstruct(inputs, present)
+        if keep_present and self.config.norm_pix:
+            inputs = {n: normalized_inputs(x, self.config.modality(n).patch) for n, x in inputs.items()}
         out = self._with_inputs(recon, inputs, present) if keep_present else recon
         return {name: v.masked_fill(~has_any.view(-1, *([1] * (v.dim() - 1))), float("nan"))
                 for name, v in out.items()}
