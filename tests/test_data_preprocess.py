@@ -373,6 +373,45 @@ def test_what_a_killed_run_left_in_the_store_is_removed_when_it_runs_again(input
     assert_same_store(out, store)
 
 
+def test_chunks_reach_the_disk_before_the_journal_vouches_for_them(inputs: Path, store: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch):
+    """A power loss must not leave a journal entry (or `complete`) whose arrays were still in the page
+    cache: every chunk a patient's entry, a modality's entry or the finished store vouches for is
+    fsynced before that entry is written."""
+    from pyimputmae.data import preprocess_stages as stages
+
+    out = tmp_path / "durable.zarr"
+    events: list[tuple[str, Path]] = []
+    fsync = stages._fsync_file
+    monkeypatch.setattr(stages, "_fsync_file", lambda path: (events.append(("fsync", Path(path))), fsync(path)))
+    journal = stages._write_json_atomic
+    monkeypatch.setattr(stages, "_write_json_atomic",
+                        lambda path, obj: (events.append(("journal", Path(path))), journal(path, obj)))
+    patient = pp._journal_patient
+    monkeypatch.setattr(pp, "_journal_patient", lambda path, i, entry: (events.append(("journal", Path(path) / str(i))),
+                                                                        patient(path, i, entry)))
+    run(inputs, out)
+    chunks = lambda folder: sorted(p for p in folder.rglob("*") if p.is_file())
+    synced_before = lambda k: {p for kind, p in events[:k] if kind == "fsync"}
+    checked = 0
+    for k, (kind, path) in enumerate(events):
+        if kind != "journal":
+            continue
+        if path.parent == out:  # a patient's image entry
+            i = int(path.name)
+            want = [*chunks(out / "wsi" / "tiles" / "c" / str(i)), *chunks(out / "mri" / "data" / "c" / str(i))]
+        elif path.name in ("rna.json", "dnam.json"):
+            want = chunks(out / path.stem)
+        else:
+            continue
+        assert set(want) <= synced_before(k), (path, sorted(set(want) - synced_before(k)))
+        checked += bool(want)
+    assert checked == 2 + 3  # two omics modalities, three patients with a slide or an MRI read
+    # the finished store: zarr.json (with complete = True) is flushed after it was written
+    assert events[-1] == ("fsync", out / "zarr.json")
+    assert_same_store(out, store)
+
+
 def test_rerun_skips_a_complete_store_and_refuses_other_options(inputs: Path, store: Path, tmp_path: Path):
     out = tmp_path / "again.zarr"
     shutil.copytree(store, out)

@@ -10,8 +10,11 @@ modality and one per patient for the images, each written to a temporary name an
 (atomic) only *after* the patient's arrays are written — so a crash at any point never leaves a
 patient that reads as complete, and re-running the same command skips the finished ones (zarr
 ≥ 3.1.3 itself writes every chunk and metadata file to a temporary file and renames it; the
-temporaries a killed run leaves are removed when it resumes). The journal is removed once the
-store is complete. The store's metadata marks it as ours from its first file on, and a store
+temporaries a killed run leaves are removed when it resumes). Each journal entry is written only
+after the chunks it vouches for are flushed to disk (``fsync``), and ``complete`` only after the
+whole store is, so a power loss or a node failure, which empties the page cache, never leaves a
+patient or a store that reads as finished with arrays that never reached the disk. The journal is
+removed once the store is complete. The store's metadata marks it as ours from its first file on, and a store
 being replaced (``--overwrite``) is marked unfinished before anything is deleted, its metadata
 last, so a run killed while creating or removing it is started afresh by the next. A re-run with
 another manifest or other options refuses to mix the two (``--overwrite``, ``overwrite=True``,
@@ -62,6 +65,7 @@ from .preprocess_stages import (  # the public names are re-exported: store.py a
     _run_omics_stage,
     _write_images,
     checksum,  # noqa: F401
+    flush_patient_images,
     journal_complete,  # noqa: F401
     journal_status,  # noqa: F401
     journal_wsi_count,  # noqa: F401
@@ -250,6 +254,7 @@ def preprocess(manifest: str | Path | Manifest, out: str | Path, *, config: Prep
         with tqdm(total=len(tasks), desc="slides/MRI", unit="patient", disable=not progress or not tasks) as bar:
             def on_result(result: dict[str, Any]) -> None:
                 entry = _write_images(root, result, cfg)
+                flush_patient_images(out, root, result["index"], cfg)  # its chunks on disk before its entry
                 _journal_patient(out, result["index"], entry)
                 bar.update(1)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .._atomic import atomic_write_text
+from .._atomic import atomic_write_text, fsync_folder
 from .manifest import Manifest, apply_clinical, file_sha256, fit_clinical
 from .omics import run_omics
 from .preprocess_config import PreprocessConfig, PreprocessReport
@@ -38,6 +38,51 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     """Write to a temporary name, flush to disk, rename: readers see all of it or nothing."""
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(obj))
+
+
+def _fsync_file(path: Path) -> None:
+    """Flush one file's data to disk (where the system allows opening it read-only for that)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # a file system that refuses fsync: nothing more can be done
+        pass
+    finally:
+        os.close(fd)
+
+
+def flush_to_disk(path: Path) -> None:
+    """Flush ``path`` — a file, or a folder with everything under it — and the folder entries
+    naming it to disk, so that a journal entry written afterwards never outlives, in a power loss
+    or node failure, the array chunks it vouches for (a killed process needs none of this: the
+    page cache survives it). A path that does not exist (an all-zero chunk zarr did not write) is
+    skipped."""
+    if not path.exists():
+        return
+    if path.is_dir():
+        for folder, _, files in os.walk(path):
+            for name in files:
+                _fsync_file(Path(folder) / name)
+            fsync_folder(folder)
+    else:
+        _fsync_file(path)
+    fsync_folder(path.parent)
+
+
+def _chunk_rows(out: Path, root: Any, name: str, i: int) -> Path:
+    """The folder of array ``name``'s chunks that hold patient ``i`` (zarr v3's default chunk keys:
+    ``NAME/c/<row block>/...``)."""
+    return out / name / "c" / str(i // root[name].chunks[0])
+
+
+def flush_patient_images(out: Path, root: Any, i: int, cfg: PreprocessConfig) -> None:
+    """:func:`flush_to_disk` of patient ``i``'s image chunks, before its journal entry."""
+    for m in (m for m in cfg.modalities if m in _IMAGE_MODALITIES):
+        array = "wsi/tiles" if m == "wsi" else "mri/data"
+        flush_to_disk(_chunk_rows(out, root, array, i))
 
 
 def _read_json(path: Path) -> Any | None:
@@ -235,6 +280,7 @@ def _run_omics_stage(root: Any, out: Path, manifest: Manifest, cfg: PreprocessCo
                           fitted.get(m) if fitted else None, max(1, workers), progress, m)
         root[f"{m}/data"][:] = stage.values
         root[f"{m}/replaced"][:] = stage.replaced.astype(np.int32)
+        flush_to_disk(out / m)  # the arrays on disk before the journal says the modality is done
         files = sorted({str(s.path) for s in manifest.sources[m] if s is not None})
         sums = {f: checksum(f) for f in files}
         sources = [{"path": str(s.path), "select": s.select, "checksum": sums[str(s.path)]}
@@ -318,5 +364,7 @@ def _finalize(root: Any, out: Path, manifest: Manifest, cfg: PreprocessConfig, r
                             "missing": int((status[:, j] == STATUS["missing"]).sum()),
                             "failed": int((status[:, j] == STATUS["failed"]).sum())}
     root.attrs.update({"preprocessing": fitted, "report": report.to_dict()})
+    flush_to_disk(out)  # every array and attribute on disk before the store says it is complete
     root.attrs["complete"] = True  # last: only now does the store read as complete
+    flush_to_disk(out / "zarr.json")
     shutil.rmtree(_progress(out), ignore_errors=True)
