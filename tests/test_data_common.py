@@ -122,6 +122,62 @@ def write_gdc_star(path: Path, genes: list[tuple[str, str, str]], tpm: list[floa
     return path
 
 
+
+#: TIFF ResolutionUnit values
+TIFF_UNITS = {"none": 1, "inch": 2, "centimeter": 3}
+
+
+def write_tiled_tiff(path: Path, rgb: np.ndarray, resolution: float | None = None, unit: str | None = None,
+                     tile: int = 64) -> Path:
+    """A baseline tiled RGB TIFF (uncompressed, one level) that OpenSlide reads as ``generic-tiff``,
+    with ``resolution`` pixels per ``unit`` (``"none"``, ``"inch"``, ``"centimeter"``) in its
+    XResolution/YResolution/ResolutionUnit tags (left out when ``None``). Pillow writes no tiled TIFF
+    and OpenSlide reads no stripped one, so it is written here tag by tag."""
+    import struct
+    from fractions import Fraction
+
+    h, w, _ = rgb.shape
+    padded = np.full((-(-h // tile) * tile, -(-w // tile) * tile, 3), 255, np.uint8)
+    padded[:h, :w] = rgb
+    tiles = [padded[y:y + tile, x:x + tile].tobytes() for y in range(0, padded.shape[0], tile)
+             for x in range(0, padded.shape[1], tile)]
+    n, size = len(tiles), len(tiles[0])
+    # (tag, type, count, value or bytes stored after the IFD); types: 3 SHORT, 4 LONG, 5 RATIONAL
+    entries: list[tuple[int, int, int, int | bytes]] = [
+        (256, 4, 1, w), (257, 4, 1, h), (258, 3, 3, struct.pack("<3H", 8, 8, 8)), (259, 3, 1, 1), (262, 3, 1, 2),
+        (277, 3, 1, 3), (284, 3, 1, 1), (322, 3, 1, tile), (323, 3, 1, tile)]
+    if resolution is not None:
+        r = Fraction(resolution).limit_denominator(10_000)
+        entries += [(tag, 5, 1, struct.pack("<2I", r.numerator, r.denominator)) for tag in (282, 283)]
+    if unit is not None:
+        entries.append((296, 3, 1, TIFF_UNITS[unit]))
+    ifd_end = 8 + 2 + 12 * (len(entries) + 2) + 4  # + TileOffsets, TileByteCounts
+    extra = b"".join(v for *_, v in entries if isinstance(v, bytes))
+    counts_at = ifd_end + len(extra)
+    offsets_at = counts_at + 4 * n
+    data_at = offsets_at + 4 * n
+    entries += [(324, 4, n, offsets_at if n > 1 else data_at), (325, 4, n, counts_at if n > 1 else size)]
+    ifd, at = struct.pack("<H", len(entries)), ifd_end
+    for tag, typ, count, value in sorted(entries, key=lambda e: e[0]):
+        if isinstance(value, bytes):
+            value, at = at, at + len(value)
+        ifd += struct.pack("<HHI", tag, typ, count) + (struct.pack("<HH", value, 0) if typ == 3 and count == 1
+                                                      else struct.pack("<I", value))
+    blob = (b"II*\0" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + extra
+            + struct.pack(f"<{n}I", *[size] * n) + struct.pack(f"<{n}I", *[data_at + i * size for i in range(n)]))
+    path.write_bytes(blob + b"".join(tiles))
+    return path
+
+
+def stained_section(height: int = 768, width: int = 768, seed: int = 0) -> np.ndarray:
+    """``(height, width, 3)`` uint8: pale background around a pink-purple, textured 'tissue' block."""
+    rng = np.random.default_rng(seed)
+    rgb = np.full((height, width, 3), 242, np.uint8)
+    y0, y1, x0, x1 = height // 8, height * 7 // 8, width // 8, width * 7 // 8
+    noise = rng.integers(-25, 26, (y1 - y0, x1 - x0, 1))
+    rgb[y0:y1, x0:x1] = np.clip(np.array([190, 90, 160]) + noise, 0, 255).astype(np.uint8)
+    return rgb
+
 #: a few real GENCODE v36 genes (id, name, type), including a PAR_Y copy and non-coding genes
 GENES = [
     ("ENSG00000000003.15", "TSPAN6", "protein_coding"), ("ENSG00000000005.6", "TNMD", "protein_coding"),

@@ -20,7 +20,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_data_common import GDC_HEADER, GENES, SLIDE, crash_on_p2, need, write_gdc_star, write_mni_case
+from test_data_common import (
+    GDC_HEADER,
+    GENES,
+    SLIDE,
+    crash_on_p2,
+    need,
+    stained_section,
+    write_gdc_star,
+    write_mni_case,
+    write_tiled_tiff,
+)
 
 import pyimputmae
 from pyimputmae.data import preprocess as pp
@@ -143,6 +153,9 @@ def test_store_layout_and_provenance(store: Path, inputs: Path):
     sources = root["provenance"].attrs["sources"]
     assert sources["wsi"][0]["file"]["path"] == str(SLIDE)
     assert sources["wsi"][0]["file"]["checksum"].startswith("sha256:")
+    resolution = sources["wsi"][0]["resolution"]  # the µm/px it was tiled at, and where that came from
+    assert resolution["from"] == "file"
+    assert resolution["slide_mpp"] == resolution["recorded_mpp"] == pytest.approx(0.499)
     assert sources["mri"][1]["t1ce"]["path"].endswith("case_t1ce.nii.gz")
     assert sources["rna"][0]["checksum"].startswith("sha256:") and sources["rna"][3] is None
     fitted = load_preprocessing(store)
@@ -467,6 +480,38 @@ def test_command_line_with_a_process_pool(inputs: Path, store: Path, tmp_path: P
     assert "ManifestWarning" not in err and "read_manifest(" not in err
 
 
+def test_slide_resolutions_in_the_report_and_provenance(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """A TIFF whose tags record 72 dpi (352.8 µm/px) is tiled at --wsi-default-mpp with a note in the
+    report naming it; --wsi-force-mpp overrides every slide; the provenance says which was used."""
+    slide = need(SLIDE, "the real Aperio slide cmu_small_region.svs")
+    write_tiled_tiff(tmp_path / "export.tiff", stained_section(), 72, "inch")
+    pd.DataFrame({"patient_id": ["P0", "P1"], "time": [1.0, 2.0], "event": [1, 0],
+                  "wsi": [str(slide), "export.tiff"]}).to_csv(tmp_path / "manifest.csv", index=False)
+    small = ["--modalities", "wsi", "--wsi-tile-px", "32", "--wsi-mpp", "2", "--wsi-candidates", "6",
+             "--wsi-keep", "3", "--workers", "0", "--no-progress"]
+
+    def run_cli(out: str, *flags: str) -> tuple[dict, list[dict]]:
+        assert pp.main([str(tmp_path / "manifest.csv"), "--out", str(tmp_path / out), *small, *flags]) == 0
+        root = open_store(tmp_path / out)
+        return root.attrs["report"], [s and s["resolution"] for s in root["provenance"].attrs["sources"]["wsi"]]
+
+    report, res = run_cli("refused.zarr")
+    assert [(p, m) for p, m, _ in report["failures"]] == [("P1", "wsi")] and res[1] is None
+    assert re.search(r"export.tiff \(patient 'P1'\): the slide records 352.8 µm/px .* set --wsi-force-mpp",
+                     report["failures"][0][2])
+    report, res = run_cli("default.zarr", "--wsi-default-mpp", "0.5")
+    assert report["failures"] == [] and len(report["warnings"]) == 1
+    assert re.fullmatch(r".*export.tiff \(patient 'P1'\): the slide records 352.8 µm/px \(.*\), outside the "
+                        r"0.05–20 µm/px .*; tiled as 0.5 µm/px \(--wsi-default-mpp\)", report["warnings"][0])
+    assert "warnings (1):\n  " in capsys.readouterr().err  # in the summary printed at the end
+    assert res[0] == {"slide_mpp": pytest.approx(0.499), "from": "file", "recorded_mpp": pytest.approx(0.499)}
+    assert res[1] == {"slide_mpp": 0.5, "from": "default_mpp", "recorded_mpp": pytest.approx(352.78, rel=1e-4)}
+    report, res = run_cli("forced.zarr", "--wsi-force-mpp", "0.25", "--wsi-default-mpp", "0.5")
+    assert report["failures"] == [] and report["warnings"] == []
+    assert [(r["slide_mpp"], r["from"]) for r in res] == [(0.25, "force_mpp")] * 2
+    assert load_preprocessing(tmp_path / "forced.zarr")["config"]["wsi"]["force_mpp"] == 0.25
+
+
 def test_a_crashing_worker_fails_only_its_patient():
     # plain stand-ins for the sources, so the workers need not import the package
     tasks = [{"index": i, "id": f"P{i}", "wsi": SimpleNamespace(path=Path(f"slide{i}.svs"))} for i in range(5)]
@@ -558,10 +603,10 @@ def test_fitted_refuses_settings_it_would_ignore(store: Path, tmp_path: Path):
     (tmp_path / "new.csv").write_text("patient_id,age\nNEW0,40\n")
     out = tmp_path / "new.zarr"
     with pytest.raises(ValueError, match=rf"--fitted {re.escape(str(store))} applies the training store's "
-                                         r"preprocessing unchanged .*, so --clinical, --rna-width, --rna-no-log1p "
-                                         r"would be ignored: leave them out"):
+                                         r"preprocessing unchanged .*, so --clinical, --rna-width, --rna-no-log1p, "
+                                         r"--wsi-force-mpp would be ignored: leave them out"):
         pp.main([str(tmp_path / "new.csv"), "--out", str(out), "--fitted", str(store), "--clinical", "age",
-                 "--rna-width", "0", "--rna-no-log1p"])
+                 "--rna-width", "0", "--rna-no-log1p", "--wsi-force-mpp", "0.25"])
     assert not out.exists()
     # every flag of the parser is either a setting (refused with --fitted) or about the run itself
     parser = argparse.ArgumentParser()

@@ -71,7 +71,7 @@ from .preprocess_stages import (  # the public names are re-exported: store.py a
     journal_wsi_count,  # noqa: F401
 )
 from .store import load_preprocessing
-from .wsi import WsiConfig, tile_slide
+from .wsi import PLAUSIBLE_MPP, WsiConfig, tile_slide
 
 
 # ------------------------------------------------------------------------------- image worker
@@ -87,9 +87,12 @@ def process_images(task: dict[str, Any]) -> dict[str, Any]:
         try:
             if m == "wsi":
                 r = tile_slide(source.path, wsi_cfg, pid)
+                # the provenance records the resolution the slide was tiled at and where it came from
+                resolution = {"slide_mpp": r.slide_mpp, "from": r.mpp_source, "recorded_mpp": r.recorded_mpp}
                 out[m] = {"status": "present", "tiles": r.tiles, "scores": r.scores.tolist(),
                           "coords": r.coords.tolist(), "count": len(r.scores), "slide_mpp": r.slide_mpp,
-                          "n_tissue_tiles": r.n_tissue, "source": _provenance({"": source.path})}
+                          "n_tissue_tiles": r.n_tissue, "warnings": r.warnings,
+                          "source": {**_provenance({"": source.path}), "resolution": resolution}}
             else:
                 paths = resolve_mri_paths(source, mri_cfg, pid)
                 r = preprocess_mri(paths, mri_cfg, pid)
@@ -303,7 +306,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--wsi-mpp", type=float)
     p.add_argument("--wsi-candidates", type=int)
     p.add_argument("--wsi-keep", type=int)
-    p.add_argument("--wsi-default-mpp", type=float)
+    p.add_argument("--wsi-default-mpp", type=float,
+                   help="µm/px at level 0 of slides that record no resolution, or an implausible one (outside "
+                        f"{PLAUSIBLE_MPP[0]}–{PLAUSIBLE_MPP[1]} µm/px, e.g. a TIFF left at 72 dpi; without it such "
+                        "a slide fails)")
+    p.add_argument("--wsi-force-mpp", type=float,
+                   help="µm/px at level 0 of every slide, instead of what the files record (for a cohort whose "
+                        "files record a wrong resolution)")
     p.add_argument("--mri-sequences", help="comma-separated channels among t1,t1ce,t2,flair")
     p.add_argument("--mri-spacing", type=float)
     p.add_argument("--mri-crop", type=int, help="cubic crop side in voxels")
@@ -314,7 +323,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 #: the flags that shape the store (with ``--fitted`` the training store's settings are used instead)
 _SETTING_FLAGS = ("config", "modalities", "clinical", "codec", "rna_value", "rna_genes", "rna_min_std", "rna_width",
                   "rna_no_log1p", "dnam_values", "dnam_width", "wsi_tile_px", "wsi_mpp", "wsi_candidates", "wsi_keep",
-                  "wsi_default_mpp", "mri_sequences", "mri_spacing", "mri_crop")
+                  "wsi_default_mpp", "wsi_force_mpp", "mri_sequences", "mri_spacing", "mri_crop")
 
 
 def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -335,6 +344,7 @@ def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         ("wsi", "tile_px"): args.wsi_tile_px, ("wsi", "mpp"): args.wsi_mpp,
         ("wsi", "n_candidates"): args.wsi_candidates,
         ("wsi", "n_keep"): args.wsi_keep, ("wsi", "default_mpp"): args.wsi_default_mpp,
+        ("wsi", "force_mpp"): args.wsi_force_mpp,
         ("mri", "spacing"): args.mri_spacing,
     }
     for (sub, key), value in flags.items():

@@ -343,13 +343,13 @@ def _finalize(root: Any, out: Path, manifest: Manifest, cfg: PreprocessConfig, r
                     failures.append((manifest.ids[i], m, e["error"]))
                 elif e.get("status") == "present":
                     sources[m][i] = e["source"]
+                    report.warnings += e.get("warnings", [])
                     if m == "wsi":
                         count[i] = e["count"]
                         scores[i, : e["count"]] = e["scores"]
                         coords[i, : e["count"]] = e["coords"]
                     else:
                         center[i] = e["center"]
-                        report.warnings += e.get("warnings", [])
         if "wsi" in mods:
             root["wsi/count"][:], root["wsi/scores"][:], root["wsi/coords"][:] = count, scores, coords
         if "mri" in mods:

@@ -20,6 +20,9 @@ enough (196 KB–1 MB) that per-chunk overhead does not matter when the cohort i
       wsi/scores (N, k) f4         wsi/coords (N, k, 2) i8   (level-0 x, y)
       mri/data   (N, C, D, H, W) f4                          mri/center (N, 3) i4
       provenance/                  attrs: per patient and modality, source path and checksum
+                                   (a slide's also its "resolution": slide_mpp, the level-0 µm/px it
+                                   was tiled at; from: "file", "force_mpp" or "default_mpp";
+                                   recorded_mpp: what the file records, null if nothing usable)
 
 Missing patients are never written (zarr reads them as the fill value 0). Chunks are compressed
 with LZ4 inside Blosc with byte shuffle, level 1 (``codec="lz4"``): the fastest to decode of the

@@ -12,6 +12,15 @@ never again per training step:
 3. **score** = mean over the tile's pixels of ``tissue · saturation / 255`` (tissue by the slide's
    threshold): dense, well-stained tissue first; the best ``n_keep`` are kept, best first.
 
+**Resolution.** The slide's µm/px at level 0 is, in this order: ``force_mpp`` when set (for a
+cohort whose files record wrong resolutions); else what the file records (``openslide.mpp-x``/``-y``:
+Aperio's ``MPP``, a TIFF's ``XResolution``/``ResolutionUnit``, …) when that is plausible, i.e.
+within :data:`PLAUSIBLE_MPP`; else ``default_mpp``, with a note naming the slide when the file
+recorded an implausible value; else the slide fails. Brightfield scanners work at ~0.1 µm/px (100×
+oil) to ~10 µm/px (overview scans); values outside :data:`PLAUSIBLE_MPP` come from export defaults
+such as a TIFF resolution of 72 dpi (352.8 µm/px), 96 dpi (264.6), 300 dpi (84.7) or 1 pixel/cm
+(10,000), or from a resolution in other units, and tiling at them would read the wrong scale.
+
 Training may draw among the kept tiles; inference uses the best one or the mean of all (see
 :mod:`pyimputmae.data.store`). An unreadable slide raises :class:`SlideError` naming the file and
 the patient.
@@ -20,7 +29,7 @@ the patient.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +42,22 @@ class SlideError(RuntimeError):
     """A slide that cannot be tiled; the message names the file and the patient."""
 
 
+#: the level-0 µm/px a file may record and be believed (inclusive); see the module docstring
+PLAUSIBLE_MPP = (0.05, 20.0)
+
+#: how to set a slide's resolution by hand, for messages
+_MPP_FLAGS = ("set --wsi-force-mpp (WsiConfig.force_mpp) to the slides' true µm/px at level 0, or --wsi-default-mpp "
+              "(WsiConfig.default_mpp) for the slides whose resolution is unrecorded or implausible")
+
+
 @dataclass
 class WsiConfig:
     """tile_px: tile side in pixels; mpp: µm per pixel of the tiles; n_candidates: tiles read and
     scored per slide; n_keep: best tiles stored; min_tissue: thumbnail tissue fraction of a
-    candidate; min_saturation: floor of the Otsu threshold (0–255); default_mpp: used when the
-    slide does not record its resolution (``None``: such a slide is an error); seed: tie order."""
+    candidate; min_saturation: floor of the Otsu threshold (0–255); default_mpp: the slide's
+    µm/px at level 0 when the file records none, or a value outside :data:`PLAUSIBLE_MPP`
+    (``None``: such a slide is an error); force_mpp: the µm/px at level 0 of every slide, instead
+    of what the files record (``None``: believe the files); seed: tie order."""
 
     tile_px: int = 256
     mpp: float = 0.5
@@ -47,12 +66,18 @@ class WsiConfig:
     min_tissue: float = 0.5
     min_saturation: float = 15.0
     default_mpp: float | None = None
+    force_mpp: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_fields(self, "WsiConfig.")
         if self.tile_px < 8 or self.mpp <= 0 or self.n_keep < 1 or self.n_candidates < self.n_keep:
             raise ValueError(f"WsiConfig needs tile_px ≥ 8, mpp > 0, 1 ≤ n_keep ≤ n_candidates; got {self}")
+        for name in ("default_mpp", "force_mpp"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:  # NaN and infinity: refused by check_fields
+                raise ValueError(f"WsiConfig.{name} (--wsi-{name.replace('_', '-')}) must be a positive number of "
+                                 f"µm/px, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,8 +86,11 @@ class WsiConfig:
 @dataclass
 class SlideTiles:
     """tiles: ``(k, 3, tile_px, tile_px)`` uint8, best first (k ≤ n_keep); scores: ``(k,)``;
-    coords: ``(k, 2)`` level-0 ``(x, y)`` of each tile's corner; slide_mpp: the slide's µm/px;
-    threshold: the saturation threshold; n_tissue: grid tiles that passed ``min_tissue``."""
+    coords: ``(k, 2)`` level-0 ``(x, y)`` of each tile's corner; slide_mpp: the slide's µm/px
+    at level 0 the tiles were cut at; mpp_source: where it came from (see
+    :class:`SlideResolution`); recorded_mpp: what the file records (``None``: nothing usable);
+    threshold: the saturation threshold; n_tissue: grid tiles that passed ``min_tissue``;
+    warnings: notes for the report (a recorded resolution that was not believed)."""
 
     tiles: np.ndarray
     scores: np.ndarray
@@ -70,6 +98,22 @@ class SlideTiles:
     slide_mpp: float
     threshold: float
     n_tissue: int
+    mpp_source: str = "file"
+    recorded_mpp: float | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SlideResolution:
+    """A slide's µm/px at level 0 and where it came from. mpp: the value tiling uses; source:
+    ``"file"`` (recorded by the file and plausible), ``"force_mpp"`` or ``"default_mpp"`` (the
+    settings); recorded: what the file records (the mean of ``openslide.mpp-x``/``-y``; ``None``:
+    nothing, or not a number); note: why the file's value was not used, for the report."""
+
+    mpp: float
+    source: str
+    recorded: float | None
+    note: str | None = None
 
 
 def otsu_threshold(values: np.ndarray) -> float:
@@ -105,23 +149,51 @@ def _rgb(region: Any) -> np.ndarray:
     return a
 
 
-def slide_mpp(slide: Any, config: WsiConfig, where: str) -> float:
-    """The slide's µm/px at level 0 (``openslide.mpp-x``/``-y``), else ``config.default_mpp`` (also
-    for a recorded value that is not a positive number, e.g. an Aperio ``MPP = 0``)."""
+def slide_resolution(slide: Any, config: WsiConfig, where: str) -> SlideResolution:
+    """The slide's µm/px at level 0: ``config.force_mpp``; else the file's ``openslide.mpp-x``/``-y``
+    (their mean) when within :data:`PLAUSIBLE_MPP`; else ``config.default_mpp``, with a note when the
+    file records a positive number outside that range (352.8 from a 72-dpi TIFF, …; 0, a negative
+    number or NaN count as unrecorded, as Aperio's ``MPP = 0``); else a :class:`SlideError` naming
+    ``where`` (the file and patient), the recorded value and the settings to use."""
     props = slide.properties
-    recorded = (props.get("openslide.mpp-x"), props.get("openslide.mpp-y"))
+    raw = (props.get("openslide.mpp-x"), props.get("openslide.mpp-y"))
     try:
-        mpp = float(recorded[0]) * 0.5 + float(recorded[1]) * 0.5
+        mean = float(raw[0]) * 0.5 + float(raw[1]) * 0.5
     except (TypeError, ValueError):
-        mpp = math.nan
-    if math.isfinite(mpp) and mpp > 0:
-        return mpp
+        mean = math.nan
+    recorded = mean if math.isfinite(mean) else None
+    if config.force_mpp is not None:
+        return SlideResolution(float(config.force_mpp), "force_mpp", recorded)
+    low, high = PLAUSIBLE_MPP
+    if recorded is not None and low <= recorded <= high:
+        return SlideResolution(recorded, "file", recorded)
+    implausible = recorded is not None and recorded > 0  # a number, but not a slide's (0 and NaN: unrecorded)
+    if raw == (None, None):
+        what = "does not record its resolution"
+    else:
+        tags = ""
+        if props.get("openslide.vendor") == "generic-tiff" and props.get("tiff.XResolution") is not None:
+            tags = (f", from the TIFF tags XResolution = {props['tiff.XResolution']} per "
+                    f"{props.get('tiff.ResolutionUnit', '?')}")
+        found = f"openslide.mpp-x/-y = {raw[0]!r}/{raw[1]!r}{tags}"
+        if implausible:
+            value = f"{recorded:.4g}" if recorded < 1e4 else f"{recorded:,.0f}"
+            why = "a TIFF resolution left at an export default such as 72 dpi?" if recorded > high else \
+                "a resolution in other units?"
+            what = (f"records {value} µm/px ({found}), outside the {low:g}–{high:g} µm/px of a whole-slide image at "
+                    f"level 0 ({why})")
+        else:
+            what = f"records an unusable resolution ({found})"
     if config.default_mpp is None:
-        what = "does not record its resolution" if recorded == (None, None) else \
-            f"records an unusable resolution (openslide.mpp-x/-y = {recorded[0]!r}/{recorded[1]!r})"
-        raise SlideError(f"{where}: the slide {what}; set WsiConfig.default_mpp (--wsi-default-mpp) to its "
-                         "µm/px")
-    return float(config.default_mpp)
+        raise SlideError(f"{where}: the slide {what}; {_MPP_FLAGS}")
+    note = f"{where}: the slide {what}; tiled as {config.default_mpp} µm/px (--wsi-default-mpp)" if implausible \
+        else None
+    return SlideResolution(float(config.default_mpp), "default_mpp", recorded, note)
+
+
+def slide_mpp(slide: Any, config: WsiConfig, where: str) -> float:
+    """The slide's µm/px at level 0 (:func:`slide_resolution`'s value)."""
+    return slide_resolution(slide, config, where).mpp
 
 
 def tile_slide(path: str | Path, config: WsiConfig | None = None, patient: str | None = None) -> SlideTiles:
@@ -147,10 +219,13 @@ def tile_slide(path: str | Path, config: WsiConfig | None = None, patient: str |
 def _tile_open_slide(slide: Any, cfg: WsiConfig, where: str) -> SlideTiles:
     from PIL import Image
 
-    mpp0 = slide_mpp(slide, cfg, where)
+    res = slide_resolution(slide, cfg, where)
+    mpp0 = res.mpp
     if cfg.mpp < 0.95 * mpp0:
-        raise SlideError(f"{where}: the slide's resolution {mpp0:.3f} µm/px is coarser than the requested "
-                         f"{cfg.mpp} µm/px")
+        origin = {"file": "recorded by the file", "force_mpp": "--wsi-force-mpp",
+                  "default_mpp": "--wsi-default-mpp"}[res.source]
+        raise SlideError(f"{where}: the slide's resolution {mpp0:.3f} µm/px ({origin}) is coarser than the "
+                         f"requested {cfg.mpp} µm/px (--wsi-mpp)")
     width0, height0 = slide.dimensions
     tile0 = cfg.tile_px * cfg.mpp / mpp0  # tile side in level-0 pixels
     nx, ny = int(width0 // tile0), int(height0 // tile0)
@@ -202,4 +277,5 @@ def _tile_open_slide(slide: Any, cfg: WsiConfig, where: str) -> SlideTiles:
         scores=np.asarray([scores[i] for i in best], dtype=np.float32),
         coords=np.asarray([coords[i] for i in best], dtype=np.int64),
         slide_mpp=mpp0, threshold=float(threshold), n_tissue=int((frac >= cfg.min_tissue).sum()),
+        mpp_source=res.source, recorded_mpp=res.recorded, warnings=[res.note] if res.note else [],
     )
