@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from pyimputmae.data.bench_store import bench_store_load, write_synthetic_store
-from pyimputmae.data.store import StoreDataset, StoreError, create_store, load_cohort, read_patients
+from pyimputmae.data.store import (
+    StoreDataset,
+    StoreError,
+    create_store,
+    load_cohort,
+    make_dataloader,
+    read_patients,
+)
 
 pytest.importorskip("zarr", reason="zarr>=3 writes the store")
 
@@ -67,3 +74,58 @@ def test_a_store_of_another_format_version_is_refused(tmp_path: Path):
         with pytest.raises(StoreError, match=r"v.zarr is a pyimputmae store of format version 2 \(written by "
                            r"pyimputmae 9.0\); this pyimputmae reads version 1: write the store again"):
             read(path)
+
+
+def _numbered_tiles_store(path: Path, counts: list[int], keep: int = 8) -> Path:
+    """A complete slides-only store whose patient ``i`` has ``counts[i]`` tiles, tile ``k`` all ``k``."""
+    ids = [f"P{i}" for i in range(len(counts))]
+    root = create_store(path, ids=ids, shapes={"wsi": (3, 4, 4)}, n_clinical=0, wsi_keep=keep)
+    for i, n in enumerate(counts):
+        if n:
+            root["wsi/tiles"][i] = np.arange(keep, dtype=np.uint8)[:, None, None, None] * (np.arange(keep) < n)[
+                :, None, None, None].astype(np.uint8) * np.ones((keep, 3, 4, 4), np.uint8)
+    root["wsi/count"][:] = counts
+    root["table/present"][:] = np.asarray(counts)[:, None] > 0
+    root["table/status"][:] = (np.asarray(counts)[:, None] > 0).astype(np.int8)
+    root.attrs["complete"] = True
+    return path
+
+
+def _drawn_tiles(loader: torch.utils.data.DataLoader, epochs: int = 3) -> list[dict[str, int]]:
+    """Per pass over ``loader``: patient → the stored tile it gave, with torch's global RNG used
+    between batches (as a training step does)."""
+    passes = []
+    for _ in range(epochs):
+        drawn = {}
+        for b in loader:
+            drawn.update({pid: round(float(b.inputs["wsi"][r, 0, 0, 0]) * 255) for r, pid in enumerate(b.ids)})
+            torch.rand(100)
+        passes.append(drawn)
+    return passes
+
+
+def test_random_tiles_depend_only_on_seed_epoch_and_patient(tmp_path: Path):
+    counts = [8, 8, 3, 0, 8, 8, 5, 8, 8, 8, 2, 8]
+    path = _numbered_tiles_store(tmp_path / "tiles.zarr", counts)
+
+    def draws(num_workers: int, seed: int = 7, **kw) -> list[dict[str, int]]:
+        return _drawn_tiles(make_dataloader(path, wsi_tile="random", seed=seed, batch_size=5, shuffle=True,
+                                            num_workers=num_workers, **kw))
+
+    torch.manual_seed(0)
+    in_process = draws(0)
+    torch.manual_seed(123)  # another state of the global RNG changes nothing
+    assert draws(0) == in_process
+    assert draws(2) == in_process  # nor do worker processes (and which one reads which patient)
+    # a tile among the patient's stored ones; each pass draws anew; another seed, other tiles
+    for drawn in in_process:
+        assert all(0 <= drawn[f"P{i}"] < max(n, 1) for i, n in enumerate(counts))
+    assert in_process[0] != in_process[1] != in_process[2]
+    assert len({d["P0"] for d in in_process} | {d["P1"] for d in in_process}) > 1
+    assert draws(0, seed=8) != in_process
+    # the same tiles in the same pass, whatever the order and the batches
+    assert _drawn_tiles(make_dataloader(path, wsi_tile="random", seed=7, batch_size=12)) == in_process
+    # the dataset alone: a seed fixes each patient's tile (epoch 0, or the one given)
+    ds = StoreDataset(path, wsi_tile="random", seed=7)
+    assert [round(float(ds[0]["inputs"]["wsi"][0, 0, 0]) * 255) for _ in range(5)] == [in_process[0]["P0"]] * 5
+    assert round(float(ds[(0, 2)]["inputs"]["wsi"][0, 0, 0]) * 255) == in_process[2]["P0"]

@@ -345,14 +345,18 @@ class StoreDataset(torch.utils.data.Dataset):
     Item ``i`` (a row of ``indices``) → dict ``{"inputs": {m: (C, *S) float32}, "present": (M,)
     bool, "clinical": (K,) float32, "time": (), "event": (), "id": str}``; :func:`collate_batch`
     makes a :class:`~pyimputmae.data.cohort.Batch`. wsi_tile: "best", "mean" or "random" (a uniform
-    draw among the stored tiles, for training; seeded per worker by torch). The zarr arrays are
-    opened lazily in each process, so the dataset is safe to use with forked DataLoader workers.
-    allow_incomplete: stream only the patients that read as complete from an interrupted store
-    (as :func:`load_cohort`; ``indices`` must be among them).
+    draw among the stored tiles, for training). seed: with "random", the tile of item ``i`` depends
+    only on ``(seed, epoch, store row)`` — an item may be given as ``(i, epoch)``, as
+    :func:`make_dataloader`'s sampler does; a plain ``i`` is epoch 0 —, whatever process reads it
+    and whatever else used torch's random numbers; ``None``: a fresh draw from torch's global RNG
+    at each read. The zarr arrays are opened lazily in each process, so the dataset is safe to use
+    with forked DataLoader workers. allow_incomplete: stream only the patients that read as
+    complete from an interrupted store (as :func:`load_cohort`; ``indices`` must be among them).
     """
 
     def __init__(self, path: str | Path, indices: np.ndarray | list[int] | None = None, *,
-                 modalities: list[str] | None = None, wsi_tile: str = "best", allow_incomplete: bool = False) -> None:
+                 modalities: list[str] | None = None, wsi_tile: str = "best", allow_incomplete: bool = False,
+                 seed: int | None = None) -> None:
         if wsi_tile not in WSI_TILE_MODES:
             raise ValueError(f"wsi_tile must be one of {WSI_TILE_MODES}, got {wsi_tile!r}")
         root = open_store(path, require_complete=not allow_incomplete)
@@ -362,6 +366,7 @@ class StoreDataset(torch.utils.data.Dataset):
         self.all_modalities = list(attrs["modalities"])
         self.modalities = self.all_modalities if modalities is None else list(modalities)
         self.wsi_tile = wsi_tile
+        self.seed = seed
         self.ids: list[str] = list(attrs["ids"])
         readable, present = _readable(root, self.path)
         self.indices = np.flatnonzero(readable) if indices is None else np.asarray(indices, dtype=np.int64)
@@ -393,7 +398,14 @@ class StoreDataset(torch.utils.data.Dataset):
             self._pid = os.getpid()
         return self._arrays
 
-    def __getitem__(self, item: int) -> dict[str, Any]:
+    def _tile_index(self, i: int, n: int, epoch: int) -> int:
+        """The stored tile (of ``n``) that store row ``i`` gives in ``epoch`` (wsi_tile "random")."""
+        if self.seed is None:
+            return int(torch.randint(n, ()))
+        return int(np.random.default_rng([self.seed % 2**64, epoch, i]).integers(n))
+
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
+        item, epoch = item if isinstance(item, tuple) else (item, 0)
         i = int(self.indices[item])
         arrays = self._open()
         inputs = {}
@@ -405,7 +417,7 @@ class StoreDataset(torch.utils.data.Dataset):
             if self.wsi_tile == "mean":
                 x = arrays[m][i, :n].astype(np.float32).mean(0)
             else:
-                j = int(torch.randint(n, ())) if self.wsi_tile == "random" else 0
+                j = self._tile_index(i, n, epoch) if self.wsi_tile == "random" else 0
                 x = arrays[m][i, j].astype(np.float32)
             inputs[m] = torch.from_numpy(x / 255.0)
         return {"inputs": inputs, "present": torch.from_numpy(self.present[i]),
@@ -434,6 +446,25 @@ def _worker_init(worker_id: int) -> None:
     zarr.config.set({"threading.max_workers": 1, "async.concurrency": 4})
 
 
+class _EpochSampler(torch.utils.data.Sampler):
+    """The indices (or batches of indices) of ``inner`` as ``(index, epoch)``, ``epoch`` counting
+    the passes over it (one per iteration of the DataLoader, made in the main process), so that
+    :class:`StoreDataset` draws its random tiles from ``(seed, epoch, patient)`` alone."""
+
+    def __init__(self, inner: Any, batched: bool) -> None:
+        self.inner, self.batched, self.epoch = inner, batched, -1
+
+    def __iter__(self) -> Any:
+        self.epoch += 1
+        epoch = self.epoch
+        if self.batched:
+            return ([(i, epoch) for i in batch] for batch in self.inner)
+        return ((i, epoch) for i in self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
 def make_dataloader(path: str | Path, *, split: str | None = None, fold: int | None = None, batch_size: int = 24,
                     shuffle: bool = False, num_workers: int = 0, wsi_tile: str = "best",
                     modalities: list[str] | None = None, drop_last: bool = False, seed: int | None = None,
@@ -442,7 +473,10 @@ def make_dataloader(path: str | Path, *, split: str | None = None, fold: int | N
     from disk in ``num_workers`` processes (forked workers are safe: arrays open lazily per
     process, zarr ≥ 3.1 resets its event loop after fork, and each worker limits zarr's threads).
     ``split``/``fold`` select rows like :meth:`Cohort.indices`; allow_incomplete: see
-    :class:`StoreDataset`."""
+    :class:`StoreDataset`. seed: the shuffle order and, with ``wsi_tile="random"``, the tiles,
+    which depend only on ``(seed, epoch, patient)`` — the same with any ``num_workers``, whatever
+    else draws from torch's global RNG — and change from one pass over the loader to the next
+    (``None``: a seed drawn from torch's global RNG when the loader is made)."""
     ds = StoreDataset(path, modalities=modalities, wsi_tile=wsi_tile, allow_incomplete=allow_incomplete)
     if split is not None:
         train = ds.split == "train"
@@ -457,6 +491,18 @@ def make_dataloader(path: str | Path, *, split: str | None = None, fold: int | N
         ds.indices = ds.indices[keep[ds.indices]]  # of the readable rows (all, in a finished store)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     mods = tuple(ds.modalities)
+    if wsi_tile == "random" and "wsi" in mods:
+        # not torch's RNG in whichever process reads the item (the main one without workers)
+        ds.seed = seed if seed is not None else int(torch.randint(2**62, ()))
+        if kwargs.get("batch_sampler") is not None:
+            kwargs["batch_sampler"] = _EpochSampler(kwargs["batch_sampler"], batched=True)
+        else:
+            inner = kwargs.get("sampler")
+            if inner is None:  # what DataLoader(shuffle=...) would make, with the same generator
+                inner = (torch.utils.data.RandomSampler(ds, generator=generator) if shuffle
+                         else torch.utils.data.SequentialSampler(ds))
+                shuffle = False  # done by the sampler
+            kwargs["sampler"] = _EpochSampler(inner, batched=False)
     return torch.utils.data.DataLoader(
         ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, drop_last=drop_last,
         collate_fn=functools.partial(collate_batch, modalities=mods),
