@@ -43,6 +43,42 @@ def test_gdc_star_counts_parsed_like_the_gdc_file(tmp_path: Path):
     assert counts["ENSG00000000003"] == int(27.6 * 37)
 
 
+
+@pytest.mark.parametrize("layout", ["blank line", "whitespace lines", "crlf", "trailing whitespace"])
+def test_gdc_star_file_with_blank_lines_crlf_or_trailing_whitespace_is_recognised(tmp_path: Path, layout: str):
+    """Files that went through an editor or another tool: a blank line after the ``#`` comment, a
+    line of spaces and tabs (also at the end), Windows line endings, spaces after each line."""
+    reference = read_gdc_star_counts(write_gdc_star(tmp_path / "gdc.tsv", GENES, TPM))
+    text = (tmp_path / "gdc.tsv").read_text()
+    edited = {"blank line": text.replace("GENCODE v36\n", "GENCODE v36\n\n"),
+              "whitespace lines": text.replace("GENCODE v36\n", "GENCODE v36\n \t \n") + "\t\n\n",
+              "crlf": text.replace("GENCODE v36\n", "GENCODE v36\n\n").replace("\n", "\r\n"),
+              "trailing whitespace": text.replace("GENCODE v36\n", "GENCODE v36\n\n").replace("\n", " \t\n")}[layout]
+    path = tmp_path / "edited.tsv"
+    path.write_bytes(edited.encode())
+    assert is_gdc_star(path)
+    pd.testing.assert_series_equal(read_gdc_star_counts(path), reference)
+    # read as a STAR file by the "auto" reader (as a table it would fail: no patient's column)
+    pd.testing.assert_series_equal(read_omics(path, "TCGA-AA-0001", OmicsConfig()), reference)
+
+
+def test_tables_that_are_not_gdc_star_files_are_not_taken_for_one(tmp_path: Path):
+    samples = ["TCGA-AA-0001", "TCGA-AA-0002"]
+    # genes × samples with GDC's gene annotations (STAR files merged): no count column; after a comment
+    # (and a blank line)
+    merged = pd.DataFrame({"gene_id": [g[0] for g in GENES], "gene_name": [g[1] for g in GENES],
+                           "gene_type": [g[2] for g in GENES], samples[0]: TPM, samples[1]: TPM[::-1]})
+    (tmp_path / "merged.tsv").write_text("# merged by a script\n" + merged.to_csv(sep="\t", index=False))
+    (tmp_path / "blank.tsv").write_text("# merged by a script\n\n" + merged.to_csv(sep="\t", index=False))
+    merged.to_csv(tmp_path / "merged.csv", index=False)  # comma-separated: not a STAR file either
+    for name in ("merged.tsv", "blank.tsv", "merged.csv"):
+        assert not is_gdc_star(tmp_path / name)
+        x = read_omics(tmp_path / name, samples[1], OmicsConfig())
+        assert x[GENES[0][0]] == pytest.approx(TPM[-1]) and len(x) == len(GENES)
+    (tmp_path / "comments.tsv").write_text("# gene_id\tgene_type\tunstranded\n\n \n")
+    (tmp_path / "header_later.tsv").write_text("probe\tvalue\ngene_id\tgene_type\tunstranded\n")
+    assert not is_gdc_star(tmp_path / "comments.tsv") and not is_gdc_star(tmp_path / "header_later.tsv")
+
 def test_gdc_file_without_the_gene_column_names_file_patient_and_column(tmp_path: Path):
     columns = tuple(c for c in GDC_HEADER if c != "gene_name")
     path = write_gdc_star(tmp_path / "broken.tsv", GENES, TPM, columns=columns)

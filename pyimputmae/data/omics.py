@@ -112,19 +112,32 @@ def _open_text(path: Path):
     return gzip.open(path, "rt") if path.suffix == ".gz" else open(path)
 
 
-def _first_lines(path: Path, n: int = 3) -> list[str]:
+def _content_lines(path: Path, n: int) -> list[tuple[int, str]]:
+    """``(line number from 0, text)`` of the first ``n`` lines that are neither ``#`` comments nor
+    blank (whitespace only), the text without its line ending (``\\n`` or ``\\r\\n``)."""
     with _open_text(path) as f:
         lines = []
-        for line in f:
-            if not line.startswith("#"):
-                lines.append(line.rstrip("\n"))
+        for k, line in enumerate(f):
+            if not line.startswith("#") and line.strip():
+                lines.append((k, line.rstrip("\r\n")))
             if len(lines) >= n:
                 break
     return lines
 
 
+def _first_lines(path: Path, n: int = 3) -> list[str]:
+    return [text for _, text in _content_lines(path, n)]
+
+
+#: the count columns of a STAR gene-counts file: its header has one at least, besides gene_id and gene_type
+_STAR_COUNT_COLUMNS = ("stranded_first", "stranded_second", *GDC_VALUE_COLUMNS)
+
+
 def is_gdc_star(path: str | Path) -> bool:
-    """Whether ``path`` looks like a GDC "augmented STAR gene counts" TSV (by its header)."""
+    """Whether ``path`` looks like a GDC "augmented STAR gene counts" TSV, by its header (the first
+    line that is not a ``#`` comment or blank): tab-separated, with ``gene_id``, ``gene_type`` and at
+    least one STAR count column (``unstranded``, ``tpm_unstranded``, …). A genes × samples matrix
+    with gene annotations is a table, not a STAR file."""
     p = Path(path)
     if p.suffix == ".parquet":
         return False
@@ -132,7 +145,8 @@ def is_gdc_star(path: str | Path) -> bool:
         head = _first_lines(p, 1)
     except (OSError, UnicodeDecodeError):
         return False
-    return bool(head) and {"gene_id", "gene_type"} <= set(head[0].split("\t"))
+    columns = {c.strip() for c in head[0].split("\t")} if head else set()
+    return {"gene_id", "gene_type"} <= columns and any(c in columns for c in _STAR_COUNT_COLUMNS)
 
 
 def read_gdc_star_counts(path: str | Path, config: OmicsConfig | None = None, patient: str | None = None) -> Any:
@@ -147,15 +161,20 @@ def read_gdc_star_counts(path: str | Path, config: OmicsConfig | None = None, pa
     cfg = config or OmicsConfig()
     path = Path(path)
     try:
-        table = pd.read_csv(path, sep="\t", comment="#", dtype=str, keep_default_na=False)
+        header = _content_lines(path, 1)  # after the comments and any blank lines
+        table = pd.read_csv(path, sep="\t", comment="#", dtype=str, keep_default_na=False,
+                            skiprows=header[0][0] if header else 0)
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise OmicsError(f"{_where(path, patient)}: cannot read GDC STAR counts file: {e}") from e
+    table.columns = [str(c).strip() for c in table.columns]  # trailing spaces after the last column name
     need = [*_GDC_REQUIRED, cfg.value]
     missing = [c for c in need if c not in table.columns]
     if missing:
         raise OmicsError(f"{_where(path, patient)}: GDC STAR counts file has no column(s) {missing}; "
                          f"columns are {list(table.columns)}")
-    table = table[~table["gene_id"].str.startswith("N_")]
+    for c in need:
+        table[c] = table[c].str.strip()
+    table = table[~table["gene_id"].str.startswith("N_") & (table["gene_id"] != "")]  # blank lines: no gene
     if cfg.gene_types:
         table = table[table["gene_type"].isin(cfg.gene_types)]
     if table.empty:
