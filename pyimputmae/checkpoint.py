@@ -166,9 +166,9 @@ def resume_differences(saved: dict[str, Any], train_config: dict[str, Any], mode
     return out
 
 
-#: What a run writes in out_dir (relative paths); an out_dir holding any of them holds a run.
 #: the lock file a run holds in out_dir while it writes there (pyimputmae._runlock; removed at its end)
 LOCK_FILE = ".pyimputmae.lock"
+#: What a run writes in out_dir (relative paths); an out_dir holding any of them holds a run.
 RUN_FILES = ("checkpoints/last.pt", "model.pt", "metrics.json", "metrics.jsonl", "config.json", "tensorboard",
              "training_curves.png", "risk_groups.png")
 

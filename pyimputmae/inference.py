@@ -188,8 +188,8 @@ def evaluate_model(model: SurvivalModel, cohort: Cohort, idx: np.ndarray | torch
                          f"and event 0/1 ({shown}): evaluate only the others, e.g. idx[np.isfinite("
                          "cohort.time[idx].numpy())]")
     if not event.any():
-        warnings.warn(f"none of the {len(idx)} patients evaluated has an event, so the C-index, IBS and "
-                      "Harrell's C are undefined (NaN)", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"none of the {len(idx)} patients evaluated has an event, so the C-index, IBS, "
+                      "CS-score and Harrell's C are undefined (NaN)", RuntimeWarning, stacklevel=2)
     curves = predict_survival(model, cohort, idx, batch_size, device, check=check)
     return evaluate(curves, model.cuts.cpu().numpy(), time_, event)
 

@@ -58,6 +58,21 @@ def test_synthetic_store_loads_into_memory(tmp_path: Path):
     assert list(c.split).count("test") == 2 and c.indices("train", fold=0).size > 0
 
 
+def test_dataloader_selects_splits_and_folds_like_the_cohort(tmp_path: Path):
+    """make_dataloader gave an empty loader for a misspelt split or an unknown fold."""
+    path = write_synthetic_store(tmp_path / "syn.zarr", n_patients=10, sizes="small")
+    cohort = load_cohort(path)
+    for split, fold in (("test", None), ("train", 1), ("val", 1)):
+        loader = make_dataloader(path, split=split, fold=fold, batch_size=10, modalities=["rna"])
+        assert [pid for b in loader for pid in b.ids] == [cohort.ids[i] for i in cohort.indices(split, fold)]
+    with pytest.raises(ValueError, match=r"unknown split 'tset': choose one of train, val, test \(this cohort has "
+                                         r"test, train\)"):
+        make_dataloader(path, split="tset")
+    with pytest.raises(ValueError, match=r"fold 7 is not a cross-validation fold of this cohort: its training folds "
+                                         r"are 0, 1, 2, 3"):
+        make_dataloader(path, split="val", fold=7)
+
+
 def test_bench_store_load_reports_load_and_stream(tmp_path: Path):
     r = bench_store_load(tmp_path, n_patients=24, sizes="small", repeats=1, device="cpu", stream_workers=2,
                          stream_batches=3, batch_size=4)

@@ -136,6 +136,18 @@ def test_a_boolean_mask_selects_its_rows(cohort):
     assert evaluate_model(model, cohort, mask) == evaluate_model(model, cohort, np.flatnonzero(mask))
 
 
+def test_preprocessing_is_fitted_on_the_rows_of_a_boolean_mask(cohort):
+    """SurvivalModel.fit_preprocessing read a mask as rows 0 and 1 too."""
+    train = cohort.split == "train"
+    torch.manual_seed(0)
+    by_mask = SurvivalModel(ImputeMAE(tiny()), tiny()).fit_preprocessing(cohort, train)
+    by_rows = survival_model(cohort)  # default: cohort.indices("train")
+    np.testing.assert_array_equal(by_mask.cuts.numpy(), by_rows.cuts.numpy())
+    assert torch.equal(by_mask.clinical.median, by_rows.clinical.median)
+    with pytest.raises(ValueError, match=re.escape("idx is a boolean mask of shape (2,), but the cohort has 60")):
+        by_mask.fit_preprocessing(cohort, np.array([True, False]))
+
+
 @pytest.mark.parametrize("idx, words", [
     (np.array([True, False]), "is a boolean mask of shape (2,), but the cohort has 60 patients"),
     (np.array([0.0, 1.0]), "must be integer row numbers or a boolean mask, got dtype float64 (first entry 0.0)"),
@@ -167,8 +179,8 @@ def test_splits_and_folds_by_name(cohort):
 def test_evaluating_rows_without_a_death_warns_and_gives_nan(cohort):
     model = survival_model(cohort)
     censored = np.flatnonzero(cohort.event.numpy() == 0)[:10]
-    with pytest.warns(RuntimeWarning, match=r"none of the 10 patients evaluated has an event, so the C-index, IBS "
-                                            r"and Harrell's C are undefined \(NaN\)"):
+    with pytest.warns(RuntimeWarning, match=r"none of the 10 patients evaluated has an event, so the C-index, IBS, "
+                                            r"CS-score and Harrell's C are undefined \(NaN\)"):
         metrics = evaluate_model(model, cohort, censored)
     assert all(np.isnan(v) for v in metrics.values())
     with warnings.catch_warnings():

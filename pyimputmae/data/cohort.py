@@ -20,6 +20,30 @@ import torch
 SPLITS = ("train", "val", "test")
 
 
+def split_rows(splits: np.ndarray, folds: np.ndarray, split: str, fold: int | None = None) -> np.ndarray:
+    """Row indices of ``split`` given every patient's split name and fold (:meth:`Cohort.indices`,
+    and :func:`pyimputmae.data.store.make_dataloader` on a store's table): ValueError for a split
+    name outside :data:`SPLITS` or a ``fold`` no training patient has."""
+    splits, folds = np.asarray(splits), np.asarray(folds)
+    if split not in SPLITS:
+        have = sorted({str(s) for s in splits.tolist()})
+        raise ValueError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)} (this cohort has "
+                         f"{', '.join(have) or 'no patients'})")
+    train = splits == "train"
+    if fold is None:
+        return np.flatnonzero(splits == split)
+    known = sorted({int(f) for f in folds[train].tolist()} - {-1})
+    if fold not in known:
+        have = (f"its training folds are {', '.join(map(str, known))}" if known
+                else "it has no folds (fold is -1 for every training patient)")
+        raise ValueError(f"fold {fold} is not a cross-validation fold of this cohort: {have}")
+    if split == "train":
+        return np.flatnonzero(train & (folds != fold))
+    if split == "val":
+        return np.flatnonzero(train & (folds == fold))
+    return np.flatnonzero(splits == split)
+
+
 @dataclass
 class Batch:
     """One mini-batch, as the model consumes it.
@@ -103,24 +127,7 @@ class Cohort:
         A split of another name, or a ``fold`` no training patient has, is a ValueError (not an
         empty selection, or the whole training split, that would go unnoticed); a known split
         without patients (``"val"`` when the manifest has none) is an empty array."""
-        if split not in SPLITS:
-            have = sorted({str(s) for s in np.asarray(self.split).tolist()})
-            raise ValueError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)} (this cohort has "
-                             f"{', '.join(have) or 'no patients'})")
-        if fold is not None:
-            folds = sorted({int(f) for f in np.asarray(self.fold)[np.asarray(self.split) == "train"].tolist()} - {-1})
-            if fold not in folds:
-                have = (f"its training folds are {', '.join(map(str, folds))}" if folds
-                        else "it has no folds (fold is -1 for every training patient)")
-                raise ValueError(f"fold {fold} is not a cross-validation fold of this cohort: {have}")
-        if fold is None:
-            return np.flatnonzero(self.split == split)
-        train = self.split == "train"
-        if split == "train":
-            return np.flatnonzero(train & (self.fold != fold))
-        if split == "val":
-            return np.flatnonzero(train & (self.fold == fold))
-        return np.flatnonzero(self.split == split)
+        return split_rows(self.split, self.fold, split, fold)
 
     def rows(self, idx: np.ndarray | torch.Tensor | list[int] | None = None, what: str = "idx") -> np.ndarray:
         """``idx`` as int64 row numbers: None → every row; integers (numpy, torch or a list) as

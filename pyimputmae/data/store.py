@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .cohort import Batch, Cohort
+from .cohort import Batch, Cohort, split_rows
 
 FORMAT = "pyimputmae-store"
 FORMAT_VERSION = 1
@@ -472,22 +472,16 @@ def make_dataloader(path: str | Path, *, split: str | None = None, fold: int | N
     """A DataLoader of :class:`~pyimputmae.data.cohort.Batch` over a store, streaming patients
     from disk in ``num_workers`` processes (forked workers are safe: arrays open lazily per
     process, zarr ≥ 3.1 resets its event loop after fork, and each worker limits zarr's threads).
-    ``split``/``fold`` select rows like :meth:`Cohort.indices`; allow_incomplete: see
-    :class:`StoreDataset`. seed: the shuffle order and, with ``wsi_tile="random"``, the tiles,
+    ``split``/``fold`` select rows like :meth:`Cohort.indices` (an unknown split name or fold is a
+    ValueError); allow_incomplete: see :class:`StoreDataset`. seed: the shuffle order and, with
+    ``wsi_tile="random"``, the tiles,
     which depend only on ``(seed, epoch, patient)`` — the same with any ``num_workers``, whatever
     else draws from torch's global RNG — and change from one pass over the loader to the next
     (``None``: a seed drawn from torch's global RNG when the loader is made)."""
     ds = StoreDataset(path, modalities=modalities, wsi_tile=wsi_tile, allow_incomplete=allow_incomplete)
     if split is not None:
-        train = ds.split == "train"
-        if fold is None:
-            keep = ds.split == split
-        elif split == "train":
-            keep = train & (ds.fold != fold)
-        elif split == "val":
-            keep = train & (ds.fold == fold)
-        else:
-            keep = ds.split == split
+        keep = np.zeros(len(ds.split), dtype=bool)
+        keep[split_rows(ds.split, ds.fold, split, fold)] = True
         ds.indices = ds.indices[keep[ds.indices]]  # of the readable rows (all, in a finished store)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     mods = tuple(ds.modalities)

@@ -91,12 +91,13 @@ class SurvivalModel(nn.Module):
     # ------------------------------------------------------------- preprocess
     def fit_preprocessing(self, cohort: Any, idx: np.ndarray | None = None) -> SurvivalModel:
         """Fit everything the model learns from the training split, on rows ``idx`` of ``cohort``
-        (default: ``cohort.indices("train")``): clinical imputation and scaling, the ``n_bins``
-        equidistant interval cuts (``IntervalCuts.fit``), and keep ``cohort.attrs`` (the data
-        preprocessing fitted when the cohort was built) in ``mae.preprocessing``."""
+        (default: ``cohort.indices("train")``; row numbers or a boolean mask, as :meth:`Cohort.rows`
+        reads them): clinical imputation and scaling, the ``n_bins`` equidistant interval cuts
+        (``IntervalCuts.fit``), and keep ``cohort.attrs`` (the data preprocessing fitted when the
+        cohort was built) in ``mae.preprocessing``."""
         from ..survival import IntervalCuts
 
-        idx = cohort.indices("train") if idx is None else np.asarray(idx)
+        idx = cohort.indices("train") if idx is None else cohort.rows(idx)
         if len(idx) == 0:
             raise ValueError("fit_preprocessing got no training rows")
         index = torch.as_tensor(idx, dtype=torch.int64, device=cohort.time.device)
