@@ -171,15 +171,30 @@ def nonfinite_rows(values: torch.Tensor, chunk: int = 64) -> np.ndarray:
     return np.flatnonzero(torch.cat(bad).numpy()) if bad else np.zeros(0, dtype=np.int64)
 
 
+def _fitting_modalities(model_cfg: ModelConfig, cohort: Cohort) -> str:
+    """A ``--set model.modalities=...`` value for the cohort's data: the model's modalities the cohort
+    has, each with the cohort's channels and sizes and the model's patch size where it divides them
+    (else the largest one below it that does), its encoder depth unchanged."""
+    out = []
+    for m in model_cfg.modalities:
+        if m.name not in cohort.inputs:
+            continue
+        channels, *spatial = (int(x) for x in cohort.inputs[m.name].shape[1:])
+        common = math.gcd(*spatial) if spatial else m.patch
+        patch = max(p for p in range(1, min(m.patch, common) + 1) if common % p == 0)
+        out.append({"name": m.name, "channels": channels, "spatial": spatial, "patch": patch, "depth": m.depth})
+    return f"--set model.modalities='{json.dumps(out)}' (model_overrides={{'modalities': [...]}})"
+
+
 def check_cohort(cohort: Cohort, model_cfg: ModelConfig, train_idx: np.ndarray, source: str = "the cohort") -> None:
     """Clear errors for a cohort that cannot train this model: modalities and shapes, NaN or
     infinite inputs (they would turn every weight into NaN), the training patients' survival.
     ``source``: where the cohort came from, for the messages."""
     lacking = [m.name for m in model_cfg.modalities if m.name not in cohort.inputs]
     if lacking:
-        kept = [m for m in model_cfg.to_dict()["modalities"] if m["name"] in cohort.inputs]
-        fix = (f"configure the model with the cohort's modalities only, e.g. --set "
-               f"model.modalities='{json.dumps(kept)}' (model_overrides={{'modalities': [...]}}), or " if kept else "")
+        kept = [m for m in model_cfg.modalities if m.name in cohort.inputs]
+        fix = (f"configure the model with the cohort's modalities only, e.g. {_fitting_modalities(model_cfg, cohort)}"
+               ", or " if kept else "")
         raise ValueError(f"the model expects modalit{'ies' if len(lacking) > 1 else 'y'} "
                          f"{', '.join(map(repr, lacking))} but {source} has "
                          f"{list(cohort.inputs)}: {fix}write the store with every modality of the model (`pyimputmae "
@@ -187,8 +202,9 @@ def check_cohort(cohort: Cohort, model_cfg: ModelConfig, train_idx: np.ndarray, 
     for m in model_cfg.modalities:
         got = tuple(cohort.inputs[m.name].shape[1:])
         if got != m.shape:
-            raise ValueError(f"modality {m.name!r}: the cohort holds inputs of shape {got} per patient, the model "
-                             f"expects {m.shape} (patch {m.patch})")
+            raise ValueError(f"modality {m.name!r}: {source} holds inputs of shape {got} per patient, the model "
+                             f"expects {m.shape} (patch {m.patch}): configure the model for the data, e.g. "
+                             f"{_fitting_modalities(model_cfg, cohort)}, or preprocess with the model's sizes")
     unknown = [n for n in cohort.inputs if n not in model_cfg.names]
     if unknown:
         raise ValueError(f"the cohort has modalities {unknown} the model does not know (configured: {model_cfg.names})")

@@ -632,3 +632,19 @@ def test_a_distributed_launch_is_refused_before_anything_is_written(tmp_path, co
     monkeypatch.setenv("WORLD_SIZE", "1")  # a world of one process trains as usual
     res = train(cohort=cohort, model=TINY, out_dir=str(out), **FAST)
     assert Path(res.paths["model"]).is_file()
+
+
+def test_a_cohort_of_other_sizes_is_refused_with_a_model_setting_that_trains(tmp_path):
+    """The suggested --set model.modalities=... takes the cohort's sizes and a patch that divides them."""
+    shapes = {**TINY_SHAPES, "rna": (1, 200)}  # e.g. a store written with another --rna-width
+    cohort = make_cohort(n_patients=48, shapes=shapes, seed=1)
+    with pytest.raises(ValueError, match=r"modality 'rna': an in-memory cohort holds inputs of shape \(1, 200\) per "
+                                         r"patient, the model expects \(1, 1024\) \(patch 64\): configure the model "
+                                         r"for the data, e.g. --set model.modalities='") as err:
+        train(cohort=cohort, model=TINY, out_dir=str(tmp_path / "a"), **FAST)
+    suggested = json.loads(str(err.value).split("model.modalities='")[1].split("'")[0])
+    assert suggested[0] == {"name": "rna", "channels": 1, "spatial": [200], "patch": 50, "depth": 2}
+    assert suggested[1:] == TINY.to_dict()["modalities"][1:]  # the others already fit: unchanged
+    res = train(cohort=cohort, model=TINY, model_overrides={"modalities": suggested}, out_dir=str(tmp_path / "b"),
+                **FAST)
+    assert res.model.config.modalities[0].patch == 50 and np.isfinite(res.metrics["test"]["c_index"])
