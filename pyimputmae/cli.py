@@ -83,6 +83,8 @@ def _train(args: argparse.Namespace) -> int:
     from .training import train
 
     overrides = dict(args.set)
+    if args.data:
+        overrides["data"] = args.data
     if args.out:
         overrides["out_dir"] = args.out
     if args.resume:
@@ -228,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="pre-train and fine-tune from a YAML/JSON configuration")
     p.add_argument("--config", default=None, help="YAML or JSON file of TrainConfig settings")
+    p.add_argument("--data", default=None, metavar="STORE",
+                   help="a zarr store written by `pyimputmae preprocess` (overrides data; default: the synthetic "
+                        "cohort)")
     p.add_argument("--out", default=None, help="output folder (overrides out_dir)")
     p.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoints/last.pt")
     p.add_argument("--overwrite", action="store_true", help="replace the run files of an earlier run in out_dir")

@@ -60,7 +60,7 @@ def test_a_named_model_takes_the_clinical_columns_of_the_store(store, tmp_path):
 def test_a_store_without_some_of_the_models_modalities_is_refused_with_the_setting_that_fits(store, tmp_path, capsys):
     from pyimputmae.model.config import ModelConfig
 
-    args = ["train", "--out", str(tmp_path / "run"), "--set", f"data={store}", "model=small", "progress=false"]
+    args = ["train", "--data", str(store), "--out", str(tmp_path / "run"), "--set", "model=small", "progress=false"]
     assert main(args) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"pyimputmae train: error: the model expects modalities 'dnam', 'wsi', 'mri' but {store} has "
