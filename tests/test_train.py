@@ -116,7 +116,8 @@ def test_clear_errors_for_bad_data(tmp_path, cohort):
     with pytest.raises(ValueError, match="no patient of the training split .* has an event"):
         train(cohort=no_events, model=TINY, out_dir=str(tmp_path), **FAST)
     wrong = make_cohort(n_patients=64, shapes={**TINY_SHAPES, "mri": (1, 16, 16, 16)}, seed=1)
-    with pytest.raises(ValueError, match=r"modality 'mri': the cohort holds inputs of shape \(1, 16, 16, 16\)"):
+    with pytest.raises(ValueError, match=r"modality 'mri': an in-memory cohort holds inputs of shape \(1, 16, 16, 16\)"
+                                         r" per patient, the model expects \(1, 32, 32, 32\) \(patch 8\)"):
         train(cohort=wrong, model=TINY, out_dir=str(tmp_path), **FAST)
     with pytest.raises(ValueError, match="spatial size 1000 .* not a positive multiple of its patch size 64"):
         ModelConfig.small(modalities=({"name": "rna", "channels": 1, "spatial": (1000,), "patch": 64, "depth": 1},))
