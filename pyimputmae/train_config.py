@@ -142,7 +142,10 @@ class TrainConfig:
     @classmethod
     def load(cls, source: TrainConfig | str | os.PathLike | Mapping[str, Any] | None = None,
              **overrides: Any) -> TrainConfig:
-        """From a TrainConfig, a YAML/JSON path or a dict, with keyword overrides on top.
+        """From a TrainConfig, a YAML/JSON path or a dict, with keyword overrides on top. A run's own
+        ``config.json`` (``out_dir/config.json``) is read as the settings it ran with, less
+        ``resume`` and ``overwrite``: ``pyimputmae train --config runs/a/config.json --out runs/b``
+        repeats run ``a``.
 
         An override ``"a.b"`` sets key ``b`` of the dict setting ``a`` (``synthetic.n_patients``,
         ``model_overrides.dim``); ``"model.b"`` is ``"model_overrides.b"``, so that
@@ -167,6 +170,10 @@ class TrainConfig:
                 base = json.loads(text)
             if not isinstance(base, dict):
                 raise ValueError(f"{path}: expected a mapping of settings at the top level")
+            if set(base) == {"train", "model"} and isinstance(base["train"], dict):
+                # a run's own config.json ({"train": settings, "model": the model they resolved to}):
+                # its settings again, but not resume/overwrite, which were about that run's out_dir
+                base = {k: v for k, v in base["train"].items() if k not in ("resume", "overwrite")}
         for key, value in overrides.items():
             if "." not in key:
                 base[key] = value

@@ -649,3 +649,13 @@ def test_a_cohort_of_other_sizes_is_refused_with_a_model_setting_that_trains(tmp
     res = train(cohort=cohort, model=TINY, model_overrides={"modalities": suggested}, out_dir=str(tmp_path / "b"),
                 **FAST)
     assert res.model.config.modalities[0].patch == 50 and np.isfinite(res.metrics["test"]["c_index"])
+
+
+def test_a_runs_config_json_repeats_the_run_without_its_overwrite(tmp_path, cohort):
+    first = train(cohort=cohort, model=TINY, out_dir=str(tmp_path / "a"), overwrite=True, **FAST)
+    cfg = TrainConfig.load(first.paths["config"], out_dir=str(tmp_path / "b"))
+    assert (cfg.overwrite, cfg.resume, cfg.pretrain_epochs, cfg.seed) == (False, False, 2, 0)
+    again = train(cfg, cohort=cohort)
+    assert again.metrics["test"] == first.metrics["test"]  # same settings, same seed, same cohort (CPU)
+    with pytest.raises(FileExistsError, match="already holds a training run"):  # overwrite=True was not carried
+        train(TrainConfig.load(first.paths["config"]), cohort=cohort)
