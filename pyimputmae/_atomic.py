@@ -19,11 +19,12 @@ def _temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
-def fsync_folder(folder: str | os.PathLike) -> None:
-    """Flush a folder's entries (a rename into it) to disk; a no-op where folders cannot be opened."""
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's data, or a folder's entries (a rename into it), to disk; a no-op where the path
+    cannot be opened read-only for that (a folder on Windows) or the file system refuses fsync."""
     try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # (Windows)
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
         return
     try:
         os.fsync(fd)
@@ -53,7 +54,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_folder(path.parent)
+    fsync_path(path.parent)
     return path
 
 

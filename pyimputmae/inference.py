@@ -179,9 +179,8 @@ def evaluate_model(model: SurvivalModel, cohort: Cohort, idx: np.ndarray | torch
     idx = cohort.rows(idx)
     if not len(idx):
         raise ValueError("evaluate_model got no rows to evaluate (idx is empty)")
-    rows = torch.as_tensor(idx, device=cohort.time.device)
-    time_, event = cohort.time[rows].cpu().numpy(), cohort.event[rows].cpu().numpy()
-    unknown = idx[~(np.isfinite(time_) & np.isin(event, (0.0, 1.0)))]
+    time_, event, recorded = cohort.survival(idx)
+    unknown = idx[~recorded]
     if len(unknown):
         shown = ", ".join(str(cohort.ids[i]) for i in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
         raise ValueError(f"{len(unknown)} of the {len(idx)} patients to evaluate have no recorded survival time "

@@ -155,14 +155,6 @@ def load_cohort_for(cfg: TrainConfig, model_cfg: ModelConfig) -> Cohort:
     return make_cohort(**kwargs)
 
 
-def _survival(cohort: Cohort, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(time, event, recorded)`` of rows ``idx`` as numpy; ``recorded``: a finite time and an event
-    of 0 or 1 (new patients may have no follow-up)."""
-    rows = torch.as_tensor(idx, device=cohort.event.device)
-    time, event = cohort.time[rows].cpu().numpy(), cohort.event[rows].cpu().numpy()
-    return time, event, np.isfinite(time) & np.isin(event, (0.0, 1.0))
-
-
 def nonfinite_rows(values: torch.Tensor, chunk: int = 64) -> np.ndarray:
     """Rows of ``values`` ``(N, ...)`` holding a NaN or an infinity (checked ``chunk`` rows at a time:
     a cohort's inputs can be GBs)."""
@@ -221,7 +213,7 @@ def check_cohort(cohort: Cohort, model_cfg: ModelConfig, train_idx: np.ndarray, 
                              "present False); a store written by `pyimputmae preprocess` has none")
     if len(train_idx) == 0:
         raise ValueError("the training split is empty")
-    time, event, recorded = _survival(cohort, train_idx)
+    time, event, recorded = cohort.survival(train_idx)
     bad = train_idx[~(recorded & (time >= 0))]
     if len(bad):
         first = int(np.flatnonzero(train_idx == bad[0])[0])
@@ -795,7 +787,7 @@ def _run(cfg: TrainConfig, model_cfg: ModelConfig, cohort: Cohort, device: torch
         for split, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx)):
             if not len(idx):
                 continue
-            _, event, known = _survival(cohort, idx)
+            _, event, known = cohort.survival(idx)
             if event[known].sum() == 0:
                 warnings.warn(f"the {split} split is not evaluated: none of its {len(idx)} patients "
                               f"{'with a recorded time and event ' if not known.all() else ''}has an event, so the "

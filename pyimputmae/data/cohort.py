@@ -129,6 +129,13 @@ class Cohort:
         without patients (``"val"`` when the manifest has none) is an empty array."""
         return split_rows(self.split, self.fold, split, fold)
 
+    def survival(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(time, event, recorded)`` of rows ``idx`` (int row numbers) as numpy; ``recorded``: a
+        finite time and an event of 0 or 1 (new patients may have no follow-up)."""
+        rows = torch.as_tensor(idx, device=self.event.device)
+        time, event = self.time[rows].cpu().numpy(), self.event[rows].cpu().numpy()
+        return time, event, np.isfinite(time) & np.isin(event, (0.0, 1.0))
+
     def rows(self, idx: np.ndarray | torch.Tensor | list[int] | None = None, what: str = "idx") -> np.ndarray:
         """``idx`` as int64 row numbers: None → every row; integers (numpy, torch or a list) as
         they are; a boolean mask of one entry per patient → the rows where it is True (as numpy

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .._atomic import atomic_write_text, fsync_folder
+from .._atomic import atomic_write_text, fsync_path
 from .manifest import Manifest, apply_clinical, file_sha256, fit_clinical
 from .omics import run_omics
 from .preprocess_config import PreprocessConfig, PreprocessReport
@@ -40,18 +40,8 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj))
 
 
-def _fsync_file(path: Path) -> None:
-    """Flush one file's data to disk (where the system allows opening it read-only for that)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # a file system that refuses fsync: nothing more can be done
-        pass
-    finally:
-        os.close(fd)
+#: fsync of one file (a name of its own, which the durability test watches; folders use fsync_path)
+_fsync_file = fsync_path
 
 
 def flush_to_disk(path: Path) -> None:
@@ -66,10 +56,10 @@ def flush_to_disk(path: Path) -> None:
         for folder, _, files in os.walk(path):
             for name in files:
                 _fsync_file(Path(folder) / name)
-            fsync_folder(folder)
+            fsync_path(folder)
     else:
         _fsync_file(path)
-    fsync_folder(path.parent)
+    fsync_path(path.parent)
 
 
 def _chunk_rows(out: Path, root: Any, name: str, i: int) -> Path:
