@@ -24,11 +24,13 @@ import subprocess
 import sys
 import tempfile
 
+import setuptools
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CONFIG_NAME = "_build_config.json"
 DEFAULT_ARCHS = "8.0;9.0+PTX"
+LICENSE = "Apache-2.0"
 
 
 def _flag(name: str) -> str | None:
@@ -59,18 +61,61 @@ def _arch_numbers(arch_list: str) -> list[int]:
     return sorted(set(nums))
 
 
-def _cuda_toolkit() -> str | None:
-    """A CUDA toolkit folder holding bin/nvcc and lib64/libcudart*, or None."""
+def _nvcc_release(nvcc: str) -> str | None:
+    """``nvcc --version``'s release, e.g. ``"13.0"``; None when it does not run or says none."""
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else None
+
+
+def _major(version: str | None) -> str | None:
+    return version.split(".")[0] if version else None
+
+
+def _cuda_toolkits() -> list[str]:
+    """CUDA toolkit folders holding bin/nvcc and lib64/libcudart*: nvcc's on PATH first, then
+    /usr/local/cuda, then /usr/local/cuda-* newest first."""
     candidates = []
     nvcc = shutil.which("nvcc")
     if nvcc:
         candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
     candidates += ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
+    found = []
     for home in candidates:
         libs = glob.glob(os.path.join(home, "lib64", "libcudart*")) + glob.glob(os.path.join(home, "lib", "libcudart*"))
-        if os.path.exists(os.path.join(home, "bin", "nvcc")) and libs:
+        real = os.path.realpath(home)
+        if os.path.exists(os.path.join(home, "bin", "nvcc")) and libs and real not in found:
+            found.append(real)
+    return found
+
+
+def pick_toolkit(toolkits: list[str], release: dict[str, str | None], torch_cuda: str | None) -> str | None:
+    """The first toolkit whose nvcc has torch's CUDA major version (torch refuses to build with
+    another major), else the first one (the build then reports the mismatch); None for none."""
+    for home in toolkits:
+        if torch_cuda and _major(release.get(home)) == _major(torch_cuda):
             return home
-    return None
+    return toolkits[0] if toolkits else None
+
+
+def cuda_decision(want: str | None, torch_cuda: str | None, nvcc_release: str | None,
+                  has_nvcc: bool) -> tuple[bool, str]:
+    """Whether to build the CUDA kernels, and why: ``(build, reason)``. ``want`` is PYIMPUTMAE_CUDA
+    (None, "0" or "1"); ``torch_cuda`` torch.version.cuda; ``nvcc_release`` e.g. ``"12.4"``."""
+    if want == "0":
+        return False, "PYIMPUTMAE_CUDA=0"
+    if torch_cuda is None:
+        return False, "torch is a CPU-only build"
+    if not has_nvcc:
+        return False, "nvcc not found (set CUDA_HOME to a CUDA toolkit)"
+    if nvcc_release and _major(nvcc_release) != _major(torch_cuda):
+        return False, (f"nvcc {nvcc_release} cannot build for this torch, which was built with CUDA "
+                       f"{torch_cuda} (the major versions must agree): set CUDA_HOME to a CUDA "
+                       f"{_major(torch_cuda)}.x toolkit, or install a torch built for CUDA {_major(nvcc_release)}")
+    return True, "torch is a CUDA build and nvcc was found"
 
 
 def _resolve() -> tuple[dict, list]:
@@ -78,43 +123,38 @@ def _resolve() -> tuple[dict, list]:
     if _flag("PYIMPUTMAE_NO_EXT") == "1":
         config.update(extension=False, reason="PYIMPUTMAE_NO_EXT=1")
         return config, []
-    if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
-        # torch takes CUDA_HOME as nvcc's grandparent: /usr/local for a /usr/local/bin/nvcc wrapper,
-        # where libcudart is not. Point it at a toolkit that has both nvcc and the runtime library.
-        home = _cuda_toolkit()
-        if home:
-            os.environ["CUDA_HOME"] = home
     try:
         import torch
-        from torch.utils import cpp_extension
     except ImportError:
         sys.exit("setup.py: torch must be installed first (pip install torch), then "
                  "pip install --no-build-isolation -e .  (or set PYIMPUTMAE_NO_EXT=1)")
+    if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH") and torch.version.cuda:
+        # torch takes CUDA_HOME as nvcc's grandparent: /usr/local for a /usr/local/bin/nvcc wrapper,
+        # where libcudart is not. Point it at a toolkit that has both nvcc and the runtime library,
+        # of torch's CUDA major version where several are installed.
+        toolkits = _cuda_toolkits()
+        releases = {home: _nvcc_release(os.path.join(home, "bin", "nvcc")) for home in toolkits}
+        home = pick_toolkit(toolkits, releases, torch.version.cuda)
+        if home:
+            os.environ["CUDA_HOME"] = home
+    from torch.utils import cpp_extension  # reads CUDA_HOME on import
 
     cxx = os.environ.get("CXX", "c++")
     openmp = _compiler_has_openmp(cxx)
     want_cuda = _flag("PYIMPUTMAE_CUDA")
     nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc") if cpp_extension.CUDA_HOME else None
     has_nvcc = bool(nvcc and os.path.exists(nvcc))
-    if want_cuda == "0":
-        cuda, cuda_reason = False, "PYIMPUTMAE_CUDA=0"
-    elif torch.version.cuda is None:
-        cuda, cuda_reason = False, "torch is a CPU-only build"
-    elif not has_nvcc:
-        cuda, cuda_reason = False, "nvcc not found (set CUDA_HOME)"
-    else:
-        cuda, cuda_reason = True, "torch is a CUDA build and nvcc was found"
+    nvcc_version = _nvcc_release(nvcc) if has_nvcc and want_cuda != "0" and torch.version.cuda else None
+    cuda, cuda_reason = cuda_decision(want_cuda, torch.version.cuda, nvcc_version, has_nvcc)
     if want_cuda == "1" and not cuda:
         sys.exit(f"setup.py: PYIMPUTMAE_CUDA=1 but the CUDA kernels cannot be built: {cuda_reason}")
+    if not cuda and torch.version.cuda and want_cuda != "0":
+        print(f"setup.py: building the C++ (CPU) kernels only: {cuda_reason}. On CUDA tensors the ops "
+              "use the Triton kernels or the PyTorch reference.", file=sys.stderr, flush=True)
 
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
     if cuda:
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
-    nvcc_version = None
-    if cuda:
-        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-        m = re.search(r"release ([\d.]+)", out)
-        nvcc_version = m.group(1) if m else out.strip().splitlines()[-1]
 
     cpu_sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) if cuda else []
@@ -166,6 +206,14 @@ def _resolve() -> tuple[dict, list]:
         py_limited_api=True,
     )
     return config, [ext]
+
+
+def license_metadata(setuptools_version: str) -> dict:
+    """The license for ``setup()``: an SPDX expression (``license_expression``) from setuptools 77
+    on, which deprecates the free-text field; the free-text ``license`` before, which has no
+    expression field. pyproject.toml lists the license as dynamic so both builds take it from here."""
+    major = int(re.match(r"\d+", setuptools_version).group())
+    return {"license_expression": LICENSE} if major >= 77 else {"license": LICENSE}
 
 
 def _write_config(config: dict, *dirs: str) -> None:
@@ -221,4 +269,5 @@ if __name__ == "__main__":  # pip's build backend runs this file as __main__; te
         package_dir={"pyimputmae": "pyimputmae", "pyimputmae.kernels": "kernels"},
         packages=[*find_packages(include=["pyimputmae", "pyimputmae.*"]), "pyimputmae.kernels"],
         options={"bdist_wheel": {"py_limited_api": "cp39"}} if extensions else {},
+        **license_metadata(setuptools.__version__),
     )
