@@ -291,8 +291,8 @@ def test_gpu_check_commands_of_the_test_and_e2e_stages(tmp_path):
     """What tools/gpu_check.sh runs in its test and e2e stages, with a stand-in Python that records
     its arguments: the op tests' GPU cases without a --maxfail (a stop after N failures of one
     backend would leave every other (backend, family) pair of the rare GPU run without a verdict),
-    and the backends this run validated (gpu_validated.py's last line) for the end-to-end step and
-    for the saved-activation figure alike."""
+    and the backends this run validated (gpu_validated.py's last line) for the end-to-end step, the
+    saved-activation figure and the training run alike."""
     import os
     import shutil
     import subprocess
@@ -303,6 +303,7 @@ def test_gpu_check_commands_of_the_test_and_e2e_stages(tmp_path):
     (repo / "tools" / "e2e_step.py").write_text('# stand-in: takes "--budget-s" and "--ref"\n')
     (repo / "tests").mkdir()
     (repo / "tests" / "test_masking.py").write_text("")
+    (repo / "tests" / "test_device_train.py").write_text("")
     (repo / "shared" / "anchors").mkdir(parents=True)
     (repo / "shared" / "anchors" / "ref_step_bench.py").write_text("")
     log = tmp_path / "calls.log"
@@ -314,15 +315,18 @@ def test_gpu_check_commands_of_the_test_and_e2e_stages(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GPU_CHECK", "PYIMPUTMAE"))}
     env.update(PYTHON=str(fake_py), FAKE_PY_LOG=str(log), GPU_CHECK_FORCE="1", GPU_CHECK_WARM="0",
                PATH=os.environ.get("PATH", ""))
-    proc = subprocess.run(["bash", str(repo / "tools" / "gpu_check.sh"), str(tmp_path / "out"), "test", "e2e"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(["bash", str(repo / "tools" / "gpu_check.sh"), str(tmp_path / "out"), "test", "e2e",
+                           "train"], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     calls = log.read_text().splitlines()
-    pytest_call = next(c for c in calls if "-m pytest" in c)
+    pytest_call = next(c for c in calls if "-m pytest" in c and "test_masking.py" in c)
     assert "-m gpu and not slow" in pytest_call and "--maxfail" not in pytest_call, pytest_call
     e2e_call = next(c for c in calls if "tools/e2e_step.py" in c)
     activations = next(c for c in calls if "tools/saved_activations.py" in c)
-    for call in (e2e_call, activations):
+    # the user's path, train() on the GPU: its CUDA case only, with the same backends
+    train_call = next(c for c in calls if "tests/test_device_train.py" in c)
+    assert " -m gpu " in train_call and "junit_train.xml" in train_call, train_call
+    for call in (e2e_call, activations, train_call):
         assert call.startswith("backend=masking=triton "), call
     assert f"--ref {repo / 'shared' / 'anchors' / 'ref_step_bench.py'}" in e2e_call
 

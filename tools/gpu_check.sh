@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Checks for a fresh GPU machine (H100/H200; torch, triton, nvcc, ncu there; no network).
 #
-#   tools/gpu_check.sh OUTDIR [stages...]        default stages: env build test bench e2e sweep test16 paper
+#   tools/gpu_check.sh OUTDIR [stages...]        default stages: env build test bench e2e train sweep test16 paper
 #                                               (other: sanitize)
 #
 #   env    nvidia-smi, python/torch/triton/nvcc versions              -> OUTDIR/env.txt
@@ -30,6 +30,10 @@
 #          stage validated (tools/gpu_validated.py); with what is left, tools/saved_activations.py
 #          on the same backends                                      -> stage3_activations.log
 #          (builds the extension first when the machine has none: a second call on a fresh machine)
+#   train  tests/test_device_train.py on CUDA: train() with the cohort on the GPU and streamed to it,
+#          checkpoint, resume, save, load onto the CPU and back, predict, impute, evaluate, with the
+#          backends the test stage validated (builds the extension first on a fresh machine)
+#                                                                    -> stage3_train.log, junit_train.xml
 #   test16 the float16 GPU cases of the op tests: they decide GPU_VALIDATED_FP16 (bf16 is what training
 #          runs on an H100/H200, so its cases come first; fp16, the choice of amp="auto" on older GPUs,
 #          gets the time the timed stages leave)                   -> stage1_test_fp16.log, junit_ops_fp16.xml
@@ -47,7 +51,7 @@
 # A stage runs even when the one before it failed. OUTDIR/summary.tsv: stage, status, seconds, log.
 #
 # Knobs (environment): PYTHON (python3), GPU_CHECK_BUDGET_S (580: the whole script), BUILD_TIMEOUT_S
-# (240), TEST_TIMEOUT_S (120), TEST16_TIMEOUT_S (90), TEST_WORKERS (8), BENCH_LARGE_TIMEOUT_S (150), E2E_TIMEOUT_S (240), E2E_MODES,
+# (240), TEST_TIMEOUT_S (120), TEST16_TIMEOUT_S (90), TEST_WORKERS (8), BENCH_LARGE_TIMEOUT_S (150), E2E_TIMEOUT_S (240), E2E_MODES, TRAIN_TIMEOUT_S (150),
 # SWEEP_TIMEOUT_S (90), BENCH_PAPER_TIMEOUT_S (120), REF_STEP_TIMEOUT_S (180), SANITIZE_TIMEOUT_S (150 per tool),
 # GPU_CHECK_WARM=0 (no background compilation), WARM_WAIT_S (60: how long a timed stage waits for
 # an unfinished warm-up before stopping it), GPU_CHECK_FORCE=1 (run the GPU stages without a
@@ -69,7 +73,7 @@ OUT=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX") || exit 2
 KEY_FILES=(summary.tsv validated.txt targets.md bench_large.json e2e.json patch_embed_sweep.json)
 shift
 STAGES=("$@")
-[[ ${#STAGES[@]} -eq 0 ]] && STAGES=(env build test bench e2e sweep test16 paper)
+[[ ${#STAGES[@]} -eq 0 ]] && STAGES=(env build test bench e2e train sweep test16 paper)
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT" || exit 2
@@ -431,6 +435,26 @@ PYEOF
   fi
 }
 
+# the user's path on the GPU: train() with the cohort on the device and streamed to it, checkpoint,
+# resume, save, load onto the CPU and back, predict, impute, evaluate (tests/test_device_train.py,
+# its CUDA case), with the backends this run validated, like e2e
+stage_train() {
+  if [[ ! -f tests/test_device_train.py ]]; then
+    skip train "tests/test_device_train.py does not exist"
+    return
+  fi
+  if ! wants build && ! ext_loads; then
+    stage_build
+  fi
+  local choice="" args=(-v -rfE --tb=short -m gpu -p no:cacheprovider --junitxml="$OUT/junit_train.xml")
+  if [[ -f $OUT/junit_ops.xml || -f $OUT/stage1_test.log ]]; then
+    choice=$("$PY" tools/gpu_validated.py "$OUT" 2>/dev/null | grep '^PYIMPUTMAE_BACKEND=' | cut -d= -f2-)
+  fi
+  echo "== train: backends ${choice:-chosen automatically (PYIMPUTMAE_BACKEND unset)}"
+  run_step train "${TRAIN_TIMEOUT_S:-150}" "$OUT/stage3_train.log" env ${choice:+PYIMPUTMAE_BACKEND="$choice"} \
+    "$PY" -m pytest tests/test_device_train.py "${args[@]}"
+}
+
 printf 'stage\tstatus\tseconds\tlog\n' >"$SUMMARY"
 # killed from outside (the device call's own limit): stop the background warm-ups, keep what was written
 trap 'stop_warmups; bundle; exit 143' TERM INT
@@ -438,14 +462,14 @@ echo "gpu_check: stages ${STAGES[*]} -> $OUT (budget ${BUDGET}s)"
 for stage in "${STAGES[@]}"; do
   case $stage in
     env) stage_env ;;
-    build | test | test16 | bench | e2e | sweep | paper | sanitize)
+    build | test | test16 | bench | e2e | train | sweep | paper | sanitize)
       if [[ $HAVE_GPU != 1 ]]; then
         skip "$stage" "no GPU ($GPU_WHY); GPU_CHECK_FORCE=1 runs it anyway"
       else
         "stage_$stage"
       fi
       ;;
-    *) skip "$stage" "unknown stage (env build test bench e2e sweep test16 paper sanitize)" ;;
+    *) skip "$stage" "unknown stage (env build test bench e2e train sweep test16 paper sanitize)" ;;
   esac
 done
 
