@@ -1,7 +1,7 @@
 """The whole user path on each device: train() → checkpoint → resume → save → load → predict, impute
 and evaluate. On CPU this runs in every test run; on a GPU machine (tools/gpu_check.sh, stage
 ``train``) it runs once more on CUDA, where the code paths that only a GPU takes live: the cohort
-kept on the device (``data_on_device``) or streamed to it from pinned memory, bf16 autocast, CUDA
+kept on the device (``data_on_device``) or copied to it batch by batch, bf16 autocast, CUDA
 RNG state in checkpoints, and models moved between the GPU and the CPU.
 
 The GPU machines have torch, numpy, pandas and matplotlib but not lifelines: there Harrell's C (the
@@ -54,7 +54,7 @@ def _checked_metrics(values: dict, with_harrell: bool) -> None:
 
 def _placements(device: torch.device) -> list[str]:
     """data_on_device settings whose code differs on ``device``: on a GPU the cohort either moves to
-    it whole ("yes") or is streamed batch by batch from pinned host memory ("no")."""
+    it whole ("yes") or each batch is copied to it from host memory ("no")."""
     return ["yes", "no"] if device.type == "cuda" else ["auto"]
 
 
