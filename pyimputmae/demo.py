@@ -24,7 +24,7 @@ from .checkpoint import json_text
 from .data.cohort import Cohort
 from .data.synthetic import make_cohort
 from .model.config import ModelConfig
-from .plots import new_figure, plot_risk_groups
+from .plots import new_figure, plot_risk_groups, save_figure
 from .training import TrainResult, train
 
 #: Settings of the demo's training runs (small model; sized for ~2 minutes per arm on 2 CPU cores).
@@ -99,7 +99,7 @@ def plot_imputation(model, cohort: Cohort, test_idx: np.ndarray, path: Path) -> 
     axes[2].set_title(f"RNA held out, imputed (r = {out['rna_corr']:.2f})")
     fig.suptitle(f"Imputation of held-out modalities, test patient {out['patient']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     return out
 
 

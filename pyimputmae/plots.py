@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._atomic import atomic_write
+
 #: the fields of a history record that are not a loss to plot
 BOOKKEEPING = frozenset({"stage", "epoch", "step", "loss", "lr", "patients_per_s", "loss_scale"})
 STAGE_TITLES = {"pretrain": "pre-training: masked reconstruction (MSE)",
@@ -29,6 +31,22 @@ def new_figure(**kwargs: Any) -> Any:
     from matplotlib.figure import Figure
 
     return Figure(**kwargs)
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Draw ``fig`` to ``path`` atomically (:func:`~pyimputmae._atomic.atomic_write`): a run killed
+    while drawing leaves the previous figure, or none, never a truncated file that looks like a
+    result. The format comes from the file's extension, as ``Figure.savefig`` takes it; a name
+    without one gets matplotlib's default format (``savefig.format``) as its extension. Returns the
+    path written."""
+    import matplotlib
+
+    path = Path(path)
+    fmt = path.suffix[1:].lower()
+    if not fmt:
+        fmt = matplotlib.rcParams["savefig.format"]
+        path = path.with_name(f"{path.name}.{fmt}")
+    return atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi))
 
 
 def read_history(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -117,9 +135,7 @@ def plot_history(history: Sequence[Mapping[str, Any]], path: str | os.PathLike) 
         ax.set_xlabel("optimizer step")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    return path
+    return save_figure(fig, path)
 
 
 def risk_scores(curves: np.ndarray, grid: np.ndarray) -> np.ndarray:
@@ -157,5 +173,5 @@ def plot_risk_groups(model: Any, cohort: Any, idx: np.ndarray, path: str | os.Pa
     ax.set_title(f"{split.capitalize() + ' patients' if split else 'Patients'} by predicted risk "
                  f"(log-rank p = {p:.2g})")
     fig.tight_layout()
-    fig.savefig(Path(path), dpi=120)
+    save_figure(fig, path)
     return {"logrank_p": p, "n_high": int(high.sum()), "n_low": int((~high).sum())}

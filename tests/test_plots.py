@@ -136,3 +136,71 @@ def test_risk_groups_split_by_rank_so_ties_leave_no_half_empty(tmp_path, monkeyp
     result = plot_risk_groups(_Model(), _Cohort(n), np.arange(n), tmp_path / "same.png")
     assert result == {"skipped": "all 9 test patients have the same predicted risk: no groups to compare"}
     assert not (tmp_path / "same.png").exists()
+
+
+class _Imputer(torch.nn.Module):
+    """Stands in for a trained model in the demo's imputation figure: 'imputes' a held-out modality
+    as a noisy copy of the truth."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.mae = self
+
+    def impute(self, batch):
+        return {k: v + 0.1 * torch.randn_like(v) for k, v in batch.inputs.items()}
+
+
+def _failing_savefig(self, fname, *args, **kwargs):
+    """A kill (here an error) halfway through drawing: part of a PNG is written, then it stops."""
+    fname.write(PNG + b"half a figure")
+    raise OSError(28, "No space left on device")
+
+
+def test_a_figure_cut_short_leaves_the_previous_one_and_no_temporary(tmp_path, monkeypatch):
+    """A run killed while drawing must not leave a truncated PNG that looks like a result: each
+    figure is drawn to a temporary in the same folder and renamed over the old one."""
+    from matplotlib.figure import Figure
+
+    from pyimputmae import inference
+    from pyimputmae.data.synthetic import make_cohort
+    from pyimputmae.demo import plot_imputation
+
+    n = 9
+    curves = np.ones((n, 4))
+    curves[0, 1:] = 0.2
+    monkeypatch.setattr(inference, "predict_survival", lambda model, cohort, idx: curves[idx])
+    cohort = make_cohort(n_patients=40, seed=0)
+    rows = np.array([i for i, p in enumerate(cohort.present.numpy()) if p.all()][:3])
+    draws = {
+        "curves.png": lambda path: plot_history(history(), path),
+        "risk.png": lambda path: plot_risk_groups(_Model(), _Cohort(n), np.arange(n), path),
+        "imputation.png": lambda path: plot_imputation(_Imputer(), cohort, rows, path),
+    }
+    for name, draw in draws.items():
+        draw(tmp_path / name)
+        assert (tmp_path / name).read_bytes()[:8] == PNG
+    before = {name: (tmp_path / name).read_bytes() for name in draws}
+    modes = {name: (tmp_path / name).stat().st_mode for name in draws}
+    monkeypatch.setattr(Figure, "savefig", _failing_savefig)
+    for name, draw in draws.items():
+        with pytest.raises(OSError, match="No space left on device"):
+            draw(tmp_path / name)
+        assert (tmp_path / name).read_bytes() == before[name]  # the previous figure, untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(draws)  # no temporary left behind
+    assert {name: (tmp_path / name).stat().st_mode for name in draws} == modes
+
+
+def test_a_figure_is_written_like_the_runs_other_outputs_and_as_savefig_names_it(tmp_path):
+    """The umask decides its permissions (not the owner-only 0o600 of a temporary file: on a shared
+    cluster the group can read it); a name without an extension gets .png, as Figure.savefig does."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path = plot_history(history(), tmp_path / "curves.png")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert plot_history(history(), tmp_path / "no_extension") == tmp_path / "no_extension.png"
+    assert (tmp_path / "no_extension.png").read_bytes()[:8] == PNG
