@@ -144,3 +144,49 @@ def test_random_tiles_depend_only_on_seed_epoch_and_patient(tmp_path: Path):
     ds = StoreDataset(path, wsi_tile="random", seed=7)
     assert [round(float(ds[0]["inputs"]["wsi"][0, 0, 0]) * 255) for _ in range(5)] == [in_process[0]["P0"]] * 5
     assert round(float(ds[(0, 2)]["inputs"]["wsi"][0, 0, 0]) * 255) == in_process[2]["P0"]
+
+
+class _ByTileCount(torch.utils.data.Sampler):
+    """A user's batch sampler: patients grouped by how many tiles they have (a bucketing sampler),
+    the groups in a shuffled order that changes from pass to pass."""
+
+    def __init__(self, counts: list[int], seed: int) -> None:
+        self.counts, self.rng = counts, np.random.default_rng(seed)
+
+    def __iter__(self):
+        groups = [[i for i, c in enumerate(self.counts) if c == n] for n in sorted(set(self.counts))]
+        return iter([groups[g] for g in self.rng.permutation(len(groups))])
+
+    def __len__(self) -> int:
+        return len(set(self.counts))
+
+
+def test_a_batch_sampler_makes_the_batches_and_keeps_the_random_tiles(tmp_path: Path):
+    """make_dataloader passed its default batch_size along with a batch_sampler, and torch's
+    DataLoader refused the pair ("batch_sampler option is mutually exclusive with batch_size ...");
+    and with workers the first pass was counted twice (the loader makes a sampler iterator it never
+    uses), so its tiles were those of the next pass."""
+    counts = [8, 8, 3, 0, 8, 8, 5, 8, 8, 8, 2, 8]
+    path = _numbered_tiles_store(tmp_path / "tiles.zarr", counts)
+    groups = {n: [f"P{i}" for i, c in enumerate(counts) if c == n] for n in set(counts)}
+    reference = _drawn_tiles(make_dataloader(path, wsi_tile="random", seed=7, batch_size=12))
+    for workers in (0, 2):
+        loader = make_dataloader(path, wsi_tile="random", seed=7, num_workers=workers,
+                                 batch_sampler=_ByTileCount(counts, seed=workers))
+        assert len(loader) == len(groups)
+        batches = [b.ids for b in loader]
+        assert sorted(map(sorted, batches)) == sorted(map(sorted, groups.values()))
+        # the tiles depend on (seed, epoch, patient) alone: the same as in batches of 12, pass by pass
+        assert _drawn_tiles(loader, epochs=2) == reference[1:]
+    plain = make_dataloader(path, modalities=["wsi"], batch_sampler=torch.utils.data.BatchSampler(
+        torch.utils.data.SequentialSampler(range(len(counts))), batch_size=5, drop_last=True))
+    assert [b.ids for b in plain] == [[f"P{i}" for i in range(5)], [f"P{i}" for i in range(5, 10)]]
+    assert len(next(iter(make_dataloader(path))).ids) == 12  # without one, batches of 24 as before
+    for contradiction, shown in (({"batch_size": 4}, "batch_size=4"), ({"shuffle": True}, "shuffle=True"),
+                                 ({"drop_last": True, "batch_size": 2}, "batch_size=2, drop_last=True"),
+                                 ({"sampler": torch.utils.data.SequentialSampler(range(12))},
+                                  "sampler=SequentialSampler")):
+        with pytest.raises(ValueError, match=rf"tiles.zarr'\): batch_sampler=_ByTileCount makes the batches, so it "
+                                             rf"alone decides their size, order and last batch, but {shown} was also "
+                                             r"given: leave it out \(or set it on the batch sampler\)"):
+            make_dataloader(path, batch_sampler=_ByTileCount(counts, 0), **contradiction)

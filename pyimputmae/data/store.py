@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -454,19 +455,24 @@ class _EpochSampler(torch.utils.data.Sampler):
     def __init__(self, inner: Any, batched: bool) -> None:
         self.inner, self.batched, self.epoch = inner, batched, -1
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[Any]:
+        # a generator: the pass is counted when its first index is drawn, not when the iterator is
+        # made (a DataLoader with workers makes one it never draws from, then the one it uses)
         self.epoch += 1
         epoch = self.epoch
         if self.batched:
-            return ([(i, epoch) for i in batch] for batch in self.inner)
-        return ((i, epoch) for i in self.inner)
+            for batch in self.inner:
+                yield [(i, epoch) for i in batch]
+        else:
+            for i in self.inner:
+                yield i, epoch
 
     def __len__(self) -> int:
         return len(self.inner)
 
 
-def make_dataloader(path: str | Path, *, split: str | None = None, fold: int | None = None, batch_size: int = 24,
-                    shuffle: bool = False, num_workers: int = 0, wsi_tile: str = "best",
+def make_dataloader(path: str | Path, *, split: str | None = None, fold: int | None = None,
+                    batch_size: int | None = None, shuffle: bool = False, num_workers: int = 0, wsi_tile: str = "best",
                     modalities: list[str] | None = None, drop_last: bool = False, seed: int | None = None,
                     allow_incomplete: bool = False, **kwargs: Any) -> torch.utils.data.DataLoader:
     """A DataLoader of :class:`~pyimputmae.data.cohort.Batch` over a store, streaming patients
@@ -477,7 +483,26 @@ def make_dataloader(path: str | Path, *, split: str | None = None, fold: int | N
     ``wsi_tile="random"``, the tiles,
     which depend only on ``(seed, epoch, patient)`` — the same with any ``num_workers``, whatever
     else draws from torch's global RNG — and change from one pass over the loader to the next
-    (``None``: a seed drawn from torch's global RNG when the loader is made)."""
+    (``None``: a seed drawn from torch's global RNG when the loader is made). batch_size: 24 unless
+    a ``batch_sampler`` is given. Other keyword arguments go to torch's DataLoader; a
+    ``batch_sampler`` (yielding lists of positions ``0 … len(loader.dataset) - 1`` in the selected
+    rows) makes the batches, so ``batch_size``, ``shuffle``, ``drop_last`` and ``sampler`` are left
+    out with it (giving one is a ValueError); its random tiles still depend only on
+    ``(seed, epoch, patient)``."""
+    batch_sampler = kwargs.get("batch_sampler")
+    if batch_sampler is not None:
+        given = [f"batch_size={batch_size}"] if batch_size is not None else []
+        given += [f"{name}=True" for name, value in (("shuffle", shuffle), ("drop_last", drop_last)) if value]
+        if kwargs.get("sampler") is not None:
+            given.append(f"sampler={type(kwargs['sampler']).__name__}")
+        if given:
+            raise ValueError(
+                f"make_dataloader({str(path)!r}): batch_sampler={type(batch_sampler).__name__} makes the batches, "
+                f"so it alone decides their size, order and last batch, but {', '.join(given)} was also given: "
+                "leave it out (or set it on the batch sampler), or drop batch_sampler")
+        batch_size = 1  # torch's DataLoader requires its default alongside a batch_sampler
+    elif batch_size is None:
+        batch_size = 24
     ds = StoreDataset(path, modalities=modalities, wsi_tile=wsi_tile, allow_incomplete=allow_incomplete)
     if split is not None:
         keep = np.zeros(len(ds.split), dtype=bool)
@@ -488,8 +513,8 @@ def make_dataloader(path: str | Path, *, split: str | None = None, fold: int | N
     if wsi_tile == "random" and "wsi" in mods:
         # not torch's RNG in whichever process reads the item (the main one without workers)
         ds.seed = seed if seed is not None else int(torch.randint(2**62, ()))
-        if kwargs.get("batch_sampler") is not None:
-            kwargs["batch_sampler"] = _EpochSampler(kwargs["batch_sampler"], batched=True)
+        if batch_sampler is not None:
+            kwargs["batch_sampler"] = _EpochSampler(batch_sampler, batched=True)
         else:
             inner = kwargs.get("sampler")
             if inner is None:  # what DataLoader(shuffle=...) would make, with the same generator
