@@ -170,12 +170,43 @@ def test_cuda_keep_width_and_keep_rows_beyond_the_limits_are_refused(emu):
     x, weight = torch.zeros(1, 1, 8, 8), torch.zeros(8, 16)
     with pytest.raises(ValueError, match=cuda_message("patch_embed_forward", r"K \(columns of keep\)", BIG)):
         emu.patch_embed_forward(x, weight, None, None, huge(1, BIG, dtype=torch.int64), 4)
-    # grad_x with keep inverts keep with one CUDA block per batch item
+    # grad_x with keep inverts keep with one CUDA block per batch item (with K = 0 kept patches too)
     B = 2**31
     with pytest.raises(ValueError, match=r"patch_embed_backward: B \(rows of keep\) = 2,147,483,648 is too large "
                                          r"for one CUDA launch \(at most 2,147,483,647\)"):
-        emu.patch_embed_backward(huge(B, 1, 8), huge(B, 1, 4), torch.zeros(8, 4), huge(B, 1, dtype=torch.int64), 4,
+        emu.patch_embed_backward(huge(B, 0, 8), huge(B, 1, 4), torch.zeros(8, 4), huge(B, 0, dtype=torch.int64), 4,
                                  True, False)
+
+
+def test_cuda_gemm_sizes_beyond_cublas_int32_are_refused(emu):
+    """cuBLAS takes a GEMM's sizes and leading dimensions as 32-bit ints: B·K (or B·L) patch rows
+    and the embedding width E are refused, naming them, before the (B·K, F) patches are allocated
+    (the inputs here are one element expanded: an allocation of that size would fail differently)."""
+    B, K = 2**15 - 1, 2**16  # B·K = 2^31 - 2^16, the first size refused, each factor far below it
+    x, weight = huge(B, 1, 8), torch.zeros(8, 4)
+    rows = cuda_message("patch_embed_forward", r"B\*K \(patch rows of the GEMM: rows of keep times its columns\)",
+                        BIG)
+    with pytest.raises(ValueError, match=rows):
+        emu.patch_embed_forward(x, weight, None, None, huge(B, K, dtype=torch.int64), 4)
+    with pytest.raises(ValueError, match=rows.replace("forward", "backward")):
+        emu.patch_embed_backward(huge(B, K, 8), x, weight, huge(B, K, dtype=torch.int64), 4, True, True)
+    # without keep every patch is a row: B·L, here 2^30 items of L = 2 patches
+    with pytest.raises(ValueError, match=cuda_message(
+            "patch_embed_forward", r"B\*L \(patch rows of the GEMM: batch size times patches per item\)", 2**31)):
+        emu.patch_embed_forward(huge(2**30, 1, 8), weight, None, None, None, 4)
+    with pytest.raises(ValueError, match=cuda_message(
+            "patch_embed_backward", r"B\*L \(patch rows of the GEMM: batch size times patches per item\)", 2**31)):
+        emu.patch_embed_backward(huge(2**30, 2, 8), huge(2**30, 1, 8), weight, None, 4, False, True)
+    width = cuda_message("patch_embed_forward", r"E \(rows of weight, the embedding width\)", BIG)
+    with pytest.raises(ValueError, match=width):
+        emu.patch_embed_forward(torch.zeros(1, 1, 8), huge(BIG, 4), None, None, None, 4)
+    with pytest.raises(ValueError, match=width.replace("forward", "backward")):
+        emu.patch_embed_backward(huge(1, 2, BIG), torch.zeros(1, 1, 8), huge(BIG, 4), None, 4, True, False)
+    # one row fewer, one width less: past these checks to the next one (a bias of the wrong shape)
+    with pytest.raises(RuntimeError, match=r"patch_embed_forward: bias must be \(E,\) = \(8,\)"):
+        emu.patch_embed_forward(x, weight, torch.zeros(3), None, huge(B, K - 1, dtype=torch.int64), 4)
+    with pytest.raises(RuntimeError, match=rf"patch_embed_forward: bias must be \(E,\) = \({BIG - 1},\)"):
+        emu.patch_embed_forward(torch.zeros(1, 1, 8), huge(BIG - 1, 4), torch.zeros(3), None, None, 4)
 
 
 def test_cuda_masking_sizes_beyond_the_limits_are_refused(emu):

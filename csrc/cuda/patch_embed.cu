@@ -206,7 +206,16 @@ Checked check_patch_args(const char* op, const at::Tensor& x, const at::Tensor& 
     N = keep->size(1);
     check_index_size(op, "K (columns of keep)", N);
   }
-  return {op, B, N, L, F, weight.size(0)};
+  // cuBLAS takes a GEMM's sizes and leading dimensions as 32-bit ints. The GEMMs here are
+  // cols (B·N, F) · weightᵀ (F, E), grad_outᵀ (E, B·N) · cols and grad_out (B·N, E) · weight (E, F), with
+  // leading dimensions F and E: so B·N, E and F (checked with the patch geometry) must fit, and are
+  // refused here, before the (B·N, F) patches are allocated.
+  const int64_t E = weight.size(0);
+  check_index_size(op, "E (rows of weight, the embedding width)", E);
+  check_index_size(op, keep.has_value() ? "B*K (patch rows of the GEMM: rows of keep times its columns)"
+                                        : "B*L (patch rows of the GEMM: batch size times patches per item)",
+                   B * N);
+  return {op, B, N, L, F, E};
 }
 
 // The checked inputs made contiguous (under the caller's device guard, as the copies may launch).
