@@ -91,15 +91,31 @@ def row_tile(rows, cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def row_patches(r, r_ok, N, keep_ptr, HAS_KEEP: tl.constexpr):
-    """Rows ``r = b·N + m`` of the embedded matrix → ``(b, g)``: batch item and the patch it embeds,
-    ``keep[b, m]`` with ``keep``, else ``m``."""
+def keep_in_range(g, L):
+    """Whether each kept-patch index ``g`` lies in ``[0, L)``. An index outside is a caller's error
+    that the launchers do not check on the GPU (that would synchronise the host): its row is masked
+    out of every load and store of ``x``, ``pos`` and ``grad_x``, so it never touches memory outside
+    them, and ``TRITON_DEBUG=1`` reports it as the CUDA kernels' ``CUDA_KERNEL_ASSERT`` does. (Rows
+    past the end load ``g = 0``, in range.)"""
+    ok = (g >= 0) & (g < L)
+    tl.device_assert(ok, "patch_embed: keep index out of [0, L)")
+    return ok
+
+
+@triton.jit
+def row_patches(r, r_ok, N, L, keep_ptr, HAS_KEEP: tl.constexpr):
+    """Rows ``r = b·N + m`` of the embedded matrix → ``(b, g, ok)``: batch item, the patch it
+    embeds (``keep[b, m]`` with ``keep``, else ``m``) and whether the row is read and written
+    (``r_ok``, and ``g`` in ``[0, L)``: see :func:`keep_in_range`). One mask per row, computed
+    before a GEMM's inner loop uses it in place of ``r_ok``."""
     b = r // N
     if HAS_KEEP:
         g = tl.load(keep_ptr + r, mask=r_ok, other=0)
+        ok = r_ok & keep_in_range(g, L)
     else:
         g = r - b * N
-    return b, g
+        ok = r_ok
+    return b, g, ok
 
 
 @triton.jit
@@ -115,7 +131,7 @@ def _mma(acc, a, b, DOT: tl.constexpr, PRECISION: tl.constexpr):
 @triton.jit
 def _patch_embed_fwd_kernel(
     out_ptr, x_ptr, w_ptr, bias_ptr, pos_ptr, keep_ptr,
-    rows, N, E, F, sample, D, H, W, GH, GW,
+    rows, N, L, E, F, sample, D, H, W, GH, GW,
     PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, VEC: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, HAS_KEEP: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr, SEPARABLE: tl.constexpr, EVEN_K: tl.constexpr,
@@ -128,13 +144,13 @@ def _patch_embed_fwd_kernel(
     once and advanced by a scalar, the canonical form the software pipeliner handles best.
     """
     r, e, r_ok, e_ok = row_tile(rows, E, BLOCK_M, BLOCK_N)
-    b, g = row_patches(r, r_ok, N, keep_ptr, HAS_KEEP)
+    b, g, g_ok = row_patches(r, r_ok, N, L, keep_ptr, HAS_KEEP)  # g_ok: r_ok and keep in range
     row_off = tl.multiple_of(patch_row_offsets(b, g, sample, H, W, GH, GW, PD, PH, PW), VEC)
     if DOT == 2:
         # fp64: outer products, one feature at a time (tl.dot has no fp64 tensor-core path)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float64)
         for k in range(0, loop_bound(F)):
-            a = tl.load(x_ptr + row_off + feature_offsets(k, D, H, W, PD, PH, PW), mask=r_ok, other=0.0)
+            a = tl.load(x_ptr + row_off + feature_offsets(k, D, H, W, PD, PH, PW), mask=g_ok, other=0.0)
             wk = tl.load(w_ptr + e.to(tl.int64) * F + k, mask=e_ok, other=0.0)
             acc += a.to(tl.float64)[:, None] * wk.to(tl.float64)[None, :]
     else:
@@ -148,18 +164,18 @@ def _patch_embed_fwd_kernel(
             else:
                 a_src = x_ptr + row_off[:, None] + patch_feature_offsets(k0 + t, D, H, W, PD, PH, PW, VEC)[None, :]
             if EVEN_K:
-                a = tl.load(a_src, mask=r_ok[:, None], other=0.0)
+                a = tl.load(a_src, mask=g_ok[:, None], other=0.0)
                 wt = tl.load(w_ptrs + k0, mask=e_ok[None, :], other=0.0)
             else:
                 f_ok = (k0 + t) < F
-                a = tl.load(a_src, mask=r_ok[:, None] & f_ok[None, :], other=0.0)
+                a = tl.load(a_src, mask=g_ok[:, None] & f_ok[None, :], other=0.0)
                 wt = tl.load(w_ptrs + k0, mask=f_ok[:, None] & e_ok[None, :], other=0.0)
             # x may be wider than the weight (fp32 input, bf16 weight): round the patches to its dtype
             acc = _mma(acc, cast_rn(a, w_ptr.dtype.element_ty), wt, DOT, PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + e, mask=e_ok, other=0.0).to(acc.dtype)[None, :]
     if HAS_POS:
-        pos = tl.load(pos_ptr + g.to(tl.int64)[:, None] * E + e[None, :], mask=r_ok[:, None] & e_ok[None, :], other=0.0)
+        pos = tl.load(pos_ptr + g.to(tl.int64)[:, None] * E + e[None, :], mask=g_ok[:, None] & e_ok[None, :], other=0.0)
         acc += pos.to(acc.dtype)
     tl.store(out_ptr + r[:, None] * E + e[None, :], cast_rn(acc, out_ptr.dtype.element_ty),
              mask=r_ok[:, None] & e_ok[None, :])
@@ -168,14 +184,14 @@ def _patch_embed_fwd_kernel(
 @triton.jit
 def _patch_embed_grad_x_kernel(
     gx_ptr, gout_ptr, w_ptr, keep_ptr,
-    rows, N, E, F, sample, D, H, W, GH, GW,
+    rows, N, L, E, F, sample, D, H, W, GH, GW,
     PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, VEC: tl.constexpr, HAS_KEEP: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """grad_x at patch ``keep[b, m]`` (or ``m``), features ``f``: ``Σ_e grad_out[r, e]·weight[e, f]``."""
     r, f, r_ok, f_ok = row_tile(rows, F, BLOCK_M, BLOCK_N)
-    b, g = row_patches(r, r_ok, N, keep_ptr, HAS_KEEP)
+    b, g, g_ok = row_patches(r, r_ok, N, L, keep_ptr, HAS_KEEP)
     if DOT == 2:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float64)
         for k in range(0, loop_bound(E)):
@@ -194,13 +210,13 @@ def _patch_embed_grad_x_kernel(
     row_off = tl.multiple_of(patch_row_offsets(b, g, sample, H, W, GH, GW, PD, PH, PW), VEC)
     feat = patch_feature_offsets(f, D, H, W, PD, PH, PW, VEC)
     tl.store(gx_ptr + row_off[:, None] + feat[None, :], cast_rn(acc, gx_ptr.dtype.element_ty),
-             mask=r_ok[:, None] & f_ok[None, :])
+             mask=g_ok[:, None] & f_ok[None, :])
 
 
 @triton.jit
 def _patch_embed_grad_w_kernel(
     gw_ptr, gout_ptr, x_ptr, keep_ptr,
-    rows, rows_per_split, N, E, F, sample, D, H, W, GH, GW,
+    rows, rows_per_split, N, L, E, F, sample, D, H, W, GH, GW,
     PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, VEC: tl.constexpr, HAS_KEEP: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -226,10 +242,12 @@ def _patch_embed_grad_w_kernel(
             b = r // N
             if HAS_KEEP:
                 g = tl.load(keep_ptr + r)
+                x_ok = f_ok & keep_in_range(g, L)
             else:
                 g = r - b * N
+                x_ok = f_ok
             go = tl.load(gout_ptr + r * E + e, mask=e_ok, other=0.0)
-            xa = tl.load(x_ptr + patch_row_offsets(b, g, sample, H, W, GH, GW, PD, PH, PW) + feat, mask=f_ok,
+            xa = tl.load(x_ptr + patch_row_offsets(b, g, sample, H, W, GH, GW, PD, PH, PW) + feat, mask=x_ok,
                          other=0.0)
             acc += go.to(tl.float64)[:, None] * xa.to(tl.float64)[None, :]
     else:
@@ -237,10 +255,10 @@ def _patch_embed_grad_w_kernel(
         for r0 in range(loop_bound(first), loop_bound(last), BLOCK_K):
             r = r0 + tl.arange(0, BLOCK_K)
             r_ok = r < last
-            b, g = row_patches(r, r_ok, N, keep_ptr, HAS_KEEP)
+            b, g, g_ok = row_patches(r, r_ok, N, L, keep_ptr, HAS_KEEP)
             row_off = tl.multiple_of(patch_row_offsets(b, g, sample, H, W, GH, GW, PD, PH, PW), VEC)
             go_t = tl.load(gout_ptr + r[None, :] * E + e[:, None], mask=e_ok[:, None] & r_ok[None, :], other=0.0)
-            a = tl.load(x_ptr + row_off[:, None] + feat[None, :], mask=r_ok[:, None] & f_ok[None, :], other=0.0)
+            a = tl.load(x_ptr + row_off[:, None] + feat[None, :], mask=g_ok[:, None] & f_ok[None, :], other=0.0)
             acc = _mma(acc, go_t, cast_rn(a, gout_ptr.dtype.element_ty), DOT, PRECISION)
     tl.store(gw_ptr + split * E * F + e[:, None].to(tl.int64) * F + f[None, :], cast_rn(acc, gw_ptr.dtype.element_ty),
              mask=e_ok[:, None] & f_ok[None, :])
@@ -366,7 +384,7 @@ def patch_embed_forward(
     args = (
         out, x, weight, bias if bias is not None else x, pos if pos is not None else x,
         keep if keep is not None else x,
-        rows, N, E, F, geo["sample"], geo["D"], geo["H"], geo["W"], geo["GH"], geo["GW"],
+        rows, N, geo["L"], E, F, geo["sample"], geo["D"], geo["H"], geo["W"], geo["GH"], geo["GW"],
     )
     flags = dict(PD=geo["PD"], PH=geo["PH"], PW=geo["PW"], HAS_BIAS=bias is not None, HAS_POS=pos is not None,
                  HAS_KEEP=keep is not None, DOT=dot, PRECISION=precision)
@@ -407,7 +425,7 @@ def patch_embed_backward(
     dot, precision = _dot_mode(weight.dtype)
     cfg = _gemm_config(weight.dtype)
     keep_arg = keep if keep is not None else x
-    dims = (N, E, F, geo["sample"], geo["D"], geo["H"], geo["W"], geo["GH"], geo["GW"])
+    dims = (N, geo["L"], E, F, geo["sample"], geo["D"], geo["H"], geo["W"], geo["GH"], geo["GW"])
     flags = dict(PD=geo["PD"], PH=geo["PH"], PW=geo["PW"], HAS_KEEP=keep is not None, DOT=dot, PRECISION=precision)
     with device_guard(x):
         if need_x:
