@@ -96,7 +96,7 @@ def seed_everything(seed: int) -> None:
 #: amp, val_fold, pretrain/finetune, pretrain_from) must be the checkpoint's.
 RESUMABLE_SETTINGS = frozenset({
     "pretrain_epochs", "finetune_epochs", "out_dir", "resume", "overwrite", "device", "data_on_device",
-    "num_threads", "deterministic", "progress", "log_every", "checkpoint_every", "tensorboard",
+    "num_threads", "deterministic", "progress", "log_every", "checkpoint_every", "tensorboard", "cuda_graph",
 })
 _COMPARED_ELSEWHERE = frozenset({"model", "model_overrides", "data", "synthetic"})
 

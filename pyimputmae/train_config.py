@@ -134,6 +134,9 @@ class TrainConfig:
     num_threads: int | None = None
     deterministic: bool = False
     data_on_device: str = "auto"  # "auto", "yes", "no": keep the whole cohort on the GPU
+    # capture pre-training's whole step in one CUDA graph and replay it (GPU only; not with fp16 or
+    # grad_accum > 1); not yet run on a GPU, hence off by default (docs/benchmarks.md)
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self, "training setting ")
@@ -213,6 +216,13 @@ class TrainConfig:
             raise ValueError(f"num_threads must be ≥ 1 (None: torch's default), got {self.num_threads}")
         if not self.pretrain and not self.finetune:
             raise ValueError("nothing to do: pretrain and finetune are both off")
+        if self.cuda_graph and self.amp == "fp16":
+            raise ValueError("cuda_graph=True cannot capture fp16 training: its loss scaler checks every step's "
+                             "gradients on the host. Use amp='bf16' (or 'auto' on a GPU with bf16), or "
+                             "cuda_graph=False")
+        if self.cuda_graph and self.grad_accum > 1:
+            raise ValueError(f"cuda_graph=True captures one optimizer step per batch, so grad_accum must be 1, got "
+                             f"{self.grad_accum}: raise pretrain_batch_size instead, or set cuda_graph=False")
         if self.resume and self.overwrite:
             raise ValueError("resume=True continues the run in out_dir and overwrite=True replaces it: choose one")
         from .data.synthetic import make_cohort

@@ -41,6 +41,7 @@ from torch import nn
 
 from . import __version__, checkpoint
 from ._atomic import atomic_write_text
+from ._graph_step import GraphedStep
 from ._runlock import exclusive_use
 from .data.cohort import Cohort
 from .inference import evaluate_model, load, predict_survival, save_model  # noqa: F401  (public here too)
@@ -50,6 +51,9 @@ from .model.survival import SurvivalModel
 from .train_config import TrainConfig, check_single_process, device_for, pretrains, resolve_model
 
 STAGES = ("pretrain", "finetune")
+#: run ``cuda_graph``'s step (:class:`~pyimputmae._graph_step.GraphedStep`) without a graph on the
+#: CPU, where it is otherwise ignored: the tests check everything but the capture this way
+GRAPH_STEP_WITHOUT_CUDA = False
 
 
 @dataclass
@@ -428,6 +432,18 @@ class _Position:
     micro: int = 0  # micro-batches accumulated since the last optimizer step
 
 
+def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float, device: torch.device,
+                   graph: str | None = None) -> torch.optim.Optimizer:
+    """train()'s AdamW: betas (0.9, 0.95), weight decay on the matrices only (not on biases, norms,
+    tokens); fused on the GPU (and for ``graph``), foreach on the CPU; ``capturable`` for a step
+    captured in a CUDA graph (``graph="capture"``)."""
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type == "cuda" or graph is not None
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused, capturable=graph == "capture")
+
+
 class _Trainer:
     def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, cohort: Cohort, device: torch.device,
                  saved: dict | None, identity: dict[str, Any]) -> None:
@@ -443,12 +459,18 @@ class _Trainer:
         self.logger = _Logger(self.out / "metrics.jsonl", self.history, tb)
 
     # the optimizer: fused AdamW on the GPU (capturable there for CUDA graphs), foreach on CPU
-    def _optimizer(self, params: list[nn.Parameter], lr: float, wd: float) -> torch.optim.Optimizer:
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = self.device.type == "cuda"
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused)
+    def _optimizer(self, params: list[nn.Parameter], lr: float, wd: float, graph: str | None) -> torch.optim.Optimizer:
+        return make_optimizer(params, lr, wd, self.device, graph)
+
+    def _graph_mode(self, stage: str) -> str | None:
+        """How ``stage`` runs its steps: "capture" (pre-training with ``cuda_graph`` on a CUDA device:
+        one CUDA graph, :mod:`pyimputmae._graph_step`), "emulate" (the same step without a graph,
+        on the CPU: only the tests set :data:`GRAPH_STEP_WITHOUT_CUDA`), or None (step by step)."""
+        if not self.cfg.cuda_graph or stage != "pretrain":
+            return None
+        if self.device.type == "cuda":
+            return "capture"
+        return "emulate" if GRAPH_STEP_WITHOUT_CUDA else None
 
     def _save(self, pos: _Position, model: nn.Module, opt, sched, scaler, rng: torch.Tensor | None,
               window: dict[str, Any] | None = None) -> None:
@@ -525,7 +547,8 @@ class _Trainer:
         epochs = cfg.pretrain_epochs if pre else cfg.finetune_epochs
         lr = cfg.pretrain_lr if pre else cfg.finetune_lr
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = self._optimizer(params, lr, cfg.pretrain_weight_decay if pre else cfg.finetune_weight_decay)
+        graph = self._graph_mode(stage)
+        opt = self._optimizer(params, lr, cfg.pretrain_weight_decay if pre else cfg.finetune_weight_decay, graph)
         steps_per_epoch = math.ceil(math.ceil(len(idx) / bs) / cfg.grad_accum)
         total = max(1, epochs * steps_per_epoch)
         warmup = round((cfg.pretrain_warmup_epochs if pre else cfg.finetune_warmup_epochs) * steps_per_epoch)
@@ -549,25 +572,33 @@ class _Trainer:
 
         self.stop.check(f"the start of {stage} epoch {pos.epoch} batch {pos.batch}", saved=self.ckpt_path.exists())
         first_step = True
+        # cuda_graph: the whole step (forward to optimizer and RNG advance) is one replay; grad_accum
+        # is 1 and amp not fp16 there (TrainConfig.validate), so every batch is an optimizer step
+        graphed = None if graph is None else GraphedStep(
+            model, opt, params, step_loss, rng, self.amp, cfg.grad_clip, bs, self.device, capture=graph == "capture")
         for epoch, b, rows in self._batches(stage, idx, bs, pos):
             batch = self.cohort.batch(rows).to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, self.amp, enabled=self.amp is not None):
-                loss, extras = step_loss(batch)
-            scaler.scale(loss / cfg.grad_accum).backward()
-            # drop the graph now, not when the next forward reassigns these: masked_mse keeps its
-            # (pred-sized) gradient on the graph, which would otherwise live through that forward
-            loss, extras = loss.detach(), {k: v.detach() for k, v in extras.items()}
-            if rng is not None:
-                advance_rng_(rng)
+            if graphed is not None:
+                loss, extras = graphed(batch)
+            else:
+                with torch.autocast(self.device.type, self.amp, enabled=self.amp is not None):
+                    loss, extras = step_loss(batch)
+                scaler.scale(loss / cfg.grad_accum).backward()
+                # drop the graph now, not when the next forward reassigns these: masked_mse keeps its
+                # (pred-sized) gradient on the graph, which would otherwise live through that forward
+                loss, extras = loss.detach(), {k: v.detach() for k, v in extras.items()}
+                if rng is not None:
+                    advance_rng_(rng)
             pos.micro += 1
             window.add(loss, extras, len(rows))
             last_of_epoch = b == n_batches - 1
             if pos.micro == cfg.grad_accum or last_of_epoch:
-                if cfg.grad_clip:
-                    scaler.unscale_(opt)  # clip the true gradients (a no-op without fp16)
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                scaler.step(opt)  # fp16: skipped when a gradient is inf/NaN, and the scale lowered
-                scaler.update()
+                if graphed is None:
+                    if cfg.grad_clip:
+                        scaler.unscale_(opt)  # clip the true gradients (a no-op without fp16)
+                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    scaler.step(opt)  # fp16: skipped when a gradient is inf/NaN, and the scale lowered
+                    scaler.update()
                 if first_step:
                     # a step fp16's GradScaler skipped still advances the schedule, as it does on the GPU,
                     # where the fused optimizer skips inside its kernel; torch checks a scheduler's first
@@ -578,7 +609,8 @@ class _Trainer:
                     first_step = False
                 else:
                     sched.step()
-                opt.zero_grad(set_to_none=True)
+                if graphed is None:  # (the graph's gradients are its own, rewritten by every replay)
+                    opt.zero_grad(set_to_none=True)
                 pos.micro = 0
                 pos.step += 1
             pos.epoch, pos.batch = (epoch + 1, 0) if last_of_epoch else (epoch, b + 1)
@@ -604,6 +636,8 @@ class _Trainer:
                 self.stop.check(f"{stage} epoch {pos.epoch} batch {pos.batch}", saved=True)
         if bar is not None:
             bar.close()
+        if graphed is not None:
+            graphed.release()
         pos = _Position(stage, epoch=epochs, batch=0, step=pos.step, micro=0)
         self._save(pos, model, opt, sched, scaler, rng)
 
@@ -687,6 +721,13 @@ def _train(cfg: TrainConfig, cohort: Cohort | None) -> TrainResult:
                       "learn; set freeze='none' (model_overrides={'freeze': 'none'}, --set model.freeze='\"none\"') "
                       "to train them", RuntimeWarning, stacklevel=3)
     device = device_for(cfg.device)
+    if cfg.cuda_graph and device.type != "cuda" and not GRAPH_STEP_WITHOUT_CUDA:
+        warnings.warn(f"cuda_graph=True has no effect on {device}: CUDA graphs need a CUDA GPU; pre-training runs "
+                      "step by step", RuntimeWarning, stacklevel=3)
+    elif cfg.cuda_graph and amp_dtype(cfg.amp, device) == torch.float16:
+        raise ValueError(f"cuda_graph=True cannot capture fp16 training (amp={cfg.amp!r} on {device}, whose "
+                         "GPU has no native bf16): its loss scaler checks every step's gradients on the host. "
+                         "Set amp='off' (float32) or cuda_graph=False")
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise MissingPackageError("tensorboard=True needs the tensorboard package: pip install tensorboard (or set "
                           "tensorboard=False; metrics.jsonl is written either way)")

@@ -6,6 +6,7 @@ Every test builds its own few-patient batch inline; the whole file runs in well 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -334,11 +335,14 @@ def test_e2e_benchmark_dry_runs_on_cpu(tmp_path):
     e2e_step = tool_module("e2e_step")
     out = tmp_path / "e2e.json"
     rc = e2e_step.main(["--device", "cpu", "--config", "small", "--steps", "2", "--batch", "4", "--warmup", "1",
-                        "--json", str(out)])
+                        "--modes", "eager,train-graph", "--json", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
-    eager = result["ours"]["eager"]
-    assert eager["patients_per_s"] > 0 and eager["step_ms"] > 0 and result["reference"] is None
+    assert result["reference"] is None
+    # train-graph: train(cuda_graph=True)'s step, the library's GraphedStep (on the CPU without a graph)
+    for mode in ("eager", "train-graph"):
+        r = result["ours"][mode]
+        assert r["patients_per_s"] > 0 and r["step_ms"] > 0 and math.isfinite(r["loss_last"]), mode
 
 
 def test_e2e_benchmark_keeps_the_modes_that_finished_when_a_later_one_does_not(tmp_path, monkeypatch):
