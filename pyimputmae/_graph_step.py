@@ -27,6 +27,7 @@ fp16 (its loss scaler synchronises with the host) and gradient accumulation are 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -41,26 +42,50 @@ StepOutput = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
 
 def init_optimizer_state(opt: torch.optim.Optimizer, params: list[nn.Parameter]) -> bool:
-    """Create ``opt``'s per-parameter state as a fresh optimizer's first step would find it (moments
-    0, step counts 0) without changing a parameter; True when it did, False when every parameter
-    already had state (a resumed run)."""
-    if all(opt.state.get(p) for p in params):
+    """Create ``opt``'s state for the parameters that have none, as a fresh optimizer's first step
+    would find it (moments 0, step counts 0), without changing a parameter and leaving the state
+    others already have (loaded from a checkpoint) as it is; True when it created any."""
+    fresh = [p for p in params if not opt.state.get(p)]
+    if not fresh:
         return False
     rates = [group["lr"] for group in opt.param_groups]
     grads = [p.grad for p in params]
     for group in opt.param_groups:
         group["lr"] = 0.0
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    opt.step()
-    for group, lr in zip(opt.param_groups, rates):
-        group["lr"] = lr
-    for p, grad in zip(params, grads):
-        p.grad = grad
+    new = {id(p) for p in fresh}
+    for p in params:  # a parameter without a gradient is skipped by the step
+        p.grad = torch.zeros_like(p) if id(p) in new else None
+    try:
+        with warnings.catch_warnings():
+            # a capturable optimizer stepped outside a graph warns that this is slower; it is once
+            warnings.filterwarnings("ignore", message=r".*capturable=True.*")
+            opt.step()
+    finally:
+        for group, lr in zip(opt.param_groups, rates):
+            group["lr"] = lr
+        for p, grad in zip(params, grads):
+            p.grad = grad
+    for p in fresh:
         for value in opt.state[p].values():
             if torch.is_tensor(value):
                 value.zero_()  # the step count (the moments are 0 already: β·0 + (1 - β)·0)
     return True
+
+
+def set_optimizer_mode(opt: torch.optim.Optimizer, fused: bool, capturable: bool) -> None:
+    """Give ``opt``'s groups these implementation flags, with step counts where they need them (on
+    the parameters' device, float32, for fused or capturable): ``load_state_dict`` brings back the
+    flags of the optimizer that wrote the checkpoint, which may have stepped another way (on the
+    CPU, without the graph, or in it)."""
+    for group in opt.param_groups:
+        group["fused"], group["foreach"], group["capturable"] = fused, None, capturable
+    if not (fused or capturable):
+        return
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state.get(p)
+            if state and torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(p.device, torch.float32)
 
 
 class GraphedStep:
@@ -104,9 +129,10 @@ class GraphedStep:
             self.opt.zero_grad(set_to_none=True)
             with self._rates_in_optimizer():
                 return self._step()
-        if self.graph is None:
-            self._capture()
-        self.graph.replay()
+        with torch.cuda.device(self.device):  # the graph's device, whichever is current
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
         return self.out
 
     def release(self) -> None:
@@ -139,12 +165,7 @@ class GraphedStep:
         """The fused, (on CUDA) capturable AdamW the graph needs, whatever a resumed checkpoint's
         optimizer was (its settings come back with its state: a run resumed from one trained without
         the graph, or on the CPU, would capture a step that cannot run in a graph), with its state."""
-        for group in self.opt.param_groups:
-            group["fused"], group["foreach"] = True, None
-            group["capturable"] = self.capture
-        for state in self.opt.state.values():
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].to(self.device, torch.float32)
+        set_optimizer_mode(self.opt, fused=True, capturable=self.capture)
         init_optimizer_state(self.opt, self.params)
 
     @contextmanager
@@ -174,20 +195,25 @@ class GraphedStep:
         return loss.detach(), {k: v.detach() for k, v in parts.items()}
 
     def _capture(self) -> None:
+        """Warm up and capture on one side stream of the training device (the docs' whole-network
+        pattern); an empty graph — nothing recorded, which torch only warns about — is an error."""
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # lazy initialisation; no optimizer step, no RNG advance
-            loss, _ = self._forward()
-            loss.backward()
+            self._forward()[0].backward()  # (its graph, holding masked_mse's saved gradients, goes now)
+            if self.clip:
+                torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         torch.cuda.current_stream(self.device).wait_stream(side)
         # no gradients while capturing: the captured backward writes them (into the graph's memory)
         # instead of adding to them, so each replay's gradients are that batch's alone
         self.opt.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         try:
-            with self._rates_in_optimizer(), torch.cuda.graph(graph):
-                self.out = self._step()
+            with warnings.catch_warnings():
+                warnings.filterwarnings("error", message=r".*CUDA Graph is empty.*")
+                with self._rates_in_optimizer(), torch.cuda.graph(graph, stream=side):
+                    self.out = self._step()
         except Exception as err:
-            raise RuntimeError(f"cuda_graph=True: capturing the pre-training step in a CUDA graph failed "
-                               f"({type(err).__name__}: {err}); train with cuda_graph=False") from err
+            raise RuntimeError(f"cuda_graph=True: capturing the pre-training step in a CUDA graph on {self.device} "
+                               f"failed ({type(err).__name__}: {err}); train with cuda_graph=False") from err
         self.graph = graph

@@ -41,7 +41,7 @@ from torch import nn
 
 from . import __version__, checkpoint
 from ._atomic import atomic_write_text
-from ._graph_step import GraphedStep
+from ._graph_step import GraphedStep, set_optimizer_mode
 from ._runlock import exclusive_use
 from .data.cohort import Cohort
 from .inference import evaluate_model, load, predict_survival, save_model  # noqa: F401  (public here too)
@@ -440,8 +440,12 @@ def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float, d
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type == "cuda" or graph is not None
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused, capturable=graph == "capture")
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), **optimizer_mode(device, graph))
+
+
+def optimizer_mode(device: torch.device, graph: str | None) -> dict[str, bool]:
+    """:func:`make_optimizer`'s implementation flags: ``{"fused", "capturable"}``."""
+    return {"fused": device.type == "cuda" or graph is not None, "capturable": graph == "capture"}
 
 
 class _Trainer:
@@ -557,6 +561,8 @@ class _Trainer:
         # fp16 autocast needs loss scaling (its range loses small gradients); disabled, every call passes through
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         pos = self._restore(stage, model, opt, sched, scaler, rng) or _Position(stage)
+        if graph is None:  # (the graph sets its own) a checkpoint brings back its optimizer's flags
+            set_optimizer_mode(opt, **optimizer_mode(self.device, None))
         n_batches = math.ceil(len(idx) / bs)
         bar = None
         if cfg.progress:
@@ -576,68 +582,72 @@ class _Trainer:
         # is 1 and amp not fp16 there (TrainConfig.validate), so every batch is an optimizer step
         graphed = None if graph is None else GraphedStep(
             model, opt, params, step_loss, rng, self.amp, cfg.grad_clip, bs, self.device, capture=graph == "capture")
-        for epoch, b, rows in self._batches(stage, idx, bs, pos):
-            batch = self.cohort.batch(rows).to(self.device, non_blocking=True)
-            if graphed is not None:
-                loss, extras = graphed(batch)
-            else:
-                with torch.autocast(self.device.type, self.amp, enabled=self.amp is not None):
-                    loss, extras = step_loss(batch)
-                scaler.scale(loss / cfg.grad_accum).backward()
-                # drop the graph now, not when the next forward reassigns these: masked_mse keeps its
-                # (pred-sized) gradient on the graph, which would otherwise live through that forward
-                loss, extras = loss.detach(), {k: v.detach() for k, v in extras.items()}
-                if rng is not None:
-                    advance_rng_(rng)
-            pos.micro += 1
-            window.add(loss, extras, len(rows))
-            last_of_epoch = b == n_batches - 1
-            if pos.micro == cfg.grad_accum or last_of_epoch:
-                if graphed is None:
-                    if cfg.grad_clip:
-                        scaler.unscale_(opt)  # clip the true gradients (a no-op without fp16)
-                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                    scaler.step(opt)  # fp16: skipped when a gradient is inf/NaN, and the scale lowered
-                    scaler.update()
-                if first_step:
-                    # a step fp16's GradScaler skipped still advances the schedule, as it does on the GPU,
-                    # where the fused optimizer skips inside its kernel; torch checks a scheduler's first
-                    # step only and would warn that opt.step() was not called
-                    with warnings.catch_warnings():
-                        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
-                        sched.step()
-                    first_step = False
+        try:
+            for epoch, b, rows in self._batches(stage, idx, bs, pos):
+                batch = self.cohort.batch(rows).to(self.device, non_blocking=True)
+                if graphed is not None:
+                    loss, extras = graphed(batch)
                 else:
-                    sched.step()
-                if graphed is None:  # (the graph's gradients are its own, rewritten by every replay)
-                    opt.zero_grad(set_to_none=True)
-                pos.micro = 0
-                pos.step += 1
-            pos.epoch, pos.batch = (epoch + 1, 0) if last_of_epoch else (epoch, b + 1)
-            if bar is not None:
-                bar.update(1)
-            if pos.micro == 0 and (pos.step % cfg.log_every == 0 or last_of_epoch):
-                rec = {"stage": stage, "epoch": epoch, "step": pos.step, **window.record(),
-                       "lr": sched.get_last_lr()[0]}
-                if scaler.is_enabled():
-                    rec["loss_scale"] = scaler.get_scale()
-                self.logger.log(rec)
+                    with torch.autocast(self.device.type, self.amp, enabled=self.amp is not None):
+                        loss, extras = step_loss(batch)
+                    scaler.scale(loss / cfg.grad_accum).backward()
+                    # drop the graph now, not when the next forward reassigns these: masked_mse keeps its
+                    # (pred-sized) gradient on the graph, which would otherwise live through that forward
+                    loss, extras = loss.detach(), {k: v.detach() for k, v in extras.items()}
+                    if rng is not None:
+                        advance_rng_(rng)
+                pos.micro += 1
+                window.add(loss, extras, len(rows))
+                last_of_epoch = b == n_batches - 1
+                if pos.micro == cfg.grad_accum or last_of_epoch:
+                    if graphed is None:
+                        if cfg.grad_clip:
+                            scaler.unscale_(opt)  # clip the true gradients (a no-op without fp16)
+                            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                        scaler.step(opt)  # fp16: skipped when a gradient is inf/NaN, and the scale lowered
+                        scaler.update()
+                    if first_step:
+                        # a step fp16's GradScaler skipped still advances the schedule, as it does on the GPU,
+                        # where the fused optimizer skips inside its kernel; torch checks a scheduler's first
+                        # step only and would warn that opt.step() was not called
+                        with warnings.catch_warnings():
+                            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+                            sched.step()
+                        first_step = False
+                    else:
+                        sched.step()
+                    if graphed is None:  # (the graph's gradients are its own, rewritten by every replay)
+                        opt.zero_grad(set_to_none=True)
+                    pos.micro = 0
+                    pos.step += 1
+                pos.epoch, pos.batch = (epoch + 1, 0) if last_of_epoch else (epoch, b + 1)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}", pps=f"{rec['patients_per_s']:.0f}")
-                window = _Window(self.device)
-            saved = pos.micro == 0 and pos.step % cfg.checkpoint_every == 0
-            if saved:
-                self._save(pos, model, opt, sched, scaler, rng, window.state())
-            if self.stop.requested():  # SIGINT / SIGTERM: stop here, at a batch boundary, with nothing lost
-                if bar is not None:
-                    bar.close()
-                if not saved:
+                    bar.update(1)
+                if pos.micro == 0 and (pos.step % cfg.log_every == 0 or last_of_epoch):
+                    rec = {"stage": stage, "epoch": epoch, "step": pos.step, **window.record(),
+                           "lr": sched.get_last_lr()[0]}
+                    if scaler.is_enabled():
+                        rec["loss_scale"] = scaler.get_scale()
+                    self.logger.log(rec)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{rec['loss']:.4f}", pps=f"{rec['patients_per_s']:.0f}")
+                    window = _Window(self.device)
+                saved = pos.micro == 0 and pos.step % cfg.checkpoint_every == 0
+                if saved:
                     self._save(pos, model, opt, sched, scaler, rng, window.state())
-                self.stop.check(f"{stage} epoch {pos.epoch} batch {pos.batch}", saved=True)
+                if self.stop.requested():  # SIGINT / SIGTERM: stop here, at a batch boundary, with nothing lost
+                    if bar is not None:
+                        bar.close()
+                    if not saved:
+                        self._save(pos, model, opt, sched, scaler, rng, window.state())
+                    self.stop.check(f"{stage} epoch {pos.epoch} batch {pos.batch}", saved=True)
+        finally:
+            # the graph's gradients live in its memory (a stop or an error must not leave them on
+            # the parameters, where the next stage's or a caller's backward would add to them)
+            if graphed is not None:
+                graphed.release()
         if bar is not None:
             bar.close()
-        if graphed is not None:
-            graphed.release()
         pos = _Position(stage, epoch=epochs, batch=0, step=pos.step, micro=0)
         self._save(pos, model, opt, sched, scaler, rng)
 

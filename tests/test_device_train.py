@@ -18,9 +18,11 @@ import pytest
 import torch
 
 from pyimputmae import metrics, training
+from pyimputmae._graph_step import GraphedStep
 from pyimputmae.data.synthetic import make_cohort
 from pyimputmae.inference import evaluate_model, impute, load, predict_survival
 from pyimputmae.model.config import ModelConfig
+from pyimputmae.model.mae import ImputeMAE, new_rng
 from pyimputmae.training import train
 
 TINY = ModelConfig.small(dim=32, heads=2, mlp=64, decoder_dim=32, decoder_heads=2, decoder_mlp=64, freeze="none")
@@ -125,3 +127,30 @@ def test_pretraining_captured_in_a_cuda_graph_trains_as_step_by_step(device, tmp
                  **{**run, "pretrain_epochs": 3})
     assert max(r["epoch"] for r in more.history) == 2 and np.isfinite([r["loss"] for r in more.history]).all()
     assert {p.device.type for p in more.model.parameters()} == {device.type}
+
+
+def test_each_replay_of_the_captured_step_trains(device, cohort):
+    """The captured step applied batch after batch: the weights move at every call (a graph captured
+    on another device or stream records nothing and every replay would do nothing; that is an
+    error now), the RNG advances, and the loss reported is each batch's."""
+    torch.manual_seed(0)
+    model = ImputeMAE(TINY).to(device)
+    params = list(model.parameters())
+    opt = training.make_optimizer(params, 1e-2, 1e-2, device, "capture" if device.type == "cuda" else "emulate")
+    rng = new_rng(0, device)
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    step = GraphedStep(model, opt, params, lambda b: training._pretrain_step(model, b, rng), rng, amp, 1.0, 16,
+                       device, capture=device.type == "cuda")
+    losses, offsets = [], []
+    before = [p.detach().clone() for p in params]
+    for rows in (np.arange(16), np.arange(16, 32), np.arange(32, 42)):  # the first call captures; a short last
+        loss, _ = step(cohort.batch(rows).to(device))
+        losses.append(loss.item())
+        offsets.append(int(rng[1]))
+        moved = max((p.detach() - q).abs().max().item() for p, q in zip(params, before))
+        assert moved > 1e-4, (len(losses), moved)
+        before = [p.detach().clone() for p in params]
+    assert np.isfinite(losses).all() and len(set(losses)) == 3
+    assert offsets == sorted(offsets) and len(set(offsets)) == 3
+    step.release()
+    assert all(p.grad is None for p in params)

@@ -67,6 +67,18 @@ def test_optimizer_state_made_before_the_capture_is_a_fresh_optimizers():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
     assert not init_optimizer_state(opt, list(model.parameters()))  # state there: left alone
+    # a parameter whose state a checkpoint brought back keeps it; only the others get theirs made
+    other = torch.nn.Linear(3, 2)
+    part = torch.optim.AdamW(other.parameters(), lr=1e-2, fused=True)
+    other.weight.grad = torch.ones_like(other.weight)
+    part.step()  # the weight has state (step 1, moments ≠ 0), the bias none
+    kept = {k: v.clone() for k, v in part.state[other.weight].items()}
+    bias = other.bias.detach().clone()
+    assert init_optimizer_state(part, list(other.parameters()))
+    assert all(torch.equal(part.state[other.weight][k], v) for k, v in kept.items())
+    assert part.state[other.bias]["step"].item() == 0 and torch.equal(other.bias, bias)
+    assert other.weight.grad is not None and other.bias.grad is None  # gradients as they were
+
     x = torch.randn(8, 6)
     for m, o in ((model, opt), (twin, fresh)):
         m(x).square().mean().backward()
@@ -142,3 +154,25 @@ def test_settings_the_graph_cannot_capture_are_refused_or_said_to_do_nothing(tmp
     with pytest.warns(RuntimeWarning, match=r"cuda_graph=True has no effect on cpu: CUDA graphs need a CUDA GPU"):
         res = train(cohort=cohort, model=TINY, out_dir=str(tmp_path), cuda_graph=True, **FAST)
     assert np.isfinite(_pretrain_losses(res)).all()
+
+
+def test_a_stop_during_graph_pretraining_releases_the_graphs_gradients(tmp_path, cohort, emulated, monkeypatch):
+    """SIGTERM while the graph pre-trains: train() stops at the batch with a checkpoint, and the
+    gradients the graph left on the parameters are released on the way out (as at a stage's end)."""
+    import signal
+
+    released = []
+    release = GraphedStep.release
+    monkeypatch.setattr(GraphedStep, "release", lambda self: (released.append(True), release(self))[1])
+    batches = training._Trainer._batches
+
+    def signal_during_a_batch(self, stage, idx, bs, pos):
+        for epoch, b, rows in batches(self, stage, idx, bs, pos):
+            if (stage, epoch, b) == ("pretrain", 1, 1):
+                signal.raise_signal(signal.SIGTERM)
+            yield epoch, b, rows
+
+    monkeypatch.setattr(training._Trainer, "_batches", signal_during_a_batch)
+    with pytest.raises(training.TrainingInterrupted, match="stopped by SIGTERM at pretrain epoch 1 batch 2"):
+        train(cohort=cohort, model=TINY, out_dir=str(tmp_path), cuda_graph=True, **FAST)
+    assert released == [True]
