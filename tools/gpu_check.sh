@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Checks for a fresh GPU machine (H100/H200; torch, triton, nvcc, ncu there; no network).
 #
-#   tools/gpu_check.sh OUTDIR [stages...]        default stages: env build test bench e2e train sweep test16 paper
+#   tools/gpu_check.sh OUTDIR [stages...]        default stages: env build test bench e2e sweep train test16 paper
 #                                               (other: sanitize)
 #
 #   env    nvidia-smi, python/torch/triton/nvcc versions              -> OUTDIR/env.txt
@@ -74,7 +74,7 @@ OUT=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX") || exit 2
 KEY_FILES=(summary.tsv validated.txt targets.md bench_large.json e2e.json patch_embed_sweep.json)
 shift
 STAGES=("$@")
-[[ ${#STAGES[@]} -eq 0 ]] && STAGES=(env build test bench e2e train sweep test16 paper)
+[[ ${#STAGES[@]} -eq 0 ]] && STAGES=(env build test bench e2e sweep train test16 paper)
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT" || exit 2
@@ -471,7 +471,7 @@ for stage in "${STAGES[@]}"; do
         "stage_$stage"
       fi
       ;;
-    *) skip "$stage" "unknown stage (env build test bench e2e train sweep test16 paper sanitize)" ;;
+    *) skip "$stage" "unknown stage (env build test bench e2e sweep train test16 paper sanitize)" ;;
   esac
 done
 
