@@ -3,7 +3,10 @@
 Environment knobs (all optional):
   PYIMPUTMAE_NO_EXT=1       install pure Python (the ops fall back to Triton / PyTorch reference)
   PYIMPUTMAE_CUDA=0|1       force the CUDA kernels off / on (default: on when torch is a CUDA
-                            build and nvcc is found, with or without a visible GPU)
+                            build and an nvcc of torch's CUDA major version is found, with or
+                            without a visible GPU; with CUDA_HOME and CUDA_PATH unset, the first
+                            toolkit of that version among nvcc on PATH, /usr/local/cuda and
+                            /usr/local/cuda-* is used)
   TORCH_CUDA_ARCH_LIST      CUDA targets, default "8.0;9.0+PTX" (PTX lets newer GPUs JIT it)
   MAX_JOBS                  parallel compile jobs (ninja)
 The resolved configuration is printed and recorded as pyimputmae/_build_config.json in what the
@@ -77,7 +80,7 @@ def _major(version: str | None) -> str | None:
 
 def _cuda_toolkits() -> list[str]:
     """CUDA toolkit folders holding bin/nvcc and lib64/libcudart*: nvcc's on PATH first, then
-    /usr/local/cuda, then /usr/local/cuda-* newest first."""
+    /usr/local/cuda, then /usr/local/cuda-* in reverse name order (cuda-13.0 before cuda-12.8)."""
     candidates = []
     nvcc = shutil.which("nvcc")
     if nvcc:

@@ -2,8 +2,8 @@
 
 The step — forward under autocast, backward, gradient clipping, the fused AdamW step and the
 masking RNG's advance — is captured once and replayed for every batch, so the GPU runs it without
-waiting for Python between its ~1,000 kernel launches (``tools/e2e_step.py``'s ``graph`` mode
-times the same step). What a captured step needs, and how each need is met here:
+waiting for Python between its ~1,000 kernel launches (``tools/e2e_step.py``'s ``train-graph``
+mode times this step). What a captured step needs, and how each need is met here:
 
 - **static inputs**: every batch is copied into buffers of ``batch_size`` rows. A shorter last
   batch is padded with rows that have no modality (``present`` False, inputs 0). They add nothing
@@ -21,8 +21,10 @@ times the same step). What a captured step needs, and how each need is met here:
   (cuBLAS, Triton's compiled kernels), without an optimizer step or an RNG advance, so the run's
   numbers are those of a run without the graph (up to the padded last batch's float rounding).
 
-fp16 (its loss scaler synchronises with the host) and gradient accumulation are not captured;
-:func:`pyimputmae.train_config.TrainConfig.validate` refuses them with ``cuda_graph=True``.
+fp16 (its loss scaler synchronises with the host) and gradient accumulation are not captured:
+with ``cuda_graph=True``, :meth:`pyimputmae.train_config.TrainConfig.validate` refuses
+``amp="fp16"`` and ``grad_accum > 1``, and ``train()`` refuses ``amp="auto"`` on a GPU without
+bf16 (where it means fp16).
 """
 
 from __future__ import annotations

@@ -435,8 +435,8 @@ class _Position:
 def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float, device: torch.device,
                    graph: str | None = None) -> torch.optim.Optimizer:
     """train()'s AdamW: betas (0.9, 0.95), weight decay on the matrices only (not on biases, norms,
-    tokens); fused on the GPU (and for ``graph``), foreach on the CPU; ``capturable`` for a step
-    captured in a CUDA graph (``graph="capture"``)."""
+    tokens); fused on the GPU (and for ``graph``), torch's default on the CPU (its per-tensor loop);
+    ``capturable`` for a step captured in a CUDA graph (``graph="capture"``)."""
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -462,7 +462,7 @@ class _Trainer:
         tb = self.out / "tensorboard" if cfg.tensorboard else None
         self.logger = _Logger(self.out / "metrics.jsonl", self.history, tb)
 
-    # the optimizer: fused AdamW on the GPU (capturable there for CUDA graphs), foreach on CPU
+    # the optimizer: make_optimizer (fused AdamW on the GPU, capturable for cuda_graph)
     def _optimizer(self, params: list[nn.Parameter], lr: float, wd: float, graph: str | None) -> torch.optim.Optimizer:
         return make_optimizer(params, lr, wd, self.device, graph)
 
@@ -579,9 +579,11 @@ class _Trainer:
         self.stop.check(f"the start of {stage} epoch {pos.epoch} batch {pos.batch}", saved=self.ckpt_path.exists())
         first_step = True
         # cuda_graph: the whole step (forward to optimizer and RNG advance) is one replay; grad_accum
-        # is 1 and amp not fp16 there (TrainConfig.validate), so every batch is an optimizer step
+        # is 1 and amp not fp16 there (TrainConfig.validate, _train), so every batch is an optimizer
+        # step. Its buffers hold a batch, or the whole split when that is smaller
         graphed = None if graph is None else GraphedStep(
-            model, opt, params, step_loss, rng, self.amp, cfg.grad_clip, bs, self.device, capture=graph == "capture")
+            model, opt, params, step_loss, rng, self.amp, cfg.grad_clip, min(bs, len(idx)), self.device,
+            capture=graph == "capture")
         try:
             for epoch, b, rows in self._batches(stage, idx, bs, pos):
                 batch = self.cohort.batch(rows).to(self.device, non_blocking=True)
