@@ -74,27 +74,12 @@ def init_optimizer_state(opt: torch.optim.Optimizer, params: list[nn.Parameter])
     return True
 
 
-def set_optimizer_mode(opt: torch.optim.Optimizer, fused: bool, capturable: bool) -> None:
-    """Give ``opt``'s groups these implementation flags, with step counts where they need them (on
-    the parameters' device, float32, for fused or capturable): ``load_state_dict`` brings back the
-    flags of the optimizer that wrote the checkpoint, which may have stepped another way (on the
-    CPU, without the graph, or in it)."""
-    for group in opt.param_groups:
-        group["fused"], group["foreach"], group["capturable"] = fused, None, capturable
-    if not (fused or capturable):
-        return
-    for group in opt.param_groups:
-        for p in group["params"]:
-            state = opt.state.get(p)
-            if state and torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].to(p.device, torch.float32)
-
-
 class GraphedStep:
     """Pre-training's step for one stage: ``step(batch) -> (loss, parts)``, the step applied.
 
-    model, opt, params: the stage's module, its AdamW (fused; ``capturable=True`` on CUDA) and the
-    parameters it trains; ``step_loss(batch) -> (loss, parts)``: the forward; rng: the masking RNG
+    opt, params: the stage's AdamW (fused; ``capturable=True`` on CUDA: ``training.make_optimizer``,
+    or after a resume ``training.set_optimizer_mode``) and the parameters it trains; its state is
+    made here where a parameter has none; ``step_loss(batch) -> (loss, parts)``: the forward; rng: the masking RNG
     ``(2,)`` int64; amp: the autocast dtype or None; clip: the gradient-norm bound or None;
     batch_size: the rows of the static buffers. ``capture=False`` runs the same step without a
     graph (everything else as with one: padding, state creation, learning-rate tensors), which is
@@ -104,12 +89,13 @@ class GraphedStep:
     accumulate them on the device) before calling it again.
     """
 
-    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, params: list[nn.Parameter],
+    def __init__(self, opt: torch.optim.Optimizer, params: list[nn.Parameter],
                  step_loss: Callable[[Batch], StepOutput], rng: torch.Tensor, amp: torch.dtype | None,
                  clip: float | None, batch_size: int, device: torch.device, capture: bool) -> None:
-        self.model, self.opt, self.params, self.step_loss = model, opt, params, step_loss
+        self.opt, self.params, self.step_loss = opt, params, step_loss
         self.rng, self.amp, self.clip, self.rows, self.device = rng, amp, clip, batch_size, device
-        self.capture, self.ready = capture, False
+        self.capture = capture
+        init_optimizer_state(opt, params)  # before a capture, which would record "set to 0" otherwise
         self.static: Batch | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: StepOutput | None = None
@@ -121,9 +107,6 @@ class GraphedStep:
         if n > self.rows:
             raise ValueError(f"a batch of {n} rows does not fit the captured step's {self.rows}")
         self._load(batch, n)
-        if not self.ready:
-            self._prepare_optimizer()
-            self.ready = True
         for rate, group in zip(self.rates, self.opt.param_groups):
             rate.fill_(group["lr"])  # the scheduler's rate for this step (a float: no host sync)
         if not self.capture:
@@ -152,7 +135,7 @@ class GraphedStep:
 
             self.static = Batch({k: buffer(v) for k, v in batch.inputs.items()}, buffer(batch.present),
                                 buffer(batch.clinical), buffer(batch.time), buffer(batch.event),
-                                batch.modalities, [None] * self.rows)
+                                batch.modalities)  # (no ids: the step does not read them)
         s = self.static
         pairs = [(s.inputs[k], v) for k, v in batch.inputs.items()]
         pairs += [(s.present, batch.present), (s.clinical, batch.clinical), (s.time, batch.time),
@@ -161,14 +144,6 @@ class GraphedStep:
             dst[:n].copy_(src, non_blocking=True)
             if n < self.rows:
                 dst[n:].zero_()  # rows without any modality (present False): they add nothing
-        s.ids[:] = list(batch.ids) + [None] * (self.rows - n)
-
-    def _prepare_optimizer(self) -> None:
-        """The fused, (on CUDA) capturable AdamW the graph needs, whatever a resumed checkpoint's
-        optimizer was (its settings come back with its state: a run resumed from one trained without
-        the graph, or on the CPU, would capture a step that cannot run in a graph), with its state."""
-        set_optimizer_mode(self.opt, fused=True, capturable=self.capture)
-        init_optimizer_state(self.opt, self.params)
 
     @contextmanager
     def _rates_in_optimizer(self) -> Iterator[None]:

@@ -41,7 +41,7 @@ from torch import nn
 
 from . import __version__, checkpoint
 from ._atomic import atomic_write_text
-from ._graph_step import GraphedStep, set_optimizer_mode
+from ._graph_step import GraphedStep
 from ._runlock import exclusive_use
 from .data.cohort import Cohort
 from .inference import evaluate_model, load, predict_survival, save_model  # noqa: F401  (public here too)
@@ -448,6 +448,19 @@ def optimizer_mode(device: torch.device, graph: str | None) -> dict[str, bool]:
     return {"fused": device.type == "cuda" or graph is not None, "capturable": graph == "capture"}
 
 
+def set_optimizer_mode(opt: torch.optim.Optimizer, fused: bool, capturable: bool) -> None:
+    """Give ``opt``'s groups these implementation flags, with step counts where they need them (on
+    the parameters' device, float32, for fused or capturable): ``load_state_dict`` brings back the
+    flags of the optimizer that wrote the checkpoint, which may have stepped another way (on the
+    CPU, without the graph, or in it)."""
+    for group in opt.param_groups:
+        group["fused"], group["foreach"], group["capturable"] = fused, None, capturable
+    if fused or capturable:
+        for p, state in opt.state.items():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(p.device, torch.float32)
+
+
 class _Trainer:
     def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, cohort: Cohort, device: torch.device,
                  saved: dict | None, identity: dict[str, Any]) -> None:
@@ -461,10 +474,6 @@ class _Trainer:
         self.history: list[dict] = list(saved["history"]) if saved else []
         tb = self.out / "tensorboard" if cfg.tensorboard else None
         self.logger = _Logger(self.out / "metrics.jsonl", self.history, tb)
-
-    # the optimizer: make_optimizer (fused AdamW on the GPU, capturable for cuda_graph)
-    def _optimizer(self, params: list[nn.Parameter], lr: float, wd: float, graph: str | None) -> torch.optim.Optimizer:
-        return make_optimizer(params, lr, wd, self.device, graph)
 
     def _graph_mode(self, stage: str) -> str | None:
         """How ``stage`` runs its steps: "capture" (pre-training with ``cuda_graph`` on a CUDA device:
@@ -552,7 +561,8 @@ class _Trainer:
         lr = cfg.pretrain_lr if pre else cfg.finetune_lr
         params = [p for p in model.parameters() if p.requires_grad]
         graph = self._graph_mode(stage)
-        opt = self._optimizer(params, lr, cfg.pretrain_weight_decay if pre else cfg.finetune_weight_decay, graph)
+        opt = make_optimizer(params, lr, cfg.pretrain_weight_decay if pre else cfg.finetune_weight_decay, self.device,
+                             graph)
         steps_per_epoch = math.ceil(math.ceil(len(idx) / bs) / cfg.grad_accum)
         total = max(1, epochs * steps_per_epoch)
         warmup = round((cfg.pretrain_warmup_epochs if pre else cfg.finetune_warmup_epochs) * steps_per_epoch)
@@ -561,8 +571,7 @@ class _Trainer:
         # fp16 autocast needs loss scaling (its range loses small gradients); disabled, every call passes through
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         pos = self._restore(stage, model, opt, sched, scaler, rng) or _Position(stage)
-        if graph is None:  # (the graph sets its own) a checkpoint brings back its optimizer's flags
-            set_optimizer_mode(opt, **optimizer_mode(self.device, None))
+        set_optimizer_mode(opt, **optimizer_mode(self.device, graph))  # a checkpoint brings back its own
         n_batches = math.ceil(len(idx) / bs)
         bar = None
         if cfg.progress:
@@ -582,7 +591,7 @@ class _Trainer:
         # is 1 and amp not fp16 there (TrainConfig.validate, _train), so every batch is an optimizer
         # step. Its buffers hold a batch, or the whole split when that is smaller
         graphed = None if graph is None else GraphedStep(
-            model, opt, params, step_loss, rng, self.amp, cfg.grad_clip, min(bs, len(idx)), self.device,
+            opt, params, step_loss, rng, self.amp, cfg.grad_clip, min(bs, len(idx)), self.device,
             capture=graph == "capture")
         try:
             for epoch, b, rows in self._batches(stage, idx, bs, pos):

@@ -137,7 +137,7 @@ def test_each_replay_of_the_captured_step_trains(device, cohort):
     opt = training.make_optimizer(params, 1e-2, 1e-2, device, "capture" if device.type == "cuda" else "emulate")
     rng = new_rng(0, device)
     amp = torch.bfloat16 if device.type == "cuda" else None
-    step = GraphedStep(model, opt, params, lambda b: training._pretrain_step(model, b, rng), rng, amp, 1.0, 16,
+    step = GraphedStep(opt, params, lambda b: training._pretrain_step(model, b, rng), rng, amp, 1.0, 16,
                        device, capture=device.type == "cuda")
     losses, offsets = [], []
     before = [p.detach().clone() for p in params]

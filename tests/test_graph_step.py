@@ -104,7 +104,7 @@ def test_a_short_batch_padded_to_the_static_rows_gives_the_step_of_the_batch_alo
         params = list(model.parameters())
         opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
         rng = new_rng(3, torch.device("cpu"))
-        step = GraphedStep(model, opt, params, lambda bt, m=model, r=rng: m.forward_pretrain(bt, r, check=False),
+        step = GraphedStep(opt, params, lambda bt, m=model, r=rng: m.forward_pretrain(bt, r, check=False),
                            rng, None, 1.0, rows, torch.device("cpu"), capture=False)
         loss, parts = step(batch)
         outs.append((loss.item(), {k: v.item() for k, v in parts.items()}, rng.clone()))

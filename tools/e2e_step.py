@@ -91,7 +91,6 @@ def run_mode(args: argparse.Namespace) -> dict:
     batch = Batch(inputs, present, torch.zeros(B, len(cfg.clinical_features), device=dev), zeros, zeros, cfg.names)
     model = ImputeMAE(cfg).to(dev)
     graph = kind == "graph"
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2, fused=True, capturable=graph)
     rng = new_rng(0, dev)
     if kind == "train-graph":  # the library's captured step, as train(cuda_graph=True) runs it
         from pyimputmae._graph_step import GraphedStep
@@ -99,8 +98,10 @@ def run_mode(args: argparse.Namespace) -> dict:
 
         params = list(model.parameters())
         opt = make_optimizer(params, 1e-3, 1e-2, dev, "capture" if cuda else "emulate")
-        graphed = GraphedStep(model, opt, params, lambda b: _pretrain_step(model, b, rng), rng,
+        graphed = GraphedStep(opt, params, lambda b: _pretrain_step(model, b, rng), rng,
                               torch.bfloat16 if args.dtype == "bf16" else None, 1.0, B, dev, capture=cuda)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2, fused=True, capturable=graph)
     amp = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16",
                cache_enabled=not graph)  # autocast's weight cache must be off under graph capture
     forward = model.forward_pretrain
