@@ -17,6 +17,7 @@ editable install in the same checkout.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -34,6 +35,18 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 CONFIG_NAME = "_build_config.json"
 DEFAULT_ARCHS = "8.0;9.0+PTX"
 LICENSE = "Apache-2.0"
+
+
+def sources_digest(root: str, cuda: bool) -> str | None:
+    """pyimputmae/_build_sources.py's digest of the extension's sources under ``root`` (``cuda``:
+    with the CUDA sources), loaded by path: the package cannot be imported before it is built."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_pyimputmae_build_sources",
+                                                  os.path.join(ROOT, "pyimputmae", "_build_sources.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.sources_digest(root, cuda)
 
 
 def _flag(name: str) -> str | None:
@@ -64,8 +77,10 @@ def _arch_numbers(arch_list: str) -> list[int]:
     return sorted(set(nums))
 
 
+@functools.cache
 def _nvcc_release(nvcc: str) -> str | None:
-    """``nvcc --version``'s release, e.g. ``"13.0"``; None when it does not run or says none."""
+    """``nvcc --version``'s release, e.g. ``"13.0"``; None when it does not run or says none (asked
+    once per path: the toolkit chosen among several is asked again for the build's record)."""
     try:
         out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError):
@@ -195,6 +210,9 @@ def _resolve() -> tuple[dict, list]:
         cuda_archs=_arch_numbers(arch_list) if cuda else [],
         max_jobs=os.environ.get("MAX_JOBS"),
         sources=cpu_sources + cuda_sources,
+        # what the sources were when built: `pyimputmae info` names a build older than its checkout's
+        # csrc/ stale, and tools/prebuilt_ext.py uses a carried build only for its own sources
+        sources_sha256=sources_digest(ROOT, cuda),
     )
     ext_cls = cpp_extension.CUDAExtension if cuda else cpp_extension.CppExtension
     ext = ext_cls(
@@ -222,8 +240,11 @@ def license_metadata(setuptools_version: str) -> dict:
 def _write_config(config: dict, *dirs: str) -> None:
     for d in dirs:
         os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, CONFIG_NAME), "w") as f:
+        # whole or not at all: a process importing the package meanwhile reads the old record or the new
+        part = os.path.join(d, f".{CONFIG_NAME}.{os.getpid()}.partial")
+        with open(part, "w") as f:
             json.dump(config, f, indent=1, sort_keys=True)
+        os.replace(part, os.path.join(d, CONFIG_NAME))
 
 
 def record_dirs(build_lib: str, in_place: bool) -> list[str]:

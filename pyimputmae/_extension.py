@@ -59,10 +59,36 @@ def load() -> bool:
             else:
                 why = f"cannot be loaded under torch {torch.__version__}: {err}"
     _state["ok"], _state["why"] = ok, why
+    stale = out_of_date() if ok else None
+    if stale:
+        warnings.warn(f"pyimputmae: {stale}", ExtensionWarning, stacklevel=3)
     if not ok and why and not why.startswith("installed without") and "PYIMPUTMAE_NO_EXT" not in why:
         warnings.warn(f"pyimputmae: compiled kernels unavailable, {why}; using Triton or the PyTorch "
                       f"reference instead", ExtensionWarning, stacklevel=3)
     return ok
+
+
+def out_of_date() -> str | None:
+    """Why the extension was not built from the sources beside the package as they are now: the
+    case of ``csrc/`` edited or pulled after an editable install's last build, whose ``_C`` then runs
+    the old kernels. None when it was, or when there is nothing to compare: an installed package (no
+    ``csrc/`` beside it), a build record without ``sources_sha256`` or of a pure-Python install."""
+    from . import _build_sources
+
+    cfg = build_config()
+    recorded = cfg.get("sources_sha256")
+    if not recorded or cfg.get("extension") is False:
+        return None
+    try:
+        root = _build_sources.checkout_root()
+        now = _build_sources.sources_digest(root, bool(cfg.get("cuda"))) if root is not None else None
+    except OSError:  # an unreadable file, one saved as it was listed: loading must not fail for it
+        return None
+    if now is None or now == recorded:
+        return None
+    return (f"the compiled kernels are older than their sources: {root / 'csrc'} or {root / 'setup.py'} "
+            f"changed since pyimputmae._C was built (sources {recorded[:12]} then, {now[:12]} now), so it "
+            "runs the old kernels; rebuild it (pip install --no-build-isolation -e .)")
 
 
 def unavailable_reason() -> str | None:

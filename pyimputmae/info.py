@@ -64,6 +64,7 @@ def collect() -> dict:
         },
         "build": cfg,
         "build_record_stale": stale_record(cfg, ext_ok),
+        "build_sources_changed": _extension.out_of_date() if ext_ok else None,
         "backends": {"cpu": _backends.explain(torch.device("cpu"))},
     }
     if torch.cuda.is_available():
@@ -114,6 +115,8 @@ def render(info: dict) -> str:
         )
     if stale:
         lines.append(f"  stale: {stale}")
+    if info.get("build_sources_changed"):
+        lines.append(f"  out of date: {info['build_sources_changed']}")
     for dev, table in info["backends"].items():
         lines.append(f"\nops on {dev} tensors:")
         if "note" in table:

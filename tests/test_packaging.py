@@ -39,9 +39,15 @@ def test_the_source_distribution_carries_what_the_build_and_the_tests_need(tmp_p
     and *.cuh, so `pip install pyimputmae-0.1.0.tar.gz` failed to compile (cpu_kernel_utils.h: No
     such file or directory)."""
     tracked = _tracked_files()
+    # built from a copy of the tracked files: setuptools lays the archive's tree out in the folder it
+    # runs in, which must not be the checkout (a second build there at the same time would collide)
+    src = tmp_path / "src"
+    for name in tracked:
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, src / name)
     env = dict(os.environ, PYIMPUTMAE_NO_EXT="1")  # metadata only: no compiler, no torch import
     subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path),
-                    "sdist", "--dist-dir", str(tmp_path)], cwd=ROOT, env=env, check=True,
+                    "sdist", "--dist-dir", str(tmp_path)], cwd=src, env=env, check=True,
                    capture_output=True, text=True)
     (archive,) = tmp_path.glob("pyimputmae-*.tar.gz")
     with tarfile.open(archive) as tar:
@@ -50,8 +56,8 @@ def test_the_source_distribution_carries_what_the_build_and_the_tests_need(tmp_p
     shipped = {n[len(top) + 1:] for n in names if n.startswith(top + "/")}
     wanted = {f for f in tracked
               if f.split("/")[0] in {"csrc", "kernels", "pyimputmae", "tests", "tools", "docs"}
-              or f in {"CMakeLists.txt", "setup.py", "pyproject.toml", "README.md", "MANIFEST.in"}}
-    assert {"csrc/include/cpu_kernel_utils.h", "csrc/include/cuda_utils.cuh"} <= wanted
+              or f in {"CMakeLists.txt", "setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "LICENSE"}}
+    assert {"csrc/include/cpu_kernel_utils.h", "csrc/include/cuda_utils.cuh", "LICENSE"} <= wanted
     assert sorted(wanted - shipped) == []
     # nothing built or machine-specific rides along
     leaked = [n for n in shipped if n.endswith((".so", ".pyc")) or n.endswith("_build_config.json")

@@ -7,7 +7,10 @@
 #   env    nvidia-smi, python/torch/triton/nvcc versions              -> OUTDIR/env.txt
 #   build  pip install --no-build-isolation --no-deps -e .            -> stage1_build.log, build_time.txt, info.txt
 #          (MAX_JOBS=16, TORCH_CUDA_ARCH_LIST=9.0); on failure a pure-Python install (PYIMPUTMAE_NO_EXT=1)
-#          so that the Triton backend can still be tested and timed.
+#          so that the Triton backend can still be tested and timed. When the checkout carries a build
+#          made for this machine's torch (tools/prebuilt_ext.py build; PREBUILT_DIR, default
+#          build/prebuilt) that fits (same torch, the sources as they are now, sm_90) and loads, a
+#          pure-Python install and that build instead of compiling (14–18 s in dry runs on the CPU).
 #          While it compiles (CPU work; the GPU is idle), the torch.compile graphs that later stages
 #          time are compiled once in the background to fill Inductor's on-disk cache: the anchor's
 #          "compile bf16" mode (it once took over 200 s cold on an H200) and bench.py's compile
@@ -30,10 +33,11 @@
 #          with PYIMPUTMAE_BACKEND set to the fastest backend per op family among those the test
 #          stage validated (tools/gpu_validated.py); with what is left, tools/saved_activations.py
 #          on the same backends                                      -> stage3_activations.log
-#          (builds the extension first when the machine has none: a second call on a fresh machine)
+#          (builds the extension first when the machine has none built from these sources: a second
+#          call on a fresh machine)
 #   train  tests/test_device_train.py on CUDA: train() with the cohort on the GPU and streamed to it,
 #          checkpoint, resume, save, load onto the CPU and back, predict, impute, evaluate, with the
-#          backends the test stage validated (builds the extension first on a fresh machine)
+#          backends the test stage validated (builds the extension first, as e2e does)
 #                                                                    -> stage3_train.log, junit_train.xml
 #   test16 the float16 GPU cases of the op tests: they decide GPU_VALIDATED_FP16 (bf16 is what training
 #          runs on an H100/H200, so its cases come first; fp16, the choice of amp="auto" on older GPUs,
@@ -52,10 +56,12 @@
 # A stage runs even when the one before it failed. OUTDIR/summary.tsv: stage, status, seconds, log.
 #
 # Knobs (environment): PYTHON (python3), GPU_CHECK_BUDGET_S (580: the whole script), BUILD_TIMEOUT_S
-# (240), TEST_TIMEOUT_S (120), TEST16_TIMEOUT_S (90), TEST_WORKERS (8), BENCH_LARGE_TIMEOUT_S (150), E2E_TIMEOUT_S (240), E2E_MODES, TRAIN_TIMEOUT_S (150),
-# SWEEP_TIMEOUT_S (90), BENCH_PAPER_TIMEOUT_S (120), REF_STEP_TIMEOUT_S (180), SANITIZE_TIMEOUT_S (150 per tool),
-# GPU_CHECK_WARM=0 (no background compilation), WARM_WAIT_S (60: how long a timed stage waits for
-# an unfinished warm-up before stopping it), GPU_CHECK_FORCE=1 (run the GPU stages without a
+# (240), PREBUILT_DIR (build/prebuilt), GPU_CHECK_PREBUILT=0 (compile even when a carried build
+# fits), TEST_TIMEOUT_S (120), TEST16_TIMEOUT_S (90), TEST_WORKERS (8), BENCH_LARGE_TIMEOUT_S (150),
+# E2E_TIMEOUT_S (240), E2E_MODES, TRAIN_TIMEOUT_S (150), SWEEP_TIMEOUT_S (90), BENCH_PAPER_TIMEOUT_S
+# (120), REF_STEP_TIMEOUT_S (180), SANITIZE_TIMEOUT_S (150 per tool), GPU_CHECK_WARM=0 (no
+# background compilation), WARM_WAIT_S (60, or 120 after a carried build: how long a timed stage
+# waits for an unfinished warm-up before stopping it), GPU_CHECK_FORCE=1 (run the GPU stages without a
 # visible GPU), GPU_CHECK_KEEP_WORK=1 (keep the unbundled work folder in $TMPDIR).
 
 set -u
@@ -79,6 +85,8 @@ STAGES=("$@")
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT" || exit 2
 PY=${PYTHON:-python3}
+PREBUILT=${PREBUILT_DIR:-build/prebuilt}
+PREBUILT_USED=0
 command -v "$PY" >/dev/null || PY=python
 BUDGET=${GPU_CHECK_BUDGET_S:-580}
 START=$(date +%s)
@@ -156,6 +164,14 @@ fi
 
 # Does the built extension load next to the Python ops? Asked in a child process: a broken build
 # can abort the process that loads it.
+# Is the loaded extension built from this checkout's sources as they are? (a warm machine keeps the
+# git-ignored _C of an earlier call; the checkout sent since may hold other sources)
+ext_current() {
+  ext_loads || return 1
+  timeout -k 5 60 "$PY" -c "import sys, pyimputmae._extension as e; sys.exit(0 if e.out_of_date() is None else 1)" \
+    >/dev/null 2>&1
+}
+
 ext_loads() {
   local limit=$(($(remaining) - KILL_GRACE))
   ((limit > 120)) && limit=120
@@ -222,9 +238,12 @@ stop_warmups() {  # TERM to each warm-up's `timeout` (it passes TERM on to its c
 
 wait_warmups() {  # before a timed stage: the warm-ups must not share the GPU and CPUs with it
   ((${#WARM_PIDS[@]})) || return 0
-  # one deadline for all of them: at most WARM_WAIT_S, and never into the last minute of the budget
+  # one deadline for all of them: at most WARM_WAIT_S, and never into the last minute of the budget.
+  # With the carried build the warm-ups started a compile's time later (they used to overlap it):
+  # a longer default wait gives them back about that head start before the timed stages.
+  local cap=${WARM_WAIT_S:-$((PREBUILT_USED ? 120 : 60))}
   local wait_s=$(($(remaining) - 60)) pid deadline
-  ((wait_s > ${WARM_WAIT_S:-60})) && wait_s=${WARM_WAIT_S:-60}
+  ((wait_s > cap)) && wait_s=$cap
   deadline=$(($(date +%s) + wait_s))
   while warmups_running && (($(date +%s) < deadline)); do sleep 1; done
   warmups_running && echo "== a warm-up is still running: stopped (its stage compiles what is missing)"
@@ -264,8 +283,35 @@ PYEOF
   } 2>&1 | tee "$OUT/env.txt"
 }
 
-stage_build() {
-  local log="$OUT/stage1_build.log" t0 rc anchor
+# A build made on the development machine for this machine's torch and carried with the checkout
+# (tools/prebuilt_ext.py; the device tool's carry: build/prebuilt): used when it fits (the same
+# torch, the sources of this checkout as they are, machine code for this GPU) and loads; else the
+# build stage compiles as usual. Saves the compile's minutes of GPU time.
+install_prebuilt() {  # install_prebuilt LOG: 0 when the carried build is installed and loads
+  local log=$1
+  [[ ${GPU_CHECK_PREBUILT:-1} == 1 && -f $PREBUILT/_C.abi3.so ]] || return 1
+  # not a run_step: a carried build that does not fit is no failure of the check, only a compile
+  if ! timeout -k 5 60 "$PY" tools/prebuilt_ext.py check --dir "$PREBUILT" 2>&1 | tee -a "$log"; then
+    note prebuilt "not used (see log)" 0 "$(basename "$log")"
+    return 1
+  fi
+  # a pure-Python editable install (the package and pyimputmae.kernels importable), then the build
+  # copied in after it: the install writes a build record of its own, which the copy replaces
+  run_step build-python-only 120 "$log" \
+    env PYIMPUTMAE_NO_EXT=1 "$PY" -m pip install --no-build-isolation --no-deps -e . || return 1
+  run_step prebuilt-install 60 "$log" "$PY" tools/prebuilt_ext.py install --dir "$PREBUILT" || return 1
+  if ext_loads; then
+    echo "== the carried build loads: not compiling" | tee -a "$log"
+    return 0
+  fi
+  echo "== the carried build does not load here: removed, compiling from source" | tee -a "$log"
+  note prebuilt "installed, does not load: compiling" 0 "$(basename "$log")"
+  rm -f pyimputmae/_C.abi3.so pyimputmae/_build_config.json
+  return 1
+}
+
+start_warmups() {  # the background compiles that the stages after the build time
+  local anchor
   anchor=$(find_anchor)
   if wants e2e && [[ -n $anchor ]]; then
     mkdir -p "$OUT/anchor_warm"
@@ -275,11 +321,24 @@ stage_build() {
     start_warmup bench-compile 300 "$PY" tools/bench.py --device cuda --size large --quick \
       --backends reference --baselines compile --no-check
   fi
+}
+
+stage_build() {
+  local log="$OUT/stage1_build.log" t0 rc=0
   t0=$(date +%s)
-  run_step build "${BUILD_TIMEOUT_S:-240}" "$log" \
-    env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 "$PY" -m pip install --no-build-isolation --no-deps -v -e .
-  rc=$?
-  echo "build_seconds=$(($(date +%s) - t0)) exit=$rc" | tee "$OUT/build_time.txt"
+  if install_prebuilt "$log"; then
+    echo "build_seconds=$(($(date +%s) - t0)) exit=0 prebuilt=$PREBUILT" | tee "$OUT/build_time.txt"
+    PREBUILT_USED=1
+    # no compile for the warm-ups to overlap: they overlap the test stage (it times nothing); without
+    # one the next timed stage would only wait for them and stop them unfinished
+    wants test && start_warmups
+  else
+    start_warmups
+    run_step build "${BUILD_TIMEOUT_S:-240}" "$log" \
+      env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 "$PY" -m pip install --no-build-isolation --no-deps -v -e .
+    rc=$?
+    echo "build_seconds=$(($(date +%s) - t0)) exit=$rc" | tee "$OUT/build_time.txt"
+  fi
   if ((rc != 0)); then
     # keep the package importable (and the Triton kernels mapped as pyimputmae.kernels)
     run_step build-python-only 120 "$log" \
@@ -388,7 +447,7 @@ stage_e2e() {
   local anchor
   anchor=$(find_anchor)
   # a call on a fresh machine (the build stage ran in an earlier call): build first
-  if ! wants build && ! ext_loads; then
+  if ! wants build && ! ext_current; then
     stage_build
   fi
   wait_warmups
@@ -445,7 +504,7 @@ stage_train() {
     skip train "tests/test_device_train.py does not exist"
     return
   fi
-  if ! wants build && ! ext_loads; then
+  if ! wants build && ! ext_current; then
     stage_build
   fi
   local choice="" args=(-v -rfE --tb=short -m gpu -p no:cacheprovider --junitxml="$OUT/junit_train.xml")
