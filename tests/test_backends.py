@@ -331,6 +331,35 @@ def test_gpu_check_commands_of_the_test_and_e2e_stages(tmp_path):
     assert f"--ref {repo / 'shared' / 'anchors' / 'ref_step_bench.py'}" in e2e_call
 
 
+def test_gpu_check_records_the_commit_it_is_given_where_the_checkout_has_no_git(tmp_path, monkeypatch):
+    """The device tool's copy of the working tree may come without .git: the run's records then
+    name the commit the caller passed (GPU_CHECK_COMMIT), and say where it came from."""
+    import os
+    import subprocess
+    import sys
+    import tarfile
+
+    repo = tmp_path / "copy"
+    (repo / "tools").mkdir(parents=True)
+    (repo / "tools" / "gpu_check.sh").write_text((ROOT / "tools" / "gpu_check.sh").read_text())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_CHECK")}
+    env.update(PYTHON=sys.executable, GPU_CHECK_COMMIT="0123abc", PATH=os.environ.get("PATH", ""))
+    proc = subprocess.run(["bash", str(repo / "tools" / "gpu_check.sh"), str(tmp_path / "out"), "env"],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with tarfile.open(tmp_path / "out" / "gpu_check.tar.gz") as bundle:
+        env_txt = bundle.extractfile("./env.txt").read().decode()
+    assert "commit: 0123abc (GPU_CHECK_COMMIT; no git repository here)" in env_txt, env_txt
+    # bench.py's records carry it too (its meta's git_commit)
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    bench = tool_module("bench")
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    monkeypatch.setenv("GPU_CHECK_COMMIT", "0123abc")
+    assert bench.git_commit() == "0123abc"
+    monkeypatch.delenv("GPU_CHECK_COMMIT")
+    assert bench.git_commit() is None
+
+
 def test_gpu_check_bundles_even_when_a_file_changed_while_tar_read_it(tmp_path):
     """GNU tar exits 1 when a file changed as it read it (a background warm-up appending to its log
     on the GPU machine); the archive is whole, so tools/gpu_check.sh must still put it in OUTDIR."""

@@ -262,14 +262,18 @@ def summarize(records: list[dict]) -> list[dict]:
 
 
 def git_commit() -> str | None:
+    """The checkout's commit (``-dirty`` with uncommitted changes to tracked files); where the checkout
+    is no git repository (a copy sent to a GPU machine), ``GPU_CHECK_COMMIT`` as tools/gpu_check.sh
+    passes it on; None when neither says."""
+    given = os.environ.get("GPU_CHECK_COMMIT") or None
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return None
+        return given
     if sha.returncode:
-        return None
+        return given
     return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 

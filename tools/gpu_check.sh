@@ -62,7 +62,8 @@
 # (120), REF_STEP_TIMEOUT_S (180), SANITIZE_TIMEOUT_S (150 per tool), GPU_CHECK_WARM=0 (no
 # background compilation), WARM_WAIT_S (60, or 120 after a carried build: how long a timed stage
 # waits for an unfinished warm-up before stopping it), GPU_CHECK_FORCE=1 (run the GPU stages without a
-# visible GPU), GPU_CHECK_KEEP_WORK=1 (keep the unbundled work folder in $TMPDIR).
+# visible GPU), GPU_CHECK_KEEP_WORK=1 (keep the unbundled work folder in $TMPDIR), GPU_CHECK_COMMIT
+# (the commit measured, recorded where the checkout is no git repository).
 
 set -u
 set -o pipefail
@@ -87,6 +88,20 @@ cd "$ROOT" || exit 2
 PY=${PYTHON:-python3}
 PREBUILT=${PREBUILT_DIR:-build/prebuilt}
 PREBUILT_USED=0
+# The commit measured, for every record of the run (env.txt, bench.py's meta): the checkout's own when
+# it is a git repository, else GPU_CHECK_COMMIT as the caller gives it (the device tool's copy of the
+# working tree may come without .git, so the plan's command names it)
+if [[ $(git -C "$ROOT" rev-parse --show-toplevel 2>/dev/null) == "$(pwd -P)" ]] \
+    && git_head=$(git -C "$ROOT" rev-parse HEAD 2>/dev/null); then
+  [[ -n ${GPU_CHECK_COMMIT:-} && $GPU_CHECK_COMMIT != "$git_head" ]] && \
+    echo "gpu_check: GPU_CHECK_COMMIT=$GPU_CHECK_COMMIT but the checkout is at $git_head: recording the checkout's"
+  GPU_CHECK_COMMIT=$git_head COMMIT_FROM=git
+elif [[ -n ${GPU_CHECK_COMMIT:-} ]]; then
+  COMMIT_FROM="GPU_CHECK_COMMIT; no git repository here"
+else
+  COMMIT_FROM="no git repository here and GPU_CHECK_COMMIT unset"
+fi
+export GPU_CHECK_COMMIT
 command -v "$PY" >/dev/null || PY=python
 BUDGET=${GPU_CHECK_BUDGET_S:-580}
 START=$(date +%s)
@@ -255,7 +270,7 @@ wait_warmups() {  # before a timed stage: the warm-ups must not share the GPU an
 stage_env() {
   {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)   host: $(hostname)   cpus: $(nproc)"
-    echo "repo: $ROOT   commit: $(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)"
+    echo "repo: $ROOT   commit: ${GPU_CHECK_COMMIT:-unknown} ($COMMIT_FROM)"
     echo "gpu check: $([[ $HAVE_GPU == 1 ]] && echo "GPU visible" || echo "no GPU ($GPU_WHY)")"
     if command -v nvidia-smi >/dev/null 2>&1; then timeout 60 nvidia-smi; else echo "nvidia-smi: not installed"; fi
     if command -v nvcc >/dev/null 2>&1; then nvcc --version | tail -n 2; else echo "nvcc: not on PATH"; fi
