@@ -18,7 +18,7 @@ fastest first by the summed ``fwd+bwd`` median time of the family's bench ops in
 The last line, ``PYIMPUTMAE_BACKEND=family=backend,...``, names the first of each family's order
 (families with no validated backend left out, so that they keep the automatic choice):
 ``tools/gpu_check.sh`` runs the end-to-end step with it, so that the step uses what the same run
-validated and found fastest.
+validated and found fastest. ``tools/gpu_report.py`` reads the same through :func:`validate`.
 Exit status 1 when a case failed.
 """
 
@@ -30,6 +30,8 @@ import json
 import re
 import sys
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 FAMILIES = ("patch_embed", "masking", "masked_mse")
@@ -101,7 +103,8 @@ BENCH_OPS = {"patch_embed": (("patch_embed3d", "patch_embed3d_keep50"), "bf16"),
              "masking": (("masking_fill",), "fp32"), "masked_mse": (("masked_mse", "masked_mse_normpix"), "fp32")}
 
 
-def cuda_order(bench: dict, validated: list[tuple[str, str]]) -> dict[str, tuple[str, ...]]:
+def cuda_order(bench: dict, validated: list[tuple[str, str]],
+               log: Callable[[str], object] = print) -> dict[str, tuple[str, ...]]:
     """Per family: the validated backends, fastest first (summed fwd+bwd medians over the family's
     bench ops; a backend missing one of them, or failing its check, is left out), then "reference"."""
     order = {}
@@ -114,7 +117,7 @@ def cuda_order(bench: dict, validated: list[tuple[str, str]]) -> dict[str, tuple
             if len(times) == len(ops) and all(t is not None for t in times):
                 totals[backend] = sum(times)
         for backend, total in sorted(totals.items(), key=lambda kv: kv[1]):
-            print(f"{family:12s} {backend:7s} {total:8.3f} ms (fwd+bwd {dtype}, {' + '.join(ops)})")
+            log(f"{family:12s} {backend:7s} {total:8.3f} ms (fwd+bwd {dtype}, {' + '.join(ops)})")
         # validated but not timed (the bench was cut short): after the timed ones, in the default order;
         # left out when the bench's correctness guard failed it on any of the family's ops
         failed = {r.get("backend") for r in bench["records"] if r.get("op") in ops and r.get("baseline") is None
@@ -124,29 +127,42 @@ def cuda_order(bench: dict, validated: list[tuple[str, str]]) -> dict[str, tuple
     return order
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("outdir", type=Path)
-    opts = parser.parse_args(argv)
-    check_log = opts.outdir / "stage1_kernel_check.log"
+@dataclass
+class Validation:
+    """What :func:`validate` found in one GPU run's files."""
+
+    validated: list[tuple[str, str]]  # (backend, family) pairs, in BACKENDS × FAMILIES order
+    validated16: list[tuple[str, str]]  # those validated for float16 too
+    order: dict[str, tuple[str, ...]]  # CUDA_ORDER: per family, fastest validated backend first
+    any_failed: bool  # a case failed
+    tested: bool  # the op tests left verdicts (junit file or -v log)
+    tested16: bool  # the same for their float16 cases
+    timed: bool  # the order comes from bench_large.json (else the default order)
+
+
+def validate(outdir: Path, log: Callable[[str], object] = print) -> Validation:
+    """Read the run's files in ``outdir``, say what it found line by line through ``log`` (the
+    command's output) and return it."""
+    check_log = outdir / "stage1_kernel_check.log"
     # the op tests' GPU cases: fp32/bf16/fp64 (stage "test"), then float16 (stage "test16")
-    stages = {}
+    stages, ran = {}, {}
     for key, junit_name, log_name, what in (
             ("main", "junit_ops.xml", "stage1_test.log", "the op tests"),
             ("fp16", "junit_ops_fp16.xml", "stage1_test_fp16.log", "the op tests' float16 cases")):
-        junit, test_log = opts.outdir / junit_name, opts.outdir / log_name
+        junit, test_log = outdir / junit_name, outdir / log_name
         stages[key] = collections.Counter()
+        ran[key] = junit.exists() or test_log.exists()
         if junit.exists():
             stages[key] = junit_outcomes(junit)
         elif test_log.exists():
-            print(f"no {junit}: {what} did not finish; counting the verdicts {test_log.name} printed")
+            log(f"no {junit}: {what} did not finish; counting the verdicts {test_log.name} printed")
             stages[key] = log_outcomes(test_log)
         else:
-            print(f"no {junit} nor {test_log}: {what} did not run")
+            log(f"no {junit} nor {test_log}: {what} did not run")
     tests, half = stages["main"], stages["fp16"]
     checks = kernel_check_outcomes(check_log) if check_log.exists() else collections.Counter()
     if not check_log.exists():
-        print(f"no {check_log}: the CUDA kernel check did not run")
+        log(f"no {check_log}: the CUDA kernel check did not run")
     validated, validated16, any_failed = [], [], False
     for backend in BACKENDS:
         for family in FAMILIES:
@@ -163,24 +179,31 @@ def main(argv: list[str] | None = None) -> int:
             ok16 = ok and h_ok > 0 and h_fail == 0
             any_failed |= failed > 0 or h_fail > 0
             verdict = ("VALIDATED, float16 too" if ok16 else "VALIDATED, not float16" if ok else "not validated")
-            print(f"{line}  -> {verdict}")
+            log(f"{line}  -> {verdict}")
             if ok:
                 validated.append((backend, family))
             if ok16:
                 validated16.append((backend, family))
-    print("GPU_VALIDATED = frozenset({" + ", ".join(f'("{b}", "{f}")' for b, f in validated) + "})")
-    print("GPU_VALIDATED_FP16 = frozenset({" + ", ".join(f'("{b}", "{f}")' for b, f in validated16) + "})")
-    bench_path = opts.outdir / "bench_large.json"
+    log("GPU_VALIDATED = frozenset({" + ", ".join(f'("{b}", "{f}")' for b, f in validated) + "})")
+    log("GPU_VALIDATED_FP16 = frozenset({" + ", ".join(f'("{b}", "{f}")' for b, f in validated16) + "})")
+    bench_path = outdir / "bench_large.json"
     if bench_path.exists():
-        order = cuda_order(json.loads(bench_path.read_text(encoding="utf-8")), validated)
-        print("CUDA_ORDER = {" + ", ".join(f'"{f}": {o!r}' for f, o in order.items()) + "}")
+        order = cuda_order(json.loads(bench_path.read_text(encoding="utf-8")), validated, log)
+        log("CUDA_ORDER = {" + ", ".join(f'"{f}": {o!r}' for f, o in order.items()) + "}")
     else:
-        print(f"no {bench_path}: CUDA_ORDER needs the bench's timings; the default order below")
+        log(f"no {bench_path}: CUDA_ORDER needs the bench's timings; the default order below")
         order = {f: (*(b for b in BACKENDS if (b, f) in validated), "reference") for f in FAMILIES}
     # what the end-to-end stage runs with: per family the first of that order (validated in this run);
     # a family with none validated is left to the automatic choice (empty when none at all)
-    print("PYIMPUTMAE_BACKEND=" + ",".join(f"{f}={o[0]}" for f, o in order.items() if o[0] != "reference"))
-    return 1 if any_failed else 0
+    log("PYIMPUTMAE_BACKEND=" + ",".join(f"{f}={o[0]}" for f, o in order.items() if o[0] != "reference"))
+    return Validation(validated, validated16, order, any_failed, ran["main"], ran["fp16"], bench_path.exists())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("outdir", type=Path)
+    opts = parser.parse_args(argv)
+    return 1 if validate(opts.outdir).any_failed else 0
 
 
 if __name__ == "__main__":
