@@ -181,7 +181,10 @@ def _resolve() -> tuple[dict, list]:
     if openmp:
         cxx_flags.append("-fopenmp")
         link_flags.append("-fopenmp")
-    nvcc_flags = ["-O3", "--use_fast_math", "-DPYIMPUTMAE_PYTHON_MODULE", "-lineinfo"]
+    # no --use_fast_math: the kernels move memory, their arithmetic is a few operations per element,
+    # and fast math would flush subnormals to zero and round divisions approximately where the PyTorch
+    # reference (the spec) does neither; a subnormal mask weight would count as no weight at all
+    nvcc_flags = ["-O3", "-DPYIMPUTMAE_PYTHON_MODULE", "-lineinfo"]
     macros = []
     if cuda:
         macros.append(("PYIMPUTMAE_WITH_CUDA", None))

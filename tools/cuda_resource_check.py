@@ -3,7 +3,7 @@
     python tools/cuda_resource_check.py [--arch 90] [--json out.json]
 
 Each ``csrc/cuda/*.cu`` is compiled to PTX with the flags ``setup.py`` builds the extension with
-(torch's nvcc flags, ``-O3 --use_fast_math``), and the PTX is assembled for ``sm_<arch>`` by
+(torch's nvcc flags, ``-O3``), and the PTX is assembled for ``sm_<arch>`` by
 ``ptxas -v``. One line per kernel instantiation: registers per thread, spill stores/loads and stack
 bytes (a non-zero one is a slowdown the GPU run would show without saying why), static shared
 memory, the block size of its ``__launch_bounds__`` (``.maxntid`` in the PTX) and the theoretical
@@ -84,7 +84,7 @@ def nvcc_command(nvcc: str, source: Path, ptx: Path, arch: int) -> list[str]:
         if os.path.isdir(inc):
             includes.append(inc)
             break
-    return [nvcc, "--ptx", f"-arch=compute_{arch}", "-std=c++20", "-O3", "--use_fast_math",
+    return [nvcc, "--ptx", f"-arch=compute_{arch}", "-std=c++20", "-O3",
             "-DPYIMPUTMAE_PYTHON_MODULE", "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C",
             *cpp_extension.COMMON_NVCC_FLAGS, *(f"-I{p}" for p in [*includes, sysconfig.get_paths()["include"]]),
             str(source), "-o", str(ptx)]
