@@ -301,7 +301,7 @@ PYEOF
 # A build made on the development machine for this machine's torch and carried with the checkout
 # (tools/prebuilt_ext.py; the device tool's carry: build/prebuilt): used when it fits (the same
 # torch, the sources of this checkout as they are, machine code for this GPU) and loads; else the
-# build stage compiles as usual. Saves the compile's minutes of GPU time.
+# build stage compiles as usual. Saves the GPU the time of that compile (never timed there).
 install_prebuilt() {  # install_prebuilt LOG: 0 when the carried build is installed and loads
   local log=$1
   [[ ${GPU_CHECK_PREBUILT:-1} == 1 && -f $PREBUILT/_C.abi3.so ]] || return 1
