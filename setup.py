@@ -32,21 +32,33 @@ import setuptools
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+PACKAGE_DIR = os.path.join(ROOT, "pyimputmae")
 CONFIG_NAME = "_build_config.json"
 DEFAULT_ARCHS = "8.0;9.0+PTX"
 LICENSE = "Apache-2.0"
+#: nvcc's flags for the CUDA kernels (tools/cuda_resource_check.py compiles with them too). No
+#: --use_fast_math: the kernels move memory, their arithmetic is a few operations per element, and
+#: fast math would flush subnormals to zero and round divisions approximately where the PyTorch
+#: reference (the spec) does neither; a subnormal mask weight would count as no weight at all
+NVCC_FLAGS = ["-O3", "-DPYIMPUTMAE_PYTHON_MODULE"]
+
+
+@functools.cache
+def _package_module(name: str):
+    """``pyimputmae/<name>.py`` (standard library only), loaded by path: the package cannot be
+    imported before it is built."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_pyimputmae_setup_{name}", os.path.join(PACKAGE_DIR, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def sources_digest(root: str, cuda: bool) -> str | None:
     """pyimputmae/_build_sources.py's digest of the extension's sources under ``root`` (``cuda``:
-    with the CUDA sources), loaded by path: the package cannot be imported before it is built."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_pyimputmae_build_sources",
-                                                  os.path.join(ROOT, "pyimputmae", "_build_sources.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.sources_digest(root, cuda)
+    with the CUDA sources)."""
+    return _package_module("_build_sources").sources_digest(root, cuda)
 
 
 def _flag(name: str) -> str | None:
@@ -181,10 +193,7 @@ def _resolve() -> tuple[dict, list]:
     if openmp:
         cxx_flags.append("-fopenmp")
         link_flags.append("-fopenmp")
-    # no --use_fast_math: the kernels move memory, their arithmetic is a few operations per element,
-    # and fast math would flush subnormals to zero and round divisions approximately where the PyTorch
-    # reference (the spec) does neither; a subnormal mask weight would count as no weight at all
-    nvcc_flags = ["-O3", "-DPYIMPUTMAE_PYTHON_MODULE", "-lineinfo"]
+    nvcc_flags = [*NVCC_FLAGS, "-lineinfo"]
     macros = []
     if cuda:
         macros.append(("PYIMPUTMAE_WITH_CUDA", None))
@@ -241,13 +250,11 @@ def license_metadata(setuptools_version: str) -> dict:
 
 
 def _write_config(config: dict, *dirs: str) -> None:
+    # whole or not at all: a process importing the package meanwhile reads the old record or the new
+    write_text = _package_module("_atomic").atomic_write_text
     for d in dirs:
         os.makedirs(d, exist_ok=True)
-        # whole or not at all: a process importing the package meanwhile reads the old record or the new
-        part = os.path.join(d, f".{CONFIG_NAME}.{os.getpid()}.partial")
-        with open(part, "w") as f:
-            json.dump(config, f, indent=1, sort_keys=True)
-        os.replace(part, os.path.join(d, CONFIG_NAME))
+        write_text(os.path.join(d, CONFIG_NAME), json.dumps(config, indent=1, sort_keys=True))
 
 
 def record_dirs(build_lib: str, in_place: bool) -> list[str]:

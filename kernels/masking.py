@@ -106,8 +106,9 @@ def _gather_visible_kernel(
     b = r // K
     pos = tl.load(ids_ptr + r, mask=r_ok, other=0)
     # an id outside [0, L) is masked out of every access (its row is zero) and reported under TRITON_DEBUG=1
-    tl.device_assert((pos >= 0) & (pos < L), "gather_visible: ids_keep out of [0, L)", mask=r_ok)
-    named = r_ok & (pos >= 0) & (pos < L)
+    in_range = (pos >= 0) & (pos < L)
+    tl.device_assert(in_range, "gather_visible: ids_keep out of [0, L)", mask=r_ok)
+    named = r_ok & in_range
     hidden = tl.load(mask_ptr + b * L + pos, mask=named, other=1) != 0
     src = (b * L + pos) * E
     vals = tl.load(tokens_ptr + src[:, None] + e[None, :], mask=(named & ~hidden)[:, None] & e_ok[None, :], other=0)
@@ -123,8 +124,9 @@ def _inverse_index_kernel(inv_ptr, ids_ptr, mask_ptr, n_ids, K, L, BLOCK: tl.con
     k = r - b * K
     pos = tl.load(ids_ptr + r, mask=r_ok, other=0)
     # an id outside [0, L) is masked out of every access (ignored) and reported under TRITON_DEBUG=1
-    tl.device_assert((pos >= 0) & (pos < L), "unshuffle_fill: ids_keep out of [0, L)", mask=r_ok)
-    named = r_ok & (pos >= 0) & (pos < L)
+    in_range = (pos >= 0) & (pos < L)
+    tl.device_assert(in_range, "unshuffle_fill: ids_keep out of [0, L)", mask=r_ok)
+    named = r_ok & in_range
     hidden = tl.load(mask_ptr + b * L + pos, mask=named, other=1) != 0
     tl.store(inv_ptr + b * L + pos, (k + 1).to(tl.int32), mask=named & ~hidden)
 

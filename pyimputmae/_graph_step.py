@@ -81,9 +81,9 @@ class GraphedStep:
     or after a resume ``training.set_optimizer_mode``) and the parameters it trains; its state is
     made here where a parameter has none; ``step_loss(batch) -> (loss, parts)``: the forward; rng: the masking RNG
     ``(2,)`` int64; amp: the autocast dtype or None; clip: the gradient-norm bound or None;
-    batch_size: the rows of the static buffers. ``capture=False`` runs the same step without a
-    graph (everything else as with one: padding, state creation, learning-rate tensors), which is
-    how the CPU tests check it.
+    batch_size: the rows of the static buffers; device: the training device. Off CUDA it runs the
+    same step without a graph (everything else as with one: padding, state creation, learning-rate
+    tensors), which is how the CPU tests check it.
 
     The returned tensors are the graph's outputs, overwritten by the next step: read them (or
     accumulate them on the device) before calling it again.
@@ -91,10 +91,10 @@ class GraphedStep:
 
     def __init__(self, opt: torch.optim.Optimizer, params: list[nn.Parameter],
                  step_loss: Callable[[Batch], StepOutput], rng: torch.Tensor, amp: torch.dtype | None,
-                 clip: float | None, batch_size: int, device: torch.device, capture: bool) -> None:
+                 clip: float | None, batch_size: int, device: torch.device) -> None:
         self.opt, self.params, self.step_loss = opt, params, step_loss
         self.rng, self.amp, self.clip, self.rows, self.device = rng, amp, clip, batch_size, device
-        self.capture = capture
+        self.capture = device.type == "cuda"
         init_optimizer_state(opt, params)  # before a capture, which would record "set to 0" otherwise
         self.static: Batch | None = None
         self.graph: torch.cuda.CUDAGraph | None = None

@@ -433,19 +433,20 @@ class _Position:
 
 
 def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float, device: torch.device,
-                   graph: str | None = None) -> torch.optim.Optimizer:
+                   graph: bool = False) -> torch.optim.Optimizer:
     """train()'s AdamW: betas (0.9, 0.95), weight decay on the matrices only (not on biases, norms,
     tokens); fused on the GPU (and for ``graph``), torch's default on the CPU (its per-tensor loop);
-    ``capturable`` for a step captured in a CUDA graph (``graph="capture"``)."""
+    ``capturable`` for a step captured in a CUDA graph (``graph`` on a CUDA device)."""
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), **optimizer_mode(device, graph))
 
 
-def optimizer_mode(device: torch.device, graph: str | None) -> dict[str, bool]:
+def optimizer_mode(device: torch.device, graph: bool) -> dict[str, bool]:
     """:func:`make_optimizer`'s implementation flags: ``{"fused", "capturable"}``."""
-    return {"fused": device.type == "cuda" or graph is not None, "capturable": graph == "capture"}
+    cuda = device.type == "cuda"
+    return {"fused": cuda or graph, "capturable": graph and cuda}
 
 
 def set_optimizer_mode(opt: torch.optim.Optimizer, fused: bool, capturable: bool) -> None:
@@ -475,15 +476,12 @@ class _Trainer:
         tb = self.out / "tensorboard" if cfg.tensorboard else None
         self.logger = _Logger(self.out / "metrics.jsonl", self.history, tb)
 
-    def _graph_mode(self, stage: str) -> str | None:
-        """How ``stage`` runs its steps: "capture" (pre-training with ``cuda_graph`` on a CUDA device:
-        one CUDA graph, :mod:`pyimputmae._graph_step`), "emulate" (the same step without a graph,
-        on the CPU: only the tests set :data:`GRAPH_STEP_WITHOUT_CUDA`), or None (step by step)."""
-        if not self.cfg.cuda_graph or stage != "pretrain":
-            return None
-        if self.device.type == "cuda":
-            return "capture"
-        return "emulate" if GRAPH_STEP_WITHOUT_CUDA else None
+    def _graphed(self, stage: str) -> bool:
+        """Does ``stage`` step through :mod:`pyimputmae._graph_step` (pre-training with ``cuda_graph``:
+        one CUDA graph on a CUDA device; the same step without a graph on the CPU, which only the tests
+        ask for, :data:`GRAPH_STEP_WITHOUT_CUDA`), rather than step by step?"""
+        return (self.cfg.cuda_graph and stage == "pretrain"
+                and (self.device.type == "cuda" or GRAPH_STEP_WITHOUT_CUDA))
 
     def _save(self, pos: _Position, model: nn.Module, opt, sched, scaler, rng: torch.Tensor | None,
               window: dict[str, Any] | None = None) -> None:
@@ -560,7 +558,7 @@ class _Trainer:
         epochs = cfg.pretrain_epochs if pre else cfg.finetune_epochs
         lr = cfg.pretrain_lr if pre else cfg.finetune_lr
         params = [p for p in model.parameters() if p.requires_grad]
-        graph = self._graph_mode(stage)
+        graph = self._graphed(stage)
         opt = make_optimizer(params, lr, cfg.pretrain_weight_decay if pre else cfg.finetune_weight_decay, self.device,
                              graph)
         steps_per_epoch = math.ceil(math.ceil(len(idx) / bs) / cfg.grad_accum)
@@ -590,9 +588,8 @@ class _Trainer:
         # cuda_graph: the whole step (forward to optimizer and RNG advance) is one replay; grad_accum
         # is 1 and amp not fp16 there (TrainConfig.validate, _train), so every batch is an optimizer
         # step. Its buffers hold a batch, or the whole split when that is smaller
-        graphed = None if graph is None else GraphedStep(
-            opt, params, step_loss, rng, self.amp, cfg.grad_clip, min(bs, len(idx)), self.device,
-            capture=graph == "capture")
+        graphed = GraphedStep(opt, params, step_loss, rng, self.amp, cfg.grad_clip, min(bs, len(idx)),
+                              self.device) if graph else None
         try:
             for epoch, b, rows in self._batches(stage, idx, bs, pos):
                 batch = self.cohort.batch(rows).to(self.device, non_blocking=True)

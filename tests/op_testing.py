@@ -46,6 +46,20 @@ HALF_DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float
 
 
 
+def setup_module() -> ModuleType:
+    """``setup.py`` loaded as a module (its build runs only as ``__main__``), to call its functions;
+    a fresh one per call (tests patch its globals)."""
+    pytest.importorskip("setuptools")
+    spec = importlib.util.spec_from_file_location("pyimputmae_setup", Path(__file__).resolve().parents[1] / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+#: the tiny model of the training tests: every modality, a few thousand parameters
+TINY_MODEL = dict(dim=32, heads=2, mlp=64, decoder_dim=32, decoder_heads=2, decoder_mlp=64, freeze="none")
+
+
 def tool_module(name: str) -> ModuleType:
     """``tools/<name>.py`` (a script, not a package) loaded as a module, to call its functions."""
     path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"

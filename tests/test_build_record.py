@@ -3,11 +3,11 @@ and ``pyimputmae info`` says when the record cannot describe the extension that 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from op_testing import setup_module
 
 from pyimputmae import _extension
 from pyimputmae.info import collect, render
@@ -19,10 +19,7 @@ PURE = {"python": "3.11", "extension": False, "reason": "PYIMPUTMAE_NO_EXT=1"}
 @pytest.fixture
 def setup_py(tmp_path, monkeypatch):
     """setup.py as a module (its build runs only as __main__), with a scratch source tree."""
-    pytest.importorskip("setuptools")
-    spec = importlib.util.spec_from_file_location("pyimputmae_setup", ROOT / "setup.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = setup_module()
     monkeypatch.setattr(module, "ROOT", str(tmp_path / "src"))
     return module
 

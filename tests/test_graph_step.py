@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from op_testing import TINY_MODEL
 
 from pyimputmae import training
 from pyimputmae._graph_step import GraphedStep, init_optimizer_state
@@ -20,7 +21,7 @@ from pyimputmae.model.config import ModelConfig
 from pyimputmae.model.mae import ImputeMAE, new_rng
 from pyimputmae.training import TrainConfig, train
 
-TINY = ModelConfig.small(dim=32, heads=2, mlp=64, decoder_dim=32, decoder_heads=2, decoder_mlp=64, freeze="none")
+TINY = ModelConfig.small(**TINY_MODEL)
 #: 96 patients: the training split is not a multiple of the batch, so every epoch ends with a short batch
 FAST = {"pretrain_epochs": 2, "finetune_epochs": 1, "pretrain_batch_size": 32, "finetune_batch_size": 32,
         "progress": False, "log_every": 1, "device": "cpu"}
@@ -105,7 +106,7 @@ def test_a_short_batch_padded_to_the_static_rows_gives_the_step_of_the_batch_alo
         opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
         rng = new_rng(3, torch.device("cpu"))
         step = GraphedStep(opt, params, lambda bt, m=model, r=rng: m.forward_pretrain(bt, r, check=False),
-                           rng, None, 1.0, rows, torch.device("cpu"), capture=False)
+                           rng, None, 1.0, rows, torch.device("cpu"))
         loss, parts = step(batch)
         outs.append((loss.item(), {k: v.item() for k, v in parts.items()}, rng.clone()))
         assert step.static.present.shape[0] == rows and not step.static.present[10:].any()

@@ -3,7 +3,6 @@ file the build compiles or includes, and setup.py's choices of CUDA toolkit and 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -12,6 +11,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from op_testing import setup_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,11 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def setup_py():
     """setup.py as a module (its build runs only as __main__)."""
-    pytest.importorskip("setuptools")
-    spec = importlib.util.spec_from_file_location("pyimputmae_setup_packaging", ROOT / "setup.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return setup_module()
 
 
 def _tracked_files() -> set[str]:

@@ -4,7 +4,6 @@ when it fits (so the lent GPU's minutes do not go into compiling)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from op_testing import setup_module, tool_module
 
 from pyimputmae import _build_sources, _extension
 from pyimputmae.info import collect, render
@@ -68,9 +68,7 @@ def test_a_build_without_the_cuda_kernels_does_not_depend_on_the_cuda_sources(tm
 
 
 def test_setup_py_records_the_same_digest_as_the_package_computes(tmp_path):
-    spec = importlib.util.spec_from_file_location("pyimputmae_setup_digest", ROOT / "setup.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = setup_module()
     root = _tree(tmp_path / "src")
     for cuda in (False, True):
         assert module.sources_digest(str(root), cuda) == _build_sources.sources_digest(root, cuda)
@@ -146,10 +144,7 @@ def test_a_current_build_loads_without_a_warning(stale_build, monkeypatch):
 
 @pytest.fixture
 def prebuilt_tool():
-    spec = importlib.util.spec_from_file_location("pyimputmae_prebuilt_ext", ROOT / "tools" / "prebuilt_ext.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return tool_module("prebuilt_ext")
 
 
 def test_a_carried_build_fits_only_the_torch_sources_and_gpu_it_was_built_for(prebuilt_tool):
@@ -188,7 +183,8 @@ def _scratch_repo(tmp_path: Path, torch_version: str) -> Path:
     (repo / "tools").mkdir()
     shutil.copy(ROOT / "tools" / "prebuilt_ext.py", repo / "tools")
     (repo / "pyimputmae").mkdir()
-    shutil.copy(ROOT / "pyimputmae" / "_build_sources.py", repo / "pyimputmae")
+    for module in ("_build_sources.py", "_atomic.py"):  # what the tool loads by path
+        shutil.copy(ROOT / "pyimputmae" / module, repo / "pyimputmae")
     (repo / "pyimputmae" / "_build_config.json").write_text(json.dumps({"extension": False}))
     carried = repo / "build" / "prebuilt"
     carried.mkdir(parents=True)

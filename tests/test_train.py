@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from op_testing import TINY_MODEL
 
 import pyimputmae
 from pyimputmae.data.synthetic import make_cohort
 from pyimputmae.model.config import ModelConfig
 from pyimputmae.training import TrainConfig, load, predict_survival, split_indices, train
 
-TINY = ModelConfig.small(dim=32, heads=2, mlp=64, decoder_dim=32, decoder_heads=2, decoder_mlp=64, freeze="none")
+TINY = ModelConfig.small(**TINY_MODEL)
 TINY_SHAPES = {m.name: m.shape for m in TINY.modalities}
 FAST = {"pretrain_epochs": 2, "finetune_epochs": 2, "pretrain_batch_size": 32, "finetune_batch_size": 32,
         "progress": False, "log_every": 1}

@@ -3,7 +3,7 @@
     python tools/cuda_resource_check.py [--arch 90] [--json out.json]
 
 Each ``csrc/cuda/*.cu`` is compiled to PTX with the flags ``setup.py`` builds the extension with
-(torch's nvcc flags, ``-O3``), and the PTX is assembled for ``sm_<arch>`` by
+(torch's nvcc flags and setup.py's ``NVCC_FLAGS``), and the PTX is assembled for ``sm_<arch>`` by
 ``ptxas -v``. One line per kernel instantiation: registers per thread, spill stores/loads and stack
 bytes (a non-zero one is a slowdown the GPU run would show without saying why), static shared
 memory, the block size of its ``__launch_bounds__`` (``.maxntid`` in the PTX) and the theoretical
@@ -17,6 +17,7 @@ Needs nvcc (``CUDA_HOME`` or on ``PATH``) and torch's headers; no GPU.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -75,6 +76,14 @@ def short_name(mangled: str) -> str:
     return re.sub(r"\(.*\)$", "", out)  # drop the parameter list: the template arguments name it
 
 
+def setup_nvcc_flags() -> list[str]:
+    """setup.py's ``NVCC_FLAGS`` (setup.py loaded by path; its build runs only as ``__main__``)."""
+    spec = importlib.util.spec_from_file_location("_pyimputmae_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return list(module.NVCC_FLAGS)
+
+
 def nvcc_command(nvcc: str, source: Path, ptx: Path, arch: int) -> list[str]:
     from torch.utils import cpp_extension
 
@@ -84,8 +93,8 @@ def nvcc_command(nvcc: str, source: Path, ptx: Path, arch: int) -> list[str]:
         if os.path.isdir(inc):
             includes.append(inc)
             break
-    return [nvcc, "--ptx", f"-arch=compute_{arch}", "-std=c++20", "-O3",
-            "-DPYIMPUTMAE_PYTHON_MODULE", "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C",
+    return [nvcc, "--ptx", f"-arch=compute_{arch}", "-std=c++20", *setup_nvcc_flags(),
+            "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C",
             *cpp_extension.COMMON_NVCC_FLAGS, *(f"-I{p}" for p in [*includes, sysconfig.get_paths()["include"]]),
             str(source), "-o", str(ptx)]
 

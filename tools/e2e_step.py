@@ -97,9 +97,9 @@ def run_mode(args: argparse.Namespace) -> dict:
         from pyimputmae.training import _pretrain_step, make_optimizer
 
         params = list(model.parameters())
-        opt = make_optimizer(params, 1e-3, 1e-2, dev, "capture" if cuda else "emulate")
+        opt = make_optimizer(params, 1e-3, 1e-2, dev, graph=True)
         graphed = GraphedStep(opt, params, lambda b: _pretrain_step(model, b, rng), rng,
-                              torch.bfloat16 if args.dtype == "bf16" else None, 1.0, B, dev, capture=cuda)
+                              torch.bfloat16 if args.dtype == "bf16" else None, 1.0, B, dev)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2, fused=True, capturable=graph)
     amp = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16",

@@ -177,23 +177,18 @@ if command -v nvidia-smi >/dev/null 2>&1; then
 fi
 [[ ${GPU_CHECK_FORCE:-0} == 1 ]] && HAVE_GPU=1
 
-# Does the built extension load next to the Python ops? Asked in a child process: a broken build
-# can abort the process that loads it.
-# Is the loaded extension built from this checkout's sources as they are? (a warm machine keeps the
-# git-ignored _C of an earlier call; the checkout sent since may hold other sources)
-ext_current() {
-  ext_loads || return 1
-  timeout -k 5 60 "$PY" -c "import sys, pyimputmae._extension as e; sys.exit(0 if e.out_of_date() is None else 1)" \
-    >/dev/null 2>&1
-}
-
-ext_loads() {
+# Does the built extension load next to the Python ops (and, given, does the Python condition COND
+# on it, `e`, hold)? Asked in a child process: a broken build can abort the process that loads it.
+ext_loads() {  # ext_loads [COND]
   local limit=$(($(remaining) - KILL_GRACE))
   ((limit > 120)) && limit=120
   ((limit < 5)) && return 1
-  timeout -k 5 "$limit" "$PY" -c "import sys, pyimputmae._extension as e; sys.exit(0 if e.load() else 1)" \
+  timeout -k 5 "$limit" "$PY" -c "import sys, pyimputmae._extension as e; sys.exit(0 if e.load() ${1:+and $1 }else 1)" \
     >/dev/null 2>&1
 }
+# ... and was built from this checkout's sources as they are (a warm machine keeps the git-ignored
+# _C of an earlier call; the checkout sent since may hold other sources)
+ext_current() { ext_loads "e.out_of_date() is None"; }
 
 # the anchor script: ../shared does not travel to the GPU machine, so the lead copies it into shared/
 find_anchor() {
@@ -302,6 +297,11 @@ PYEOF
 # (tools/prebuilt_ext.py; the device tool's carry: build/prebuilt): used when it fits (the same
 # torch, the sources of this checkout as they are, machine code for this GPU) and loads; else the
 # build stage compiles as usual. Saves the GPU the time of that compile (never timed there).
+python_only_install() {  # python_only_install LOG: the package without the extension, editable
+  run_step build-python-only 120 "$1" \
+    env PYIMPUTMAE_NO_EXT=1 "$PY" -m pip install --no-build-isolation --no-deps -e .
+}
+
 install_prebuilt() {  # install_prebuilt LOG: 0 when the carried build is installed and loads
   local log=$1
   [[ ${GPU_CHECK_PREBUILT:-1} == 1 && -f $PREBUILT/_C.abi3.so ]] || return 1
@@ -312,8 +312,7 @@ install_prebuilt() {  # install_prebuilt LOG: 0 when the carried build is instal
   fi
   # a pure-Python editable install (the package and pyimputmae.kernels importable), then the build
   # copied in after it: the install writes a build record of its own, which the copy replaces
-  run_step build-python-only 120 "$log" \
-    env PYIMPUTMAE_NO_EXT=1 "$PY" -m pip install --no-build-isolation --no-deps -e . || return 1
+  python_only_install "$log" || return 1
   run_step prebuilt-install 60 "$log" "$PY" tools/prebuilt_ext.py install --dir "$PREBUILT" || return 1
   if ext_loads; then
     echo "== the carried build loads: not compiling" | tee -a "$log"
@@ -356,8 +355,7 @@ stage_build() {
   fi
   if ((rc != 0)); then
     # keep the package importable (and the Triton kernels mapped as pyimputmae.kernels)
-    run_step build-python-only 120 "$log" \
-      env PYIMPUTMAE_NO_EXT=1 "$PY" -m pip install --no-build-isolation --no-deps -e .
+    python_only_install "$log"
   fi
   if [[ -f pyimputmae/__main__.py ]]; then
     run_step info 60 "$OUT/info.txt" "$PY" -m pyimputmae info
@@ -458,20 +456,27 @@ stage_paper() {
     "$PY" tools/bench.py --device cuda --size paper --quick --json "$OUT/bench_paper.json"
 }
 
+# A stage of a call on a fresh machine (the build stage ran in an earlier call), or on a warm one
+# whose extension predates the sources sent since: build first
+ensure_current_build() {
+  wants build || ext_current || stage_build
+}
+
+# The backends this run validated and found fastest (tools/gpu_validated.py's PYIMPUTMAE_BACKEND
+# value), when it tested any; empty otherwise (the automatic choice)
+validated_backends() {
+  [[ -f $OUT/junit_ops.xml || -f $OUT/stage1_test.log ]] || return 0
+  "$PY" tools/gpu_validated.py "$OUT" 2>/dev/null | grep '^PYIMPUTMAE_BACKEND=' | cut -d= -f2-
+}
+
 stage_e2e() {
   local anchor
   anchor=$(find_anchor)
-  # a call on a fresh machine (the build stage ran in an earlier call): build first
-  if ! wants build && ! ext_current; then
-    stage_build
-  fi
+  ensure_current_build
   wait_warmups
-  # the backends this run validated and found fastest (tools/gpu_validated.py), when it tested any
-  local choice=""
-  if [[ -f $OUT/junit_ops.xml || -f $OUT/stage1_test.log ]]; then
-    choice=$("$PY" tools/gpu_validated.py "$OUT" 2>/dev/null | grep '^PYIMPUTMAE_BACKEND=' | cut -d= -f2-)
-    echo "== e2e: backends from this run's validation: ${choice:-none found, the automatic choice}"
-  fi
+  local choice
+  choice=$(validated_backends)
+  echo "== e2e: backends from this run's validation: ${choice:-none, the automatic choice}"
   if [[ -f tools/e2e_step.py ]]; then
     # our modes: eager, the whole step in a CUDA graph (the fast one), that with the anchor's decoder
     # MLP (like for like), and train(cuda_graph=True)'s captured step; torch.compile of our model
@@ -519,13 +524,9 @@ stage_train() {
     skip train "tests/test_device_train.py does not exist"
     return
   fi
-  if ! wants build && ! ext_current; then
-    stage_build
-  fi
-  local choice="" args=(-v -rfE --tb=short -m gpu -p no:cacheprovider --junitxml="$OUT/junit_train.xml")
-  if [[ -f $OUT/junit_ops.xml || -f $OUT/stage1_test.log ]]; then
-    choice=$("$PY" tools/gpu_validated.py "$OUT" 2>/dev/null | grep '^PYIMPUTMAE_BACKEND=' | cut -d= -f2-)
-  fi
+  ensure_current_build
+  local choice args=(-v -rfE --tb=short -m gpu -p no:cacheprovider --junitxml="$OUT/junit_train.xml")
+  choice=$(validated_backends)
   echo "== train: backends ${choice:-chosen automatically (PYIMPUTMAE_BACKEND unset)}"
   run_step train "${TRAIN_TIMEOUT_S:-150}" "$OUT/stage3_train.log" env ${choice:+PYIMPUTMAE_BACKEND="$choice"} \
     "$PY" -m pytest tests/test_device_train.py "${args[@]}"

@@ -44,7 +44,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other tools, also when loaded by path
 import gpu_targets
 import gpu_validated
-from e2e_step import REFERENCE_MODES
+from bench_config import BASELINES
+from bench_config import OUR_BACKENDS as OURS
+from e2e_step import REFERENCE_MODES  # (puts the checkout on sys.path)
+
+from pyimputmae._atomic import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = "gpu_check.tar.gz"
@@ -63,8 +67,6 @@ KERNEL_PATHS = ("csrc", "kernels", "pyimputmae/ops", "pyimputmae/reference")
 #: the statements of pyimputmae/_backends.py that --apply rewrites, as they begin there
 HEADS = {"GPU_VALIDATED": "GPU_VALIDATED", "GPU_VALIDATED_FP16": "GPU_VALIDATED_FP16: frozenset[tuple[str, str]]",
          "CUDA_ORDER": "CUDA_ORDER: dict[str, tuple[str, ...]]"}
-OURS = ("ext", "triton", "reference")
-BASELINES = ("eager", "compile", "conv")
 LINE_LENGTH = 120  # ruff's, pyproject.toml
 
 
@@ -76,10 +78,6 @@ def _cell(text: object, limit: int = 0) -> str:
     """Text for a Markdown table cell: one line, no column breaks, at most ``limit`` characters."""
     s = " ".join(str(text).split()).replace("|", "\\|")
     return s[:limit - 1] + "…" if limit and len(s) > limit else s
-
-
-def _table(head: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
 # --------------------------------------------------------------------------------------- the run
@@ -218,7 +216,7 @@ def stage_section(run: Run) -> list[str]:
     lines = ["*Steps* (`summary.tsv`):", ""]
     if not run.steps:
         return [*lines, f"Not measured: {run.why_missing('summary.tsv')}."]
-    return lines + _table(["step", "status", "seconds"], [[s, _cell(st), sec] for s, st, sec in run.steps])
+    return lines + gpu_targets.table(["step", "status", "seconds"], [[s, _cell(st), sec] for s, st, sec in run.steps])
 
 
 def _bench_row_key(r: dict) -> tuple[str, str, str]:
@@ -242,9 +240,6 @@ def bench_section(run: Run, name: str, step: str) -> list[str]:
     meta, records = data.get("meta") or {}, data.get("records") or []
     timed = [r for r in records if r.get("op") and r.get("pass") and not r.get("summary") and not r.get("header")]
     summaries = [r for r in records if r.get("summary")]
-    if timed and not summaries:  # a file written without them: bench.py's own
-        import bench
-        summaries = bench.summarize(timed)
     best_of = {_bench_row_key(s): s for s in summaries}
     groups: dict[tuple[str, str, str], dict[str, dict]] = {}
     for r in timed:
@@ -282,7 +277,7 @@ def bench_section(run: Run, name: str, step: str) -> list[str]:
         row.append("ok" if checks and all(c.startswith("ok") for _, c in checks) else
                    "; ".join(f"{b} {_cell(c, 50)}" for b, c in checks) or "—")
         rows.append(row)
-    lines += _table(head, rows)
+    lines += gpu_targets.table(head, rows)
     lines += ["", "— : no record (not reached, or no such baseline for the op). ms: median; × baseline: its ms / the "
               "best of ours; % roofline and TFLOP/s: the best of ours; peak MB: memory beyond the inputs."]
     if str(meta.get("git_commit", "")).endswith("-dirty"):
@@ -326,7 +321,7 @@ def e2e_section(run: Run) -> list[str]:
         rows.append([f"reference `{mode}`" + (" (best)" if mode == best_ref else ""), _num(r.get("step_ms"), ".1f"),
                      _num(r["patients_per_s"], ",.0f"), _num(r.get("peak_GB"), ".2f"), "", "", ""])
     if rows:
-        lines += _table(["mode", "ms / step", "patients/s", "peak GB", "patients/s × ref. best",
+        lines += gpu_targets.table(["mode", "ms / step", "patients/s", "peak GB", "patients/s × ref. best",
                          "peak × ref. best", "our backends"], rows)
     else:
         lines.append("No mode finished.")
@@ -448,14 +443,6 @@ def rewrite_backends(text: str, run: Run) -> str:
     return "".join(lines)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    if path.exists():
-        shutil.copymode(path, tmp)
-    os.replace(tmp, path)
-
-
 def _git(repo: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
 
@@ -528,7 +515,7 @@ def apply(run: Run, repo: Path, runs_dir: Path, commit: str | None, name: str | 
     elif new == old:
         done.append(f"{backends}: unchanged (the run's values are already there)")
     else:
-        _write_atomic(backends, new)
+        atomic_write_text(backends, new)
         done += [f"{backends}:", *difflib.unified_diff(old.splitlines(), new.splitlines(), "before", "after",
                                                        lineterm="", n=0)]
     return "\n".join(done)
@@ -560,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         text = report(run)
     dest = args.report or (args.outdir / "report.md" if os.access(args.outdir, os.W_OK)
                            else Path(tempfile.mkdtemp(prefix="gpu_report.")) / "report.md")
-    _write_atomic(dest, text)
+    atomic_write_text(dest, text)
     print(text)
     print(f"wrote {dest}", file=sys.stderr)
     return 0

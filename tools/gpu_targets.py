@@ -260,10 +260,14 @@ def _e2e_card_problem(data: dict, ref: dict) -> str | None:
     return None
 
 
+def table(head: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a Markdown table (cells as given: no escaping)."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
 def markdown(verdicts: list[Verdict]) -> str:
-    lines = ["| target | measured | threshold | verdict |", "|---|---|---|---|"]
-    lines += [f"| {v.target} | {v.measured} | {v.threshold} | {v.verdict} |" for v in verdicts]
-    return "\n".join(lines)
+    return "\n".join(table(["target", "measured", "threshold", "verdict"],
+                           [[str(v.target), str(v.measured), str(v.threshold), str(v.verdict)] for v in verdicts]))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,11 +35,19 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# by path, not through the package: importing pyimputmae is not needed to copy its extension in
-_spec = importlib.util.spec_from_file_location("_pyimputmae_build_sources", ROOT / "pyimputmae" / "_build_sources.py")
-_build_sources = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_build_sources)
-sources_digest = _build_sources.sources_digest
+
+
+def _package_module(name: str):
+    """``pyimputmae/<name>.py`` (standard library only), by path: copying the extension in needs no
+    import of the package it completes."""
+    spec = importlib.util.spec_from_file_location(f"_pyimputmae_{name}", ROOT / "pyimputmae" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sources_digest = _package_module("_build_sources").sources_digest
+atomic_write = _package_module("_atomic").atomic_write
 
 SO_NAME = "_C.abi3.so"
 RECORD_NAME = "_build_config.json"
@@ -152,9 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.command == "install":
         for name in (SO_NAME, RECORD_NAME):  # each file whole or not at all (a process may be loading it)
-            part = ROOT / "pyimputmae" / f".{name}.partial"
-            shutil.copy2(args.dir / name, part)
-            os.replace(part, ROOT / "pyimputmae" / name)
+            with open(args.dir / name, "rb") as src:
+                atomic_write(ROOT / "pyimputmae" / name, lambda f, src=src: shutil.copyfileobj(src, f))
         print(f"copied {SO_NAME} and {RECORD_NAME} into {ROOT / 'pyimputmae'}")
     return 0
 
