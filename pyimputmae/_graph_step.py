@@ -5,7 +5,8 @@ masking RNG's advance — is captured once and replayed for every batch, so the 
 waiting for Python between its ~1,000 kernel launches (``tools/e2e_step.py``'s ``train-graph``
 mode times this step). What a captured step needs, and how each need is met here:
 
-- **static inputs**: every batch is copied into buffers of ``batch_size`` rows. A shorter last
+- **static inputs**: every batch is written into buffers of ``batch_size`` rows (gathered from the
+  cohort straight into them by :meth:`GraphedStep.step_rows`, as ``train()`` does). A shorter last
   batch is padded with rows that have no modality (``present`` False, inputs 0). They add nothing
   to the loss or to any gradient: ``masked_mse`` counts only the rows that have the modality, each
   row is masked and encoded on its own, and the loss is a sum over modalities;
@@ -33,10 +34,11 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import nn
 
-from .data.cohort import Batch
+from .data.cohort import Batch, Cohort
 from .model.mae import advance_rng_
 
 #: one pre-training step's loss and its per-modality parts (0-d tensors)
@@ -102,11 +104,56 @@ class GraphedStep:
         self.rates = [torch.tensor(float(g["lr"]), dtype=torch.float32, device=device) for g in opt.param_groups]
 
     def __call__(self, batch: Batch) -> StepOutput:
-        """Apply one step to ``batch`` (at most ``batch_size`` rows, on any device)."""
-        n = batch.present.shape[0]
+        """Apply one step to ``batch`` (at most ``batch_size`` rows, on any device), copied into the
+        static buffers."""
+        n = self._rows_fit(batch.present.shape[0])
+        s = self._buffers(batch)
+        pairs = [(s.inputs[k], v) for k, v in batch.inputs.items()]
+        pairs += [(s.present, batch.present), (s.clinical, batch.clinical), (s.time, batch.time),
+                  (s.event, batch.event)]
+        for dst, src in pairs:
+            dst[:n].copy_(src, non_blocking=True)
+        return self._run(n)
+
+    def step_rows(self, cohort: Cohort, rows: np.ndarray) -> StepOutput:
+        """Apply one step to rows ``rows`` of ``cohort`` (at most ``batch_size``), gathered straight
+        into the static buffers (:meth:`Cohort.batch` with ``out``): no batch-sized copy on the
+        device besides them, where ``self(cohort.batch(rows).to(device))`` would hold two."""
+        n = self._rows_fit(len(rows))
+        cohort.batch(rows, out=self._buffers(cohort))
+        return self._run(n)
+
+    def release(self) -> None:
+        """End of the stage: the graph, its buffers and its gradients go (the parameters' ``.grad``
+        point into the graph's memory; left there, the next stage's first backward would add to
+        this stage's last gradients)."""
+        self.opt.zero_grad(set_to_none=True)
+        self.graph, self.static, self.out = None, None, None
+
+    # ---------------------------------------------------------------- internals
+    def _rows_fit(self, n: int) -> int:
         if n > self.rows:
             raise ValueError(f"a batch of {n} rows does not fit the captured step's {self.rows}")
-        self._load(batch, n)
+        return n
+
+    def _buffers(self, like: Batch | Cohort) -> Batch:
+        """The static inputs, made at the first step with ``like``'s row shapes and dtypes (a batch's
+        or a cohort's: the same fields)."""
+        if self.static is None:
+            def buffer(t: torch.Tensor) -> torch.Tensor:
+                return torch.zeros((self.rows, *t.shape[1:]), dtype=t.dtype, device=self.device)
+
+            self.static = Batch({k: buffer(v) for k, v in like.inputs.items()}, buffer(like.present),
+                                buffer(like.clinical), buffer(like.time), buffer(like.event),
+                                tuple(like.modalities))  # (no ids: the step does not read them)
+        return self.static
+
+    def _run(self, n: int) -> StepOutput:
+        """The step on the static buffers, whose first ``n`` rows hold this batch."""
+        s = self.static
+        if n < self.rows:  # rows without any modality (present False): they add nothing
+            for t in (*s.inputs.values(), s.present, s.clinical, s.time, s.event):
+                t[n:].zero_()
         for rate, group in zip(self.rates, self.opt.param_groups):
             rate.fill_(group["lr"])  # the scheduler's rate for this step (a float: no host sync)
         if not self.capture:
@@ -119,31 +166,6 @@ class GraphedStep:
                 self._capture()
             self.graph.replay()
         return self.out
-
-    def release(self) -> None:
-        """End of the stage: the graph, its buffers and its gradients go (the parameters' ``.grad``
-        point into the graph's memory; left there, the next stage's first backward would add to
-        this stage's last gradients)."""
-        self.opt.zero_grad(set_to_none=True)
-        self.graph, self.static, self.out = None, None, None
-
-    # ---------------------------------------------------------------- internals
-    def _load(self, batch: Batch, n: int) -> None:
-        if self.static is None:
-            def buffer(t: torch.Tensor) -> torch.Tensor:
-                return torch.zeros((self.rows, *t.shape[1:]), dtype=t.dtype, device=self.device)
-
-            self.static = Batch({k: buffer(v) for k, v in batch.inputs.items()}, buffer(batch.present),
-                                buffer(batch.clinical), buffer(batch.time), buffer(batch.event),
-                                batch.modalities)  # (no ids: the step does not read them)
-        s = self.static
-        pairs = [(s.inputs[k], v) for k, v in batch.inputs.items()]
-        pairs += [(s.present, batch.present), (s.clinical, batch.clinical), (s.time, batch.time),
-                  (s.event, batch.event)]
-        for dst, src in pairs:
-            dst[:n].copy_(src, non_blocking=True)
-            if n < self.rows:
-                dst[n:].zero_()  # rows without any modality (present False): they add nothing
 
     @contextmanager
     def _rates_in_optimizer(self) -> Iterator[None]:

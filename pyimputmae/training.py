@@ -592,10 +592,10 @@ class _Trainer:
                               self.device) if graph else None
         try:
             for epoch, b, rows in self._batches(stage, idx, bs, pos):
-                batch = self.cohort.batch(rows).to(self.device, non_blocking=True)
-                if graphed is not None:
-                    loss, extras = graphed(batch)
+                if graphed is not None:  # the rows gathered straight into the graph's static inputs
+                    loss, extras = graphed.step_rows(self.cohort, rows)
                 else:
+                    batch = self.cohort.batch(rows).to(self.device, non_blocking=True)
                     with torch.autocast(self.device.type, self.amp, enabled=self.amp is not None):
                         loss, extras = step_loss(batch)
                     scaler.scale(loss / cfg.grad_accum).backward()

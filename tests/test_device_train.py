@@ -142,8 +142,13 @@ def test_each_replay_of_the_captured_step_trains(device, cohort):
                        device)
     losses, offsets = [], []
     before = [p.detach().clone() for p in params]
-    for rows in (np.arange(16), np.arange(16, 32), np.arange(32, 42)):  # the first call captures; a short last
-        loss, _ = step(cohort.batch(rows).to(device))
+    on_device = cohort.to(device)
+    # the first call captures; rows gathered on the device straight into the graph's inputs, rows
+    # gathered on the host and copied into them (train()'s two cases), a batch copied in; a short last
+    for rows, run in ((np.arange(16), lambda r: step.step_rows(on_device, r)),
+                      (np.arange(16, 32), lambda r: step.step_rows(cohort, r)),
+                      (np.arange(32, 42), lambda r: step(cohort.batch(r).to(device)))):
+        loss, _ = run(rows)
         losses.append(loss.item())
         offsets.append(int(rng[1]))
         moved = max((p.detach() - q).abs().max().item() for p, q in zip(params, before))

@@ -116,6 +116,63 @@ def test_a_short_batch_padded_to_the_static_rows_gives_the_step_of_the_batch_alo
     _assert_same_weights(a, b, atol=1e-6)
 
 
+def test_rows_gathered_straight_into_the_static_buffers_give_the_step_of_the_copied_batch(cohort):
+    """step_rows (what train() calls) writes a cohort's rows into the step's buffers themselves — the
+    forward reads them, and a short batch's padding is redone after a full one — with the same steps
+    as copying a gathered batch in."""
+    torch.manual_seed(2)
+    a, b = ImputeMAE(TINY), ImputeMAE(TINY)
+    b.load_state_dict(a.state_dict())
+    steps, seen = [], []
+    for model in (a, b):
+        params = list(model.parameters())
+        rng = new_rng(5, torch.device("cpu"))
+
+        def forward(bt, m=model, r=rng):
+            seen.append(bt)
+            return m.forward_pretrain(bt, r, check=False)
+
+        steps.append(GraphedStep(torch.optim.AdamW(params, lr=1e-3, fused=True), params, forward, rng, None, 1.0,
+                                 16, torch.device("cpu")))
+    for rows in (np.arange(16), np.arange(16, 26), np.arange(30, 46), np.arange(50, 53)):
+        la, pa = steps[0].step_rows(cohort, rows)
+        lb, pb = steps[1](cohort.batch(rows))
+        assert la.item() == lb.item() and {k: v.item() for k, v in pa.items()} == {k: v.item() for k, v in pb.items()}
+        assert seen[-2] is steps[0].static and seen[-1] is steps[1].static
+        buf = steps[0].static
+        assert all(torch.equal(buf.inputs[k][:len(rows)], cohort.inputs[k][rows]) for k in cohort.modalities)
+        assert not buf.present[len(rows):].any() and not buf.inputs["rna"][len(rows):].any()
+    _assert_same_weights(a, b, atol=0)
+    with pytest.raises(ValueError, match="a batch of 17 rows does not fit the captured step's 16"):
+        steps[0].step_rows(cohort, np.arange(17))
+
+
+def test_cohort_rows_written_into_given_buffers_equal_a_gathered_batch(cohort):
+    rows = np.array([5, 1, 70, 33])
+    want = cohort.batch(rows)
+    out = cohort.batch(np.arange(8))  # buffers of 8 rows: the first 4 are overwritten
+    ptrs = {k: v.data_ptr() for k, v in out.inputs.items()}
+    got = cohort.batch(rows, out=out)
+    for k in cohort.modalities:
+        assert torch.equal(got.inputs[k], want.inputs[k]) and got.inputs[k].data_ptr() == ptrs[k]
+        assert torch.equal(out.inputs[k][4:], cohort.inputs[k][4:8])  # the rows past them are left alone
+    for name in ("present", "time", "event"):
+        assert torch.equal(getattr(got, name), getattr(want, name))
+    assert torch.equal(got.clinical.nan_to_num(-9), want.clinical.nan_to_num(-9))  # (NaN: unknown values)
+    assert got.ids == want.ids
+    # buffers a gather cannot write into (here not contiguous) are filled by a copy
+    strided = torch.zeros(8, 2, *cohort.inputs["rna"].shape[1:])[:, 0]
+    out.inputs["rna"] = strided
+    assert torch.equal(cohort.batch(rows, out=out).inputs["rna"], want.inputs["rna"])
+    assert torch.equal(strided[:4], want.inputs["rna"])
+    out.inputs["rna"] = torch.zeros(3, *cohort.inputs["rna"].shape[1:])
+    with pytest.raises(ValueError, match=r"out's inputs\['rna'\] is \(3, .*it must hold 4 rows of the cohort's"):
+        cohort.batch(rows, out=out)
+    out.inputs["rna"] = torch.zeros(8, *cohort.inputs["rna"].shape[1:], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"torch.float64: it must hold 4 rows .* torch.float32"):
+        cohort.batch(rows, out=out)
+
+
 def test_training_with_the_graph_step_matches_step_by_step_training(tmp_path, cohort, emulated):
     """Same losses in both stages, same weights (up to the float rounding of the padded last batches
     and of the fused optimizer), the learning-rate schedule applied through the device tensors. The

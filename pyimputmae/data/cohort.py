@@ -163,18 +163,52 @@ class Cohort:
             raise ValueError(f"{what} has row {int(bad[0])}, outside the cohort's {n} rows (0 to {n - 1})")
         return arr.astype(np.int64, copy=False)
 
-    def batch(self, idx: np.ndarray | torch.Tensor) -> Batch:
-        """Rows ``idx`` (as :meth:`rows` reads them) as a :class:`Batch` on the cohort's device."""
+    def batch(self, idx: np.ndarray | torch.Tensor, out: Batch | None = None) -> Batch:
+        """Rows ``idx`` (as :meth:`rows` reads them) as a :class:`Batch` on the cohort's device.
+
+        out: buffers to write the rows into instead (a :class:`Batch` of this cohort's modalities,
+        each tensor with at least ``len(idx)`` rows and the cohort's row shape and dtype, on any
+        device): the rows fill their first ``len(idx)`` rows — gathered straight into them when they
+        are on the cohort's device, else gathered here and copied (``non_blocking``) — and the
+        returned Batch holds views of those rows. Nothing batch-sized is allocated on ``out``'s
+        device (``train(cuda_graph=True)`` fills its captured step's static inputs this way)."""
         idx = self.rows(idx)
         index = torch.as_tensor(idx, dtype=torch.int64, device=self.present.device)
+        ids = [self.ids[i] for i in idx.tolist()]
+        if out is None:
+            return Batch(
+                inputs={k: v.index_select(0, index) for k, v in self.inputs.items()},
+                present=self.present.index_select(0, index),
+                clinical=self.clinical.index_select(0, index),
+                time=self.time.index_select(0, index),
+                event=self.event.index_select(0, index),
+                modalities=self.modalities,
+                ids=ids,
+            )
+        if tuple(out.modalities) != tuple(self.modalities):
+            raise ValueError(f"out holds modalities {', '.join(out.modalities)}, but the cohort's are "
+                             f"{', '.join(self.modalities)}")
+        n = len(idx)
+
+        def fill(name: str, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+            if dst.shape[1:] != src.shape[1:] or dst.dtype != src.dtype or dst.shape[0] < n:
+                raise ValueError(f"out's {name} is {tuple(dst.shape)} {dst.dtype}: it must hold {n} rows of the "
+                                 f"cohort's {name}, {tuple(src.shape[1:])} {src.dtype}")
+            rows = dst[:n]
+            if dst.device == src.device and rows.is_contiguous():
+                torch.index_select(src, 0, index, out=rows)
+            else:
+                rows.copy_(src.index_select(0, index), non_blocking=True)
+            return rows
+
         return Batch(
-            inputs={k: v.index_select(0, index) for k, v in self.inputs.items()},
-            present=self.present.index_select(0, index),
-            clinical=self.clinical.index_select(0, index),
-            time=self.time.index_select(0, index),
-            event=self.event.index_select(0, index),
+            inputs={k: fill(f"inputs[{k!r}]", v, out.inputs[k]) for k, v in self.inputs.items()},
+            present=fill("present", self.present, out.present),
+            clinical=fill("clinical", self.clinical, out.clinical),
+            time=fill("time", self.time, out.time),
+            event=fill("event", self.event, out.event),
             modalities=self.modalities,
-            ids=[self.ids[i] for i in idx.tolist()],
+            ids=ids,
         )
 
     def withhold(self, modalities: str | Iterable[str], rows: np.ndarray | torch.Tensor | None = None) -> Cohort:
