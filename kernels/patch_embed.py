@@ -10,7 +10,10 @@ gather with computed addresses and the ``(B, L, C·p^k)`` patch matrix never exi
 
 - forward: tiles of ``BLOCK_M`` patches (kept ones only, with ``keep``) × ``BLOCK_N`` embedding dims,
   a loop over the ``F = C·p^k`` features in ``BLOCK_K`` chunks, ``tl.dot`` with fp32 accumulation,
-  bias and ``pos[patch]`` in the epilogue.
+  bias and ``pos[patch]`` in the epilogue. Every patch of a 16-bit 2-D/3-D input on sm_90+ takes a
+  second forward kernel instead (:func:`_patch_embed_fwd_tma_kernel`): the same GEMM, its A operand
+  loaded as whole boxes of x by the tensor-memory accelerator (TMA) rather than gathered element run
+  by element run, and reordered in registers into (patch, feature) tiles.
 - backward: ``grad_x`` = ``grad_out · weight`` (a GEMM over E) scattered to the computed addresses
   (each element of x belongs to exactly one patch; unread patches stay zero); ``grad_weight`` =
   ``grad_outᵀ · patches`` (a GEMM over the rows, split over the rows into deterministic fp32
@@ -179,6 +182,67 @@ def _patch_embed_fwd_kernel(
         acc += pos.to(acc.dtype)
     tl.store(out_ptr + r[:, None] * E + e[None, :], cast_rn(acc, out_ptr.dtype.element_ty),
              mask=r_ok[:, None] & e_ok[None, :])
+
+
+@triton.jit
+def _patch_embed_fwd_tma_kernel(
+    out_ptr, x_desc, w_desc, bias_ptr, pos_ptr,
+    E, L, C, GD, GH, GW,
+    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    BD: tl.constexpr, BH: tl.constexpr, BJ: tl.constexpr, BX: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """out ``(B·L, E)`` for every patch, the A operand loaded by the tensor-memory accelerator (TMA).
+
+    ``x_desc`` views x ``(B, C, D, H, W)`` as ``(B·C·GD, PD, GH, PH, W)`` — plane ``(b, c, gd)``,
+    depth ``i`` in the patch, patch row ``gh``, row ``j`` in the patch, column — and loads boxes
+    ``(BD, 1, BH, BJ, BX)``: ``BD·BH`` patch rows of ``NW = BX/PW`` patches each, rows ``j`` of the
+    patch's depth ``i`` and channel ``c``. Reordered in registers, a box is the ``(BM, BK)`` A tile of
+    patches ``(gd, gh, gw)`` × features ``(j, l)``, and ``BK`` features ``(c, i, j0..j0+BJ, ·)`` are
+    consecutive in ``weight``: step ``s`` of the K loop reads ``weight[:, s·BK:(s+1)·BK]`` (``w_desc``).
+    Every tile lies inside one ``(b, c)`` volume: the launcher chooses ``BD | GD``, ``BH | GH``,
+    ``BX | W``. Rows of the output are the tile's patches, ``b·L + (gd·GH + gh)·GW + gw``.
+    """
+    NW: tl.constexpr = BX // PW
+    BM: tl.constexpr = BD * BH * NW
+    BK: tl.constexpr = BJ * PW
+    STEPS_J: tl.constexpr = PH // BJ
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(E, BLOCK_N)
+    pid_m = pid // n_tiles  # the E tiles of one patch tile are neighbours in launch order
+    e0 = (pid % n_tiles) * BLOCK_N
+    tiles_w = GW // NW
+    tiles_h = GH // BH
+    tiles_d = GD // BD
+    tw = pid_m % tiles_w
+    rest = pid_m // tiles_w
+    th = rest % tiles_h
+    rest = rest // tiles_h
+    td = rest % tiles_d
+    b = rest // tiles_d
+    gd0 = td * BD
+    gh0 = th * BH
+    acc = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
+    for s in range(0, loop_bound(C * PD * STEPS_J)):
+        jb = s % STEPS_J
+        ci = s // STEPS_J
+        a = x_desc.load([(b * C + ci // PD) * GD + gd0, ci % PD, gh0, jb * BJ, tw * BX])
+        a = tl.reshape(a, [BD * BH, BJ, NW, PW])
+        a = tl.reshape(tl.permute(a, [0, 2, 1, 3]), [BM, BK])  # (patch, feature)
+        wt = w_desc.load([e0, s * BK])
+        acc = _mma(acc, a, tl.trans(wt), DOT, PRECISION)
+    m = tl.arange(0, BM)
+    g = ((gd0 + m // (NW * BH)) * GH + gh0 + (m // NW) % BH) * GW + tw * NW + m % NW
+    e = e0 + tl.arange(0, BLOCK_N)
+    e_ok = e < E
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + e, mask=e_ok, other=0.0).to(acc.dtype)[None, :]
+    if HAS_POS:
+        pos = tl.load(pos_ptr + g.to(tl.int64)[:, None] * E + e[None, :], mask=e_ok[None, :], other=0.0)
+        acc += pos.to(acc.dtype)
+    row = b.to(tl.int64) * L + g
+    tl.store(out_ptr + row[:, None] * E + e[None, :], cast_rn(acc, out_ptr.dtype.element_ty), mask=e_ok[None, :])
 
 
 @triton.jit
@@ -354,6 +418,115 @@ def _forward_config(dtype: torch.dtype, rows: int, E: int, sms: int) -> dict:
     return cfg
 
 
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _largest_pow2_divisor(n: int, at_most: int) -> int:
+    """The largest power of two that divides ``n`` and is at most ``at_most`` (≥ 1)."""
+    d = 1
+    while d * 2 <= at_most and n % (d * 2) == 0:
+        d *= 2
+    return d
+
+
+def tma_capable(t: torch.Tensor) -> bool:
+    """Whether ``t``'s device has the tensor-memory accelerator (sm_90 and later); the interpreter
+    emulates it. (``tools/triton_compile_check.py`` answers for its target instead.)"""
+    if interpreting():
+        return True
+    return t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] >= 9
+
+
+def _tma_plan(x: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | None, geo: dict,
+              config: dict | None) -> dict | None:
+    """Tiles of :func:`_patch_embed_fwd_tma_kernel` for this call, or None where it does not apply.
+
+    It applies to every patch (no ``keep``) of a 2-D or 3-D input whose dtype is the weight's, 16-bit
+    (an fp32 input under autocast keeps the gather kernel: converting its tiles in registers made
+    ptxas serialise the ``wgmma`` instructions, warning C7515, on triton 3.6 for sm_90),
+    both contiguous and 16-byte aligned, on an sm_90+ GPU (or in the interpreter), when the patch's
+    sides ``PW``, ``PH`` are powers of two, a box row (``BX`` columns, at most 128 bytes: one swizzle
+    span) holds whole patches, a K step ``BK = BJ·PW`` is 16 to 64 features and a tile holds ≥ 64
+    patches (16 in the interpreter). ``config``: None → this kernel wherever it applies; a dict →
+    only with ``"TMA": True``, its ``BLOCK_M`` (the tile's patches to aim for), ``BLOCK_N``,
+    ``num_warps``, ``num_stages`` overriding the fixed choice."""
+    if config is not None and not config.get("TMA"):
+        return None
+    config = config or {}
+    if keep is not None or x.dim() == 3:
+        return None
+    if x.dtype != weight.dtype or x.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    if not (x.is_contiguous() and weight.is_contiguous()) or x.data_ptr() % 16 or weight.data_ptr() % 16:
+        return None
+    if not tma_capable(x):
+        return None
+    small = interpreting()
+    PD, PH, PW, W = geo["PD"], geo["PH"], geo["PW"], geo["W"]
+    GD, GH, GW = geo["D"] // PD, geo["GH"], geo["GW"]
+    if x.shape[0] * geo["C"] * GD >= 2**31:  # a TMA coordinate is 32-bit
+        return None
+    row_elems = 128 // x.element_size()
+    if not (_pow2(PW) and _pow2(PH) and PW <= row_elems and W % 8 == 0):
+        return None
+    BX = _largest_pow2_divisor(W, row_elems)
+    if BX % PW or BX < 16 // x.element_size():
+        return None
+    k_max = 16 if small else 64
+    BJ = _largest_pow2_divisor(PH, max(1, k_max // PW))
+    if not 16 <= BJ * PW <= 64:
+        return None
+    NW = BX // PW
+    E = weight.shape[0]
+    min_m = 16 if small else 64
+    target = config.get("BLOCK_M", 16 if small else 128)
+    block_n = config.get("BLOCK_N", 16 if small else 128)
+
+    def tiles(aim: int) -> tuple[int, int]:
+        BH = _largest_pow2_divisor(GH, max(1, aim // NW))
+        BD = _largest_pow2_divisor(GD, max(1, aim // (NW * BH)))
+        return BH, BD
+
+    BH, BD = tiles(target)
+    if not small and "BLOCK_M" not in config and NW * BH * BD == 128:
+        programs = x.shape[0] * (GD // BD) * (GH // BH) * (GW // NW) * triton.cdiv(E, block_n)
+        if programs < num_sms(x):  # 64-patch tiles when 128-patch ones would leave SMs idle
+            BH, BD = tiles(64)
+    BM = NW * BH * BD
+    if BM < min_m:
+        return None
+    warps = 1 if small else (8 if BM >= 128 else 4)
+    return dict(BD=BD, BH=BH, BJ=BJ, BX=BX, BLOCK_N=block_n, num_warps=config.get("num_warps", warps),
+                num_stages=config.get("num_stages", 1 if small else 3))
+
+
+def _forward_tma(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pos: torch.Tensor | None,
+                 geo: dict, plan: dict, out: torch.Tensor) -> torch.Tensor:
+    """Launch :func:`_patch_embed_fwd_tma_kernel` with ``plan``'s tiles into ``out (B, L, E)``."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    B, E, F = x.shape[0], weight.shape[0], weight.shape[1]
+    PD, PH, H, W = geo["PD"], geo["PH"], geo["H"], geo["W"]
+    GD, GH, GW = geo["D"] // PD, geo["GH"], geo["GW"]
+    BD, BH, BJ, BX, BN = plan["BD"], plan["BH"], plan["BJ"], plan["BX"], plan["BLOCK_N"]
+    x_desc = TensorDescriptor(x, [B * geo["C"] * GD, PD, GH, PH, W], [PD * H * W, H * W, PH * W, W, 1],
+                              [BD, 1, BH, BJ, BX])
+    w_desc = TensorDescriptor(weight, [E, F], [F, 1], [BN, BJ * geo["PW"]])
+    dot, precision = _dot_mode(weight.dtype)
+    m_tiles = B * (GD // BD) * (GH // BH) * (GW // (BX // geo["PW"]))
+    grid = (m_tiles * triton.cdiv(E, BN),)
+    with device_guard(x):
+        _patch_embed_fwd_tma_kernel[grid](
+            out, x_desc, w_desc, bias if bias is not None else out, pos if pos is not None else out,
+            E, geo["L"], geo["C"], GD, GH, GW,
+            PD=PD, PH=PH, PW=geo["PW"], BD=BD, BH=BH, BJ=BJ, BX=BX, HAS_BIAS=bias is not None,
+            HAS_POS=pos is not None, DOT=dot, PRECISION=precision, BLOCK_N=BN,
+            num_warps=plan["num_warps"], num_stages=plan["num_stages"],
+        )
+    return out
+
+
 def patch_embed_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -365,9 +538,14 @@ def patch_embed_forward(
 ) -> torch.Tensor:
     """x: ``(B, C, *S)``; weight: ``(E, C·p^k)``; bias: ``(E,)``; pos: ``(L, E)``; keep: ``(B, K)`` int64
     → ``(B, L or K, E)`` in weight's dtype (bias and pos share it; x may be wider, its patches are
-    rounded to it as they are read), fp32 accumulation (fp64 for fp64). ``config``: tiles to use
-    instead of the fixed choice (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``num_warps``, ``num_stages``;
-    ``tools/patch_embed_sweep.py`` times a few on a GPU)."""
+    rounded to it as they are read), fp32 accumulation (fp64 for fp64).
+
+    Two kernels: every patch of a 16-bit 2-D/3-D input on an sm_90+ GPU goes through
+    :func:`_patch_embed_fwd_tma_kernel` (TMA boxes, see :func:`_tma_plan` for where it applies); the
+    rest, ``keep`` included, through the gather GEMM :func:`_patch_embed_fwd_kernel`. ``config``:
+    tiles to use instead of the fixed choice — the gather kernel's (``BLOCK_M``, ``BLOCK_N``,
+    ``BLOCK_K``, ``num_warps``, ``num_stages``), or with ``"TMA": True`` the TMA kernel's where it
+    applies (``tools/patch_embed_sweep.py`` times both on a GPU)."""
     geo = patch_geometry(x, patch)
     E, F = weight.shape
     if F != geo["F"]:
@@ -380,6 +558,13 @@ def patch_embed_forward(
     rows = B * N
     if out.numel() == 0:
         return out
+    plan = _tma_plan(x, weight, keep, geo, config)
+    if plan is not None:
+        return _forward_tma(x, weight, bias, pos, geo, plan, out)
+    if config is not None and config.get("TMA"):
+        raise ValueError(f"config asks for the TMA kernel, which does not apply to x {tuple(x.shape)} {x.dtype}, "
+                         f"weight {weight.dtype}, patch {patch}{', keep' if keep is not None else ''} on "
+                         f"{x.device} (see kernels.patch_embed._tma_plan)")
     dot, precision = _dot_mode(weight.dtype)
     args = (
         out, x, weight, bias if bias is not None else x, pos if pos is not None else x,
@@ -389,7 +574,8 @@ def patch_embed_forward(
     flags = dict(PD=geo["PD"], PH=geo["PH"], PW=geo["PW"], HAS_BIAS=bias is not None, HAS_POS=pos is not None,
                  HAS_KEEP=keep is not None, DOT=dot, PRECISION=precision)
     radices = (geo["PW"], geo["PH"], geo["PD"], geo["C"])
-    cfg = dict(config) if config is not None else _forward_config(weight.dtype, rows, E, num_sms(x))
+    cfg = ({k: v for k, v in config.items() if k != "TMA"} if config is not None
+           else _forward_config(weight.dtype, rows, E, num_sms(x)))
     block_k = cfg["BLOCK_K"]
     flags.update(VEC=vector_width(geo["PW"], block_k), SEPARABLE=separable(block_k, radices),
                  EVEN_K=F % block_k == 0)

@@ -41,7 +41,8 @@ GPU_VALIDATED_FP16: frozenset[tuple[str, str]] = frozenset()
 
 #: the automatic order on CUDA tensors per op family, fastest first: tools/gpu_validated.py prints it
 #: from a GPU run's bench_large.json (the family's training-pass times of its validated backends).
-#: The CUDA patch embedding is a gather + cuBLAS, the Triton one an implicit GEMM: which wins is
+#: The CUDA patch embedding is a gather + cuBLAS, the Triton one an implicit GEMM (TMA boxes for every
+#: patch of 16-bit inputs on sm_90+, gathered patches otherwise): which wins is
 #: for the measurement to say.
 DEFAULT_CUDA_ORDER = ("ext", "triton", "reference")
 CUDA_ORDER: dict[str, tuple[str, ...]] = {family: DEFAULT_CUDA_ORDER for family in FAMILIES}

@@ -123,7 +123,7 @@ def test_launch_grids_of_inputs_past_2_to_the_31_elements_fit_cuda(kernels):
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.rstrip().endswith("all ok")
     launched = {line.split(": ")[-2] for line in run.stdout.splitlines() if line.endswith(" ok") and "grid (" in line}
-    assert len(launched) == 14, sorted(launched)  # every kernel of pyimputmae.kernels
+    assert len(launched) == 15, sorted(launched)  # every kernel of pyimputmae.kernels
 
 
 def test_a_grid_past_cuda_limits_is_reported(kernels):

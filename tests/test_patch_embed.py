@@ -393,6 +393,134 @@ def test_rejects_bad_shapes_with_a_clear_message(bad, message):
         patch_embed(args["x"], args["weight"], args["bias"], args["pos"], args["keep"], patch=4)
 
 
+# Every patch of a 16-bit 2-D / 3-D input goes through the Triton TMA kernel on sm_90+ GPUs and in the
+# interpreter (kernels.patch_embed._tma_plan): shapes whose tiles hold 64+ patches on the GPU, 16 here
+# (one sample of the 3-D ones: the interpreter is slow)
+TMA_CASES = {
+    "3d_c2_p4": PatchCase(1, 2, (16, 32, 32), 4, 24),
+    "2d_c3_p8": PatchCase(2, 3, (64, 64), 8, 40),
+    "3d_c1_p16": PatchCase(1, 1, (64, 64, 64), 16, 16),
+}
+
+
+#: the Triton backend's name in the ids of the tests below: tools/gpu_validated.py counts their GPU
+#: verdicts for ("triton", "patch_embed")
+ONLY_TRITON = pytest.mark.parametrize("triton_backend", ["triton"])
+
+
+def triton_kernels(device: torch.device):
+    reason = backend_skip_reason("triton", device, FAMILIES)
+    if reason:
+        pytest.skip(reason)
+    kernels = _backends.module("triton")
+    if device.type == "cuda" and not kernels.patch_embed.tma_capable(torch.empty(0, device=device)):
+        pytest.skip("the TMA kernel needs an sm_90+ GPU")
+    return kernels
+
+
+@pytest.mark.parametrize("half", HALF_DTYPES)
+@pytest.mark.parametrize("variant", ["plain", "bias_pos"])
+@pytest.mark.parametrize("case", TMA_CASES)
+@ONLY_TRITON
+def test_tma_forward_of_every_patch_is_no_worse_than_plain_torch(triton_backend, device, case, variant, half):
+    kernels = triton_kernels(device)
+    c = TMA_CASES[case]
+    inputs = as_dtype(make_inputs(c, variant, torch.float32, device), half)
+    geo = kernels.patch_embed.patch_geometry(inputs["x"], c.patch)
+    plan = kernels.patch_embed._tma_plan(inputs["x"], inputs["weight"], None, geo, None)
+    assert plan is not None, f"{case}: the TMA kernel no longer takes this input"
+    out = embed(inputs, c, "triton")
+    assert out.shape == (c.batch, c.tokens, c.embed) and out.dtype == half
+    assert_no_worse_than_torch(out, embed_reference(inputs, c), embed_reference(as_dtype(inputs, torch.float32), c),
+                               what=f"triton TMA {case} {variant}")
+    if device.type == "cpu":  # the interpreter sums in the same order in both kernels: the same bits
+        gather = kernels.patch_embed_forward(inputs["x"], inputs["weight"], inputs["bias"], inputs["pos"], None,
+                                             c.patch, config=kernels.patch_embed._gemm_config(half))
+        assert torch.equal(out, gather)
+
+
+@pytest.mark.parametrize("case, config, spans", [
+    (PatchCase(1, 2, (32, 16, 32), 4, 24), {"TMA": True, "BLOCK_M": 64, "BLOCK_N": 16, "num_warps": 4}, "depth planes"),
+    (PatchCase(1, 1, (64, 128), 8, 16), None, "column boxes"),
+], ids=["two_depth_planes", "two_column_boxes"])
+@ONLY_TRITON
+def test_tma_tiles_spanning_depth_planes_and_boxes_along_a_row(triton_backend, device, case, config, spans):
+    """Tiles of two patch planes along depth (``BD`` = 2), and rows of x wider than one box (``BX`` < W,
+    several boxes along a row), each patch in its place."""
+    kernels = triton_kernels(device)
+    inputs = as_dtype(make_inputs(case, "bias_pos", torch.float32, device), torch.bfloat16)
+    args = (inputs["x"], inputs["weight"], inputs["bias"], inputs["pos"], None, case.patch)
+    plan = kernels.patch_embed._tma_plan(inputs["x"], inputs["weight"], None,
+                                         kernels.patch_embed.patch_geometry(inputs["x"], case.patch), config)
+    assert plan is not None and (plan["BD"] >= 2 if spans == "depth planes" else case.spatial[-1] // plan["BX"] >= 2)
+    out = kernels.patch_embed_forward(*args, config=config)
+    assert_no_worse_than_torch(out, patch_embed_reference(*args),
+                               patch_embed_reference(*as_dtype(dict(zip("xwbp", args[:4])), torch.float32).values(),
+                                                     None, case.patch), what=spans)
+
+
+@ONLY_TRITON
+def test_tma_forward_feeds_the_same_gradients_as_plain_torch(triton_backend, device):
+    kernels = triton_kernels(device)
+    c = TMA_CASES["3d_c2_p4"]
+    base = as_dtype(make_inputs(c, "bias_pos", torch.float32, device), torch.bfloat16)
+    ours, plain, ref = with_grad(base), with_grad(base), with_grad(as_dtype(base, torch.float32))
+    g = torch.randn(c.batch, c.tokens, c.embed, device=device).to(torch.bfloat16)
+    embed(ours, c, "triton").backward(g)
+    embed_reference(plain, c).backward(g)
+    embed_reference(ref, c).backward(g.float())
+    for name in ("x", "weight", "bias", "pos"):
+        assert_no_worse_than_torch(grads(ours)[name], grads(plain)[name], grads(ref)[name], what=f"TMA grad {name}")
+    assert kernels.patch_embed._tma_plan(base["x"], base["weight"], None,
+                                         kernels.patch_embed.patch_geometry(base["x"], c.patch), None)
+
+
+def _misaligned(x: torch.Tensor) -> torch.Tensor:
+    """``x``'s values in a tensor whose data starts 2 bytes past a 16-byte boundary."""
+    buf = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+    out = buf[1:].view(x.shape)
+    out.copy_(x)
+    return out
+
+
+@pytest.mark.parametrize("what", ["keep", "fp32", "fp32_x_bf16_weight", "1d", "misaligned", "patch_not_power_of_2",
+                                  "tile_too_small"])
+@ONLY_TRITON
+def test_inputs_the_tma_kernel_does_not_take_go_to_the_gather_kernel(triton_backend, device, what):
+    """The gather GEMM embeds them, with the same result; a config that asks for the TMA kernel there
+    is refused. (Kernel-level calls, which take contiguous tensors: the op makes them so.)"""
+    kernels = triton_kernels(device)
+    c = TMA_CASES["3d_c2_p4"]
+    inputs = as_dtype(make_inputs(c, "keep_bias_pos" if what == "keep" else "bias_pos", torch.float32, device),
+                      torch.bfloat16)
+    patch = c.patch
+    if what == "fp32":
+        inputs = as_dtype(inputs, torch.float32)
+    elif what == "fp32_x_bf16_weight":  # what autocast hands the op
+        inputs["x"] = inputs["x"].float()
+    elif what == "1d":
+        inputs["x"] = inputs["x"].reshape(c.batch, c.channels, -1)[..., :1024].contiguous()
+        inputs["weight"], inputs["pos"] = inputs["weight"][:, :8].contiguous(), inputs["pos"][:256]
+        patch = 4
+    elif what == "misaligned":
+        inputs["x"] = _misaligned(inputs["x"])
+    elif what == "patch_not_power_of_2":
+        inputs["x"] = torch.randn(1, 1, 24, 24, device=device).to(torch.bfloat16)
+        inputs["weight"], inputs["pos"], patch = inputs["weight"][:, :36].contiguous(), inputs["pos"][:16], 6
+    elif what == "tile_too_small":
+        inputs["x"] = inputs["x"][:, :, :4, :8, :8].contiguous()
+        inputs["pos"] = inputs["pos"][:4]
+    x, w = inputs["x"], inputs["weight"]
+    args = (x, w, inputs["bias"], inputs["pos"], inputs["keep"], patch)
+    assert kernels.patch_embed._tma_plan(x, w, inputs["keep"], kernels.patch_embed.patch_geometry(x, patch),
+                                         None) is None
+    out = kernels.patch_embed_forward(*args)
+    assert_close(out, patch_embed_reference(*args), dtype=torch.bfloat16 if w.dtype == torch.bfloat16 else None,
+                 what=what)
+    with pytest.raises(ValueError, match="config asks for the TMA kernel, which does not apply"):
+        kernels.patch_embed_forward(*args, config={"TMA": True})
+
+
 def test_tile_sweep_tool_dry_runs_and_checks_every_configuration(tmp_path):
     """tools/patch_embed_sweep.py (a GPU measurement) on CPU tensors under the Triton interpreter:
     every configuration is checked against F.linear of the patchified input before it is timed."""
@@ -405,8 +533,11 @@ def test_tile_sweep_tool_dry_runs_and_checks_every_configuration(tmp_path):
     assert tool.main(["--device", "cpu", "--size", "tiny", "--json", str(tmp_path / "sweep.json")]) == 0
     records = json.loads((tmp_path / "sweep.json").read_text())["records"]
     triton_runs = [r for r in records if r["impl"] == "triton"]
-    assert len(triton_runs) == 2 * len(tool.TINY_CONFIGS)
-    assert all(r["max_rel_err"] < 1e-4 for r in triton_runs)
+    # the gather configurations for every patch and the kept half, the TMA ones for every patch
+    assert len(triton_runs) == 2 * len(tool.TINY_CONFIGS) + len(tool.TINY_TMA_CONFIGS)
+    assert [r["config"] for r in triton_runs if r["config"].get("TMA")] == tool.TINY_TMA_CONFIGS
+    assert all(r["case"] == "all" for r in triton_runs if r["config"].get("TMA"))
+    assert all(r["max_rel_err"] < 1e-4 and r["median_ms"] > 0 for r in triton_runs)
 
 
 def test_empty_batch_gives_zero_gradients_to_weight_and_positions(backend, device):

@@ -4,9 +4,12 @@
     python tools/patch_embed_sweep.py --json out/patch_embed_sweep.json          # H100 / H200, ~1 minute
     TRITON_INTERPRET=1 python tools/patch_embed_sweep.py --device cpu --size tiny  # the CPU dry run
 
-The library launches one fixed configuration (``kernels/patch_embed.py``: ``_forward_config``); this
-measures the alternatives on the bench's ``large`` shape (x ``(32, 4, 64, 64, 64)``, patch 8, E = 384,
-bf16), every patch and a random half (``keep``), so that the fixed choice can follow a measurement.
+The library has two forward kernels with one fixed configuration each (``kernels/patch_embed.py``): the
+gather GEMM (``_forward_config``; a random half of the patches, ``keep``, always takes it) and, for every
+patch of a 16-bit input on sm_90+, the TMA kernel (``_tma_plan``). This measures the alternatives of both
+on the bench's ``large`` shape (x ``(32, 4, 64, 64, 64)``, patch 8, E = 384, bf16): every patch under
+the TMA and the gather configurations, the kept half under the gather ones, so that the fixed choices
+can follow a measurement.
 Each configuration is checked against ``F.linear`` of the patchified input first (a mismatch is
 reported, never timed), then timed with ``triton.testing.do_bench`` (median). Reshape + ``F.linear``
 (eager, the bench's baseline without compilation) is timed in the same run as the anchor.
@@ -43,11 +46,28 @@ CONFIGS = [dict(zip(TILE_KEYS, tiles)) for tiles in [
     (128, 64, 64, 4, 4),
 ]]
 TINY_CONFIGS = [dict(zip(TILE_KEYS, tiles)) for tiles in [(16, 16, 16, 4, 1), (32, 16, 16, 4, 1)]]
-SIZES = {"large": dict(B=32, C=4, S=64, patch=8, E=384), "tiny": dict(B=2, C=2, S=8, patch=4, E=16)}
+#: the TMA kernel's (BLOCK_M: the patches a tile aims at, BLOCK_N, num_warps, num_stages), every patch
+#: only; the first is its fixed choice (at the large size 2 × 8 × 8 patches × 128 dims, 384 programs).
+TMA_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+TMA_CONFIGS = [dict(zip(TMA_KEYS, tiles), TMA=True) for tiles in [
+    (128, 128, 8, 3),
+    (128, 128, 8, 4),
+    (128, 128, 8, 2),
+    (128, 256, 8, 3),
+    (128, 64, 4, 4),
+    (64, 128, 4, 3),
+    (64, 128, 4, 4),
+    (64, 256, 8, 3),
+]]
+TINY_TMA_CONFIGS = [dict(zip(TMA_KEYS, tiles), TMA=True) for tiles in [(16, 16, 1, 1), (16, 32, 1, 1)]]
+SIZES = {"large": dict(B=32, C=4, S=64, patch=8, E=384), "tiny": dict(B=2, C=2, S=16, patch=4, E=24)}
 
 
 def label(config: dict) -> str:
-    """``BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages``, e.g. ``128x128x64x8x3``."""
+    """``BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages`` for the gather kernel, e.g. ``128x128x64x8x3``;
+    ``tma-BLOCK_MxBLOCK_Nxwarpsxstages`` for the TMA kernel."""
+    if config.get("TMA"):
+        return "tma-" + "x".join(str(config[k]) for k in TMA_KEYS)
     return "x".join(str(config[k]) for k in TILE_KEYS)
 
 
@@ -64,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     dev = torch.device(opts.device)
     shape = SIZES[opts.size]
     B, C, S, p, E = (shape[k] for k in ("B", "C", "S", "patch", "E"))
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dtype = torch.bfloat16  # (the interpreter's dots run in float32: kernels.patch_embed._dot_mode)
     torch.manual_seed(0)
     x = torch.randn(B, C, S, S, S, device=dev, dtype=dtype)
     w = torch.randn(E, C * p**3, device=dev, dtype=dtype) * (C * p**3) ** -0.5
@@ -94,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         want = F.linear(rows, w, b)
         records.append({"case": case, "impl": "eager reshape + F.linear (all patches)", "median_ms": eager_ms,
                         "tflops": 2 * B * L * E * C * p**3 / (eager_ms * 1e-3) / 1e12})
-        for config in TINY_CONFIGS if opts.size == "tiny" else CONFIGS:
+        configs = TINY_CONFIGS if opts.size == "tiny" else CONFIGS
+        if k is None:
+            configs = (TINY_TMA_CONFIGS if opts.size == "tiny" else TMA_CONFIGS) + configs
+        for config in configs:
             rec = {"case": case, "impl": "triton", "config": config}
             try:
                 got = kernels.patch_embed_forward(x, w, b, None, k, p, config=config)

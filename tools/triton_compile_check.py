@@ -164,6 +164,9 @@ def cases(k, dtype: torch.dtype, size: str, sweep: ModuleType | None = None) -> 
                                                                 True, True)),
     ]
     if sweep:  # the tile configurations tools/patch_embed_sweep.py times on a GPU (no bias/pos there)
+        for config in sweep.TMA_CONFIGS:  # every patch only
+            cases.append((f"patch_embed fwd sweep {sweep.label(config)}",
+                          lambda c=config: k.patch_embed_forward(x, weight, bias, None, None, p, config=c)))
         for config in sweep.CONFIGS:
             name = sweep.label(config)
             cases += [(f"patch_embed fwd sweep {name}", lambda c=config: k.patch_embed_forward(x, weight, bias, None,
@@ -277,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     target = GPUTarget("cuda", opts.arch, 32)
     backend = make_backend(target)
+    # the meta tensors stand for the target's GPU: the patch embedding takes its TMA kernel there
+    sys.modules[kernels.__name__ + ".patch_embed"].tma_capable = lambda t: opts.arch >= 90
     print(f"triton {triton.__version__}, torch {torch.__version__}, target sm_{opts.arch}, size {opts.size}")
     seen: set = set()
     failed = 0
