@@ -28,6 +28,7 @@ on the GPU: tensor cores with about fp32 accuracy.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -430,12 +431,19 @@ def _largest_pow2_divisor(n: int, at_most: int) -> int:
     return d
 
 
+@functools.cache
+def _major_capability(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
 def tma_capable(t: torch.Tensor) -> bool:
     """Whether ``t``'s device has the tensor-memory accelerator (sm_90 and later); the interpreter
     emulates it. (``tools/triton_compile_check.py`` answers for its target instead.)"""
     if interpreting():
         return True
-    return t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] >= 9
+    if t.device.type != "cuda":
+        return False
+    return _major_capability(t.device.index if t.device.index is not None else torch.cuda.current_device()) >= 9
 
 
 def _tma_plan(x: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | None, geo: dict,
@@ -481,7 +489,10 @@ def _tma_plan(x: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | None, 
     E = weight.shape[0]
     min_m = 16 if small else 64
     target = config.get("BLOCK_M", 16 if small else 128)
-    block_n = config.get("BLOCK_N", 16 if small else 128)
+    # embedding dims per tile: 128 (16 in the interpreter), fewer for a narrow embedding
+    block_n = config.get("BLOCK_N", 16 if small else min(128, max(16, triton.next_power_of_2(E))))
+    if not (_pow2(block_n) and 16 <= block_n <= 256):
+        raise ValueError(f"the TMA kernel's BLOCK_N must be a power of two from 16 to 256, got {block_n}")
 
     def tiles(aim: int) -> tuple[int, int]:
         BH = _largest_pow2_divisor(GH, max(1, aim // NW))

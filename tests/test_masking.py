@@ -139,6 +139,20 @@ def test_random_keep_follows_the_spec_for_any_int64_seed_and_offset(backend, dev
     assert torch.equal(mask.cpu(), want_mask), f"{backend}: mask differs from the spec for rng {RNGS[rng]}"
 
 
+def test_a_strided_rng_and_present_are_read_as_their_values(backend, device):
+    """An rng that is a view with a stride (a column of a table of states) and a present that is
+    not contiguous give the mask of their contiguous copies."""
+    lay = LAYOUTS["four_modalities"]
+    present, rng = make_present("four_modalities", device), make_rng("small", device)
+    table = torch.stack([rng, rng + 1000]).t().contiguous()  # (2, 2): column 0 is rng
+    wide = torch.zeros(present.shape[0], 2 * present.shape[1], dtype=torch.bool, device=device)
+    wide[:, ::2] = present
+    assert not table[:, 0].is_contiguous() and not wide[:, ::2].is_contiguous()
+    got = random_keep(wide[:, ::2], lay.lengths, lay.ratios, table[:, 0], backend=backend)
+    want = random_keep(present, lay.lengths, lay.ratios, rng, backend=backend)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_random_keep_equals_the_choice_of_random_masking(backend, device):
     lay, sel = LAYOUTS["four_modalities"], selection(backend, device, "four_modalities")
     ids_keep, mask = random_keep(sel["present"], lay.lengths, lay.ratios, sel["rng"], backend=backend)

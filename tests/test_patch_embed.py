@@ -238,6 +238,23 @@ def test_non_contiguous_input_matches_contiguous(backend, device):
     assert_close(out, embed_reference(inputs, c))
 
 
+def test_strided_weight_bias_and_positions_match_contiguous(backend, device):
+    """Views with strides (every other element of a larger tensor) are read as their values: a
+    strided bias once reached the Triton kernels as it was, which read it as contiguous."""
+    c = CASES["3d_c2"]
+    inputs = make_inputs(c, "bias_pos", torch.float32, device)
+
+    def strided(t: torch.Tensor) -> torch.Tensor:
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+
+    views = {name: strided(inputs[name]) for name in ("weight", "bias", "pos")}
+    assert not any(v.is_contiguous() for v in views.values())
+    out = patch_embed(inputs["x"], views["weight"], views["bias"], views["pos"], patch=c.patch, backend=backend)
+    assert_close(out, embed_reference(inputs, c), what=f"{backend} strided weight, bias, pos")
+
+
 @pytest.mark.parametrize("variant", ["bias_pos", "keep_bias_pos"])
 def test_opcheck_patch_embed(backend, device, variant):
     c = CASES["2d_grid3x5"]
@@ -460,6 +477,15 @@ def test_tma_tiles_spanning_depth_planes_and_boxes_along_a_row(triton_backend, d
 
 
 @ONLY_TRITON
+def test_a_tma_tile_width_that_is_no_power_of_two_is_refused(triton_backend, device):
+    kernels = triton_kernels(device)
+    c = TMA_CASES["3d_c2_p4"]
+    i = as_dtype(make_inputs(c, "plain", torch.float32, device), torch.bfloat16)
+    with pytest.raises(ValueError, match="the TMA kernel's BLOCK_N must be a power of two from 16 to 256, got 48"):
+        kernels.patch_embed_forward(i["x"], i["weight"], None, None, None, c.patch, config={"TMA": True, "BLOCK_N": 48})
+
+
+@ONLY_TRITON
 def test_tma_forward_feeds_the_same_gradients_as_plain_torch(triton_backend, device):
     kernels = triton_kernels(device)
     c = TMA_CASES["3d_c2_p4"]
@@ -536,7 +562,8 @@ def test_tile_sweep_tool_dry_runs_and_checks_every_configuration(tmp_path):
     # the gather configurations for every patch and the kept half, the TMA ones for every patch
     assert len(triton_runs) == 2 * len(tool.TINY_CONFIGS) + len(tool.TINY_TMA_CONFIGS)
     assert [r["config"] for r in triton_runs if r["config"].get("TMA")] == tool.TINY_TMA_CONFIGS
-    assert all(r["case"] == "all" for r in triton_runs if r["config"].get("TMA"))
+    assert all(r["case"] == "all" and r["plan"]["BD"] * r["plan"]["BH"] * r["plan"]["BX"] // 4 == r["config"]["BLOCK_M"]
+               for r in triton_runs if r["config"].get("TMA"))  # the tiles the kernel ran (patch 4)
     assert all(r["max_rel_err"] < 1e-4 and r["median_ms"] > 0 for r in triton_runs)
 
 

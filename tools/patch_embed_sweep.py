@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             configs = (TINY_TMA_CONFIGS if opts.size == "tiny" else TMA_CONFIGS) + configs
         for config in configs:
             rec = {"case": case, "impl": "triton", "config": config}
+            if config.get("TMA"):  # the tiles the kernel resolves BLOCK_M to (BD·BH·BX/p patches)
+                rec["plan"] = kernels.patch_embed._tma_plan(x, w, k, kernels.patch_embed.patch_geometry(x, p), config)
             try:
                 got = kernels.patch_embed_forward(x, w, b, None, k, p, config=config)
                 err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()

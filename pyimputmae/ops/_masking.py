@@ -112,6 +112,7 @@ _FillEager = eager_function("fill_masked", "unshuffle_fill", _fill_setup, _fill_
 def _select(present: torch.Tensor, lengths: list[int], keeps: list[int], rng: torch.Tensor, backend: str):
     """``select_keep`` on the traced path (the custom op) or the eager one (the backend's function)."""
     present = present.to(torch.bool).contiguous()
+    rng = rng.contiguous()  # (a strided view of a state is read as its two values; contiguous: itself)
     if traced():
         return _select_keep(present, lengths, keeps, rng, backend)
     return backend_for("masking", present.device, backend).select_keep(present, lengths, keeps, rng)

@@ -147,5 +147,6 @@ def patch_embed(
         x = x.to(dtype)
     bias = bias.to(dtype) if bias is not None else None
     pos = pos.to(dtype) if pos is not None else None
-    return call(_patch_embed, _PatchEmbedEager, "patch_embed", backend, x.contiguous(), weight.contiguous(), bias,
-                pos.contiguous() if pos is not None else None, keep, patch)
+    return call(_patch_embed, _PatchEmbedEager, "patch_embed", backend, x.contiguous(), weight.contiguous(),
+                bias.contiguous() if bias is not None else None, pos.contiguous() if pos is not None else None, keep,
+                patch)
