@@ -29,6 +29,7 @@ on the GPU: tensor cores with about fp32 accuracy.
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 
 import torch
@@ -436,9 +437,28 @@ def _major_capability(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
+#: the oldest triton the TMA kernel was checked with (interpreter, sm_90 machine code): 3.6; older ones
+#: (torch < 2.11) keep the gather kernel — host-side descriptors and ``desc.load`` changed before it
+TMA_MIN_TRITON = (3, 6)
+
+
+@functools.cache
+def triton_has_tma() -> bool:
+    """Whether the installed triton is one the TMA kernel was checked with (:data:`TMA_MIN_TRITON`)."""
+    try:
+        version = tuple(int(part) for part in triton.__version__.split("+")[0].split(".")[:2])
+        importlib.import_module("triton.tools.tensor_descriptor")
+    except (ValueError, ImportError):
+        return False
+    return version >= TMA_MIN_TRITON
+
+
 def tma_capable(t: torch.Tensor) -> bool:
-    """Whether ``t``'s device has the tensor-memory accelerator (sm_90 and later); the interpreter
-    emulates it. (``tools/triton_compile_check.py`` answers for its target instead.)"""
+    """Whether ``t``'s device has the tensor-memory accelerator (sm_90 and later; the interpreter
+    emulates it) and the installed triton the kernel's descriptors (:func:`triton_has_tma`).
+    (``tools/triton_compile_check.py`` answers for its target instead.)"""
+    if not triton_has_tma():
+        return False
     if interpreting():
         return True
     if t.device.type != "cuda":
@@ -452,13 +472,14 @@ def _tma_plan(x: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | None, 
 
     It applies to every patch (no ``keep``) of a 2-D or 3-D input whose dtype is the weight's, 16-bit
     (an fp32 input under autocast keeps the gather kernel: converting its tiles in registers made
-    ptxas serialise the ``wgmma`` instructions, warning C7515, on triton 3.6 for sm_90),
-    both contiguous and 16-byte aligned, on an sm_90+ GPU (or in the interpreter), when the patch's
-    sides ``PW``, ``PH`` are powers of two, a box row (``BX`` columns, at most 128 bytes: one swizzle
-    span) holds whole patches, a K step ``BK = BJ·PW`` is 16 to 64 features and a tile holds ≥ 64
-    patches (16 in the interpreter). ``config``: None → this kernel wherever it applies; a dict →
-    only with ``"TMA": True``, its ``BLOCK_M`` (the tile's patches to aim for), ``BLOCK_N``,
-    ``num_warps``, ``num_stages`` overriding the fixed choice."""
+    ptxas serialise the ``wgmma`` instructions, warning C7515, on triton 3.6 for sm_90), both
+    contiguous and 16-byte aligned, on an sm_90+ GPU (or in the interpreter) with triton ≥ 3.6
+    (:func:`tma_capable`), when the patch's sides ``PW``, ``PH`` are powers of two, a box row
+    (``BX`` columns, at most 128 bytes: one swizzle span) holds whole patches, a K step
+    ``BK = BJ·PW`` is 16 to 64 features and a tile holds ≥ 64 patches (16 in the interpreter).
+    ``config``: None → this kernel wherever it applies; a dict → only with ``"TMA": True``, its
+    ``BLOCK_M`` (the tile's patches to aim for), ``BLOCK_N``, ``num_warps``, ``num_stages``
+    overriding the fixed choice."""
     if config is not None and not config.get("TMA"):
         return None
     config = config or {}

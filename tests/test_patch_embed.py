@@ -486,6 +486,25 @@ def test_a_tma_tile_width_that_is_no_power_of_two_is_refused(triton_backend, dev
 
 
 @ONLY_TRITON
+def test_a_triton_older_than_the_tma_kernel_knows_keeps_the_gather_kernel(triton_backend, device, monkeypatch):
+    """Host-side descriptors and ``desc.load`` changed before triton 3.6 (torch 2.11): with an older
+    triton every patch goes through the gather kernel, with the same result."""
+    kernels = triton_kernels(device)
+    pe = kernels.patch_embed
+    c = TMA_CASES["2d_c3_p8"]
+    inputs = as_dtype(make_inputs(c, "bias_pos", torch.float32, device), torch.bfloat16)
+    monkeypatch.setattr(pe.triton, "__version__", "3.5.1")
+    pe.triton_has_tma.cache_clear()
+    try:
+        assert not pe.tma_capable(inputs["x"])
+        assert pe._tma_plan(inputs["x"], inputs["weight"], None, pe.patch_geometry(inputs["x"], c.patch), None) is None
+        assert_no_worse_than_torch(embed(inputs, c, "triton"), embed_reference(inputs, c),
+                                   embed_reference(as_dtype(inputs, torch.float32), c), what="gather, triton 3.5")
+    finally:
+        pe.triton_has_tma.cache_clear()  # (asked again after the real version is back)
+
+
+@ONLY_TRITON
 def test_tma_forward_feeds_the_same_gradients_as_plain_torch(triton_backend, device):
     kernels = triton_kernels(device)
     c = TMA_CASES["3d_c2_p4"]
