@@ -360,7 +360,7 @@ def patch_geometry(x: torch.Tensor, patch: int) -> dict:
     C = x.shape[1]
     grid = (D // PD, H // PH, W // PW)
     check_sizes(f"patch input {tuple(x.shape)}, patch {patch}", patches=math.prod(grid), features=C * PD * PH * PW)
-    return dict(C=C, D=D, H=H, W=W, PD=PD, PH=PH, PW=PW, GH=grid[1], GW=grid[2], L=math.prod(grid),
+    return dict(C=C, D=D, H=H, W=W, PD=PD, PH=PH, PW=PW, GD=grid[0], GH=grid[1], GW=grid[2], L=math.prod(grid),
                 F=C * PD * PH * PW, sample=C * D * H * W)
 
 
@@ -425,11 +425,14 @@ def _pow2(n: int) -> bool:
 
 
 def _largest_pow2_divisor(n: int, at_most: int) -> int:
-    """The largest power of two that divides ``n`` and is at most ``at_most`` (≥ 1)."""
-    d = 1
-    while d * 2 <= at_most and n % (d * 2) == 0:
-        d *= 2
-    return d
+    """The largest power of two that divides ``n`` (> 0) and is at most ``at_most`` (≥ 1)."""
+    return min(n & -n, 1 << (at_most.bit_length() - 1))
+
+
+def _tma_programs(geo: dict, batch: int, E: int, BD: int, BH: int, BX: int, block_n: int) -> int:
+    """Programs of a TMA launch: patch tiles (per sample, GD/BD × GH/BH × GW/(BX/PW)) × embedding tiles."""
+    tiles = (geo["GD"] // BD) * (geo["GH"] // BH) * (geo["GW"] // (BX // geo["PW"]))
+    return batch * tiles * triton.cdiv(E, block_n)
 
 
 @functools.cache
@@ -492,8 +495,8 @@ def _tma_plan(x: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | None, 
     if not tma_capable(x):
         return None
     small = interpreting()
-    PD, PH, PW, W = geo["PD"], geo["PH"], geo["PW"], geo["W"]
-    GD, GH, GW = geo["D"] // PD, geo["GH"], geo["GW"]
+    PH, PW, W = geo["PH"], geo["PW"], geo["W"]
+    GD, GH = geo["GD"], geo["GH"]
     if x.shape[0] * geo["C"] * GD >= 2**31:  # a TMA coordinate is 32-bit
         return None
     row_elems = 128 // x.element_size()
@@ -522,8 +525,8 @@ def _tma_plan(x: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | None, 
 
     BH, BD = tiles(target)
     if not small and "BLOCK_M" not in config and NW * BH * BD == 128:
-        programs = x.shape[0] * (GD // BD) * (GH // BH) * (GW // NW) * triton.cdiv(E, block_n)
-        if programs < num_sms(x):  # 64-patch tiles when 128-patch ones would leave SMs idle
+        # 64-patch tiles when 128-patch ones would leave SMs idle
+        if _tma_programs(geo, x.shape[0], E, BD, BH, BX, block_n) < num_sms(x):
             BH, BD = tiles(64)
     BM = NW * BH * BD
     if BM < min_m:
@@ -540,14 +543,13 @@ def _forward_tma(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
     B, E, F = x.shape[0], weight.shape[0], weight.shape[1]
     PD, PH, H, W = geo["PD"], geo["PH"], geo["H"], geo["W"]
-    GD, GH, GW = geo["D"] // PD, geo["GH"], geo["GW"]
+    GD, GH, GW = geo["GD"], geo["GH"], geo["GW"]
     BD, BH, BJ, BX, BN = plan["BD"], plan["BH"], plan["BJ"], plan["BX"], plan["BLOCK_N"]
     x_desc = TensorDescriptor(x, [B * geo["C"] * GD, PD, GH, PH, W], [PD * H * W, H * W, PH * W, W, 1],
                               [BD, 1, BH, BJ, BX])
     w_desc = TensorDescriptor(weight, [E, F], [F, 1], [BN, BJ * geo["PW"]])
     dot, precision = _dot_mode(weight.dtype)
-    m_tiles = B * (GD // BD) * (GH // BH) * (GW // (BX // geo["PW"]))
-    grid = (m_tiles * triton.cdiv(E, BN),)
+    grid = (_tma_programs(geo, B, E, BD, BH, BX, BN),)
     with device_guard(x):
         _patch_embed_fwd_tma_kernel[grid](
             out, x_desc, w_desc, bias if bias is not None else out, pos if pos is not None else out,

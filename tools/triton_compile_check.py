@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     target = GPUTarget("cuda", opts.arch, 32)
     backend = make_backend(target)
     # the meta tensors stand for the target's GPU: the patch embedding takes its TMA kernel there
-    sys.modules[kernels.__name__ + ".patch_embed"].tma_capable = lambda t: opts.arch >= 90
+    kernels.patch_embed.tma_capable = lambda t: opts.arch >= 90
     print(f"triton {triton.__version__}, torch {torch.__version__}, target sm_{opts.arch}, size {opts.size}")
     seen: set = set()
     failed = 0

@@ -174,23 +174,14 @@ class Cohort:
         device (``train(cuda_graph=True)`` fills its captured step's static inputs this way)."""
         idx = self.rows(idx)
         index = torch.as_tensor(idx, dtype=torch.int64, device=self.present.device)
-        ids = [self.ids[i] for i in idx.tolist()]
-        if out is None:
-            return Batch(
-                inputs={k: v.index_select(0, index) for k, v in self.inputs.items()},
-                present=self.present.index_select(0, index),
-                clinical=self.clinical.index_select(0, index),
-                time=self.time.index_select(0, index),
-                event=self.event.index_select(0, index),
-                modalities=self.modalities,
-                ids=ids,
-            )
-        if tuple(out.modalities) != tuple(self.modalities):
+        if out is not None and tuple(out.modalities) != tuple(self.modalities):
             raise ValueError(f"out holds modalities {', '.join(out.modalities)}, but the cohort's are "
                              f"{', '.join(self.modalities)}")
         n = len(idx)
 
-        def fill(name: str, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+        def take(name: str, src: torch.Tensor, dst: torch.Tensor | None) -> torch.Tensor:
+            if dst is None:
+                return src.index_select(0, index)
             if dst.shape[1:] != src.shape[1:] or dst.dtype != src.dtype or dst.shape[0] < n:
                 raise ValueError(f"out's {name} is {tuple(dst.shape)} {dst.dtype}: it must hold {n} rows of the "
                                  f"cohort's {name}, {tuple(src.shape[1:])} {src.dtype}")
@@ -201,14 +192,18 @@ class Cohort:
                 rows.copy_(src.index_select(0, index), non_blocking=True)
             return rows
 
+        def field(name: str) -> torch.Tensor:
+            return take(name, getattr(self, name), getattr(out, name) if out is not None else None)
+
         return Batch(
-            inputs={k: fill(f"inputs[{k!r}]", v, out.inputs[k]) for k, v in self.inputs.items()},
-            present=fill("present", self.present, out.present),
-            clinical=fill("clinical", self.clinical, out.clinical),
-            time=fill("time", self.time, out.time),
-            event=fill("event", self.event, out.event),
+            inputs={k: take(f"inputs[{k!r}]", v, out.inputs[k] if out is not None else None)
+                    for k, v in self.inputs.items()},
+            present=field("present"),
+            clinical=field("clinical"),
+            time=field("time"),
+            event=field("event"),
             modalities=self.modalities,
-            ids=ids,
+            ids=[self.ids[i] for i in idx.tolist()],
         )
 
     def withhold(self, modalities: str | Iterable[str], rows: np.ndarray | torch.Tensor | None = None) -> Cohort:
