@@ -17,7 +17,9 @@ gather with computed addresses and the ``(B, L, C·p^k)`` patch matrix never exi
 - backward: ``grad_x`` = ``grad_out · weight`` (a GEMM over E) scattered to the computed addresses
   (each element of x belongs to exactly one patch; unread patches stay zero); ``grad_weight`` =
   ``grad_outᵀ · patches`` (a GEMM over the rows, split over the rows into deterministic fp32
-  partials summed in a fixed order, so 3 × 16 output tiles still fill the GPU).
+  partials summed in a fixed order, so 3 × 16 output tiles still fill the GPU). Where the forward's
+  TMA kernel applies, grad_weight has one too (:func:`_patch_embed_grad_w_tma_kernel`: the same x
+  boxes, and the same patches' rows of ``grad_out`` as one box).
 
 Operand modes (``DOT``): 0 = ``tl.dot`` on the input dtype (bf16/fp16 tensor cores); 1 = operands
 cast to fp32 first (fp32 inputs, and every 16-bit input under ``TRITON_INTERPRET=1``, whose bf16 dot
@@ -187,6 +189,30 @@ def _patch_embed_fwd_kernel(
 
 
 @triton.jit
+def box_tile(t, GD, GH, GW, BD: tl.constexpr, BH: tl.constexpr, NW: tl.constexpr):
+    """Patch tile ``t`` of the TMA kernels, row-major over ``(B, GD/BD, GH/BH, GW/NW)`` → its batch item
+    and first patch ``(b, gd0, gh0, gw0)``: ``BD·BH`` patch rows of ``NW`` patches from there."""
+    tiles_w = GW // NW
+    tiles_h = GH // BH
+    tiles_d = GD // BD
+    rest = t // tiles_w
+    gw0 = (t % tiles_w) * NW
+    gh0 = (rest % tiles_h) * BH
+    rest = rest // tiles_h
+    return rest // tiles_d, (rest % tiles_d) * BD, gh0, gw0
+
+
+@triton.jit
+def load_box_tile(x_desc, b, c, i, jb, gd0, gh0, gw0, C, GD, BD: tl.constexpr, BH: tl.constexpr,
+                  BJ: tl.constexpr, NW: tl.constexpr, PW: tl.constexpr):
+    """The ``(BD·BH·NW, BJ·PW)`` (patch, feature) tile of the patches from ``(b, gd0, gh0, gw0)`` and the
+    features ``(c, i, jb·BJ .. jb·BJ + BJ, ·)``: one TMA box of ``x_desc``, reordered in registers."""
+    a = x_desc.load([(b * C + c) * GD + gd0, i, gh0, jb * BJ, gw0 * PW])
+    a = tl.reshape(a, [BD * BH, BJ, NW, PW])
+    return tl.reshape(tl.permute(a, [0, 2, 1, 3]), [BD * BH * NW, BJ * PW])
+
+
+@triton.jit
 def _patch_embed_fwd_tma_kernel(
     out_ptr, x_desc, w_desc, bias_ptr, pos_ptr,
     E, L, C, GD, GH, GW,
@@ -214,28 +240,15 @@ def _patch_embed_fwd_tma_kernel(
     n_tiles = tl.cdiv(E, BLOCK_N)
     pid_m = pid // n_tiles  # the E tiles of one patch tile are neighbours in launch order
     e0 = (pid % n_tiles) * BLOCK_N
-    tiles_w = GW // NW
-    tiles_h = GH // BH
-    tiles_d = GD // BD
-    tw = pid_m % tiles_w
-    rest = pid_m // tiles_w
-    th = rest % tiles_h
-    rest = rest // tiles_h
-    td = rest % tiles_d
-    b = rest // tiles_d
-    gd0 = td * BD
-    gh0 = th * BH
+    b, gd0, gh0, gw0 = box_tile(pid_m, GD, GH, GW, BD, BH, NW)
     acc = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
     for s in range(0, loop_bound(C * PD * STEPS_J)):
-        jb = s % STEPS_J
         ci = s // STEPS_J
-        a = x_desc.load([(b * C + ci // PD) * GD + gd0, ci % PD, gh0, jb * BJ, tw * BX])
-        a = tl.reshape(a, [BD * BH, BJ, NW, PW])
-        a = tl.reshape(tl.permute(a, [0, 2, 1, 3]), [BM, BK])  # (patch, feature)
+        a = load_box_tile(x_desc, b, ci // PD, ci % PD, s % STEPS_J, gd0, gh0, gw0, C, GD, BD, BH, BJ, NW, PW)
         wt = w_desc.load([e0, s * BK])
         acc = _mma(acc, a, tl.trans(wt), DOT, PRECISION)
     m = tl.arange(0, BM)
-    g = ((gd0 + m // (NW * BH)) * GH + gh0 + (m // NW) % BH) * GW + tw * NW + m % NW
+    g = ((gd0 + m // (NW * BH)) * GH + gh0 + (m // NW) % BH) * GW + gw0 + m % NW
     e = e0 + tl.arange(0, BLOCK_N)
     e_ok = e < E
     if HAS_BIAS:
@@ -328,6 +341,51 @@ def _patch_embed_grad_w_kernel(
             acc = _mma(acc, go_t, cast_rn(a, gout_ptr.dtype.element_ty), DOT, PRECISION)
     tl.store(gw_ptr + split * E * F + e[:, None].to(tl.int64) * F + f[None, :], cast_rn(acc, gw_ptr.dtype.element_ty),
              mask=e_ok[:, None] & f_ok[None, :])
+
+
+@triton.jit
+def _patch_embed_grad_w_tma_kernel(
+    gw_ptr, x_desc, go_desc, E, F, C, GD, GH, GW, n_tiles, tiles_per_split,
+    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    BD: tl.constexpr, BH: tl.constexpr, BJ: tl.constexpr, BX: tl.constexpr,
+    DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """gw ``(S, E, F)``: split ``s`` sums ``grad_out[r, e]·patch[r, f]`` over its patch tiles
+    ``[s·tiles_per_split, (s+1)·tiles_per_split)`` of every patch, both operands loaded by the TMA.
+
+    The boxes of :func:`_patch_embed_fwd_tma_kernel`: a program owns ``BK = BJ·PW`` consecutive
+    features ``(c, i, j0..j0+BJ, ·)`` — one box position inside each patch — and ``BLOCK_E`` embedding
+    dims, and walks the patch tiles: the x box, reordered in registers into the ``(BM, BK)``
+    (patch, feature) tile, and the same ``BM`` patches' rows of ``grad_out``, viewed as
+    ``(B·GD, GH, GW, E)`` and loaded as one ``(BD, BH, NW, BLOCK_E)`` box. It accumulates the
+    transposed tile ``(BK, BLOCK_E)`` (the patches in registers are the A operand) and stores it
+    transposed.
+    """
+    NW: tl.constexpr = BX // PW
+    BM: tl.constexpr = BD * BH * NW
+    BK: tl.constexpr = BJ * PW
+    STEPS_J: tl.constexpr = PH // BJ
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    e_tiles = tl.cdiv(E, BLOCK_E)
+    pid_f = pid // e_tiles  # the E tiles of one feature tile are neighbours: the x boxes are read together
+    e0 = (pid % e_tiles) * BLOCK_E
+    jb = pid_f % STEPS_J
+    ci = pid_f // STEPS_J
+    c = ci // PD
+    i = ci % PD
+    first = split * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, n_tiles)
+    acc = tl.zeros([BK, BLOCK_E], dtype=tl.float32)
+    for t in range(loop_bound(first), loop_bound(last)):
+        b, gd0, gh0, gw0 = box_tile(t, GD, GH, GW, BD, BH, NW)
+        a = load_box_tile(x_desc, b, c, i, jb, gd0, gh0, gw0, C, GD, BD, BH, BJ, NW, PW)
+        go = tl.reshape(go_desc.load([b * GD + gd0, gh0, gw0, e0]), [BM, BLOCK_E])
+        acc = _mma(acc, tl.trans(a), go, DOT, PRECISION)
+    f = pid_f * BK + tl.arange(0, BK)
+    e = e0 + tl.arange(0, BLOCK_E)
+    dst = gw_ptr + split.to(tl.int64) * E * F + e[None, :].to(tl.int64) * F + f[:, None]
+    tl.store(dst, cast_rn(acc, gw_ptr.dtype.element_ty), mask=(e < E)[None, :])
 
 
 @triton.jit
@@ -470,8 +528,11 @@ def tma_capable(t: torch.Tensor) -> bool:
 
 
 def _tma_plan(x: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | None, geo: dict,
-              config: dict | None) -> dict | None:
-    """Tiles of :func:`_patch_embed_fwd_tma_kernel` for this call, or None where it does not apply.
+              config: dict | None, kernel: str = "forward") -> dict | None:
+    """Tiles of :func:`_patch_embed_fwd_tma_kernel` (``kernel="forward"``) or of
+    :func:`_patch_embed_grad_w_tma_kernel` (``"grad_weight"``; its ``BLOCK_N`` is ``BLOCK_E``, and
+    ``grad_out`` has conditions of its own: :func:`_grad_weight_tma_plan`) for this call, or None where
+    it does not apply.
 
     It applies to every patch (no ``keep``) of a 2-D or 3-D input whose dtype is the weight's, 16-bit
     (an fp32 input under autocast keeps the gather kernel: converting its tiles in registers made
@@ -482,7 +543,9 @@ def _tma_plan(x: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | None, 
     ``BK = BJ·PW`` is 16 to 64 features and a tile holds ≥ 64 patches (16 in the interpreter).
     ``config``: None → this kernel wherever it applies; a dict → only with ``"TMA": True``, its
     ``BLOCK_M`` (the tile's patches to aim for), ``BLOCK_N``, ``num_warps``, ``num_stages``
-    overriding the fixed choice."""
+    overriding the fixed choice. (The gradient's tile, ``BK × BLOCK_E``, takes 4 warps: one warp
+    group's 64 rows of ``wgmma`` for ``BK`` = 64 features; it fills the GPU by splitting the patches,
+    so it keeps 128-patch tiles where the forward takes 64.)"""
     if config is not None and not config.get("TMA"):
         return None
     config = config or {}
@@ -524,14 +587,14 @@ def _tma_plan(x: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | None, 
         return BH, BD
 
     BH, BD = tiles(target)
-    if not small and "BLOCK_M" not in config and NW * BH * BD == 128:
+    if not small and kernel == "forward" and "BLOCK_M" not in config and NW * BH * BD == 128:
         # 64-patch tiles when 128-patch ones would leave SMs idle
         if _tma_programs(geo, x.shape[0], E, BD, BH, BX, block_n) < num_sms(x):
             BH, BD = tiles(64)
     BM = NW * BH * BD
     if BM < min_m:
         return None
-    warps = 1 if small else (8 if BM >= 128 else 4)
+    warps = 1 if small else (8 if BM >= 128 and kernel == "forward" else 4)
     return dict(BD=BD, BH=BH, BJ=BJ, BX=BX, BLOCK_N=block_n, num_warps=config.get("num_warps", warps),
                 num_stages=config.get("num_stages", 1 if small else 3))
 
@@ -627,12 +690,19 @@ def patch_embed_backward(
     patch: int,
     need_x: bool,
     need_weight: bool,
+    config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """grad_out: ``(B, N, E)`` → ``(grad_x (B, C, *S) in x's dtype or empty(0), grad_weight (E, F) in
     weight's dtype or empty(0))``.
 
     Both are Triton GEMMs with fp32 accumulation (fp64 for fp64); grad_x is zero at patches no row
     of ``keep`` names. A patch named twice by ``keep`` gets one row's gradient, not their sum.
+    grad_weight of every patch of a 16-bit 2-D/3-D input on an sm_90+ GPU loads both operands with
+    the TMA (:func:`_patch_embed_grad_w_tma_kernel`, where :func:`_grad_weight_tma_plan` says it
+    applies), the rest gathers the patches (:func:`_patch_embed_grad_w_kernel`). ``config``: None →
+    that choice; ``{"TMA": False}`` → the gather kernel; ``{"TMA": True, ...}`` → the TMA kernel with
+    :func:`_tma_plan`'s overrides (``BLOCK_N`` is the tile's embedding dims), a ValueError where it
+    does not apply (``tools/patch_embed_sweep.py`` times both on a GPU).
     """
     geo = patch_geometry(x, patch)
     E, F = weight.shape
@@ -647,6 +717,12 @@ def patch_embed_backward(
     keep_arg = keep if keep is not None else x
     dims = (N, geo["L"], E, F, geo["sample"], geo["D"], geo["H"], geo["W"], geo["GH"], geo["GW"])
     flags = dict(PD=geo["PD"], PH=geo["PH"], PW=geo["PW"], HAS_KEEP=keep is not None, DOT=dot, PRECISION=precision)
+    plan = _grad_weight_tma_plan(grad_out, x, weight, keep, geo, config) if need_weight and rows > 0 else None
+    if need_weight and plan is None and config is not None and config.get("TMA"):
+        raise ValueError(f"config asks for the TMA kernel, which does not apply to grad_weight of x {tuple(x.shape)} "
+                         f"{x.dtype}, weight {tuple(weight.shape)} {weight.dtype}, patch {patch}"
+                         f"{', keep' if keep is not None else ''} on {x.device} "
+                         "(see kernels.patch_embed._grad_weight_tma_plan)")
     with device_guard(x):
         if need_x:
             # without keep every element of x belongs to exactly one embedded patch: no zero fill needed
@@ -658,8 +734,36 @@ def patch_embed_backward(
                     VEC=vector_width(geo["PW"], cfg["BLOCK_N"]), **flags, **cfg,
                 )
         if need_weight:
-            grad_weight = _grad_weight(grad_out, x, weight, keep_arg, rows, dims, flags, cfg, geo)
+            if plan is not None:
+                grad_weight = _grad_weight_tma(grad_out, x, weight, geo, plan)
+            else:
+                grad_weight = _grad_weight(grad_out, x, weight, keep_arg, rows, dims, flags, cfg, geo)
     return grad_x, grad_weight
+
+
+def _splits(blocks: int, tiles: int, x: torch.Tensor) -> int:
+    """Into how many parts a GEMM's reduction of ``blocks`` steps is split when its ``tiles`` output
+    tiles alone cannot fill the GPU: about two programs per SM, each ≥ 4 steps, at most 32 parts."""
+    if interpreting():
+        return min(2, blocks)
+    return max(1, min(blocks // 4, triton.cdiv(2 * num_sms(x), tiles), 32))
+
+
+def _partials(out: torch.Tensor, splits: int) -> torch.Tensor:
+    """Where a split reduction into ``out (E, F)`` writes: ``out`` itself for one part, else fp32
+    (fp64 for fp64) partials ``(splits, E, F)`` that :func:`_sum_partials` adds in a fixed order."""
+    if splits == 1:
+        return out
+    acc_dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
+    return torch.empty(splits, *out.shape, dtype=acc_dtype, device=out.device)
+
+
+def _sum_partials(out: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    if part is not out:
+        n = out.numel()
+        block = 256 if interpreting() else 1024
+        _sum_splits_kernel[(triton.cdiv(n, block),)](out, part, n, part.shape[0], BLOCK=block, num_warps=4)
+    return out
 
 
 def _grad_weight(grad_out, x, weight, keep_arg, rows, dims, flags, cfg, geo) -> torch.Tensor:
@@ -668,20 +772,53 @@ def _grad_weight(grad_out, x, weight, keep_arg, rows, dims, flags, cfg, geo) -> 
     E, F = weight.shape
     tiles = triton.cdiv(E, cfg["BLOCK_M"]) * triton.cdiv(F, cfg["BLOCK_N"])
     row_blocks = max(1, triton.cdiv(rows, cfg["BLOCK_K"]))
-    if interpreting():
-        splits = min(2, row_blocks)
-    else:
-        splits = max(1, min(row_blocks // 4, triton.cdiv(2 * num_sms(x), tiles), 32))
+    splits = _splits(row_blocks, tiles, x)
     rows_per_split = triton.cdiv(row_blocks, splits) * cfg["BLOCK_K"]
     splits = max(1, triton.cdiv(rows, rows_per_split))
-    acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     out = torch.empty(E, F, dtype=weight.dtype, device=x.device)
-    part = out if splits == 1 else torch.empty(splits, E, F, dtype=acc_dtype, device=x.device)
+    part = _partials(out, splits)
     _patch_embed_grad_w_kernel[(tiles, splits)](
         part, grad_out, x, keep_arg, rows, rows_per_split, *dims,
         VEC=vector_width(geo["PW"], cfg["BLOCK_N"]), **flags, **cfg,
     )
-    if splits > 1:
-        block = 256 if interpreting() else 1024
-        _sum_splits_kernel[(triton.cdiv(E * F, block),)](out, part, E * F, splits, BLOCK=block, num_warps=4)
-    return out
+    return _sum_partials(out, part)
+
+
+def _grad_weight_tma_plan(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | None,
+                          geo: dict, config: dict | None) -> dict | None:
+    """Tiles of :func:`_patch_embed_grad_w_tma_kernel`, or None where it does not apply: where the
+    forward's TMA kernel does (:func:`_tma_plan`), with ``grad_out (B, L, E)`` (contiguous, as the
+    backward makes it) in x's dtype, 16-byte aligned and with rows of a multiple of 16 bytes
+    (``E % 8 == 0``: a TMA descriptor's strides)."""
+    if grad_out.dtype != x.dtype or grad_out.data_ptr() % 16 or (weight.shape[0] * grad_out.element_size()) % 16:
+        return None
+    return _tma_plan(x, weight, keep, geo, config, kernel="grad_weight")
+
+
+def _grad_weight_tma(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, geo: dict,
+                     plan: dict) -> torch.Tensor:
+    """Launch :func:`_patch_embed_grad_w_tma_kernel` with ``plan``'s tiles: ``(E, F)`` in weight's dtype."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    B, (E, F) = x.shape[0], weight.shape
+    PD, PH, PW, H, W = geo["PD"], geo["PH"], geo["PW"], geo["H"], geo["W"]
+    GD, GH, GW = geo["GD"], geo["GH"], geo["GW"]
+    BD, BH, BJ, BX, BE = plan["BD"], plan["BH"], plan["BJ"], plan["BX"], plan["BLOCK_N"]
+    NW = BX // PW
+    x_desc = TensorDescriptor(x, [B * geo["C"] * GD, PD, GH, PH, W], [PD * H * W, H * W, PH * W, W, 1],
+                              [BD, 1, BH, BJ, BX])
+    go_desc = TensorDescriptor(grad_out, [B * GD, GH, GW, E], [GH * GW * E, GW * E, E, 1], [BD, BH, NW, BE])
+    patch_tiles = B * (GD // BD) * (GH // BH) * (GW // NW)
+    tiles = triton.cdiv(E, BE) * (F // (BJ * PW))
+    splits = _splits(patch_tiles, tiles, x)
+    per_split = triton.cdiv(patch_tiles, splits)
+    splits = triton.cdiv(patch_tiles, per_split)
+    out = torch.empty(E, F, dtype=weight.dtype, device=x.device)
+    part = _partials(out, splits)
+    dot, precision = _dot_mode(weight.dtype)
+    _patch_embed_grad_w_tma_kernel[(tiles, splits)](
+        part, x_desc, go_desc, E, F, geo["C"], GD, GH, GW, patch_tiles, per_split,
+        PD=PD, PH=PH, PW=PW, BD=BD, BH=BH, BJ=BJ, BX=BX, DOT=dot, PRECISION=precision, BLOCK_E=BE,
+        num_warps=plan["num_warps"], num_stages=plan["num_stages"],
+    )
+    return _sum_partials(out, part)

@@ -417,6 +417,8 @@ TMA_CASES = {
     "3d_c2_p4": PatchCase(1, 2, (16, 32, 32), 4, 24),
     "2d_c3_p8": PatchCase(2, 3, (64, 64), 8, 40),
     "3d_c1_p16": PatchCase(1, 1, (64, 64, 64), 16, 16),
+    # 6 patch rows: tiles of 2, three of them (grad_weight's two splits take 2 and 1)
+    "2d_c1_p8_three_tiles": PatchCase(1, 1, (48, 64), 8, 32),
 }
 
 
@@ -456,6 +458,37 @@ def test_tma_forward_of_every_patch_is_no_worse_than_plain_torch(triton_backend,
         assert torch.equal(out, gather)
 
 
+def tma_grad_weight(kernels, inputs: dict, patch: int, grad_out: torch.Tensor, config: dict | None = None):
+    """grad_weight through the TMA kernel (asserting that it takes the input) and, for comparison,
+    what plain PyTorch gives in the same dtype and in fp32."""
+    x, w = inputs["x"], inputs["weight"]
+    plan = kernels.patch_embed._grad_weight_tma_plan(grad_out, x, w, None, kernels.patch_embed.patch_geometry(x, patch),
+                                                     config)
+    assert plan is not None, "the TMA grad_weight kernel no longer takes this input"
+    ours = kernels.patch_embed_backward(grad_out, x, w, None, patch, False, True, config=config)[1]
+    plain = reference_kernels.patch_embed_backward(grad_out, x, w, None, patch, False, True)[1]
+    fp32 = reference_kernels.patch_embed_backward(grad_out.float(), x.float(), w.float(), None, patch, False, True)[1]
+    return ours, plain, fp32, plan
+
+
+@pytest.mark.parametrize("half", HALF_DTYPES)
+@pytest.mark.parametrize("case", TMA_CASES)
+@ONLY_TRITON
+def test_tma_grad_weight_of_every_patch_is_no_worse_than_plain_torch(triton_backend, device, case, half):
+    """grad_weight = grad_outᵀ · patches with both operands loaded as TMA boxes, split over the patch
+    tiles (two splits in the interpreter): no worse than plain PyTorch in that dtype."""
+    kernels = triton_kernels(device)
+    c = TMA_CASES[case]
+    inputs = as_dtype(make_inputs(c, "plain", torch.float32, device), half)
+    grad_out = torch.randn(c.batch, c.tokens, c.embed, device=device).to(half)
+    ours, plain, fp32, _ = tma_grad_weight(kernels, inputs, c.patch, grad_out)
+    assert ours.shape == (c.embed, c.features) and ours.dtype == half
+    assert_no_worse_than_torch(ours, plain, fp32, what=f"triton TMA grad_weight {case}")
+    gather = kernels.patch_embed_backward(grad_out, inputs["x"], inputs["weight"], None, c.patch, False, True,
+                                          config={"TMA": False})[1]
+    assert_no_worse_than_torch(gather, plain, fp32, what=f"triton gather grad_weight {case}")
+
+
 @pytest.mark.parametrize("case, config, spans", [
     (PatchCase(1, 2, (32, 16, 32), 4, 24), {"TMA": True, "BLOCK_M": 64, "BLOCK_N": 16, "num_warps": 4}, "depth planes"),
     (PatchCase(1, 1, (64, 128), 8, 16), None, "column boxes"),
@@ -474,6 +507,11 @@ def test_tma_tiles_spanning_depth_planes_and_boxes_along_a_row(triton_backend, d
     assert_no_worse_than_torch(out, patch_embed_reference(*args),
                                patch_embed_reference(*as_dtype(dict(zip("xwbp", args[:4])), torch.float32).values(),
                                                      None, case.patch), what=spans)
+    # grad_weight: the same boxes, and grad_out's rows of each loaded as one (BD, BH, NW, E) box
+    grad_out = torch.randn(case.batch, case.tokens, case.embed, device=device).to(torch.bfloat16)
+    ours, plain, fp32, grad_plan = tma_grad_weight(kernels, inputs, case.patch, grad_out, config)
+    assert {k: grad_plan[k] for k in ("BD", "BH", "BX")} == {k: plan[k] for k in ("BD", "BH", "BX")}
+    assert_no_worse_than_torch(ours, plain, fp32, what=f"grad_weight, {spans}")
 
 
 @ONLY_TRITON
@@ -564,6 +602,38 @@ def test_inputs_the_tma_kernel_does_not_take_go_to_the_gather_kernel(triton_back
                  what=what)
     with pytest.raises(ValueError, match="config asks for the TMA kernel, which does not apply"):
         kernels.patch_embed_forward(*args, config={"TMA": True})
+    # grad_weight alike
+    grad_out = torch.randn(*out.shape, device=device).to(w.dtype)
+    assert kernels.patch_embed._grad_weight_tma_plan(grad_out, x, w, inputs["keep"],
+                                                     kernels.patch_embed.patch_geometry(x, patch), None) is None
+    _, gw = kernels.patch_embed_backward(grad_out, x, w, inputs["keep"], patch, False, True)
+    _, want = reference_kernels.patch_embed_backward(grad_out.double(), x.double(), w.double(), inputs["keep"], patch,
+                                                     False, True)
+    assert_close(gw, want, dtype=torch.bfloat16 if w.dtype == torch.bfloat16 else None, what=f"grad_weight, {what}")
+    with pytest.raises(ValueError, match="config asks for the TMA kernel, which does not apply to grad_weight"):
+        kernels.patch_embed_backward(grad_out, x, w, inputs["keep"], patch, False, True, config={"TMA": True})
+
+
+@pytest.mark.parametrize("what", ["rows_not_16_bytes", "misaligned"])
+@ONLY_TRITON
+def test_a_grad_out_the_tma_grad_weight_kernel_does_not_take_goes_to_the_gather_kernel(triton_backend, device, what):
+    """grad_out's rows are a TMA box's innermost dimension: with E·2 bytes no multiple of 16, or grad_out
+    not 16-byte aligned, grad_weight gathers (the forward's TMA kernel still takes the input)."""
+    kernels = triton_kernels(device)
+    c = TMA_CASES["3d_c2_p4"]
+    c = PatchCase(c.batch, c.channels, c.spatial, c.patch, 20 if what == "rows_not_16_bytes" else c.embed)
+    inputs = as_dtype(make_inputs(c, "plain", torch.float32, device), torch.bfloat16)
+    x, w = inputs["x"], inputs["weight"]
+    geo = kernels.patch_embed.patch_geometry(x, c.patch)
+    grad_out = torch.randn(c.batch, c.tokens, c.embed, device=device).to(torch.bfloat16)
+    if what == "misaligned":
+        grad_out = _misaligned(grad_out)
+    assert kernels.patch_embed._tma_plan(x, w, None, geo, None) is not None
+    assert kernels.patch_embed._grad_weight_tma_plan(grad_out, x, w, None, geo, None) is None
+    _, gw = kernels.patch_embed_backward(grad_out, x, w, None, c.patch, False, True)
+    plain = reference_kernels.patch_embed_backward(grad_out, x, w, None, c.patch, False, True)[1]
+    fp32 = reference_kernels.patch_embed_backward(grad_out.float(), x.float(), w.float(), None, c.patch, False, True)[1]
+    assert_no_worse_than_torch(gw, plain, fp32, what=what)
 
 
 def test_tile_sweep_tool_dry_runs_and_checks_every_configuration(tmp_path):
@@ -578,12 +648,19 @@ def test_tile_sweep_tool_dry_runs_and_checks_every_configuration(tmp_path):
     assert tool.main(["--device", "cpu", "--size", "tiny", "--json", str(tmp_path / "sweep.json")]) == 0
     records = json.loads((tmp_path / "sweep.json").read_text())["records"]
     triton_runs = [r for r in records if r["impl"] == "triton"]
-    # the gather configurations for every patch and the kept half, the TMA ones for every patch
-    assert len(triton_runs) == 2 * len(tool.TINY_CONFIGS) + len(tool.TINY_TMA_CONFIGS)
-    assert [r["config"] for r in triton_runs if r["config"].get("TMA")] == tool.TINY_TMA_CONFIGS
-    assert all(r["case"] == "all" and r["plan"]["BD"] * r["plan"]["BH"] * r["plan"]["BX"] // 4 == r["config"]["BLOCK_M"]
+    # forward: the gather configurations for every patch and the kept half, the TMA ones for every
+    # patch; grad_weight of every patch: its TMA configurations and the gather kernel
+    assert len(triton_runs) == 2 * len(tool.TINY_CONFIGS) + len(tool.TINY_TMA_CONFIGS) + len(tool.TINY_GRAD_CONFIGS)
+    by_case = {case: [r["config"] for r in triton_runs if r["case"] == case and r["config"].get("TMA")]
+               for case in ("all", "keep50", "grad_weight")}
+    assert by_case == {"all": tool.TINY_TMA_CONFIGS, "keep50": [],
+                       "grad_weight": [c for c in tool.TINY_GRAD_CONFIGS if c["TMA"]]}
+    assert [r["config"] for r in triton_runs if r["case"] == "grad_weight"][-1] == {"TMA": False}
+    assert all(r["plan"]["BD"] * r["plan"]["BH"] * r["plan"]["BX"] // 4 == r["config"]["BLOCK_M"]
                for r in triton_runs if r["config"].get("TMA"))  # the tiles the kernel ran (patch 4)
-    assert all(r["max_rel_err"] < 1e-4 and r["median_ms"] > 0 for r in triton_runs)
+    # forward: F.linear rounds to bf16 as the kernels do; grad_weight: against the fp32 sum, one bf16 rounding
+    assert all(r["max_rel_err"] < (8e-3 if r["case"] == "grad_weight" else 1e-4) and r["median_ms"] > 0
+               for r in triton_runs)
 
 
 def test_empty_batch_gives_zero_gradients_to_weight_and_positions(backend, device):

@@ -42,8 +42,8 @@
 #   test16 the float16 GPU cases of the op tests: they decide GPU_VALIDATED_FP16 (bf16 is what training
 #          runs on an H100/H200, so its cases come first; fp16, the choice of amp="auto" on older GPUs,
 #          gets the time the timed stages leave)                   -> stage1_test_fp16.log, junit_ops_fp16.xml
-#   sweep  tools/patch_embed_sweep.py: the Triton patch-embedding forward under a few tile
-#          configurations, large size, bf16                          -> patch_embed_sweep.json
+#   sweep  tools/patch_embed_sweep.py: the Triton patch-embedding forward and grad_weight under a
+#          few tile configurations each, large size, bf16            -> patch_embed_sweep.json
 #   paper  tools/bench.py --device cuda --size paper --quick          -> bench_paper.json
 #   sanitize  tools/cuda_kernel_check.py under compute-sanitizer memcheck, racecheck and synccheck
 #          (~1 minute each)                                          -> stage4_sanitize_<tool>.log

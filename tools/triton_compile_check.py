@@ -164,9 +164,14 @@ def cases(k, dtype: torch.dtype, size: str, sweep: ModuleType | None = None) -> 
                                                                 True, True)),
     ]
     if sweep:  # the tile configurations tools/patch_embed_sweep.py times on a GPU (no bias/pos there)
-        for config in sweep.TMA_CONFIGS:  # every patch only
+        sixteen_bit = dtype in (torch.bfloat16, torch.float16)  # the TMA kernels take only those
+        for config in sweep.TMA_CONFIGS if sixteen_bit else []:  # every patch only
             cases.append((f"patch_embed fwd sweep {sweep.label(config)}",
                           lambda c=config: k.patch_embed_forward(x, weight, bias, None, None, p, config=c)))
+        for config in sweep.GRAD_CONFIGS if sixteen_bit else [{"TMA": False}]:  # grad_weight of every patch
+            cases.append((f"patch_embed grad_weight sweep {sweep.label(config)}",
+                          lambda c=config: k.patch_embed_backward(meta(B, L, E, dtype=dtype), x, weight, None, p,
+                                                                  False, True, config=c)))
         for config in sweep.CONFIGS:
             name = sweep.label(config)
             cases += [(f"patch_embed fwd sweep {name}", lambda c=config: k.patch_embed_forward(x, weight, bias, None,
