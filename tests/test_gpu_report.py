@@ -77,6 +77,29 @@ def _e2e(*, finished: bool = True) -> dict:
             "steps": 20, "ours": ours, "reference": ref}
 
 
+def _sweep() -> dict:
+    """tools/patch_embed_sweep.py's JSON: each kernel's fixed configuration first, one that failed."""
+    def tma(m, n, w, st):
+        return {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": st, "TMA": True}
+
+    gather = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+    records = [
+        {"case": "all", "impl": "eager reshape + F.linear (all patches)", "median_ms": 0.2, "tflops": 129.0},
+        {"case": "all", "impl": "triton", "config": tma(128, 128, 8, 3), "median_ms": 0.08, "tflops": 322.1},
+        {"case": "all", "impl": "triton", "config": tma(128, 128, 8, 4), "median_ms": 0.064, "tflops": 402.7},
+        {"case": "all", "impl": "triton", "config": tma(128, 256, 8, 3), "error": "OutOfResources: shared memory"},
+        {"case": "all", "impl": "triton", "config": gather, "median_ms": 0.12, "tflops": 214.7},
+        {"case": "grad_weight", "impl": "eager reshape + grad_outᵀ · patches (bf16 matmul)", "median_ms": 0.1,
+         "tflops": 257.7},
+        {"case": "grad_weight", "impl": "triton", "config": tma(128, 128, 4, 3), "median_ms": 0.05, "tflops": 515.4},
+        {"case": "grad_weight", "impl": "triton", "config": {"TMA": False}, "median_ms": 0.125, "tflops": 206.2},
+        {"case": "keep50", "impl": "eager reshape + F.linear (all patches)", "median_ms": 0.2, "tflops": 129.0},
+        {"case": "keep50", "impl": "triton", "config": gather, "median_ms": 0.07, "tflops": 184.1},
+    ]
+    return {"device": "cuda", "shape": {"B": 32, "C": 4, "S": 64, "patch": 8, "E": 384}, "dtype": "torch.bfloat16",
+            "records": records}
+
+
 def make_outdir(tmp_path: Path, commit: str = SHA) -> Path:
     """What tools/gpu_check.sh leaves: gpu_check.tar.gz (every file, "./name" as its tar writes them)
     and copies of the key files beside it; the e2e.json beside it is newer than the bundled one."""
@@ -90,6 +113,7 @@ def make_outdir(tmp_path: Path, commit: str = SHA) -> Path:
             "timer": "triton.testing.do_bench", "command": "python3 tools/bench.py --device cuda --size large"}
     (work / "bench_large.json").write_text(json.dumps({"meta": meta, "records": _bench_records()}))
     (work / "e2e.json").write_text(json.dumps(_e2e(finished=False)))
+    (work / "patch_embed_sweep.json").write_text(json.dumps(_sweep()))
     (work / "stage3_e2e.log").write_text("== e2e (timeout 240s): env python3 tools/e2e_step.py --json e2e.json "
                                          "--modes eager,graph,graph-mlp1024,train-graph --budget-s 220\n")
     write_junit(work / "junit_ops.xml", [
@@ -145,6 +169,18 @@ def test_report_gives_each_measured_figure_and_says_what_was_not_measured(tmp_pa
     assert "- ours `train-graph`: timed out after 75 s; last output: Capturing graph" in text
     assert "- ours `graph-mlp1024`: did not run (step e2e: TIMEOUT after 240s (250 s))" in text
     assert "- reference `compile bf16`: did not finish (timed out)" in text
+    # the tile sweep: each kernel's fixed choice (listed first) and the fastest, ratios to the eager anchor
+    assert "Case `all`: forward, every patch." in text
+    assert "| `tma-128x128x8x3` | 0.080 | 322.1 | 2.50× | the fixed choice (TMA) |" in text
+    assert "| `tma-128x128x8x4` | 0.064 | 402.7 | 3.12× | fastest |" in text
+    assert "| `128x128x64x8x3` | 0.120 | 214.7 | 1.67× | the fixed choice (gather) |" in text
+    assert ("- `tma-128x128x8x4` is 1.25× as fast as the fixed choice `tma-128x128x8x3` (0.064 against "
+            "0.080 ms).") in text
+    assert "- did not run: `tma-128x256x8x3`: OutOfResources: shared memory" in text
+    assert "| `tma-128x128x4x3` | 0.050 | 515.4 | 2.00× | the fixed choice (TMA), fastest |" in text
+    assert "| `gather` | 0.125 | 206.2 | 0.80× | the fixed choice (gather) |" in text
+    assert "| `128x128x64x8x3` | 0.070 | 184.1 | 2.86× | the fixed choice (gather), fastest |" in text
+    assert text.index("Case `all`") < text.index("Case `grad_weight`") < text.index("Case `keep50`")
     # the verdicts are gpu_targets.py's
     assert "| `masked_mse` fp32 fwd+bwd: speed-up over eager | 4.50× (ext 0.1 ms) | ≥ 4× eager | met |" in text
     assert "not measured: the reference's compile bf16 did not finish (timed out)" in text

@@ -9,7 +9,8 @@ OUTDIR is what ``tools/gpu_check.sh OUTDIR`` left (``gpu_check.tar.gz`` and copi
 beside it, the last written: they win) or a folder holding the unpacked bundle. The report gives
 the card, driver, torch / triton versions, date, commit and command (``env.txt``, ``summary.tsv``),
 each step's status and seconds, the kernel tables of ``bench_large.json`` and ``bench_paper.json``,
-the end-to-end table of ``e2e.json``, issue 6's verdicts (``tools/gpu_targets.py``) and the
+the end-to-end table of ``e2e.json``, the patch-embedding tile sweep
+(``patch_embed_sweep.json``), issue 6's verdicts (``tools/gpu_targets.py``) and the
 validated pairs and CUDA order (``tools/gpu_validated.py``). What the run did not measure (a file
 missing, a step that timed out) is said so, with the reason; it never gets a number.
 
@@ -345,6 +346,72 @@ def e2e_section(run: Run) -> list[str]:
     return lines
 
 
+#: the sweep's cases (tools/patch_embed_sweep.py) → what each times
+SWEEP_CASES = {"all": "forward, every patch", "grad_weight": "grad_weight, every patch",
+               "keep50": "forward, a random half of the patches (`keep`)"}
+
+
+def sweep_section(run: Run) -> list[str]:
+    """``patch_embed_sweep.json`` as one table per case: the eager anchor and each tile configuration
+    (ms, TFLOP/s, the anchor's ms over its ms), the library's fixed choices marked — the sweep lists
+    each kernel's fixed configuration first — and the fastest, for the choice step 4 of the plan leaves
+    to the run (``_tma_plan``'s and ``_forward_config``'s defaults, or the TMA kernels' use at all)."""
+    from patch_embed_sweep import label
+
+    lines = ["*Patch-embedding tiles* (`patch_embed_sweep.json`, `tools/patch_embed_sweep.py`):", ""]
+    path = run.dir / "patch_embed_sweep.json"
+    if not path.exists():
+        return [*lines, f"Not measured: {run.why_missing('patch_embed_sweep.json')}."]
+    data = json.loads(path.read_text(encoding="utf-8"))
+    lines += [f"{data.get('device', 'device not named')}, shape {data.get('shape')}, {data.get('dtype')}.", ""]
+    records = data.get("records") or []
+    for case in [*SWEEP_CASES, *sorted({r.get("case") for r in records} - set(SWEEP_CASES) - {None})]:
+        recs = [r for r in records if r.get("case") == case]
+        if not recs:
+            continue
+        anchor = next((r for r in recs if "config" not in r and r.get("median_ms")), None)
+        rows, failed, seen_kind = [], [], set()
+        timed = [r for r in recs if "config" in r and r.get("median_ms")]
+        fastest = min(timed, key=lambda r: r["median_ms"], default=None)
+        fixed = []
+        for r in recs:
+            if "config" not in r:
+                rows.append([_cell(r.get("impl")), _num(r.get("median_ms"), ".3f"), _num(r.get("tflops"), ".1f"),
+                             "1.00×" if r.get("median_ms") else "—", "anchor"])
+                continue
+            kind = "TMA" if r["config"].get("TMA") else "gather"
+            notes = []
+            if kind not in seen_kind:
+                seen_kind.add(kind)
+                notes.append(f"the fixed choice ({kind})")
+                fixed.append(r)
+            if r is fastest:
+                notes.append("fastest")
+            if r.get("median_ms"):
+                speedup = anchor["median_ms"] / r["median_ms"] if anchor else None
+                rows.append([f"`{label(r['config'])}`", _num(r["median_ms"], ".3f"), _num(r.get("tflops"), ".1f"),
+                             _num(speedup, ".2f", "×"), ", ".join(notes)])
+            else:
+                failed.append(f"`{label(r['config'])}`: {_cell(r.get('error', 'no result'), 200)}")
+                rows.append([f"`{label(r['config'])}`", "error", "—", "—", ", ".join(notes)])
+        lines += [f"Case `{case}`: {SWEEP_CASES.get(case, case)}.", "",
+                  *gpu_targets.table(["implementation", "ms", "TFLOP/s", "× anchor", "note"], rows), ""]
+        if fastest is not None:
+            for r in fixed:
+                if r.get("median_ms") and r is not fastest:
+                    lines.append(f"- `{label(fastest['config'])}` is {r['median_ms'] / fastest['median_ms']:.2f}× as "
+                                 f"fast as the fixed choice `{label(r['config'])}` ({fastest['median_ms']:.3f} against "
+                                 f"{r['median_ms']:.3f} ms).")
+        lines += [f"- did not run: {f}" for f in failed]
+        if lines[-1]:
+            lines.append("")
+    if note := run.unfinished("sweep"):
+        lines.append(note)
+    while not lines[-1]:
+        lines.pop()
+    return lines
+
+
 def targets_section(run: Run) -> list[str]:
     verdicts = [*gpu_targets.bench_verdicts(run.dir / "bench_large.json"),
                 gpu_targets.e2e_verdict(run.dir / "e2e.json")]
@@ -410,7 +477,8 @@ def files_section(run: Run) -> list[str]:
 
 def report(run: Run, archive: str | None = None) -> str:
     sections = [header(run, archive), stage_section(run), bench_section(run, "bench_large.json", "bench-large"),
-                bench_section(run, "bench_paper.json", "bench-paper"), e2e_section(run), targets_section(run),
+                bench_section(run, "bench_paper.json", "bench-paper"), e2e_section(run), sweep_section(run),
+                targets_section(run),
                 validation_section(run), files_section(run)]
     return "\n\n".join("\n".join(s) for s in sections if s).rstrip() + "\n"
 
