@@ -345,7 +345,7 @@ def _patch_embed_grad_w_kernel(
 
 @triton.jit
 def _patch_embed_grad_w_tma_kernel(
-    gw_ptr, x_desc, go_desc, E, F, C, GD, GH, GW, n_tiles, tiles_per_split,
+    gw_ptr, x_desc, go_desc, E, F, C, GD, GH, GW, patch_tiles, tiles_per_split,
     PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     BD: tl.constexpr, BH: tl.constexpr, BJ: tl.constexpr, BX: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -375,7 +375,7 @@ def _patch_embed_grad_w_tma_kernel(
     c = ci // PD
     i = ci % PD
     first = split * tiles_per_split
-    last = tl.minimum(first + tiles_per_split, n_tiles)
+    last = tl.minimum(first + tiles_per_split, patch_tiles)
     acc = tl.zeros([BK, BLOCK_E], dtype=tl.float32)
     for t in range(loop_bound(first), loop_bound(last)):
         b, gd0, gh0, gw0 = box_tile(t, GD, GH, GW, BD, BH, NW)
@@ -543,9 +543,10 @@ def _tma_plan(x: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | None, 
     ``BK = BJ·PW`` is 16 to 64 features and a tile holds ≥ 64 patches (16 in the interpreter).
     ``config``: None → this kernel wherever it applies; a dict → only with ``"TMA": True``, its
     ``BLOCK_M`` (the tile's patches to aim for), ``BLOCK_N``, ``num_warps``, ``num_stages``
-    overriding the fixed choice. (The gradient's tile, ``BK × BLOCK_E``, takes 4 warps: one warp
-    group's 64 rows of ``wgmma`` for ``BK`` = 64 features; it fills the GPU by splitting the patches,
-    so it keeps 128-patch tiles where the forward takes 64.)"""
+    overriding the fixed choice. (The gradient's tile, ``BK × BLOCK_E``, takes 4 warps by default — at
+    ``BK`` = 64 features, one warp group's 64 rows of ``wgmma``; a narrower ``BK``, e.g. 16 for
+    patch 4, compiles to ``mma`` — and fills the GPU by splitting the patches, so it keeps 128-patch
+    tiles where the forward takes 64.)"""
     if config is not None and not config.get("TMA"):
         return None
     config = config or {}
@@ -700,14 +701,18 @@ def patch_embed_backward(
     grad_weight of every patch of a 16-bit 2-D/3-D input on an sm_90+ GPU loads both operands with
     the TMA (:func:`_patch_embed_grad_w_tma_kernel`, where :func:`_grad_weight_tma_plan` says it
     applies), the rest gathers the patches (:func:`_patch_embed_grad_w_kernel`). ``config``: None →
-    that choice; ``{"TMA": False}`` → the gather kernel; ``{"TMA": True, ...}`` → the TMA kernel with
-    :func:`_tma_plan`'s overrides (``BLOCK_N`` is the tile's embedding dims), a ValueError where it
-    does not apply (``tools/patch_embed_sweep.py`` times both on a GPU).
+    that choice; ``{"TMA": True, ...}`` → the TMA kernel with :func:`_tma_plan`'s overrides
+    (``BLOCK_N`` is the tile's embedding dims), a ValueError where it does not apply; any other dict
+    (``{"TMA": False}``) → the gather kernel at its fixed tiles (unlike the forward's, the gather
+    backward takes no tile overrides). ``tools/patch_embed_sweep.py`` times both on a GPU.
     """
     geo = patch_geometry(x, patch)
     E, F = weight.shape
     B = x.shape[0]
-    N = grad_out.shape[1]
+    N = keep.shape[1] if keep is not None else geo["L"]
+    if tuple(grad_out.shape) != (B, N, E):
+        raise ValueError(f"patch_embed_backward: grad_out must be (B, N, E) = ({B}, {N}, {E}), got shape "
+                         f"{tuple(grad_out.shape)}")
     check_sizes("patch_embed_backward", E=E, N=N)
     rows = B * N
     grad_x, grad_weight = x.new_empty(0), weight.new_empty(0)
@@ -718,7 +723,7 @@ def patch_embed_backward(
     dims = (N, geo["L"], E, F, geo["sample"], geo["D"], geo["H"], geo["W"], geo["GH"], geo["GW"])
     flags = dict(PD=geo["PD"], PH=geo["PH"], PW=geo["PW"], HAS_KEEP=keep is not None, DOT=dot, PRECISION=precision)
     plan = _grad_weight_tma_plan(grad_out, x, weight, keep, geo, config) if need_weight and rows > 0 else None
-    if need_weight and plan is None and config is not None and config.get("TMA"):
+    if need_weight and rows > 0 and plan is None and config is not None and config.get("TMA"):
         raise ValueError(f"config asks for the TMA kernel, which does not apply to grad_weight of x {tuple(x.shape)} "
                          f"{x.dtype}, weight {tuple(weight.shape)} {weight.dtype}, patch {patch}"
                          f"{', keep' if keep is not None else ''} on {x.device} "

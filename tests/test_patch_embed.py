@@ -417,8 +417,16 @@ TMA_CASES = {
     "3d_c2_p4": PatchCase(1, 2, (16, 32, 32), 4, 24),
     "2d_c3_p8": PatchCase(2, 3, (64, 64), 8, 40),
     "3d_c1_p16": PatchCase(1, 1, (64, 64, 64), 16, 16),
-    # 6 patch rows: tiles of 2, three of them (grad_weight's two splits take 2 and 1)
-    "2d_c1_p8_three_tiles": PatchCase(1, 1, (48, 64), 8, 32),
+    # two samples of two depth tiles each: where x's planes and grad_out's rows of sample 1 begin
+    "3d_b2_c2_p4": PatchCase(2, 2, (16, 32, 32), 4, 24),
+}
+# grad_weight's split over the patch tiles → (patch tiles, splits) in the interpreter (tiles of 16
+# patches) and on a GPU (tiles of 64+; None: no TMA plan there): one tile (one split, the result written
+# directly), three (two splits of 2 and 1), and 8 tiles of 128 patches on a GPU (64 of 16 here), two splits
+GRAD_SPLIT_CASES = {
+    "one_tile": (PatchCase(1, 1, (16, 64), 8, 16), (1, 1), None),
+    "three_tiles": (PatchCase(1, 1, (48, 64), 8, 32), (3, 2), None),
+    "gpu_eight_tiles": (PatchCase(4, 2, (16, 32, 32), 4, 24), (64, 2), (8, 2)),
 }
 
 
@@ -487,6 +495,50 @@ def test_tma_grad_weight_of_every_patch_is_no_worse_than_plain_torch(triton_back
     gather = kernels.patch_embed_backward(grad_out, inputs["x"], inputs["weight"], None, c.patch, False, True,
                                           config={"TMA": False})[1]
     assert_no_worse_than_torch(gather, plain, fp32, what=f"triton gather grad_weight {case}")
+
+
+@pytest.mark.parametrize("case", GRAD_SPLIT_CASES)
+@ONLY_TRITON
+def test_tma_grad_weight_split_over_patch_tiles(triton_backend, device, case):
+    """The fixed-order sum of the splits' partials, a split with fewer tiles than the others, and one
+    split written straight into the result."""
+    kernels = triton_kernels(device)
+    pe = kernels.patch_embed
+    c, interpreted, on_gpu = GRAD_SPLIT_CASES[case]
+    want = on_gpu if device.type == "cuda" else interpreted
+    if want is None:
+        pytest.skip("tiles of 16 patches: the TMA kernel takes them in the interpreter only")
+    inputs = as_dtype(make_inputs(c, "plain", torch.float32, device), torch.bfloat16)
+    grad_out = torch.randn(c.batch, c.tokens, c.embed, device=device).to(torch.bfloat16)
+    ours, plain, fp32, plan = tma_grad_weight(kernels, inputs, c.patch, grad_out)
+    geo = pe.patch_geometry(inputs["x"], c.patch)
+    patch_tiles = c.batch * pe._tma_programs(geo, 1, 1, plan["BD"], plan["BH"], plan["BX"], 1)
+    tiles = -(-c.embed // plan["BLOCK_N"]) * (c.features // (plan["BJ"] * geo["PW"]))
+    splits = pe._splits(patch_tiles, tiles, inputs["x"])
+    assert (patch_tiles, splits) == want
+    assert_no_worse_than_torch(ours, plain, fp32, what=f"TMA grad_weight, {patch_tiles} tiles in {splits} splits")
+
+
+@ONLY_TRITON
+def test_a_grad_out_of_another_shape_is_refused(triton_backend, device):
+    """grad_out must be (B, N, E): a shorter one would be read past its end by the TMA kernel."""
+    kernels = triton_kernels(device)
+    c = TMA_CASES["2d_c3_p8"]
+    inputs = as_dtype(make_inputs(c, "plain", torch.float32, device), torch.bfloat16)
+    short = torch.zeros(c.batch, c.tokens // 2, c.embed, device=device, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=rf"grad_out must be \(B, N, E\) = \({c.batch}, {c.tokens}, {c.embed}\), got "
+                                         rf"shape \({c.batch}, {c.tokens // 2}, {c.embed}\)"):
+        kernels.patch_embed_backward(short, inputs["x"], inputs["weight"], None, c.patch, False, True)
+
+
+@ONLY_TRITON
+def test_an_empty_batch_with_a_tma_config_gives_empty_gradients(triton_backend, device):
+    kernels = triton_kernels(device)
+    x = torch.zeros(0, 3, 64, 64, device=device, dtype=torch.bfloat16)
+    w = torch.zeros(40, 192, device=device, dtype=torch.bfloat16)
+    go = torch.zeros(0, 64, 40, device=device, dtype=torch.bfloat16)
+    gx, gw = kernels.patch_embed_backward(go, x, w, None, 8, True, True, config={"TMA": True})
+    assert gx.shape == x.shape and torch.equal(gw, torch.zeros_like(w))
 
 
 @pytest.mark.parametrize("case, config, spans", [

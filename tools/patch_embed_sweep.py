@@ -68,7 +68,7 @@ TINY_TMA_CONFIGS = [dict(zip(TMA_KEYS, tiles), TMA=True) for tiles in [(16, 16, 
 #: patches a step reduces over, BLOCK_N: the tile's embedding dims; each tile is 64 features × BLOCK_N,
 #: split over the patches), then the gather kernel's fixed tiles; the first is the fixed choice. At the
 #: large size 3 × 32 tiles × 3 splits of 43 steps; 3 stages need 128 KiB of shared memory (one program
-#: per SM), 2 stages 96 KiB (two).
+#: per SM), 2 stages 80 KiB (two).
 GRAD_CONFIGS = [dict(zip(TMA_KEYS, tiles), TMA=True) for tiles in [
     (128, 128, 4, 3),
     (128, 128, 4, 2),
