@@ -497,6 +497,27 @@ def test_tma_grad_weight_of_every_patch_is_no_worse_than_plain_torch(triton_back
     assert_no_worse_than_torch(gather, plain, fp32, what=f"triton gather grad_weight {case}")
 
 
+@ONLY_TRITON
+def test_the_tma_shapes_take_the_tma_kernels_on_a_gpu_too(triton_backend, monkeypatch):
+    """The plans an sm_90 GPU with 132 SMs would make (meta tensors, no interpreter): every shape of
+    ``TMA_CASES`` and the GPU split case take both TMA kernels there, so their GPU runs test those
+    kernels instead of failing on a missing plan; the interpreter-only split cases do not."""
+    kernels = triton_kernels(torch.device("cpu"))
+    pe = kernels.patch_embed
+    monkeypatch.setattr(pe, "interpreting", lambda: False)
+    monkeypatch.setattr(pe, "tma_capable", lambda t: True)
+    monkeypatch.setattr(pe, "num_sms", lambda t: 132)
+    cases = {**TMA_CASES, **{name: c for name, (c, _, _) in GRAD_SPLIT_CASES.items()}}
+    for name, c in cases.items():
+        x = torch.empty(c.batch, c.channels, *c.spatial, dtype=torch.bfloat16, device="meta")
+        w = torch.empty(c.embed, c.features, dtype=torch.bfloat16, device="meta")
+        go = torch.empty(c.batch, c.tokens, c.embed, dtype=torch.bfloat16, device="meta")
+        geo = pe.patch_geometry(x, c.patch)
+        plans = pe._tma_plan(x, w, None, geo, None), pe._grad_weight_tma_plan(go, x, w, None, geo, None)
+        on_gpu = name in TMA_CASES or GRAD_SPLIT_CASES[name][2] is not None
+        assert all((plan is not None) == on_gpu for plan in plans), f"{name}: {plans}"
+
+
 @pytest.mark.parametrize("case", GRAD_SPLIT_CASES)
 @ONLY_TRITON
 def test_tma_grad_weight_split_over_patch_tiles(triton_backend, device, case):
