@@ -487,10 +487,24 @@ def _largest_pow2_divisor(n: int, at_most: int) -> int:
     return min(n & -n, 1 << (at_most.bit_length() - 1))
 
 
+def _patch_tiles(geo: dict, batch: int, BD: int, BH: int, BX: int) -> int:
+    """Patch tiles of the TMA kernels: per sample GD/BD × GH/BH × GW/(BX/PW)."""
+    return batch * (geo["GD"] // BD) * (geo["GH"] // BH) * (geo["GW"] // (BX // geo["PW"]))
+
+
 def _tma_programs(geo: dict, batch: int, E: int, BD: int, BH: int, BX: int, block_n: int) -> int:
-    """Programs of a TMA launch: patch tiles (per sample, GD/BD × GH/BH × GW/(BX/PW)) × embedding tiles."""
-    tiles = (geo["GD"] // BD) * (geo["GH"] // BH) * (geo["GW"] // (BX // geo["PW"]))
-    return batch * tiles * triton.cdiv(E, block_n)
+    """Programs of a forward TMA launch: patch tiles × embedding tiles."""
+    return _patch_tiles(geo, batch, BD, BH, BX) * triton.cdiv(E, block_n)
+
+
+def _x_descriptor(x: torch.Tensor, geo: dict, plan: dict):
+    """x ``(B, C, D, H, W)`` as the TMA kernels view it, ``(B·C·GD, PD, GH, PH, W)``, in boxes
+    ``(BD, 1, BH, BJ, BX)`` of ``plan``."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    PD, PH, H, W = geo["PD"], geo["PH"], geo["H"], geo["W"]
+    return TensorDescriptor(x, [x.shape[0] * geo["C"] * geo["GD"], PD, geo["GH"], PH, W],
+                            [PD * H * W, H * W, PH * W, W, 1], [plan["BD"], 1, plan["BH"], plan["BJ"], plan["BX"]])
 
 
 @functools.cache
@@ -606,19 +620,15 @@ def _forward_tma(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     B, E, F = x.shape[0], weight.shape[0], weight.shape[1]
-    PD, PH, H, W = geo["PD"], geo["PH"], geo["H"], geo["W"]
-    GD, GH, GW = geo["GD"], geo["GH"], geo["GW"]
     BD, BH, BJ, BX, BN = plan["BD"], plan["BH"], plan["BJ"], plan["BX"], plan["BLOCK_N"]
-    x_desc = TensorDescriptor(x, [B * geo["C"] * GD, PD, GH, PH, W], [PD * H * W, H * W, PH * W, W, 1],
-                              [BD, 1, BH, BJ, BX])
     w_desc = TensorDescriptor(weight, [E, F], [F, 1], [BN, BJ * geo["PW"]])
     dot, precision = _dot_mode(weight.dtype)
     grid = (_tma_programs(geo, B, E, BD, BH, BX, BN),)
     with device_guard(x):
         _patch_embed_fwd_tma_kernel[grid](
-            out, x_desc, w_desc, bias if bias is not None else out, pos if pos is not None else out,
-            E, geo["L"], geo["C"], GD, GH, GW,
-            PD=PD, PH=PH, PW=geo["PW"], BD=BD, BH=BH, BJ=BJ, BX=BX, HAS_BIAS=bias is not None,
+            out, _x_descriptor(x, geo, plan), w_desc, bias if bias is not None else out,
+            pos if pos is not None else out, E, geo["L"], geo["C"], geo["GD"], geo["GH"], geo["GW"],
+            PD=geo["PD"], PH=geo["PH"], PW=geo["PW"], BD=BD, BH=BH, BJ=BJ, BX=BX, HAS_BIAS=bias is not None,
             HAS_POS=pos is not None, DOT=dot, PRECISION=precision, BLOCK_N=BN,
             num_warps=plan["num_warps"], num_stages=plan["num_stages"],
         )
@@ -806,14 +816,10 @@ def _grad_weight_tma(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     B, (E, F) = x.shape[0], weight.shape
-    PD, PH, PW, H, W = geo["PD"], geo["PH"], geo["PW"], geo["H"], geo["W"]
-    GD, GH, GW = geo["GD"], geo["GH"], geo["GW"]
+    PW, GD, GH, GW = geo["PW"], geo["GD"], geo["GH"], geo["GW"]
     BD, BH, BJ, BX, BE = plan["BD"], plan["BH"], plan["BJ"], plan["BX"], plan["BLOCK_N"]
-    NW = BX // PW
-    x_desc = TensorDescriptor(x, [B * geo["C"] * GD, PD, GH, PH, W], [PD * H * W, H * W, PH * W, W, 1],
-                              [BD, 1, BH, BJ, BX])
-    go_desc = TensorDescriptor(grad_out, [B * GD, GH, GW, E], [GH * GW * E, GW * E, E, 1], [BD, BH, NW, BE])
-    patch_tiles = B * (GD // BD) * (GH // BH) * (GW // NW)
+    go_desc = TensorDescriptor(grad_out, [B * GD, GH, GW, E], [GH * GW * E, GW * E, E, 1], [BD, BH, BX // PW, BE])
+    patch_tiles = _patch_tiles(geo, B, BD, BH, BX)
     tiles = triton.cdiv(E, BE) * (F // (BJ * PW))
     splits = _splits(patch_tiles, tiles, x)
     per_split = triton.cdiv(patch_tiles, splits)
@@ -822,8 +828,8 @@ def _grad_weight_tma(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     part = _partials(out, splits)
     dot, precision = _dot_mode(weight.dtype)
     _patch_embed_grad_w_tma_kernel[(tiles, splits)](
-        part, x_desc, go_desc, E, F, geo["C"], GD, GH, GW, patch_tiles, per_split,
-        PD=PD, PH=PH, PW=PW, BD=BD, BH=BH, BJ=BJ, BX=BX, DOT=dot, PRECISION=precision, BLOCK_E=BE,
+        part, _x_descriptor(x, geo, plan), go_desc, E, F, geo["C"], GD, GH, GW, patch_tiles, per_split,
+        PD=geo["PD"], PH=geo["PH"], PW=PW, BD=BD, BH=BH, BJ=BJ, BX=BX, DOT=dot, PRECISION=precision, BLOCK_E=BE,
         num_warps=plan["num_warps"], num_stages=plan["num_stages"],
     )
     return _sum_partials(out, part)

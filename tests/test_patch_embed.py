@@ -533,7 +533,7 @@ def test_tma_grad_weight_split_over_patch_tiles(triton_backend, device, case):
     grad_out = torch.randn(c.batch, c.tokens, c.embed, device=device).to(torch.bfloat16)
     ours, plain, fp32, plan = tma_grad_weight(kernels, inputs, c.patch, grad_out)
     geo = pe.patch_geometry(inputs["x"], c.patch)
-    patch_tiles = c.batch * pe._tma_programs(geo, 1, 1, plan["BD"], plan["BH"], plan["BX"], 1)
+    patch_tiles = pe._patch_tiles(geo, c.batch, plan["BD"], plan["BH"], plan["BX"])
     tiles = -(-c.embed // plan["BLOCK_N"]) * (c.features // (plan["BJ"] * geo["PW"]))
     splits = pe._splits(patch_tiles, tiles, inputs["x"])
     assert (patch_tiles, splits) == want
