@@ -103,10 +103,12 @@ def _kernels_from_checkout() -> tuple[ModuleType | None, str | None]:
     return module, None
 
 
+@functools.cache  # module() runs on every op call: importlib's lookup alone costs microseconds
 def _ext_module() -> ModuleType:
     return importlib.import_module("pyimputmae._ext_backend")
 
 
+@functools.cache
 def _reference_module() -> ModuleType:
     return importlib.import_module("pyimputmae.reference.backend")
 

@@ -508,3 +508,105 @@ def test_one_ratio_for_all_segments_may_be_a_numpy_scalar():
     got = random_masking(tokens, [4, 6], np.float32(0.5), present, rng)
     for a, b in zip(got, random_masking(tokens, [4, 6], 0.5, present, rng)):
         assert torch.equal(a, b)
+
+
+class _CountedLaunches:
+    """Stands in for a ``@triton.jit`` function: counts its launches (``kernel[grid](...)``)."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def triton_masking(device, monkeypatch):
+    """The Triton masking module, its inverse-index kernel counting launches."""
+    from op_testing import backend_skip_reason
+
+    reason = backend_skip_reason("triton", device, FAMILIES)
+    if reason:
+        pytest.skip(reason)
+    import sys
+
+    _backends.module("triton")
+    module = sys.modules["pyimputmae.kernels.masking"]
+    counted = _CountedLaunches(module._inverse_index_kernel)
+    monkeypatch.setattr(module, "_inverse_index_kernel", counted)
+    return counted
+
+
+def _masking_step(tokens, mask_token, backend, *, edit=None):
+    """random_masking → unshuffle_fill → backward of a weighted sum → (output, the gradients of the
+    tokens, or of the visible tokens when ``edit(ids_keep, mask)`` changes the pair in place between
+    the masking and the fill (autograd refuses the masking's backward then), and of mask_token)."""
+    lay = LAYOUTS["four_modalities"]
+    present = make_present("four_modalities", tokens.device)
+    t, m = tokens.clone().requires_grad_(edit is None), mask_token.clone().requires_grad_(True)
+    visible, ids_keep, mask = random_masking(t, lay.lengths, lay.ratios, present, make_rng("small", tokens.device),
+                                             backend=backend)
+    if edit is not None:
+        edit(ids_keep, mask)
+        visible.requires_grad_(True)
+    out = unshuffle_fill(visible, ids_keep, mask, m, backend=backend)
+    weights = torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)
+    (out * weights).sum().backward()
+    return out.detach(), (t if edit is None else visible).grad, m.grad
+
+
+def test_triton_fill_of_random_masking_output_takes_the_inverse_select_keep_wrote(device, triton_masking):
+    """Forward fill and the gather's backward (a fill) read select_keep's inverse map: no inverse-index
+    launch, and the same output and gradients as the reference backend."""
+    tokens, mask_token = make_tokens("four_modalities", torch.float32, device), torch.randn(WIDTH, device=device)
+    ours = _masking_step(tokens, mask_token, "triton")
+    assert triton_masking.launches == 0, "the fill recomputed the inverse select_keep had written"
+    for got, want, what in zip(ours, _masking_step(tokens, mask_token, "reference"), ("output", "grad", "token grad")):
+        assert_close(got, want, what=f"triton {what}")
+
+
+def _swap_first_two_kept(ids_keep, mask):
+    ids_keep[0, :2] = ids_keep[0, :2].flip(0).clone()
+
+
+def _reveal_a_hidden_position(ids_keep, mask):
+    mask[0, int(mask[0].nonzero()[0])] = False
+
+
+@pytest.mark.parametrize("edit", [_swap_first_two_kept, _reveal_a_hidden_position])
+def test_triton_fill_recomputes_the_inverse_after_ids_or_mask_change_in_place(device, triton_masking, edit):
+    """An in-place change of ids_keep or mask after random_masking (their version counters move) makes
+    the fill build the inverse from what it is given, as the reference does."""
+    tokens, mask_token = make_tokens("four_modalities", torch.float32, device), torch.randn(WIDTH, device=device)
+    ours = _masking_step(tokens, mask_token, "triton", edit=edit)
+    assert triton_masking.launches == 1, "the fill must rebuild the inverse of the changed pair"
+    for got, want, what in zip(ours, _masking_step(tokens, mask_token, "reference", edit=edit),
+                               ("output", "grad", "token grad")):
+        assert_close(got, want, what=f"triton {what}")
+
+
+def test_triton_fill_with_another_mask_object_recomputes_the_inverse(device, triton_masking):
+    """Only the mask select_keep returned goes with its inverse: an equal copy, or a different mask with
+    the same ids, is read as given."""
+    sel = selection("triton", device, "four_modalities")
+    ids_keep, mask, visible = sel["ids_keep"], sel["mask"], sel["visible"]
+    mask_token = torch.randn(WIDTH, device=device)
+    for other in (mask.clone(), scrambled_mask(ids_keep, mask)):
+        before = triton_masking.launches
+        got = unshuffle_fill(visible, ids_keep, other, mask_token, backend="triton")
+        assert triton_masking.launches == before + 1
+        assert torch.equal(got, unshuffle_fill_reference(visible, ids_keep, other, mask_token))
+
+
+def test_triton_masking_under_inference_mode(device, triton_masking):
+    """Inference tensors have no version counter: their fill always builds the inverse, and is right."""
+    lay = LAYOUTS["four_modalities"]
+    tokens, present = make_tokens("four_modalities", torch.float32, device), make_present("four_modalities", device)
+    mask_token = torch.randn(WIDTH, device=device)
+    with torch.inference_mode():
+        visible, ids_keep, mask = random_masking(tokens, lay.lengths, lay.ratios, present,
+                                                 make_rng("small", device), backend="triton")
+        out = unshuffle_fill(visible, ids_keep, mask, mask_token, backend="triton")
+    assert triton_masking.launches == 1
+    assert torch.equal(out, torch.where(mask.unsqueeze(-1), mask_token, tokens))

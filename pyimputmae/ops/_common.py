@@ -134,10 +134,13 @@ def eager_function(name: str, kernel: str, setup_context: Callable[..., None],
 
 
 def call(custom_op: Callable[..., Any], eager: type[torch.autograd.Function], family: str, backend: str,
-         *args: Any) -> Any:
+         *args: Any, module: ModuleType | None = None) -> Any:
     """One op call: ``custom_op(*args, backend)`` while traced, else ``eager.apply(*args, module)``
-    with the backend module chosen for the device and floating dtypes of the tensor arguments."""
+    with ``module``, or the backend module chosen for the device and floating dtypes of the tensor
+    arguments when None."""
     if traced():
         return custom_op(*args, backend)
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    return eager.apply(*args, backend_for(family, tensors[0].device, backend, *tensors))
+    if module is None:
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        module = backend_for(family, tensors[0].device, backend, *tensors)
+    return eager.apply(*args, module)

@@ -9,6 +9,7 @@ of a fill is a gather plus the sum of the hidden rows (``hidden_sum``) for the t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import ModuleType
 
 import torch
 
@@ -109,13 +110,16 @@ _unshuffle_fill.register_autograd(_fill_backward, setup_context=_fill_setup)
 _FillEager = eager_function("fill_masked", "unshuffle_fill", _fill_setup, _fill_backward)
 
 
-def _select(present: torch.Tensor, lengths: list[int], keeps: list[int], rng: torch.Tensor, backend: str):
-    """``select_keep`` on the traced path (the custom op) or the eager one (the backend's function)."""
+def _select(present: torch.Tensor, lengths: list[int], keeps: list[int], rng: torch.Tensor, backend: str,
+            module: ModuleType | None = None):
+    """``select_keep`` on the traced path (the custom op) or the eager one (``module``'s function, by
+    default the backend module chosen for ``present``'s device)."""
     present = present.to(torch.bool).contiguous()
     rng = rng.contiguous()  # (a strided view of a state is read as its two values; contiguous: itself)
     if traced():
         return _select_keep(present, lengths, keeps, rng, backend)
-    return backend_for("masking", present.device, backend).select_keep(present, lengths, keeps, rng)
+    module = module or backend_for("masking", present.device, backend)
+    return module.select_keep(present, lengths, keeps, rng)
 
 
 def _check_layout(B: int, L: int, lengths: Sequence[int], present: torch.Tensor) -> None:
@@ -179,8 +183,12 @@ def random_masking(
         raise ValueError(f"rng must be a (2,) int64 tensor (seed, offset), got {tuple(rng.shape)} {rng.dtype}")
     if rng.device != tokens.device:
         raise ValueError(f"rng is on {rng.device} but tokens are on {tokens.device}: keep rng on the device")
-    ids_keep, mask = _select(present, lengths, keep_counts(lengths, ratios), rng, backend)
-    visible = call(_gather_visible, _GatherEager, "masking", backend, tokens.contiguous(), ids_keep, mask)
+    tokens = tokens.contiguous()
+    # one backend choice (for the tokens' dtype) serves the selection and the gather: a selection is the
+    # same on every backend, and the choice is host time on every call
+    module = None if traced() else backend_for("masking", tokens.device, backend, tokens)
+    ids_keep, mask = _select(present, lengths, keep_counts(lengths, ratios), rng, backend, module)
+    visible = call(_gather_visible, _GatherEager, "masking", backend, tokens, ids_keep, mask, module=module)
     return visible, ids_keep, mask
 
 
