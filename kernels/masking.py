@@ -14,7 +14,7 @@ Spec: ``pyimputmae.reference.masking`` (and ``hidden_sum`` in ``pyimputmae.refer
   a fill given ``select_keep``'s own, unmodified ``ids_keep`` and ``mask`` (``random_masking``
   then ``unshuffle_fill``, in the forward and again in the backward) uses it and is one launch
   instead of three (a memset, the inverse pass, the fill). On a GPU each launch costs ~10 µs of
-  host time, as much as the large size's kernels themselves.
+  host time: a dozen of them, at the large size, is about as long as the kernels' memory traffic.
 - ``hidden_sum``: per-block partial sums, then a fixed-order sum (deterministic).
 
 Bool tensors travel as uint8 views (one byte per element, 0/1).
