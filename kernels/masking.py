@@ -233,9 +233,9 @@ def select_keep(
     check_sizes("select_keep", L=L, K=K)
     ids_keep = torch.empty(B, K, dtype=torch.int64, device=present.device)
     mask = torch.empty(B, L, dtype=torch.bool, device=present.device)
-    inverse = torch.empty(B, L, dtype=torch.int32, device=present.device)
     if B == 0:
         return ids_keep, mask
+    inverse = torch.empty(B, L, dtype=torch.int32, device=present.device)
     block_t, block_s = (32, 32) if interpreting() else (64, 64)
     present_u8 = present.contiguous().view(torch.uint8)
     tok_base = vis_base = 0

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from op_testing import HALF_DTYPES, assert_close, assert_no_worse_than_torch, kernel_level_op
+from op_testing import HALF_DTYPES, assert_close, assert_no_worse_than_torch, backend_skip_reason, kernel_level_op
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pyimputmae import _backends, random_keep, random_masking, unshuffle_fill
@@ -523,16 +523,11 @@ class _CountedLaunches:
 
 @pytest.fixture
 def triton_masking(device, monkeypatch):
-    """The Triton masking module, its inverse-index kernel counting launches."""
-    from op_testing import backend_skip_reason
-
+    """The Triton masking module's inverse-index kernel, counting its launches."""
     reason = backend_skip_reason("triton", device, FAMILIES)
     if reason:
         pytest.skip(reason)
-    import sys
-
-    _backends.module("triton")
-    module = sys.modules["pyimputmae.kernels.masking"]
+    module = _backends.module("triton").masking
     counted = _CountedLaunches(module._inverse_index_kernel)
     monkeypatch.setattr(module, "_inverse_index_kernel", counted)
     return counted
