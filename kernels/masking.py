@@ -16,6 +16,11 @@ Spec: ``pyimputmae.reference.masking`` (and ``hidden_sum`` in ``pyimputmae.refer
   instead of three (a memset, the inverse pass, the fill). On a GPU each launch costs ~10 µs of
   host time: a dozen of them, at the large size, is about as long as the kernels' memory traffic.
 - ``hidden_sum``: per-block partial sums, then a fixed-order sum (deterministic).
+- ``fill_backward``: the gradients of a fill, ``gather_visible`` of the incoming gradient and its
+  ``hidden_sum``. Given ``select_keep``'s own pair it is one pass over the gradient that copies each
+  kept row to its slot (zero where hidden) and sums the hidden ones, then the fixed-order sum: two
+  launches instead of three. A fill with no ``mask_token`` (the gather's backward) writes zeros at the
+  hidden positions without a token tensor.
 
 Bool tensors travel as uint8 views (one byte per element, 0/1).
 """
@@ -35,8 +40,9 @@ from .philox import load_rng, token_keys
 SEGMENTS_PER_LAUNCH = 4  # segment lengths travel as scalar arguments, four per launch
 
 #: ids_keep → (mask, ids_keep's version, mask's version, inverse): the inverse map ``(B, L)`` int32
-#: (``k + 1`` at the position ``ids_keep[b, k]`` names, 0 elsewhere) that ``select_keep`` wrote with
-#: the pair it returned. Keyed by the tensor's identity, held only while ``ids_keep`` lives.
+#: (``k + 1`` at the position ``ids_keep[b, k]`` names, 0 elsewhere; every ``k`` once) that
+#: ``select_keep`` wrote with the pair it returned. Keyed by the tensor's identity, held only while
+#: ``ids_keep`` lives.
 _INVERSES = WeakIdKeyDictionary()
 
 
@@ -67,7 +73,8 @@ def _select_keep_kernel(
     """Program (row, seg): segment ``seg_base + seg`` of batch row ``row``.
 
     ids: ``(B, K)`` int64; mask: ``(B, L)`` uint8 (1 = hidden); inv: ``(B, L)`` int32, the inverse
-    map (``slot + 1`` at a kept position of a present segment, 0 elsewhere); present: ``(B, M)`` uint8.
+    map (``slot + 1`` at every kept position, hidden or not: a missing segment's too; 0 elsewhere);
+    present: ``(B, M)`` uint8.
     Segment ``i`` of this launch has ``n_i`` tokens and ``k_i`` visible slots; this launch's first
     segment starts at token ``tok_base`` and visible slot ``vis_base``.
     """
@@ -104,7 +111,7 @@ def _select_keep_kernel(
         tl.store(ids_ptr + row * K + vis + slot, (start + t).to(tl.int64), mask=chosen)
         hidden = ~(chosen & have)
         tl.store(mask_ptr + row * L + start + t, hidden.to(tl.uint8), mask=in_seg)
-        tl.store(inv_ptr + row * L + start + t, tl.where(hidden, 0, vis + slot + 1).to(tl.int32), mask=in_seg)
+        tl.store(inv_ptr + row * L + start + t, tl.where(chosen, vis + slot + 1, 0).to(tl.int32), mask=in_seg)
         kept_before += tl.sum(c, axis=0)
 
 
@@ -147,9 +154,11 @@ def _inverse_index_kernel(inv_ptr, ids_ptr, mask_ptr, n_ids, K, L, BLOCK: tl.con
 
 @triton.jit
 def _unshuffle_fill_kernel(
-    out_ptr, x_ptr, inv_ptr, mask_ptr, token_ptr, rows, K, L, E, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr
+    out_ptr, x_ptr, inv_ptr, mask_ptr, token_ptr, rows, K, L, E,
+    HAS_TOKEN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """out ``(B·L, E)``: mask_token where hidden, ``x[b, inv - 1]`` where visible and named, else zero."""
+    """out ``(B·L, E)``: mask_token (zero without one) where hidden, ``x[b, inv - 1]`` where visible
+    and named, else zero."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     r_ok = r < rows
@@ -159,8 +168,9 @@ def _unshuffle_fill_kernel(
     slot = tl.load(inv_ptr + r, mask=r_ok, other=0).to(tl.int64) - 1
     visible = r_ok & ~hidden & (slot >= 0)
     vals = tl.load(x_ptr + ((b * K + slot) * E)[:, None] + e[None, :], mask=visible[:, None] & e_ok[None, :], other=0)
-    token = tl.load(token_ptr + e, mask=e_ok, other=0)
-    vals = tl.where(hidden[:, None], token[None, :], vals)
+    if HAS_TOKEN:
+        token = tl.load(token_ptr + e, mask=e_ok, other=0)
+        vals = tl.where(hidden[:, None], token[None, :], vals)
     tl.store(out_ptr + r[:, None] * E + e[None, :], vals, mask=r_ok[:, None] & e_ok[None, :])
 
 
@@ -169,14 +179,24 @@ def _hidden_sum_partial_kernel(
     partial_ptr,
     grad_ptr,
     mask_ptr,
+    gx_ptr,
+    inv_ptr,
     rows,
+    K,
+    L,
     E,
     rows_per_group,
+    WRITE_X: tl.constexpr,
     ACC_FP64: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    """partial ``(G, E)``: group g sums the hidden rows ``[g·rows_per_group, (g+1)·rows_per_group)``."""
+    """partial ``(G, E)``: group g sums the hidden rows ``[g·rows_per_group, (g+1)·rows_per_group)``
+    of grad ``(B·L, E)``.
+
+    ``WRITE_X`` (a fill's backward, for ``select_keep``'s own inverse map, which names every slot
+    once): the same pass also writes gx ``(B·K, E)``, row ``b·K + inv - 1`` = the gradient's row,
+    zero where hidden. Without it only the hidden rows are read, and gx and inv are not touched."""
     g = tl.program_id(0).to(tl.int64)
     e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     e_ok = e < E
@@ -188,8 +208,17 @@ def _hidden_sum_partial_kernel(
         r = r0 + tl.arange(0, BLOCK_R)
         r_ok = r < last
         hidden = tl.load(mask_ptr + r, mask=r_ok, other=0) != 0
-        vals = tl.load(grad_ptr + r[:, None] * E + e[None, :], mask=(r_ok & hidden)[:, None] & e_ok[None, :], other=0)
-        acc += vals.to(acc_dtype)
+        if WRITE_X:
+            slot = tl.load(inv_ptr + r, mask=r_ok, other=0).to(tl.int64) - 1
+            vals = tl.load(grad_ptr + r[:, None] * E + e[None, :], mask=r_ok[:, None] & e_ok[None, :], other=0)
+            acc += tl.where(hidden[:, None], vals, 0).to(acc_dtype)
+            dst = ((r // L) * K + slot) * E
+            tl.store(gx_ptr + dst[:, None] + e[None, :], tl.where(hidden[:, None], 0, vals),
+                     mask=(r_ok & (slot >= 0))[:, None] & e_ok[None, :])
+        else:
+            vals = tl.load(grad_ptr + r[:, None] * E + e[None, :], mask=(r_ok & hidden)[:, None] & e_ok[None, :],
+                           other=0)
+            acc += vals.to(acc_dtype)
     tl.store(partial_ptr + g * E + e, tl.sum(acc, axis=0), mask=e_ok)
 
 
@@ -288,9 +317,10 @@ def gather_visible(tokens: torch.Tensor, ids_keep: torch.Tensor, mask: torch.Ten
 
 
 def unshuffle_fill(
-    x: torch.Tensor, ids_keep: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor
+    x: torch.Tensor, ids_keep: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor | None
 ) -> torch.Tensor:
-    """x: ``(B, K, E)``; ids_keep: ``(B, K)``; mask: ``(B, L)`` bool; mask_token: ``(E,)`` → ``(B, L, E)``.
+    """x: ``(B, K, E)``; ids_keep: ``(B, K)``; mask: ``(B, L)`` bool; mask_token: ``(E,)`` or None
+    (zeros) → ``(B, L, E)``.
 
     Hidden positions hold ``mask_token``; ``out[b, ids_keep[b, k]] = x[b, k]`` where that position is
     visible; a visible position no id names is zero. If several ids name the same visible position,
@@ -315,21 +345,20 @@ def unshuffle_fill(
                     inv, ids_keep, mask_u8, B * K, K, L, BLOCK=block_ids, num_warps=4
                 )
         grid = (triton.cdiv(B * L, block_r), triton.cdiv(E, block_e))
+        token = out if mask_token is None else mask_token.to(x.dtype)  # (not read without a token)
         _unshuffle_fill_kernel[grid](
-            out, x, inv, mask_u8, mask_token.to(x.dtype), B * L, K, L, E,
-            BLOCK_R=block_r, BLOCK_E=block_e, num_warps=4,
+            out, x, inv, mask_u8, token, B * L, K, L, E,
+            HAS_TOKEN=mask_token is not None, BLOCK_R=block_r, BLOCK_E=block_e, num_warps=4,
         )
     return out
 
 
-def hidden_sum(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """grad: ``(B, L, E)``; mask: ``(B, L)`` bool → ``(E,)`` in grad's dtype: the sum of the hidden
-    rows, accumulated in fp32 (fp64 for fp64), deterministic."""
+def _sum_hidden(out: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor, name: str,
+                gx: torch.Tensor | None = None, inv: torch.Tensor | None = None) -> None:
+    """out ``(E,)`` = the sum of grad ``(B, L, E)``'s hidden rows: per-group partials, then their
+    fixed-order sum (deterministic). With gx ``(B, K, E)`` and ``select_keep``'s inverse map ``inv``
+    (a fill's backward), the partials' pass also writes gx (``_hidden_sum_partial_kernel``)."""
     B, L, E = grad.shape
-    check_sizes("hidden_sum", E=E)
-    out = torch.empty(E, dtype=grad.dtype, device=grad.device)
-    if E == 0:
-        return out
     acc_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
     rows = B * L
     if interpreting():
@@ -340,15 +369,48 @@ def hidden_sum(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     groups = max(1, min(target_groups, triton.cdiv(rows, 4 * block_r)))
     rows_per_group = triton.cdiv(triton.cdiv(max(rows, 1), groups), block_r) * block_r
     groups = triton.cdiv(max(rows, 1), rows_per_group)
-    check_grid_y("hidden_sum", "E", E, block_e)
+    check_grid_y(name, "E", E, block_e)
     partial = torch.empty(groups, E, dtype=acc_dtype, device=grad.device)
+    write_x = gx is not None
     with device_guard(grad):
+        # writing gx halves the row block: each row is also stored, to an address read from the map,
+        # and for sm_90 32 rows took 164 registers for fp32 (254 for fp64), 16 rows 87-92 (148-152)
         _hidden_sum_partial_kernel[(groups, triton.cdiv(E, block_e))](
-            partial, grad, mask.view(torch.uint8), rows, E, rows_per_group,
-            ACC_FP64=acc_dtype == torch.float64, BLOCK_R=block_r, BLOCK_E=block_e, num_warps=4,
+            partial, grad, mask.view(torch.uint8), gx if write_x else grad, inv if write_x else grad,
+            rows, gx.shape[1] if write_x else 0, L, E, rows_per_group, WRITE_X=write_x,
+            ACC_FP64=acc_dtype == torch.float64, BLOCK_R=block_r // 2 if write_x else block_r, BLOCK_E=block_e,
+            num_warps=4,
         )
-        block_g = 8 if interpreting() else 32
         _sum_rows_kernel[(triton.cdiv(E, block_e),)](
-            out, partial, groups, E, BLOCK_G=block_g, BLOCK_E=block_e, num_warps=4
+            out, partial, groups, E, BLOCK_G=8 if interpreting() else 32, BLOCK_E=block_e, num_warps=4
         )
+
+
+def hidden_sum(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """grad: ``(B, L, E)``; mask: ``(B, L)`` bool → ``(E,)`` in grad's dtype: the sum of the hidden
+    rows, accumulated in fp32 (fp64 for fp64), deterministic."""
+    E = grad.shape[2]
+    check_sizes("hidden_sum", E=E)
+    out = torch.empty(E, dtype=grad.dtype, device=grad.device)
+    if E > 0:
+        _sum_hidden(out, grad, mask, "hidden_sum")
     return out
+
+
+def fill_backward(grad: torch.Tensor, ids_keep: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """grad: ``(B, L, E)`` (the gradient of a fill's output); ids_keep: ``(B, K)``; mask: ``(B, L)`` bool
+    → ``(gather_visible(grad, ids_keep, mask), hidden_sum(grad, mask))``: ``(B, K, E)`` and ``(E,)``.
+
+    For ``select_keep``'s own, unmodified pair (:func:`_known_inverse`) one pass over ``grad`` does
+    both; any other pair takes the two functions."""
+    inv = _known_inverse(ids_keep, mask)
+    if inv is None:
+        return gather_visible(grad, ids_keep, mask), hidden_sum(grad, mask)
+    B, L, E = grad.shape
+    K = ids_keep.shape[1]
+    check_sizes("fill_backward", L=L, K=K, E=E)
+    gx = torch.empty(B, K, E, dtype=grad.dtype, device=grad.device)
+    gt = torch.empty(E, dtype=grad.dtype, device=grad.device)
+    if E > 0:
+        _sum_hidden(gt, grad, mask, "fill_backward", gx, inv)
+    return gx, gt

@@ -29,11 +29,19 @@ def gather_visible(tokens, ids_keep, mask) -> torch.Tensor:
 
 
 def unshuffle_fill(x, ids_keep, mask, mask_token) -> torch.Tensor:
+    """mask_token: ``(E,)``, or None for zeros (the gather's backward)."""
+    if mask_token is None:
+        mask_token = x.new_zeros(x.shape[-1])
     return _ops.unshuffle_fill(x, ids_keep, mask, mask_token)
 
 
 def hidden_sum(grad, mask) -> torch.Tensor:
     return _ops.hidden_sum(grad, mask)
+
+
+def fill_backward(grad, ids_keep, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of a fill's ``x`` and ``mask_token``: ``(gather_visible, hidden_sum)`` of grad."""
+    return _ops.gather_visible(grad, ids_keep, mask), _ops.hidden_sum(grad, mask)
 
 
 def masked_mse_forward(pred, x, weight, patch: int, norm_pix: bool):

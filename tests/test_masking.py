@@ -521,16 +521,26 @@ class _CountedLaunches:
         return self.kernel[grid]
 
 
-@pytest.fixture
-def triton_masking(device, monkeypatch):
-    """The Triton masking module's inverse-index kernel, counting its launches."""
-    reason = backend_skip_reason("triton", device, FAMILIES)
+@pytest.fixture(params=["triton"])
+def triton_launches(request, device, monkeypatch):
+    """Every ``@triton.jit`` kernel of the Triton masking module (``_*_kernel``), counting its
+    launches: name → :class:`_CountedLaunches`. (A parameter, so that the tests' ids name the
+    backend: ``tools/gpu_validated.py`` counts a GPU case toward the backend its id names.)"""
+    reason = backend_skip_reason(request.param, device, FAMILIES)
     if reason:
         pytest.skip(reason)
-    module = _backends.module("triton").masking
-    counted = _CountedLaunches(module._inverse_index_kernel)
-    monkeypatch.setattr(module, "_inverse_index_kernel", counted)
+    module = _backends.module(request.param).masking
+    counted = {name: _CountedLaunches(kernel) for name, kernel in vars(module).items()
+               if name.startswith("_") and name.endswith("_kernel")}
+    for name, kernel in counted.items():
+        monkeypatch.setattr(module, name, kernel)
     return counted
+
+
+@pytest.fixture
+def triton_masking(triton_launches):
+    """The Triton masking module's inverse-index kernel, counting its launches."""
+    return triton_launches["_inverse_index_kernel"]
 
 
 def _masking_step(tokens, mask_token, backend, *, edit=None):
@@ -605,3 +615,61 @@ def test_triton_masking_under_inference_mode(device, triton_masking):
         out = unshuffle_fill(visible, ids_keep, mask, mask_token, backend="triton")
     assert triton_masking.launches == 1
     assert torch.equal(out, torch.where(mask.unsqueeze(-1), mask_token, tokens))
+
+
+def test_triton_inverse_map_of_select_keep_names_every_slot_once(device, triton_masking):
+    """The map select_keep keeps beside its pair holds ``k + 1`` at the position ``ids_keep[b, k]``
+    names, for every k (a missing modality's kept slots too), and 0 elsewhere: what lets the fill's
+    backward write every row of its x gradient from one pass over the positions."""
+    sel = selection("triton", device, "four_modalities")
+    ids_keep, mask = sel["ids_keep"], sel["mask"]
+    inverse = _backends.module("triton").masking._known_inverse(ids_keep, mask)
+    assert inverse is not None
+    B, K = ids_keep.shape
+    want = torch.zeros(mask.shape, dtype=torch.int32)
+    want.scatter_(1, ids_keep.cpu(), torch.arange(1, K + 1, dtype=torch.int32).expand(B, K).contiguous())
+    assert (mask.cpu().gather(1, ids_keep.cpu())).any(), "the layout must keep some hidden positions"
+    assert torch.equal(inverse.cpu(), want)
+
+
+@pytest.mark.parametrize("layout", ["four_modalities", "mixed_ratios"])
+def test_triton_fill_backward_of_random_masking_output_is_one_pass(device, triton_launches, layout):
+    """The fill's backward, given random_masking's own pair, is one pass over the gradient (then the
+    token's fixed-order sum): the x gradient equals the reference's exactly (a copy, zero at kept
+    slots of a missing modality), the token gradient within tolerance."""
+    lay = LAYOUTS[layout]
+    tokens, present = make_tokens(layout, torch.float32, device), make_present(layout, device)
+    visible, ids_keep, mask = random_masking(tokens, lay.lengths, lay.ratios, present, make_rng("small", device),
+                                             backend="triton")
+    before = {name: kernel.launches for name, kernel in triton_launches.items()}
+    x = visible.detach().requires_grad_(True)
+    token = torch.randn(WIDTH, generator=_generator(layout + "token")).to(device).requires_grad_(True)
+    out = unshuffle_fill(x, ids_keep, mask, token, backend="triton")
+    grad = torch.randn(out.shape, generator=_generator(layout + "grad")).to(device)
+    out.backward(grad)
+    launched = {name: kernel.launches - before[name] for name, kernel in triton_launches.items()}
+    assert {name: n for name, n in launched.items() if n} == {
+        "_unshuffle_fill_kernel": 1, "_hidden_sum_partial_kernel": 1, "_sum_rows_kernel": 1}
+    x_ref, token_ref = visible.detach().requires_grad_(True), token.detach().clone().requires_grad_(True)
+    unshuffle_fill_reference(x_ref, ids_keep, mask, token_ref).backward(grad)
+    assert torch.equal(x.grad, x_ref.grad), "x gradient differs from the reference"
+    assert_close(token.grad, token_ref.grad, what="token gradient")
+
+
+def test_triton_masking_and_fill_forward_backward_launches(device, triton_launches):
+    """One forward + backward of random_masking → unshuffle_fill is six Triton launches — the
+    selection, the gather, the fill, the fill's one-pass backward and its token sum, the gather's
+    backward (a fill with no token) — and no PyTorch fill of zeros."""
+    lay = LAYOUTS["four_modalities"]
+    tokens = make_tokens("four_modalities", torch.float32, device).requires_grad_(True)
+    present, rng = make_present("four_modalities", device), make_rng("small", device)
+    mask_token = torch.randn(WIDTH, device=device, requires_grad=True)
+    grad = torch.ones(tokens.shape, device=device)
+    with _RecordOps() as recorded:
+        visible, ids_keep, mask = random_masking(tokens, lay.lengths, lay.ratios, present, rng, backend="triton")
+        unshuffle_fill(visible, ids_keep, mask, mask_token, backend="triton").backward(grad)
+    launched = {name: kernel.launches for name, kernel in triton_launches.items() if kernel.launches}
+    assert launched == {"_select_keep_kernel": 1, "_gather_visible_kernel": 1, "_unshuffle_fill_kernel": 2,
+                        "_hidden_sum_partial_kernel": 1, "_sum_rows_kernel": 1}
+    zeroing = [op for op in recorded.ops if any(word in op for word in ("zero", "fill_", "full"))]
+    assert not zeroing, f"PyTorch zero fills in the step: {zeroing}"

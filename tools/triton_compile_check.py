@@ -92,6 +92,13 @@ def grid_error(grid) -> str | None:
     return None
 
 
+def own_pair(k, B: int, L: int, segments: int, rng: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``select_keep``'s ``(ids_keep, mask)`` for B rows of ``segments`` equal segments, half kept: a
+    pair whose inverse map the launchers know (its own launch is recorded with the case's)."""
+    n = L // segments
+    return k.select_keep(meta(B, segments, dtype=torch.bool), [n] * segments, [n // 2] * segments, rng)
+
+
 def huge_cases(k, dtype: torch.dtype) -> list[tuple[str, object]]:
     """Launchers on shapes whose row counts, per-sample strides or element counts reach 2^31, so that
     Triton specializes those scalars as int64 (each still within the kernels' 32-bit size limits)."""
@@ -114,7 +121,9 @@ def huge_cases(k, dtype: torch.dtype) -> list[tuple[str, object]]:
         ("select_keep", lambda: k.select_keep(meta(2**20, 4, dtype=torch.bool), [2**12] * 4, [2**11] * 4, rng)),
         ("gather_visible", lambda: k.gather_visible(tokens, ids, mask)),
         ("unshuffle_fill", lambda: k.unshuffle_fill(meta(B, L // 2, E, dtype=dtype), ids, mask, meta(E, dtype=dtype))),
+        ("unshuffle_fill, no token", lambda: k.unshuffle_fill(meta(B, L // 2, E, dtype=dtype), ids, mask, None)),
         ("hidden_sum", lambda: k.hidden_sum(tokens, mask)),
+        ("fill_backward, select_keep's pair", lambda: k.fill_backward(tokens, *own_pair(k, B, L, 4, rng))),
         ("patch_embed fwd, wide sample", lambda: k.patch_embed_forward(x_wide, weight, None, None, None, p)),
         ("patch_embed fwd, many rows", lambda: k.patch_embed_forward(x_rows, w_rows, None, None, None, 2)),
         ("patch_embed fwd keep, many rows", lambda: k.patch_embed_forward(x_rows, w_rows, None, None, keep_rows, 2)),
@@ -155,7 +164,9 @@ def cases(k, dtype: torch.dtype, size: str, sweep: ModuleType | None = None) -> 
         ("select_keep", lambda: k.select_keep(present, lengths, keeps, rng)),
         ("gather_visible", lambda: k.gather_visible(tokens, ids, mask)),
         ("unshuffle_fill", lambda: k.unshuffle_fill(visible, ids, mask, meta(mE, dtype=dtype))),
+        ("unshuffle_fill, no token", lambda: k.unshuffle_fill(visible, ids, mask, None)),
         ("hidden_sum", lambda: k.hidden_sum(tokens, mask)),
+        ("fill_backward, select_keep's pair", lambda: k.fill_backward(tokens, *own_pair(k, mB, mL, 4, rng))),
         ("patch_embed fwd", lambda: k.patch_embed_forward(x, weight, bias, pos, None, p)),
         ("patch_embed fwd keep", lambda: k.patch_embed_forward(x, weight, bias, pos, keep, p)),
         ("patch_embed bwd", lambda: k.patch_embed_backward(meta(B, L, E, dtype=dtype), x, weight, None, p,

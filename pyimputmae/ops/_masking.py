@@ -2,8 +2,9 @@
 
 ``random_masking`` = ``select_keep`` (Philox keys, exact-k per segment, no argsort) +
 ``gather_visible``; ``unshuffle_fill`` puts visible tokens back and fills ``mask_token``. Their
-backwards are each other: the gradient of a gather is a fill with a zero token, the gradient
-of a fill is a gather plus the sum of the hidden rows (``hidden_sum``) for the token.
+backwards are each other: the gradient of a gather is a fill with a zero token (``mask_token=None``),
+the gradient of a fill is a gather plus the sum of the hidden rows (``hidden_sum``) for the token,
+both from one backend call (``fill_backward``) that a backend may fuse.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def _(tokens, ids_keep, mask, backend):
 
 @torch.library.custom_op("pyimputmae::fill_masked", mutates_args=())
 def _unshuffle_fill(
-    x: torch.Tensor, ids_keep: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor, backend: str
+    x: torch.Tensor, ids_keep: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor | None, backend: str
 ) -> torch.Tensor:
     return backend_for("masking", x.device, backend, x).unshuffle_fill(x, ids_keep, mask, mask_token)
 
@@ -72,8 +73,14 @@ def _(grad, mask, backend):
     return grad.new_empty(grad.shape[2])
 
 
+def _fill_backward_ops(grad: torch.Tensor, ids_keep: torch.Tensor, mask: torch.Tensor, backend: str):
+    """A traced fill's backward: the gather and the hidden sum as two custom ops."""
+    return _gather_visible(grad, ids_keep, mask, backend), _hidden_sum(grad, mask, backend)
+
+
 #: what a traced backward calls the kernels through (``_common.kernels``)
-_OPS = {"gather_visible": _gather_visible, "unshuffle_fill": _unshuffle_fill, "hidden_sum": _hidden_sum}
+_OPS = {"gather_visible": _gather_visible, "unshuffle_fill": _unshuffle_fill, "hidden_sum": _hidden_sum,
+        "fill_backward": _fill_backward_ops}
 
 
 def _gather_setup(ctx, inputs, output):
@@ -84,8 +91,7 @@ def _gather_setup(ctx, inputs, output):
 
 def _gather_backward(ctx, grad):
     ids_keep, mask = ctx.saved_tensors
-    zero = grad.new_zeros(grad.shape[-1])
-    return ctx.kernels.unshuffle_fill(grad.contiguous(), ids_keep, mask, zero), None, None, None
+    return ctx.kernels.unshuffle_fill(grad.contiguous(), ids_keep, mask, None), None, None, None
 
 
 _gather_visible.register_autograd(_gather_backward, setup_context=_gather_setup)
@@ -101,8 +107,12 @@ def _fill_setup(ctx, inputs, output):
 def _fill_backward(ctx, grad):
     ids_keep, mask = ctx.saved_tensors
     grad = grad.contiguous()
-    gx = ctx.kernels.gather_visible(grad, ids_keep, mask) if ctx.needs_input_grad[0] else None
-    gt = ctx.kernels.hidden_sum(grad, mask) if ctx.needs_input_grad[3] else None
+    need_x, need_token = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+    if need_x and need_token:
+        gx, gt = ctx.kernels.fill_backward(grad, ids_keep, mask)
+    else:
+        gx = ctx.kernels.gather_visible(grad, ids_keep, mask) if need_x else None
+        gt = ctx.kernels.hidden_sum(grad, mask) if need_token else None
     return gx, None, None, gt, None
 
 

@@ -50,6 +50,9 @@ def gather_visible(tokens, ids_keep, mask) -> torch.Tensor:
 
 
 def unshuffle_fill(x, ids_keep, mask, mask_token) -> torch.Tensor:
+    """mask_token: ``(E,)``, or None for zeros (the gather's backward)."""
+    if mask_token is None:
+        mask_token = x.new_zeros(x.shape[-1])
     return unshuffle_fill_reference(x, ids_keep, mask, mask_token)
 
 
@@ -57,6 +60,11 @@ def hidden_sum(grad, mask) -> torch.Tensor:
     """grad: ``(B, L, E)``, mask: ``(B, L)`` bool → ``(E,)`` in grad's dtype, fp32 accumulation (fp64 for fp64)."""
     acc = accumulation_dtype(grad.dtype)
     return (grad.to(acc) * mask.unsqueeze(-1)).sum((0, 1)).to(grad.dtype)
+
+
+def fill_backward(grad, ids_keep, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of a fill's ``x`` and ``mask_token``: ``(gather_visible, hidden_sum)`` of grad."""
+    return gather_visible(grad, ids_keep, mask), hidden_sum(grad, mask)
 
 
 def masked_mse_forward(pred, x, weight, patch: int, norm_pix: bool):
