@@ -50,6 +50,21 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return lines
 
 
+@pytest.fixture(autouse=True)
+def _triton_interpret_kept():
+    """A test that drops or changes ``TRITON_INTERPRET`` (loading a tool that pops it, say) fails, and
+    the variable is put back: otherwise every later Triton test of its process would skip instead."""
+    before = os.environ.get("TRITON_INTERPRET")
+    yield
+    after = os.environ.get("TRITON_INTERPRET")
+    if after != before:
+        if before is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+        pytest.fail(f"the test changed TRITON_INTERPRET from {before!r} to {after!r} (restored)")
+
+
 @pytest.fixture(params=DEVICES)
 def device(request: pytest.FixtureRequest) -> torch.device:
     """Where the tensors live: "cpu", plus "cuda" on a GPU machine."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+import os
 import subprocess
 import sys
 from collections.abc import Iterable
@@ -61,12 +62,19 @@ TINY_MODEL = dict(dim=32, heads=2, mlp=64, decoder_dim=32, decoder_heads=2, deco
 
 
 def tool_module(name: str) -> ModuleType:
-    """``tools/<name>.py`` (a script, not a package) loaded as a module, to call its functions."""
+    """``tools/<name>.py`` (a script, not a package) loaded as a module, to call its functions.
+    ``TRITON_INTERPRET`` is put back afterwards: a tool that compiles for a GPU drops it for its own
+    launches, and the Triton tests of this process need it."""
     path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    saved = os.environ.get("TRITON_INTERPRET")
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
     return module
 
 @dataclass(frozen=True)

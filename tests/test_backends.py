@@ -287,6 +287,46 @@ def test_gpu_check_script_without_a_gpu_skips_its_gpu_stages_and_bundles_what_it
         assert {"./env.txt", "./summary.tsv"} <= set(bundle.getnames())
 
 
+@pytest.mark.parametrize("same", [True, False], ids=["same-triton-and-kernels", "other-triton"])
+def test_gpu_check_seeds_tritons_cache_from_a_carried_tarball_made_with_its_triton(tmp_path, same):
+    """A carried build/triton_cache.tar.gz (tools/triton_compile_check.py --cache-tar) goes into
+    Triton's cache before the stages when its manifest names this machine's triton and these kernel
+    sources (the digest gpu_check.sh computes with sha256sum must be the tool's); otherwise it is left
+    out, saying why. triton_cache.txt records the cache's size before each stage."""
+    import os
+    import subprocess
+    import sys
+
+    import triton
+
+    tool = tool_module("triton_compile_check")  # (it drops TRITON_INTERPRET; tool_module puts it back)
+    staged = tmp_path / "staged"
+    (staged / "ENTRYHASH").mkdir(parents=True)
+    (staged / "ENTRYHASH" / "kernel.cubin").write_bytes(b"\x7fELF")
+    seed = tmp_path / "seed.tar.gz"
+    version = triton.__version__ if same else "0.0.0"
+    assert tool.pack_cache(staged, seed, {"triton": version, "kernels_sha256": tool.kernels_digest()}) == 1
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "GPU_CHECK_FORCE"}
+    env.update(PYTHON=sys.executable, TRITON_CACHE_SEED=str(seed), TRITON_CACHE_DIR=str(cache))
+    proc = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), str(out), "env"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = (out / "summary.tsv").read_text()
+    if same:
+        assert "triton-cache\tseeded 1 kernels" in summary, summary
+        assert (cache / "ENTRYHASH" / "kernel.cubin").read_bytes() == b"\x7fELF"
+        assert not (cache / "manifest.json").exists()
+    else:
+        assert "triton-cache\tnot used (another triton or other kernel sources)" in summary, summary
+        assert not (cache / "ENTRYHASH").exists()
+    import tarfile
+
+    with tarfile.open(out / "gpu_check.tar.gz") as bundle:
+        log = bundle.extractfile("./triton_cache.txt").read().decode()
+    assert ("before env: 1 entries" in log) == same, log
+
+
 def test_gpu_check_commands_of_the_test_and_e2e_stages(tmp_path):
     """What tools/gpu_check.sh runs in its test and e2e stages, with a stand-in Python that records
     its arguments: the op tests' GPU cases without a --maxfail (a stop after N failures of one

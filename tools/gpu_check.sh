@@ -48,6 +48,12 @@
 #   sanitize  tools/cuda_kernel_check.py under compute-sanitizer memcheck, racecheck and synccheck
 #          (~1 minute each)                                          -> stage4_sanitize_<tool>.log
 #
+# Before the stages, when the checkout carries build/triton_cache.tar.gz (TRITON_CACHE_SEED; made by
+# tools/triton_compile_check.py --cache-tar: the Triton kernels at bench large's shapes and the sweep's
+# tiles, compiled for sm_90 elsewhere) made with this machine's triton from these kernel sources, its
+# entries go into Triton's cache (TRITON_CACHE_DIR, default ~/.triton/cache): a launch whose cache key
+# matches loads the cubin instead of compiling. The cache's size after each stage -> triton_cache.txt
+#
 # Every stage runs under its own timeout, clamped to what is left of GPU_CHECK_BUDGET_S, and its
 # files are bundled as it finishes, so a stage that overruns leaves the others' results. The files
 # named above are inside OUTDIR/gpu_check.tar.gz (the device tool returns at most 8 files); copies
@@ -55,7 +61,8 @@
 # and e2e.json by tools/gpu_targets.py), bench_large.json, e2e.json and patch_embed_sweep.json lie beside it.
 # A stage runs even when the one before it failed. OUTDIR/summary.tsv: stage, status, seconds, log.
 #
-# Knobs (environment): PYTHON (python3), GPU_CHECK_BUDGET_S (580: the whole script), BUILD_TIMEOUT_S
+# Knobs (environment): PYTHON (python3), GPU_CHECK_BUDGET_S (580: the whole script), TRITON_CACHE_SEED
+# (build/triton_cache.tar.gz), BUILD_TIMEOUT_S
 # (240), PREBUILT_DIR (build/prebuilt), GPU_CHECK_PREBUILT=0 (compile even when a carried build
 # fits), TEST_TIMEOUT_S (120), TEST16_TIMEOUT_S (90), TEST_WORKERS (8), BENCH_LARGE_TIMEOUT_S (150),
 # E2E_TIMEOUT_S (240), E2E_MODES, TRAIN_TIMEOUT_S (150), SWEEP_TIMEOUT_S (90), BENCH_PAPER_TIMEOUT_S
@@ -532,11 +539,45 @@ stage_train() {
     "$PY" -m pytest tests/test_device_train.py "${args[@]}"
 }
 
+# Triton's on-disk cache, seeded from a carried tar.gz of kernels compiled elsewhere (see the header)
+TRITON_SEED=${TRITON_CACHE_SEED:-build/triton_cache.tar.gz}
+TRITON_CACHE=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
+triton_cache_entries() {
+  find "$TRITON_CACHE" -mindepth 1 -maxdepth 1 -type d 2>/dev/null | wc -l
+}
+seed_triton_cache() {
+  [[ -f $TRITON_SEED ]] || return 0
+  local log="$OUT/triton_cache.txt" t0 made have before
+  t0=$(date +%s)
+  # manifest → "triton-version kernels-digest"; the same two of this machine and checkout
+  made=$(tar -xzOf "$TRITON_SEED" ./manifest.json 2>/dev/null \
+    | "$PY" -c 'import json, sys; m = json.load(sys.stdin); print(m["triton"], m["kernels_sha256"])' 2>/dev/null)
+  # (triton_compile_check.kernels_digest's scheme)
+  have="$("$PY" -c 'import triton; print(triton.__version__)' 2>/dev/null | tail -1) $(cd kernels \
+    && sha256sum $(ls -- *.py | LC_ALL=C sort) | sha256sum | cut -d' ' -f1)"
+  if [[ -z $made || $made != "$have" ]]; then
+    echo "$TRITON_SEED: made with triton and kernels '${made:-unreadable}', here '${have:-no triton}': not used" \
+      | tee -a "$log"
+    note triton-cache "not used (another triton or other kernel sources)" $(($(date +%s) - t0)) triton_cache.txt
+    return 0
+  fi
+  mkdir -p "$TRITON_CACHE" && before=$(triton_cache_entries)
+  if tar -xzf "$TRITON_SEED" -C "$TRITON_CACHE" --skip-old-files --exclude ./manifest.json 2>>"$log"; then
+    echo "seeded $TRITON_CACHE from $TRITON_SEED (triton ${have%% *}): $before entries before, $(triton_cache_entries) after" \
+      | tee -a "$log"
+    note triton-cache "seeded $(($(triton_cache_entries) - before)) kernels" $(($(date +%s) - t0)) triton_cache.txt
+  else
+    note triton-cache "FAILED to unpack (see log)" $(($(date +%s) - t0)) triton_cache.txt
+  fi
+}
+
 printf 'stage\tstatus\tseconds\tlog\n' >"$SUMMARY"
 # killed from outside (the device call's own limit): stop the background warm-ups, keep what was written
 trap 'stop_warmups; bundle; exit 143' TERM INT
 echo "gpu_check: stages ${STAGES[*]} -> $OUT (budget ${BUDGET}s)"
+seed_triton_cache
 for stage in "${STAGES[@]}"; do
+  [[ -f $TRITON_SEED ]] && echo "before $stage: $(triton_cache_entries) entries in $TRITON_CACHE" >>"$OUT/triton_cache.txt"
   case $stage in
     env) stage_env ;;
     build | test | test16 | bench | e2e | train | sweep | paper | sanitize)
@@ -551,6 +592,7 @@ for stage in "${STAGES[@]}"; do
 done
 
 wait_warmups
+[[ -f $TRITON_SEED ]] && echo "at the end: $(triton_cache_entries) entries in $TRITON_CACHE" >>"$OUT/triton_cache.txt"
 echo
 echo "== gpu_check summary ($(($(date +%s) - START))s of ${BUDGET}s)"
 column -t -s $'\t' "$SUMMARY" 2>/dev/null || cat "$SUMMARY"

@@ -1,7 +1,7 @@
 """Compile every Triton kernel of pyimputmae for a CUDA GPU, without a GPU: a pre-flight check.
 
     python tools/triton_compile_check.py [--arch 90] [--dtypes fp32,bf16] [--size large|small|huge] [--sweep]
-                                         [--grids-only]
+                                         [--grids-only] [--cache-tar build/triton_cache.tar.gz]
 
 The real launchers (``pyimputmae.kernels``) run on ``meta`` tensors of the benchmark shapes, with
 ``JITFunction.run`` swapped for a recorder: every launch they would make is caught with its
@@ -21,15 +21,27 @@ forward and backward. ``--size small`` shrinks every one of them (a quicker smok
 passes the row counts, per-sample strides and element counts as 64-bit scalars: the kernels must
 compile that way too, and every launch grid must stay within CUDA's limits (checked for every size:
 at most 2^31 - 1 programs along the first axis, 65,535 along the others).
+
+``--cache-tar PATH`` compiles into an empty Triton cache directory and packs it, with a
+``manifest.json`` (triton version, target, dtypes, size, a digest of ``kernels/``), into a tar.gz for
+``tools/gpu_check.sh`` to seed the GPU machine's cache with. The compiles go through Triton's own
+``triton.compile`` with the arguments ``JITFunction.run`` would give it, so with the same triton (and
+its bundled ptxas) a launch there on these shapes finds its cache key and loads the cubin instead of
+compiling; any difference only makes it compile as before.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import traceback
@@ -183,7 +195,7 @@ def cases(k, dtype: torch.dtype, size: str, sweep: ModuleType | None = None) -> 
             cases.append((f"patch_embed grad_weight sweep {sweep.label(config)}",
                           lambda c=config: k.patch_embed_backward(meta(B, L, E, dtype=dtype), x, weight, None, p,
                                                                   False, True, config=c)))
-        for config in sweep.CONFIGS:
+        for config in sweep.CONFIGS if sixteen_bit else []:  # the sweep times bf16 (fp32 tiles are smaller)
             name = sweep.label(config)
             cases += [(f"patch_embed fwd sweep {name}", lambda c=config: k.patch_embed_forward(x, weight, bias, None,
                                                                                               None, p, config=c)),
@@ -269,6 +281,34 @@ def machine_code_report(ptx: str, arch: int) -> str:
     return " ".join(words)
 
 
+def kernels_digest(root: Path | None = None) -> str:
+    """sha256 of ``kernels/*.py`` as ``cd kernels && sha256sum $(ls *.py | LC_ALL=C sort) | sha256sum``
+    prints it: what the cache keys of the kernels depend on in this checkout. ``tools/gpu_check.sh``
+    computes it that way (no Python) before seeding a cache made elsewhere."""
+    root = root or Path(__file__).resolve().parent.parent
+    lines = "".join(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.name}\n"
+                    for path in sorted((root / "kernels").glob("*.py"), key=lambda p: p.name.encode()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def pack_cache(cache_dir: Path, out: Path, manifest: dict) -> int:
+    """Write ``cache_dir``'s entries and ``manifest.json`` into the tar.gz ``out`` (atomically);
+    the number of entries."""
+    entries = sorted(p for p in cache_dir.iterdir() if p.is_dir())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    with tarfile.open(partial, "w:gz") as tar:
+        for entry in entries:
+            tar.add(entry, arcname=f"./{entry.name}")
+        data = json.dumps({**manifest, "entries": len(entries)}, indent=1).encode()
+        info = tarfile.TarInfo("./manifest.json")
+        info.size = len(data)
+        info.mtime = int(time.time())
+        tar.addfile(info, io.BytesIO(data))
+    os.replace(partial, out)
+    return len(entries)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 (H100/H200)")
@@ -279,7 +319,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="only record the launches and check their grids against CUDA's limits (no compiling)")
     parser.add_argument("--sweep", action="store_true",
                         help="also the patch-embedding tile configurations of tools/patch_embed_sweep.py")
+    parser.add_argument("--cache-tar", type=Path, default=None,
+                        help="compile into an empty Triton cache and pack it into this tar.gz (gpu_check.sh seeds "
+                             "the GPU machine's cache with it)")
     opts = parser.parse_args(argv)
+    if opts.cache_tar is not None and opts.grids_only:
+        parser.error("--cache-tar needs the compiles: drop --grids-only")
+    cache_dir = None
+    if opts.cache_tar is not None:
+        cache_dir = Path(tempfile.mkdtemp(prefix="pyimputmae-triton-cache-"))
+        os.environ["TRITON_CACHE_DIR"] = str(cache_dir)
+        triton.knobs.cache.dir = str(cache_dir)
     sweep = None
     if opts.sweep:
         import importlib.util
@@ -331,6 +381,17 @@ def main(argv: list[str] | None = None) -> int:
                 failed += status.startswith("ERROR")
                 print(f"{dname:5s} {case}: {label}: {status}", flush=True)
     print(f"{'FAILED: ' + str(failed) if failed else 'all ok'}")
+    if cache_dir is not None:
+        if failed:
+            print(f"not writing {opts.cache_tar}: some kernels failed to compile")
+        else:
+            manifest = {"triton": triton.__version__, "torch": torch.__version__, "arch": opts.arch,
+                        "dtypes": opts.dtypes, "size": opts.size, "sweep": opts.sweep, "only": opts.only,
+                        "kernels_sha256": kernels_digest()}
+            n = pack_cache(cache_dir, opts.cache_tar, manifest)
+            print(f"wrote {opts.cache_tar}: {n} compiled kernels ({opts.cache_tar.stat().st_size / 2**20:.1f} MiB), "
+                  f"triton {triton.__version__}, sm_{opts.arch}")
+        shutil.rmtree(cache_dir, ignore_errors=True)
     return 1 if failed else 0
 
 
