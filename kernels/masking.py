@@ -372,14 +372,16 @@ def _sum_hidden(out: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor, name:
     check_grid_y(name, "E", E, block_e)
     partial = torch.empty(groups, E, dtype=acc_dtype, device=grad.device)
     write_x = gx is not None
-    with device_guard(grad):
+    if write_x:
         # writing gx halves the row block: each row is also stored, to an address read from the map,
         # and for sm_90 32 rows took 164 registers for fp32 (254 for fp64), 16 rows 87-92 (148-152)
+        block_r, K = block_r // 2, gx.shape[1]
+    else:
+        gx, inv, K = grad, grad, 0  # (not read)
+    with device_guard(grad):
         _hidden_sum_partial_kernel[(groups, triton.cdiv(E, block_e))](
-            partial, grad, mask.view(torch.uint8), gx if write_x else grad, inv if write_x else grad,
-            rows, gx.shape[1] if write_x else 0, L, E, rows_per_group, WRITE_X=write_x,
-            ACC_FP64=acc_dtype == torch.float64, BLOCK_R=block_r // 2 if write_x else block_r, BLOCK_E=block_e,
-            num_warps=4,
+            partial, grad, mask.view(torch.uint8), gx, inv, rows, K, L, E, rows_per_group, WRITE_X=write_x,
+            ACC_FP64=acc_dtype == torch.float64, BLOCK_R=block_r, BLOCK_E=block_e, num_warps=4,
         )
         _sum_rows_kernel[(triton.cdiv(E, block_e),)](
             out, partial, groups, E, BLOCK_G=8 if interpreting() else 32, BLOCK_E=block_e, num_warps=4

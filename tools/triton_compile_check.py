@@ -59,6 +59,7 @@ from triton.runtime import jit as triton_jit
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pyimputmae import _backends
+from pyimputmae._atomic import atomic_write
 
 #: shared memory a block may use on sm_90 (H100 / H200): 227 KiB
 SHARED_LIMIT = {90: 232448, 100: 232448}
@@ -295,17 +296,18 @@ def pack_cache(cache_dir: Path, out: Path, manifest: dict) -> int:
     """Write ``cache_dir``'s entries and ``manifest.json`` into the tar.gz ``out`` (atomically);
     the number of entries."""
     entries = sorted(p for p in cache_dir.iterdir() if p.is_dir())
+    data = json.dumps({**manifest, "entries": len(entries)}, indent=1).encode()
+
+    def write(f) -> None:
+        with tarfile.open(fileobj=f, mode="w:gz") as tar:
+            for entry in entries:
+                tar.add(entry, arcname=f"./{entry.name}")
+            info = tarfile.TarInfo("./manifest.json")
+            info.size, info.mtime = len(data), int(time.time())
+            tar.addfile(info, io.BytesIO(data))
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    with tarfile.open(partial, "w:gz") as tar:
-        for entry in entries:
-            tar.add(entry, arcname=f"./{entry.name}")
-        data = json.dumps({**manifest, "entries": len(entries)}, indent=1).encode()
-        info = tarfile.TarInfo("./manifest.json")
-        info.size = len(data)
-        info.mtime = int(time.time())
-        tar.addfile(info, io.BytesIO(data))
-    os.replace(partial, out)
+    atomic_write(out, write)
     return len(entries)
 
 
