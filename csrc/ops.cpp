@@ -35,10 +35,12 @@ TORCH_LIBRARY(pyimputmae, m) {
   m.def("select_keep(Tensor present, int[] lengths, int[] keeps, Tensor rng) -> (Tensor, Tensor)");
   // tokens (B, L, E) -> (B, K, E): tokens[b, ids_keep[b, k]], zero where that position is hidden
   m.def("gather_visible(Tensor tokens, Tensor ids_keep, Tensor mask) -> Tensor");
-  // x (B, K, E) -> (B, L, E): mask_token where hidden, x scattered to visible positions
-  m.def("unshuffle_fill(Tensor x, Tensor ids_keep, Tensor mask, Tensor mask_token) -> Tensor");
+  // x (B, K, E) -> (B, L, E): mask_token (zeros when None) where hidden, x scattered to visible positions
+  m.def("unshuffle_fill(Tensor x, Tensor ids_keep, Tensor mask, Tensor? mask_token) -> Tensor");
   // grad (B, L, E) -> (E,): sum of the rows at hidden positions (fp32 accumulation)
   m.def("hidden_sum(Tensor grad, Tensor mask) -> Tensor");
+  // a fill's backward in one call: grad (B, L, E) -> (gather_visible(grad, ...), hidden_sum(grad, mask))
+  m.def("fill_backward(Tensor grad, Tensor ids_keep, Tensor mask) -> (Tensor, Tensor)");
   // masked MSE: loss (fp32 scalar) and its gradient w.r.t. pred, in one pass
   m.def("masked_mse_forward(Tensor pred, Tensor x, Tensor weight, int patch, bool norm_pix) -> (Tensor, Tensor)");
   // grad *= scale[0], in place; returns at once, touching nothing, when scale == 1

@@ -29,9 +29,7 @@ def gather_visible(tokens, ids_keep, mask) -> torch.Tensor:
 
 
 def unshuffle_fill(x, ids_keep, mask, mask_token) -> torch.Tensor:
-    """mask_token: ``(E,)``, or None for zeros (the gather's backward)."""
-    if mask_token is None:
-        mask_token = x.new_zeros(x.shape[-1])
+    """mask_token: ``(E,)``, or None for zeros (the gather's backward; the kernels write them)."""
     return _ops.unshuffle_fill(x, ids_keep, mask, mask_token)
 
 
@@ -40,8 +38,9 @@ def hidden_sum(grad, mask) -> torch.Tensor:
 
 
 def fill_backward(grad, ids_keep, mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradients of a fill's ``x`` and ``mask_token``: ``(gather_visible, hidden_sum)`` of grad."""
-    return _ops.gather_visible(grad, ids_keep, mask), _ops.hidden_sum(grad, mask)
+    """The gradients of a fill's ``x`` and ``mask_token``: ``(gather_visible, hidden_sum)`` of grad,
+    from one call into the extension."""
+    return _ops.fill_backward(grad, ids_keep, mask)
 
 
 def masked_mse_forward(pred, x, weight, patch: int, norm_pix: bool):

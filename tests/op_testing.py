@@ -29,7 +29,7 @@ TEST_BACKENDS = (*BACKENDS, "cuda_emu")
 # the kernel-level functions (docs/architecture.md) each op family needs from a backend
 FAMILY_FUNCTIONS = {
     "patch_embed": ("patch_embed_forward", "patch_embed_backward"),
-    "masking": ("select_keep", "gather_visible", "unshuffle_fill", "hidden_sum"),
+    "masking": ("select_keep", "gather_visible", "unshuffle_fill", "hidden_sum", "fill_backward"),
     "masked_mse": ("masked_mse_forward", "scale_grad_"),
 }
 ALL_FAMILIES = tuple(FAMILY_FUNCTIONS)

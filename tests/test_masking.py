@@ -308,6 +308,32 @@ def test_unshuffle_fill_and_gather_follow_the_spec_when_mask_and_ids_disagree(ba
     assert torch.equal(gathered.cpu(), gather_visible_reference(tokens.cpu(), ids_keep.cpu(), mask.cpu()))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tokenless_fill_and_fill_backward_follow_the_spec(backend, device, dtype):
+    """The two calls the backwards make on a backend module: a fill with no token (the gather's
+    backward) writes zeros where hidden, and ``fill_backward`` equals the gather and the hidden sum
+    of the same gradient — also where mask and ids disagree, which takes every branch of the kernels."""
+    kernels = _backends.module(backend)
+    sel = selection(backend, device, "four_modalities")
+    ids_keep = sel["ids_keep"]
+    for mask in (sel["mask"], scrambled_mask(ids_keep, sel["mask"])):
+        x = torch.randn(ids_keep.shape[0], ids_keep.shape[1], WIDTH).to(device, DTYPES[dtype])
+        zeros = torch.zeros(WIDTH, dtype=x.dtype)
+        out = kernels.unshuffle_fill(x, ids_keep, mask, None)
+        assert torch.equal(out.cpu(), unshuffle_fill_reference(x.cpu(), ids_keep.cpu(), mask.cpu(), zeros))
+        grad = torch.randn(mask.shape[0], mask.shape[1], WIDTH).to(device, x.dtype)
+        grad_x, grad_token = kernels.fill_backward(grad, ids_keep, mask)
+        assert torch.equal(grad_x.cpu(), gather_visible_reference(grad.cpu(), ids_keep.cpu(), mask.cpu()))
+        assert grad_token.shape == (WIDTH,) and grad_token.dtype == x.dtype
+        # (not always hidden_sum's bits: Triton's one pass for select_keep's own pair adds in another order)
+        expected = (grad.to(torch.float64) * mask.unsqueeze(-1)).sum((0, 1))
+        if x.dtype in (torch.float64, torch.float32):
+            assert_close(grad_token, expected, what=f"{backend} fill_backward sum")
+        else:
+            assert_no_worse_than_torch(grad_token, (grad * mask.unsqueeze(-1)).sum((0, 1)), expected,
+                                       what=f"{backend} fill_backward sum")
+
+
 @pytest.mark.parametrize("dtype", ["fp64", "fp32"])
 def test_hidden_sum_matches_reference(backend, device, dtype):
     grad = torch.randn(3, 41, 7, dtype=DTYPES[dtype], device=device)
@@ -654,6 +680,33 @@ def test_triton_fill_backward_of_random_masking_output_is_one_pass(device, trito
     unshuffle_fill_reference(x_ref, ids_keep, mask, token_ref).backward(grad)
     assert torch.equal(x.grad, x_ref.grad), "x gradient differs from the reference"
     assert_close(token.grad, token_ref.grad, what="token gradient")
+
+
+def test_ext_masking_and_fill_forward_backward_calls(backend, device):
+    """On the ext backend (C++ or CUDA kernels) one forward + backward of random_masking →
+    unshuffle_fill is five calls into the extension — the selection, the gather, the fill, the
+    fill's backward (gather and token sum in one call), the gather's backward (a fill with no
+    token) — and no PyTorch fill of zeros."""
+    if backend != "ext":
+        pytest.skip("counts the calls into the compiled extension")
+    lay = LAYOUTS["four_modalities"]
+    tokens = make_tokens("four_modalities", torch.float32, device).requires_grad_(True)
+    present, rng = make_present("four_modalities", device), make_rng("small", device)
+    mask_token = torch.randn(WIDTH, device=device, requires_grad=True)
+    with _RecordOps() as recorded:
+        visible, ids_keep, mask = random_masking(tokens, lay.lengths, lay.ratios, present, rng, backend=backend)
+        unshuffle_fill(visible, ids_keep, mask, mask_token, backend=backend).backward(torch.ones(tokens.shape,
+                                                                                                  device=device))
+    calls = [op.split(".")[1] for op in recorded.ops if op.startswith("pyimputmae")]
+    assert sorted(calls) == sorted(["select_keep", "gather_visible", "unshuffle_fill", "fill_backward",
+                                    "unshuffle_fill"]), calls
+    zeroing = [op for op in recorded.ops
+               if op.startswith("aten") and any(word in op for word in ("zero", "fill_", "full"))]
+    assert not zeroing, f"PyTorch zero fills in the step: {zeroing}"
+    expected = torch.ones(tokens.shape)
+    expected[mask.cpu()] = 0  # every visible token's gradient is 1, through the fill and the gather
+    assert torch.equal(tokens.grad.cpu(), expected)
+    assert torch.equal(mask_token.grad.cpu(), torch.full((WIDTH,), float(mask.sum())))
 
 
 def test_triton_masking_and_fill_forward_backward_launches(device, triton_launches):

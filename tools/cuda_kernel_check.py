@@ -95,6 +95,11 @@ def row_moves(ops, device, dtype, E, offset):
     token = offset_tensor((E,), dtype, offset, device)
     filled = ops.unshuffle_fill(x, ids.to(device), mask.to(device), token)
     assert_equal(filled, ref.unshuffle_fill(x.cpu(), ids, mask, token.cpu()), "unshuffle_fill")
+    zero_filled = ops.unshuffle_fill(x, ids.to(device), mask.to(device), None)  # the gather's backward
+    assert_equal(zero_filled, ref.unshuffle_fill(x.cpu(), ids, mask, None), "unshuffle_fill, no token")
+    grad_x, grad_token = ops.fill_backward(tokens, ids.to(device), mask.to(device))  # the fill's backward
+    assert_equal(grad_x, ref.gather_visible(tokens.cpu(), ids, mask), "fill_backward's gather")
+    assert_equal(grad_token, ops.hidden_sum(tokens, mask.to(device)), "fill_backward's sum")
 
 
 def hidden_sum(ops, device, dtype, E):

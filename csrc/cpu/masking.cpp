@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -121,8 +122,9 @@ std::tuple<at::Tensor, at::Tensor> select_keep_cpu(const at::Tensor& present, at
   return {ids_keep, mask};
 }
 
-at::Tensor gather_visible_cpu(const at::Tensor& tokens, const at::Tensor& ids_keep, const at::Tensor& mask) {
-  constexpr const char* op = "gather_visible";
+// `op`: the name errors give (fill_backward calls this for the gradient of a fill's x)
+at::Tensor gather_visible_cpu_named(const at::Tensor& tokens, const at::Tensor& ids_keep, const at::Tensor& mask,
+                                   const char* op) {
   check_cpu_tensor(tokens, "tokens", op);
   check_float_dtype(tokens, "tokens", op);
   TORCH_CHECK(tokens.dim() == 3, op, ": tokens must be (B, L, E), got shape ", tokens.sizes());
@@ -154,12 +156,17 @@ at::Tensor gather_visible_cpu(const at::Tensor& tokens, const at::Tensor& ids_ke
   return out;
 }
 
+at::Tensor gather_visible_cpu(const at::Tensor& tokens, const at::Tensor& ids_keep, const at::Tensor& mask) {
+  return gather_visible_cpu_named(tokens, ids_keep, mask, "gather_visible");
+}
+
 // Where each output position of unshuffle_fill takes its row from.
 constexpr int32_t kNoSource = -1;   // visible, named by no id: zeros
 constexpr int32_t kManySources = -2;  // visible, named by several ids: their sum (scatter_add)
 
+// mask_token: (E,), or none for zeros (the gather's backward)
 at::Tensor unshuffle_fill_cpu(const at::Tensor& x, const at::Tensor& ids_keep, const at::Tensor& mask,
-                              const at::Tensor& mask_token) {
+                              const std::optional<at::Tensor>& mask_token) {
   constexpr const char* op = "unshuffle_fill";
   check_cpu_tensor(x, "x", op);
   check_float_dtype(x, "x", op);
@@ -168,11 +175,13 @@ at::Tensor unshuffle_fill_cpu(const at::Tensor& x, const at::Tensor& ids_keep, c
   check_ids_and_mask(ids_keep, mask, batch, op);
   TORCH_CHECK(ids_keep.size(1) == visible, op, ": ids_keep ", ids_keep.sizes(), " does not match x ", x.sizes());
   TORCH_CHECK(visible < std::numeric_limits<int32_t>::max(), op, ": K = ", visible, " visible slots is too many");
-  check_cpu_tensor(mask_token, "mask_token", op);
-  TORCH_CHECK(mask_token.scalar_type() == x.scalar_type(), op, ": mask_token dtype ", mask_token.scalar_type(),
-              " differs from x dtype ", x.scalar_type());
-  TORCH_CHECK(mask_token.dim() == 1 && mask_token.size(0) == embed, op, ": mask_token must be (", embed,
-              ",), got shape ", mask_token.sizes());
+  if (mask_token.has_value()) {
+    check_cpu_tensor(*mask_token, "mask_token", op);
+    TORCH_CHECK(mask_token->scalar_type() == x.scalar_type(), op, ": mask_token dtype ", mask_token->scalar_type(),
+                " differs from x dtype ", x.scalar_type());
+    TORCH_CHECK(mask_token->dim() == 1 && mask_token->size(0) == embed, op, ": mask_token must be (", embed,
+                ",), got shape ", mask_token->sizes());
+  }
   const int64_t length = mask.size(1);
   at::Tensor out = at::empty({batch, length, embed}, x.options());
   const int64_t* ids = ids_keep.const_data_ptr<int64_t>();
@@ -197,15 +206,17 @@ at::Tensor unshuffle_fill_cpu(const at::Tensor& x, const at::Tensor& ids_keep, c
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "unshuffle_fill_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
-    const scalar_t* token = mask_token.const_data_ptr<scalar_t>();
+    const scalar_t* token = mask_token.has_value() ? mask_token->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, batch * length, grain_rows(embed * sizeof(scalar_t)), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> sum;
       for (int64_t r = begin; r < end; ++r) {
         scalar_t* row = dst + r * embed;
         const int32_t k = source[r];
-        if (hidden[r]) {
+        if (hidden[r] && token != nullptr) {
           std::memcpy(row, token, embed * sizeof(scalar_t));
+        } else if (hidden[r]) {
+          std::fill_n(row, embed, static_cast<scalar_t>(0));
         } else if (k >= 0) {
           std::memcpy(row, x_data + ((r / length) * visible + k) * embed, embed * sizeof(scalar_t));
         } else if (k == kNoSource) {
@@ -231,8 +242,7 @@ at::Tensor unshuffle_fill_cpu(const at::Tensor& x, const at::Tensor& ids_keep, c
 // number of threads.
 constexpr int64_t kHiddenSumChunkRows = 256;
 
-at::Tensor hidden_sum_cpu(const at::Tensor& grad, const at::Tensor& mask) {
-  constexpr const char* op = "hidden_sum";
+at::Tensor hidden_sum_cpu_named(const at::Tensor& grad, const at::Tensor& mask, const char* op) {
   check_cpu_tensor(grad, "grad", op);
   check_float_dtype(grad, "grad", op);
   TORCH_CHECK(grad.dim() == 3, op, ": grad must be (B, L, E), got shape ", grad.sizes());
@@ -272,6 +282,18 @@ at::Tensor hidden_sum_cpu(const at::Tensor& grad, const at::Tensor& mask) {
   return out;
 }
 
+at::Tensor hidden_sum_cpu(const at::Tensor& grad, const at::Tensor& mask) {
+  return hidden_sum_cpu_named(grad, mask, "hidden_sum");
+}
+
+// The gradients of a fill's x and mask_token from one call: grad's kept rows gathered to their
+// slots (zero where hidden) and the sum of its hidden rows. The two read disjoint rows of grad.
+std::tuple<at::Tensor, at::Tensor> fill_backward_cpu(const at::Tensor& grad, const at::Tensor& ids_keep,
+                                                     const at::Tensor& mask) {
+  constexpr const char* op = "fill_backward";
+  return {gather_visible_cpu_named(grad, ids_keep, mask, op), hidden_sum_cpu_named(grad, mask, op)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyimputmae, CPU, m) {
@@ -279,6 +301,7 @@ TORCH_LIBRARY_IMPL(pyimputmae, CPU, m) {
   m.impl("gather_visible", &gather_visible_cpu);
   m.impl("unshuffle_fill", &unshuffle_fill_cpu);
   m.impl("hidden_sum", &hidden_sum_cpu);
+  m.impl("fill_backward", &fill_backward_cpu);
 }
 
 }  // namespace pyimputmae

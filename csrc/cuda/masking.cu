@@ -1,4 +1,5 @@
-// CUDA kernels of the masking ops: select_keep, gather_visible, unshuffle_fill, hidden_sum.
+// CUDA kernels of the masking ops: select_keep, gather_visible, unshuffle_fill, hidden_sum, and
+// fill_backward (a gather and a hidden sum from one call).
 // Spec: pyimputmae/reference/masking.py (and hidden_sum in reference/backend.py).
 //
 // select_keep ranks Philox keys inside one block per (row, segment) (no sort) and reads
@@ -14,6 +15,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
+#include <string>
 
 #include "cuda_utils.cuh"
 #include "philox.h"
@@ -225,7 +228,8 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-// out[b, l] = mask_token where hidden, x[b, inverse[b, l]] where visible, zeros where no id names l
+// out[b, l] = mask_token where hidden (zeros when it is null), x[b, inverse[b, l]] where visible,
+// zeros where no id names l
 template <typename U>
 __global__ void __launch_bounds__(kRowThreads)
     unshuffle_fill_kernel(U* __restrict__ out, const U* __restrict__ x, const U* __restrict__ mask_token,
@@ -288,18 +292,20 @@ void check_ids_and_mask(const char* op, const at::Tensor& ids_keep, const at::Te
               mask.scalar_type());
 }
 
-at::Tensor gather_visible_cuda(const at::Tensor& tokens_in, const at::Tensor& ids_keep_in, const at::Tensor& mask_in) {
-  TORCH_CHECK(tokens_in.is_cuda(), "gather_visible: tokens must be a CUDA tensor, got one on ", tokens_in.device());
-  TORCH_CHECK(tokens_in.dim() == 3, "gather_visible: tokens must be (B, L, E), got shape ", tokens_in.sizes());
-  check_float_tensor(tokens_in, "gather_visible: tokens");
+// `op`: the name errors give (fill_backward calls this for the gradient of a fill's x)
+at::Tensor gather_visible_named(const at::Tensor& tokens_in, const at::Tensor& ids_keep_in, const at::Tensor& mask_in,
+                                const char* op) {
+  const std::string name(op);
+  TORCH_CHECK(tokens_in.is_cuda(), op, ": tokens must be a CUDA tensor, got one on ", tokens_in.device());
+  TORCH_CHECK(tokens_in.dim() == 3, op, ": tokens must be (B, L, E), got shape ", tokens_in.sizes());
+  check_float_tensor(tokens_in, (name + ": tokens").c_str());
   const int64_t B = tokens_in.size(0), L = tokens_in.size(1), E = tokens_in.size(2);
-  TORCH_CHECK(ids_keep_in.dim() == 2, "gather_visible: ids_keep must be (B, K), got shape ", ids_keep_in.sizes());
+  TORCH_CHECK(ids_keep_in.dim() == 2, op, ": ids_keep must be (B, K), got shape ", ids_keep_in.sizes());
   const int64_t K = ids_keep_in.size(1);
-  check_ids_and_mask("gather_visible", ids_keep_in, mask_in, B, K, tokens_in);
-  TORCH_CHECK(mask_in.size(1) == L, "gather_visible: mask must be (B, L) = (", B, ", ", L, "), got shape ",
-              mask_in.sizes());
+  check_ids_and_mask(op, ids_keep_in, mask_in, B, K, tokens_in);
+  TORCH_CHECK(mask_in.size(1) == L, op, ": mask must be (B, L) = (", B, ", ", L, "), got shape ", mask_in.sizes());
   // a row moves in units of at least one element (every element is aligned to its size): units <= E
-  check_index_size("gather_visible", "E (token width)", E);
+  check_index_size(op, "E (token width)", E);
   const c10::cuda::CUDAGuard guard(tokens_in.device());
   const at::Tensor tokens = tokens_in.contiguous(), ids_keep = ids_keep_in.contiguous(), mask = mask_in.contiguous();
   at::Tensor out = at::empty({B, K, E}, tokens.options());
@@ -307,7 +313,7 @@ at::Tensor gather_visible_cuda(const at::Tensor& tokens_in, const at::Tensor& id
   if (rows == 0 || E == 0) return out;
   const int64_t row_bytes = E * tokens.element_size();
   const int bytes = unit_bytes(row_bytes, {tokens.data_ptr(), out.data_ptr()});
-  TORCH_INTERNAL_ASSERT(row_bytes / bytes <= E, "gather_visible: ", E, " values move as ", row_bytes / bytes, " units");
+  TORCH_INTERNAL_ASSERT(row_bytes / bytes <= E, op, ": ", E, " values move as ", row_bytes / bytes, " units");
   const int32_t units = static_cast<int32_t>(row_bytes / bytes);
   const RowLaunch launch = row_launch(rows, units);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -321,18 +327,26 @@ at::Tensor gather_visible_cuda(const at::Tensor& tokens_in, const at::Tensor& id
   return out;
 }
 
+at::Tensor gather_visible_cuda(const at::Tensor& tokens, const at::Tensor& ids_keep, const at::Tensor& mask) {
+  return gather_visible_named(tokens, ids_keep, mask, "gather_visible");
+}
+
+// mask_token: (E,), or none for zeros (the gather's backward: no zero token is allocated)
 at::Tensor unshuffle_fill_cuda(const at::Tensor& x_in, const at::Tensor& ids_keep_in, const at::Tensor& mask_in,
-                               const at::Tensor& mask_token_in) {
+                               const std::optional<at::Tensor>& mask_token_in) {
   TORCH_CHECK(x_in.is_cuda(), "unshuffle_fill: x must be a CUDA tensor, got one on ", x_in.device());
   TORCH_CHECK(x_in.dim() == 3, "unshuffle_fill: x must be (B, K, E), got shape ", x_in.sizes());
   check_float_tensor(x_in, "unshuffle_fill: x");
   const int64_t B = x_in.size(0), K = x_in.size(1), E = x_in.size(2);
   check_ids_and_mask("unshuffle_fill", ids_keep_in, mask_in, B, K, x_in);
-  check_cuda_tensor(mask_token_in, "unshuffle_fill: mask_token", x_in);
-  TORCH_CHECK(mask_token_in.dim() == 1 && mask_token_in.size(0) == E, "unshuffle_fill: mask_token must be (E,) = (",
-              E, ",), got shape ", mask_token_in.sizes());
-  TORCH_CHECK(mask_token_in.scalar_type() == x_in.scalar_type(), "unshuffle_fill: mask_token has dtype ",
-              mask_token_in.scalar_type(), " but x has ", x_in.scalar_type());
+  if (mask_token_in.has_value()) {
+    const at::Tensor& token = *mask_token_in;
+    check_cuda_tensor(token, "unshuffle_fill: mask_token", x_in);
+    TORCH_CHECK(token.dim() == 1 && token.size(0) == E, "unshuffle_fill: mask_token must be (E,) = (", E,
+                ",), got shape ", token.sizes());
+    TORCH_CHECK(token.scalar_type() == x_in.scalar_type(), "unshuffle_fill: mask_token has dtype ",
+                token.scalar_type(), " but x has ", x_in.scalar_type());
+  }
   const int64_t L = mask_in.size(1);
   check_index_size("unshuffle_fill", "L (columns of mask)", L);
   check_index_size("unshuffle_fill", "K (columns of x)", K);
@@ -340,7 +354,8 @@ at::Tensor unshuffle_fill_cuda(const at::Tensor& x_in, const at::Tensor& ids_kee
   check_grid_x("unshuffle_fill", "B (rows of x)", B);     // inverse_ids_kernel: one block per row
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), ids_keep = ids_keep_in.contiguous(), mask = mask_in.contiguous();
-  const at::Tensor mask_token = mask_token_in.contiguous();
+  const at::Tensor mask_token = mask_token_in.has_value() ? mask_token_in->contiguous() : at::Tensor();
+  const void* token_ptr = mask_token.defined() ? mask_token.data_ptr() : nullptr;  // (aligned to any unit)
   at::Tensor out = at::empty({B, L, E}, x.options());
   const int64_t rows = B * L;
   if (rows == 0 || E == 0) return out;
@@ -351,7 +366,7 @@ at::Tensor unshuffle_fill_cuda(const at::Tensor& x_in, const at::Tensor& ids_kee
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   const int64_t row_bytes = E * x.element_size();
-  const int bytes = unit_bytes(row_bytes, {x.data_ptr(), out.data_ptr(), mask_token.data_ptr()});
+  const int bytes = unit_bytes(row_bytes, {x.data_ptr(), out.data_ptr(), token_ptr});
   TORCH_INTERNAL_ASSERT(row_bytes / bytes <= E, "unshuffle_fill: ", E, " values move as ", row_bytes / bytes, " units");
   const int32_t units = static_cast<int32_t>(row_bytes / bytes);
   const RowLaunch launch = row_launch(rows, units);
@@ -359,7 +374,7 @@ at::Tensor unshuffle_fill_cuda(const at::Tensor& x_in, const at::Tensor& ids_kee
     using U = decltype(unit);
     unshuffle_fill_kernel<U><<<launch.grid, launch.block, 0, stream>>>(
         static_cast<U*>(out.data_ptr()), static_cast<const U*>(x.data_ptr()),
-        static_cast<const U*>(mask_token.data_ptr()), inverse.data_ptr<int32_t>(), rows, K, L, units);
+        static_cast<const U*>(token_ptr), inverse.data_ptr<int32_t>(), rows, K, L, units);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -434,14 +449,15 @@ __global__ void hidden_sum_final_kernel(T* __restrict__ out, const acc_t<T>* __r
   out[e] = static_cast<T>(total);
 }
 
-at::Tensor hidden_sum_cuda(const at::Tensor& grad_in, const at::Tensor& mask_in) {
-  TORCH_CHECK(grad_in.is_cuda(), "hidden_sum: grad must be a CUDA tensor, got one on ", grad_in.device());
-  TORCH_CHECK(grad_in.dim() == 3, "hidden_sum: grad must be (B, L, E), got shape ", grad_in.sizes());
-  check_float_tensor(grad_in, "hidden_sum: grad");
-  check_cuda_tensor(mask_in, "hidden_sum: mask", grad_in);
+at::Tensor hidden_sum_named(const at::Tensor& grad_in, const at::Tensor& mask_in, const char* op) {
+  const std::string name(op);
+  TORCH_CHECK(grad_in.is_cuda(), op, ": grad must be a CUDA tensor, got one on ", grad_in.device());
+  TORCH_CHECK(grad_in.dim() == 3, op, ": grad must be (B, L, E), got shape ", grad_in.sizes());
+  check_float_tensor(grad_in, (name + ": grad").c_str());
+  check_cuda_tensor(mask_in, name + ": mask", grad_in);
   const int64_t B = grad_in.size(0), L = grad_in.size(1), E = grad_in.size(2);
   TORCH_CHECK(mask_in.dim() == 2 && mask_in.size(0) == B && mask_in.size(1) == L && mask_in.scalar_type() == at::kBool,
-              "hidden_sum: mask must be a (B, L) = (", B, ", ", L, ") bool tensor, got shape ", mask_in.sizes(),
+              op, ": mask must be a (B, L) = (", B, ", ", L, ") bool tensor, got shape ", mask_in.sizes(),
               " dtype ", mask_in.scalar_type());
   const c10::cuda::CUDAGuard guard(grad_in.device());
   const int64_t rows = B * L;
@@ -455,7 +471,7 @@ at::Tensor hidden_sum_cuda(const at::Tensor& grad_in, const at::Tensor& mask_in)
     const bool vectorised = E % kVec == 0 && is_aligned(grad.data_ptr(), 16);
     const int64_t vecs = vectorised ? E / kVec : E;
     const int64_t col_blocks = ceil_div(vecs, kSumLanes);
-    TORCH_CHECK(col_blocks < (int64_t(1) << 31), "hidden_sum: E = ", E, " is too large");
+    TORCH_CHECK(col_blocks < (int64_t(1) << 31), op, ": E = ", E, " is too large");
     // a shape-only choice of the chunking, so the result is the same on every GPU
     const int64_t chunks = std::max<int64_t>(
         1, std::min<int64_t>(std::max<int64_t>(1, kSumTargetBlocks / col_blocks), ceil_div(rows, 4 * kSumRows)));
@@ -478,6 +494,20 @@ at::Tensor hidden_sum_cuda(const at::Tensor& grad_in, const at::Tensor& mask_in)
   return out;
 }
 
+at::Tensor hidden_sum_cuda(const at::Tensor& grad, const at::Tensor& mask) {
+  return hidden_sum_named(grad, mask, "hidden_sum");
+}
+
+// The gradients of a fill's x and mask_token from one call (one dispatch from Python instead of
+// two): grad's kept rows gathered to their slots (zero where hidden), and the sum of its hidden
+// rows. The two read disjoint rows of grad, so grad is read once in all.
+std::tuple<at::Tensor, at::Tensor> fill_backward_cuda(const at::Tensor& grad, const at::Tensor& ids_keep,
+                                                      const at::Tensor& mask) {
+  constexpr const char* op = "fill_backward";
+  at::Tensor grad_x = gather_visible_named(grad, ids_keep, mask, op);
+  return {grad_x, hidden_sum_named(grad, mask, op)};
+}
+
 }  // namespace
 }  // namespace cuda
 
@@ -486,6 +516,7 @@ TORCH_LIBRARY_IMPL(pyimputmae, CUDA, m) {
   m.impl("gather_visible", &cuda::gather_visible_cuda);
   m.impl("unshuffle_fill", &cuda::unshuffle_fill_cuda);
   m.impl("hidden_sum", &cuda::hidden_sum_cuda);
+  m.impl("fill_backward", &cuda::fill_backward_cuda);
 }
 
 }  // namespace pyimputmae
