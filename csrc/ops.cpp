@@ -31,12 +31,14 @@ TORCH_LIBRARY(pyimputmae, m) {
   // -> (grad_x or empty, grad_weight or empty); bias and pos gradients are plain reductions
   m.def("patch_embed_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? keep, int patch, "
         "bool need_x, bool need_weight) -> (Tensor, Tensor)");
-  // masking: present (B, M) bool, rng (2,) int64 -> ids_keep (B, K) int64, mask (B, L) bool
-  m.def("select_keep(Tensor present, int[] lengths, int[] keeps, Tensor rng) -> (Tensor, Tensor)");
+  // masking: present (B, M) bool, rng (2,) int64 -> ids_keep (B, K) int64, mask (B, L) bool, and
+  // inverse (B, L) int32: the slot of each kept position, -2 elsewhere (unshuffle_fill's map for the pair)
+  m.def("select_keep(Tensor present, int[] lengths, int[] keeps, Tensor rng) -> (Tensor, Tensor, Tensor)");
   // tokens (B, L, E) -> (B, K, E): tokens[b, ids_keep[b, k]], zero where that position is hidden
   m.def("gather_visible(Tensor tokens, Tensor ids_keep, Tensor mask) -> Tensor");
-  // x (B, K, E) -> (B, L, E): mask_token (zeros when None) where hidden, x scattered to visible positions
-  m.def("unshuffle_fill(Tensor x, Tensor ids_keep, Tensor mask, Tensor? mask_token) -> Tensor");
+  // x (B, K, E) -> (B, L, E): mask_token (zeros when None) where hidden, x scattered to visible positions;
+  // inverse: select_keep's third output for this very (ids_keep, mask), or None to build the map
+  m.def("unshuffle_fill(Tensor x, Tensor ids_keep, Tensor mask, Tensor? mask_token, Tensor? inverse=None) -> Tensor");
   // grad (B, L, E) -> (E,): sum of the rows at hidden positions (fp32 accumulation)
   m.def("hidden_sum(Tensor grad, Tensor mask) -> Tensor");
   // a fill's backward in one call: grad (B, L, E) -> (gather_visible(grad, ...), hidden_sum(grad, mask))

@@ -32,18 +32,16 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
-from torch.utils.weak import WeakIdKeyDictionary
 
+from .._selection_cache import SelectionCache
 from ._utils import cast_rn, check_grid_y, check_sizes, device_guard, interpreting, loop_bound
 from .philox import load_rng, token_keys
 
 SEGMENTS_PER_LAUNCH = 4  # segment lengths travel as scalar arguments, four per launch
 
-#: ids_keep → (mask, ids_keep's version, mask's version, inverse): the inverse map ``(B, L)`` int32
-#: (``k + 1`` at the position ``ids_keep[b, k]`` names, 0 elsewhere; every ``k`` once) that
-#: ``select_keep`` wrote with the pair it returned. Keyed by the tensor's identity, held only while
-#: ``ids_keep`` lives.
-_INVERSES = WeakIdKeyDictionary()
+#: the inverse map ``(B, L)`` int32 (``k + 1`` at the position ``ids_keep[b, k]`` names, 0 elsewhere;
+#: every ``k`` once) that ``select_keep`` wrote with the pair it returned
+_INVERSES = SelectionCache()
 
 
 @triton.jit
@@ -279,21 +277,8 @@ def select_keep(
             )
             tok_base += sum(ns)
             vis_base += sum(ks)
-    if not ids_keep.is_inference():  # (an inference tensor has no version counter to check later)
-        _INVERSES[ids_keep] = (mask, ids_keep._version, mask._version, inverse)
+    _INVERSES.remember(ids_keep, mask, inverse)
     return ids_keep, mask
-
-
-def _known_inverse(ids_keep: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
-    """The inverse map ``select_keep`` wrote, when ``ids_keep`` and ``mask`` are the very pair it
-    returned and neither has been modified since (their version counters); else None."""
-    entry = _INVERSES.get(ids_keep)
-    if entry is None:
-        return None
-    known_mask, ids_version, mask_version, inverse = entry
-    if known_mask is not mask or ids_keep._version != ids_version or mask._version != mask_version:
-        return None
-    return inverse
 
 
 def gather_visible(tokens: torch.Tensor, ids_keep: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -335,7 +320,7 @@ def unshuffle_fill(
     if out.numel() == 0:
         return out
     mask_u8 = mask.view(torch.uint8)
-    inv = _known_inverse(ids_keep, mask)
+    inv = _INVERSES.lookup(ids_keep, mask)
     with device_guard(x):
         if inv is None:
             inv = torch.zeros(B, L, dtype=torch.int32, device=x.device)
@@ -403,9 +388,9 @@ def fill_backward(grad: torch.Tensor, ids_keep: torch.Tensor, mask: torch.Tensor
     """grad: ``(B, L, E)`` (the gradient of a fill's output); ids_keep: ``(B, K)``; mask: ``(B, L)`` bool
     → ``(gather_visible(grad, ids_keep, mask), hidden_sum(grad, mask))``: ``(B, K, E)`` and ``(E,)``.
 
-    For ``select_keep``'s own, unmodified pair (:func:`_known_inverse`) one pass over ``grad`` does
+    For ``select_keep``'s own, unmodified pair (``_INVERSES``) one pass over ``grad`` does
     both; any other pair takes the two functions."""
-    inv = _known_inverse(ids_keep, mask)
+    inv = _INVERSES.lookup(ids_keep, mask)
     if inv is None:
         return gather_visible(grad, ids_keep, mask), hidden_sum(grad, mask)
     B, L, E = grad.shape

@@ -7,9 +7,14 @@ from collections.abc import Sequence
 import torch
 
 from . import _extension
+from ._selection_cache import SelectionCache
 
 _extension.load()
 _ops = torch.ops.pyimputmae
+
+#: select_keep's third output, the fill's inverse map (B, L) int32 of the pair it returned: the slot
+#: of each kept position, -2 elsewhere; a fill of that very pair passes it instead of building one
+_INVERSES = SelectionCache()
 
 
 def patch_embed_forward(x, weight, bias, pos, keep, patch: int) -> torch.Tensor:
@@ -21,7 +26,9 @@ def patch_embed_backward(grad_out, x, weight, keep, patch: int, need_x: bool, ne
 
 
 def select_keep(present, lengths: Sequence[int], keeps: Sequence[int], rng):
-    return _ops.select_keep(present, list(lengths), list(keeps), rng)
+    ids_keep, mask, inverse = _ops.select_keep(present, list(lengths), list(keeps), rng)
+    _INVERSES.remember(ids_keep, mask, inverse)
+    return ids_keep, mask
 
 
 def gather_visible(tokens, ids_keep, mask) -> torch.Tensor:
@@ -30,7 +37,7 @@ def gather_visible(tokens, ids_keep, mask) -> torch.Tensor:
 
 def unshuffle_fill(x, ids_keep, mask, mask_token) -> torch.Tensor:
     """mask_token: ``(E,)``, or None for zeros (the gather's backward; the kernels write them)."""
-    return _ops.unshuffle_fill(x, ids_keep, mask, mask_token)
+    return _ops.unshuffle_fill(x, ids_keep, mask, mask_token, _INVERSES.lookup(ids_keep, mask))
 
 
 def hidden_sum(grad, mask) -> torch.Tensor:

@@ -14,7 +14,14 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from op_testing import HALF_DTYPES, assert_close, assert_no_worse_than_torch, backend_skip_reason, kernel_level_op
+from op_testing import (
+    HALF_DTYPES,
+    assert_close,
+    assert_no_worse_than_torch,
+    backend_skip_reason,
+    cuda_emu_ops,
+    kernel_level_op,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pyimputmae import _backends, random_keep, random_masking, unshuffle_fill
@@ -563,10 +570,37 @@ def triton_launches(request, device, monkeypatch):
     return counted
 
 
-@pytest.fixture
-def triton_masking(triton_launches):
-    """The Triton masking module's inverse-index kernel, counting its launches."""
-    return triton_launches["_inverse_index_kernel"]
+class _CountedFills:
+    """Stands in for the ext backend's ``_ops``: counts the fills that were given no inverse map."""
+
+    def __init__(self, ops) -> None:
+        self._ops, self.launches = ops, 0
+
+    def __getattr__(self, name):
+        return getattr(self._ops, name)
+
+    def unshuffle_fill(self, x, ids_keep, mask, mask_token, inverse=None):
+        self.launches += inverse is None
+        return self._ops.unshuffle_fill(x, ids_keep, mask, mask_token, inverse)
+
+
+@pytest.fixture(params=["triton", "ext", "cuda_emu"])
+def map_builds(request, device, monkeypatch):
+    """(backend name, counter): ``counter.launches`` counts the fills that built their own inverse
+    map — the Triton inverse-index kernel's launches, or the ext backend's fills (C++, or the CUDA
+    kernels under the emulator) given no map."""
+    reason = backend_skip_reason(request.param, device, FAMILIES)
+    if reason:
+        pytest.skip(reason)
+    if request.param == "triton":
+        module = _backends.module("triton").masking
+        counter = _CountedLaunches(module._inverse_index_kernel)
+        monkeypatch.setattr(module, "_inverse_index_kernel", counter)
+        return "triton", counter
+    ext = _backends.module("ext")
+    counter = _CountedFills(cuda_emu_ops() if request.param == "cuda_emu" else ext._ops)
+    monkeypatch.setattr(ext, "_ops", counter)
+    return "ext", counter
 
 
 def _masking_step(tokens, mask_token, backend, *, edit=None):
@@ -587,14 +621,15 @@ def _masking_step(tokens, mask_token, backend, *, edit=None):
     return out.detach(), (t if edit is None else visible).grad, m.grad
 
 
-def test_triton_fill_of_random_masking_output_takes_the_inverse_select_keep_wrote(device, triton_masking):
-    """Forward fill and the gather's backward (a fill) read select_keep's inverse map: no inverse-index
-    launch, and the same output and gradients as the reference backend."""
+def test_fill_of_random_masking_output_takes_the_inverse_select_keep_wrote(device, map_builds):
+    """Forward fill and the gather's backward (a fill) read select_keep's inverse map: none built,
+    and the same output and gradients as the reference backend."""
+    backend, builds = map_builds
     tokens, mask_token = make_tokens("four_modalities", torch.float32, device), torch.randn(WIDTH, device=device)
-    ours = _masking_step(tokens, mask_token, "triton")
-    assert triton_masking.launches == 0, "the fill recomputed the inverse select_keep had written"
+    ours = _masking_step(tokens, mask_token, backend)
+    assert builds.launches == 0, "the fill recomputed the inverse select_keep had written"
     for got, want, what in zip(ours, _masking_step(tokens, mask_token, "reference"), ("output", "grad", "token grad")):
-        assert_close(got, want, what=f"triton {what}")
+        assert_close(got, want, what=f"{backend} {what}")
 
 
 def _swap_first_two_kept(ids_keep, mask):
@@ -606,50 +641,73 @@ def _reveal_a_hidden_position(ids_keep, mask):
 
 
 @pytest.mark.parametrize("edit", [_swap_first_two_kept, _reveal_a_hidden_position])
-def test_triton_fill_recomputes_the_inverse_after_ids_or_mask_change_in_place(device, triton_masking, edit):
+def test_fill_recomputes_the_inverse_after_ids_or_mask_change_in_place(device, map_builds, edit):
     """An in-place change of ids_keep or mask after random_masking (their version counters move) makes
     the fill build the inverse from what it is given, as the reference does."""
+    backend, builds = map_builds
     tokens, mask_token = make_tokens("four_modalities", torch.float32, device), torch.randn(WIDTH, device=device)
-    ours = _masking_step(tokens, mask_token, "triton", edit=edit)
-    assert triton_masking.launches == 1, "the fill must rebuild the inverse of the changed pair"
+    ours = _masking_step(tokens, mask_token, backend, edit=edit)
+    assert builds.launches == 1, "the fill must rebuild the inverse of the changed pair"
     for got, want, what in zip(ours, _masking_step(tokens, mask_token, "reference", edit=edit),
                                ("output", "grad", "token grad")):
-        assert_close(got, want, what=f"triton {what}")
+        assert_close(got, want, what=f"{backend} {what}")
 
 
-def test_triton_fill_with_another_mask_object_recomputes_the_inverse(device, triton_masking):
+def test_fill_with_another_mask_object_recomputes_the_inverse(device, map_builds):
     """Only the mask select_keep returned goes with its inverse: an equal copy, or a different mask with
     the same ids, is read as given."""
-    sel = selection("triton", device, "four_modalities")
+    backend, builds = map_builds
+    sel = selection(backend, device, "four_modalities")
     ids_keep, mask, visible = sel["ids_keep"], sel["mask"], sel["visible"]
     mask_token = torch.randn(WIDTH, device=device)
     for other in (mask.clone(), scrambled_mask(ids_keep, mask)):
-        before = triton_masking.launches
-        got = unshuffle_fill(visible, ids_keep, other, mask_token, backend="triton")
-        assert triton_masking.launches == before + 1
+        before = builds.launches
+        got = unshuffle_fill(visible, ids_keep, other, mask_token, backend=backend)
+        assert builds.launches == before + 1
         assert torch.equal(got, unshuffle_fill_reference(visible, ids_keep, other, mask_token))
 
 
-def test_triton_masking_under_inference_mode(device, triton_masking):
+def test_masking_under_inference_mode(device, map_builds):
     """Inference tensors have no version counter: their fill always builds the inverse, and is right."""
+    backend, builds = map_builds
     lay = LAYOUTS["four_modalities"]
     tokens, present = make_tokens("four_modalities", torch.float32, device), make_present("four_modalities", device)
     mask_token = torch.randn(WIDTH, device=device)
     with torch.inference_mode():
         visible, ids_keep, mask = random_masking(tokens, lay.lengths, lay.ratios, present,
-                                                 make_rng("small", device), backend="triton")
-        out = unshuffle_fill(visible, ids_keep, mask, mask_token, backend="triton")
-    assert triton_masking.launches == 1
+                                                 make_rng("small", device), backend=backend)
+        out = unshuffle_fill(visible, ids_keep, mask, mask_token, backend=backend)
+    assert builds.launches == 1
     assert torch.equal(out, torch.where(mask.unsqueeze(-1), mask_token, tokens))
 
 
-def test_triton_inverse_map_of_select_keep_names_every_slot_once(device, triton_masking):
+def test_ext_inverse_map_of_select_keep_holds_the_slot_of_each_kept_position(backend, device):
+    """The map the ext backend's select_keep (C++ or CUDA kernel) returns beside its pair: the slot
+    ``k`` at the visible position ``ids_keep[b, k]`` names, -2 at every hidden position (a missing
+    modality's included): the map its fill reads in place of building one."""
+    if backend != "ext":
+        pytest.skip("the ext backend's map")
+    sel = selection(backend, device, "four_modalities")
+    ids_keep, mask = sel["ids_keep"].cpu(), sel["mask"].cpu()
+    inverse = _backends.module("ext")._INVERSES.lookup(sel["ids_keep"], sel["mask"])
+    assert inverse is not None and inverse.dtype == torch.int32
+    B, K = ids_keep.shape
+    want = torch.full(mask.shape, -2, dtype=torch.int32)
+    for b in range(B):
+        for k in range(K):
+            if not mask[b, ids_keep[b, k]]:
+                want[b, ids_keep[b, k]] = k
+    assert (mask.gather(1, ids_keep)).any(), "the layout must keep some hidden positions"
+    assert torch.equal(inverse.cpu(), want)
+
+
+def test_triton_inverse_map_of_select_keep_names_every_slot_once(device, triton_launches):
     """The map select_keep keeps beside its pair holds ``k + 1`` at the position ``ids_keep[b, k]``
     names, for every k (a missing modality's kept slots too), and 0 elsewhere: what lets the fill's
     backward write every row of its x gradient from one pass over the positions."""
     sel = selection("triton", device, "four_modalities")
     ids_keep, mask = sel["ids_keep"], sel["mask"]
-    inverse = _backends.module("triton").masking._known_inverse(ids_keep, mask)
+    inverse = _backends.module("triton").masking._INVERSES.lookup(ids_keep, mask)
     assert inverse is not None
     B, K = ids_keep.shape
     want = torch.zeros(mask.shape, dtype=torch.int32)

@@ -78,10 +78,21 @@ def select_keep(ops, device, lengths):
     present = torch.rand(3, len(lengths)) < 0.8
     present[1, 0] = False
     rng = torch.tensor([2**40 + 17, 99])
-    ids, mask = ops.select_keep(present.to(device), list(lengths), keeps, rng.to(device))
+    ids, mask, inverse = ops.select_keep(present.to(device), list(lengths), keeps, rng.to(device))
     ids_ref, mask_ref = ref.select_keep(present, lengths, keeps, rng)
     assert_equal(ids, ids_ref, "ids_keep")
     assert_equal(mask, mask_ref, "mask")
+    assert_equal(inverse, selection_inverse(ids_ref, mask_ref), "select_keep's inverse map")
+
+
+def selection_inverse(ids_keep: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """select_keep's third output, the fill's map: the slot of each kept (visible) position, -2 elsewhere."""
+    B, K = ids_keep.shape
+    inverse = torch.full(mask.shape, -2, dtype=torch.int32)
+    slots = torch.arange(K, dtype=torch.int32).expand(B, K)
+    visible = ~mask.gather(1, ids_keep)
+    inverse[visible.nonzero(as_tuple=True)[0], ids_keep[visible]] = slots[visible]
+    return inverse
 
 
 def row_moves(ops, device, dtype, E, offset):
@@ -97,6 +108,8 @@ def row_moves(ops, device, dtype, E, offset):
     assert_equal(filled, ref.unshuffle_fill(x.cpu(), ids, mask, token.cpu()), "unshuffle_fill")
     zero_filled = ops.unshuffle_fill(x, ids.to(device), mask.to(device), None)  # the gather's backward
     assert_equal(zero_filled, ref.unshuffle_fill(x.cpu(), ids, mask, None), "unshuffle_fill, no token")
+    mapped = ops.unshuffle_fill(x, ids.to(device), mask.to(device), token, selection_inverse(ids, mask).to(device))
+    assert_equal(mapped, filled, "unshuffle_fill given select_keep's inverse map")
     grad_x, grad_token = ops.fill_backward(tokens, ids.to(device), mask.to(device))  # the fill's backward
     assert_equal(grad_x, ref.gather_visible(tokens.cpu(), ids, mask), "fill_backward's gather")
     assert_equal(grad_token, ops.hidden_sum(tokens, mask.to(device)), "fill_backward's sum")

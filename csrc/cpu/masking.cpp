@@ -43,8 +43,12 @@ inline void check_id(int64_t id, int64_t length, int64_t b, int64_t k, const cha
               length, ")");
 }
 
-std::tuple<at::Tensor, at::Tensor> select_keep_cpu(const at::Tensor& present, at::IntArrayRef lengths,
-                                                   at::IntArrayRef keeps, const at::Tensor& rng) {
+// The third output, inverse (B, L) int32: the slot of each kept position and kNotKept at the others:
+// unshuffle_fill's map for this very pair (the same values as the CUDA kernel writes).
+constexpr int32_t kNotKept = -2;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> select_keep_cpu(const at::Tensor& present, at::IntArrayRef lengths,
+                                                               at::IntArrayRef keeps, const at::Tensor& rng) {
   constexpr const char* op = "select_keep";
   check_cpu_tensor(present, "present", op);
   TORCH_CHECK(present.scalar_type() == at::kBool, op, ": present must be bool, got ", present.scalar_type());
@@ -78,6 +82,9 @@ std::tuple<at::Tensor, at::Tensor> select_keep_cpu(const at::Tensor& present, at
 
   at::Tensor ids_keep = at::empty({batch, total_keep}, present.options().dtype(at::kLong));
   at::Tensor mask = at::empty({batch, total_length}, present.options().dtype(at::kBool));
+  TORCH_CHECK(total_keep < std::numeric_limits<int32_t>::max(), op, ": K = ", total_keep, " visible slots is too many");
+  at::Tensor inverse = at::empty({batch, total_length}, present.options().dtype(at::kInt));
+  int32_t* inverse_data = inverse.mutable_data_ptr<int32_t>();
   const bool* present_data = present.const_data_ptr<bool>();
   int64_t* ids_data = ids_keep.mutable_data_ptr<int64_t>();
   bool* mask_data = mask.mutable_data_ptr<bool>();
@@ -88,8 +95,10 @@ std::tuple<at::Tensor, at::Tensor> select_keep_cpu(const at::Tensor& present, at
     for (int64_t b = first_row; b < last_row; ++b) {
       bool* mask_row = mask_data + b * total_length;
       int64_t* ids_row = ids_data + b * total_keep;
+      int32_t* inverse_row = inverse_data + b * total_length;
       std::fill_n(mask_row, total_length, true);
-      int64_t start = 0;
+      std::fill_n(inverse_row, total_length, kNotKept);
+      int64_t start = 0, first_slot = 0;
       for (int64_t m = 0; m < segments; ++m) {
         const int64_t length = lengths[m], keep = keeps[m];
         bool* seg_mask = mask_row + start;
@@ -111,15 +120,18 @@ std::tuple<at::Tensor, at::Tensor> select_keep_cpu(const at::Tensor& present, at
           }
           int64_t slot = 0;
           for (int64_t t = 0; t < length; ++t) {
-            if (!seg_mask[t]) ids_row[slot++] = start + t;
+            if (seg_mask[t]) continue;
+            inverse_row[start + t] = static_cast<int32_t>(first_slot + slot);
+            ids_row[slot++] = start + t;
           }
         }
         ids_row += keep;
+        first_slot += keep;
         start += length;
       }
     }
   });
-  return {ids_keep, mask};
+  return {ids_keep, mask, inverse};
 }
 
 // `op`: the name errors give (fill_backward calls this for the gradient of a fill's x)
@@ -164,9 +176,10 @@ at::Tensor gather_visible_cpu(const at::Tensor& tokens, const at::Tensor& ids_ke
 constexpr int32_t kNoSource = -1;   // visible, named by no id: zeros
 constexpr int32_t kManySources = -2;  // visible, named by several ids: their sum (scatter_add)
 
-// mask_token: (E,), or none for zeros (the gather's backward)
+// mask_token: (E,), or none for zeros (the gather's backward).
+// inverse: select_keep's third output for this very (ids_keep, mask), or none to build the map here.
 at::Tensor unshuffle_fill_cpu(const at::Tensor& x, const at::Tensor& ids_keep, const at::Tensor& mask,
-                              const std::optional<at::Tensor>& mask_token) {
+                              const std::optional<at::Tensor>& mask_token, const std::optional<at::Tensor>& inverse) {
   constexpr const char* op = "unshuffle_fill";
   check_cpu_tensor(x, "x", op);
   check_float_dtype(x, "x", op);
@@ -183,25 +196,37 @@ at::Tensor unshuffle_fill_cpu(const at::Tensor& x, const at::Tensor& ids_keep, c
                 ",), got shape ", mask_token->sizes());
   }
   const int64_t length = mask.size(1);
+  if (inverse.has_value()) {
+    check_cpu_tensor(*inverse, "inverse", op);
+    TORCH_CHECK(inverse->scalar_type() == at::kInt && inverse->dim() == 2 && inverse->size(0) == batch &&
+                    inverse->size(1) == length,
+                op, ": inverse must be a (B, L) = (", batch, ", ", length,
+                ") int32 tensor (select_keep's third output), got shape ", inverse->sizes(), " dtype ",
+                inverse->scalar_type());
+  }
   at::Tensor out = at::empty({batch, length, embed}, x.options());
   const int64_t* ids = ids_keep.const_data_ptr<int64_t>();
   const bool* hidden = mask.const_data_ptr<bool>();
 
-  // inverse map, (B, L): the slot k whose row lands at each visible position
-  std::vector<int32_t> source(batch * length);
-  at::parallel_for(0, batch, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, length + visible)),
-                   [&](int64_t first_row, int64_t last_row) {
-    for (int64_t b = first_row; b < last_row; ++b) {
-      int32_t* src_row = source.data() + b * length;
-      std::fill_n(src_row, length, kNoSource);
-      for (int64_t k = 0; k < visible; ++k) {
-        const int64_t id = ids[b * visible + k];
-        check_id(id, length, b, k, op);
-        if (hidden[b * length + id]) continue;
-        src_row[id] = src_row[id] == kNoSource ? static_cast<int32_t>(k) : kManySources;
+  // inverse map, (B, L): the slot k whose row lands at each visible position (read nowhere else)
+  std::vector<int32_t> built;
+  if (!inverse.has_value()) {
+    built.resize(batch * length);
+    at::parallel_for(0, batch, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, length + visible)),
+                     [&](int64_t first_row, int64_t last_row) {
+      for (int64_t b = first_row; b < last_row; ++b) {
+        int32_t* src_row = built.data() + b * length;
+        std::fill_n(src_row, length, kNoSource);
+        for (int64_t k = 0; k < visible; ++k) {
+          const int64_t id = ids[b * visible + k];
+          check_id(id, length, b, k, op);
+          if (hidden[b * length + id]) continue;
+          src_row[id] = src_row[id] == kNoSource ? static_cast<int32_t>(k) : kManySources;
+        }
       }
-    }
-  });
+    });
+  }
+  const int32_t* source = inverse.has_value() ? inverse->const_data_ptr<int32_t>() : built.data();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "unshuffle_fill_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -38,12 +38,18 @@ struct SegmentTable {
   int32_t keep[kSegmentsPerLaunch];       // K_m
 };
 
+// The inverse map (B, L) int32 of unshuffle_fill: where each output position takes its row from.
+constexpr int32_t kHidden = -2;    // position holds mask_token
+constexpr int32_t kUnnamed = -1;   // visible position no id names (zeros)
+
 // One block per (row b, segment). Token t of the segment is kept when fewer than K_m tokens u have
 // (key_u, u) < (key_t, t); its visible slot is the number of kept tokens before it (a block scan).
+// inverse: the slot of each kept position, kHidden at the others — unshuffle_fill's map for this
+// pair, so a fill of select_keep's own output need not build it.
 __global__ void __launch_bounds__(kMaxThreads)
-    select_keep_kernel(int64_t* __restrict__ ids_keep, bool* __restrict__ mask, const bool* __restrict__ present,
-                       const int64_t* __restrict__ rng, SegmentTable table, int32_t first_segment, int32_t segments,
-                       int64_t L, int64_t K) {
+    select_keep_kernel(int64_t* __restrict__ ids_keep, bool* __restrict__ mask, int32_t* __restrict__ inverse,
+                       const bool* __restrict__ present, const int64_t* __restrict__ rng, SegmentTable table,
+                       int32_t first_segment, int32_t segments, int64_t L, int64_t K) {
   __shared__ uint32_t keys[kKeyTile];
   __shared__ int32_t warp_kept[32];
   const int64_t b = blockIdx.x;
@@ -51,11 +57,15 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int32_t o = table.start[s], n = table.length[s], q = table.out_start[s], k = table.keep[s];
   int64_t* ids_row = ids_keep + b * K + q;
   bool* mask_row = mask + b * L + o;
+  int32_t* inverse_row = inverse + b * L + o;
   const int tid = threadIdx.x, nthreads = blockDim.x;
 
   if (!present[b * segments + first_segment + s]) {  // block-uniform: the whole block leaves
     for (int32_t t = tid; t < k; t += nthreads) ids_row[t] = static_cast<int64_t>(o) + t;
-    for (int32_t t = tid; t < n; t += nthreads) mask_row[t] = true;
+    for (int32_t t = tid; t < n; t += nthreads) {
+      mask_row[t] = true;
+      inverse_row[t] = kHidden;
+    }
     return;
   }
   const uint64_t seed = static_cast<uint64_t>(rng[0]);
@@ -103,12 +113,15 @@ __global__ void __launch_bounds__(kMaxThreads)
     }
     __syncthreads();  // warp_kept is rewritten by the next chunk
     if (kept) ids_row[slot] = static_cast<int64_t>(o) + t;
-    if (valid) mask_row[t] = !kept;
+    if (valid) {
+      mask_row[t] = !kept;
+      inverse_row[t] = kept ? q + slot : kHidden;  // (a slot of the whole row: q_m + the segment's slot)
+    }
     kept_before_chunk += chunk_kept;
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> select_keep_cuda(const at::Tensor& present_in, at::IntArrayRef lengths,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> select_keep_cuda(const at::Tensor& present_in, at::IntArrayRef lengths,
                                                     at::IntArrayRef keeps, const at::Tensor& rng) {
   TORCH_CHECK(present_in.is_cuda(), "select_keep: present must be a CUDA tensor, got one on ", present_in.device());
   check_cuda_tensor(rng, "select_keep: rng", present_in);
@@ -140,7 +153,8 @@ std::tuple<at::Tensor, at::Tensor> select_keep_cuda(const at::Tensor& present_in
   const at::Tensor rng_c = rng.contiguous();
   at::Tensor ids_keep = at::empty({B, K}, present.options().dtype(at::kLong));
   at::Tensor mask = at::empty({B, L}, present.options().dtype(at::kBool));
-  if (B == 0 || M == 0) return {ids_keep, mask};
+  at::Tensor inverse = at::empty({B, L}, present.options().dtype(at::kInt));
+  if (B == 0 || M == 0) return {ids_keep, mask, inverse};
 
   int64_t longest = 0;
   for (int64_t m = 0; m < M; ++m) longest = std::max<int64_t>(longest, lengths[m]);
@@ -159,12 +173,12 @@ std::tuple<at::Tensor, at::Tensor> select_keep_cuda(const at::Tensor& present_in
       slot += keeps[first + s];
     }
     const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(count));
-    select_keep_kernel<<<grid, threads, 0, stream>>>(ids_keep.data_ptr<int64_t>(), mask.data_ptr<bool>(),
-                                                     present.data_ptr<bool>(), rng_c.data_ptr<int64_t>(), table,
-                                                     static_cast<int32_t>(first), static_cast<int32_t>(M), L, K);
+    select_keep_kernel<<<grid, threads, 0, stream>>>(
+        ids_keep.data_ptr<int64_t>(), mask.data_ptr<bool>(), inverse.data_ptr<int32_t>(), present.data_ptr<bool>(),
+        rng_c.data_ptr<int64_t>(), table, static_cast<int32_t>(first), static_cast<int32_t>(M), L, K);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return {ids_keep, mask};
+  return {ids_keep, mask, inverse};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -207,9 +221,6 @@ __global__ void __launch_bounds__(kRowThreads)
   const bool visible = in_range && !mask[b * L + id];
   copy_row(out + r * units, visible ? tokens + (b * L + id) * units : nullptr, units);
 }
-
-constexpr int32_t kHidden = -2;    // inverse map: position holds mask_token
-constexpr int32_t kUnnamed = -1;   // inverse map: visible position no id names (zeros)
 
 // inverse[b, l] = kHidden where mask[b, l]; else the largest k with ids_keep[b, k] = l, or kUnnamed
 // (one block per row b; ids from select_keep are unique, the max only makes duplicates deterministic)
@@ -331,9 +342,11 @@ at::Tensor gather_visible_cuda(const at::Tensor& tokens, const at::Tensor& ids_k
   return gather_visible_named(tokens, ids_keep, mask, "gather_visible");
 }
 
-// mask_token: (E,), or none for zeros (the gather's backward: no zero token is allocated)
+// mask_token: (E,), or none for zeros (the gather's backward: no zero token is allocated).
+// inverse: select_keep's third output for this very (ids_keep, mask), or none to build the map here.
 at::Tensor unshuffle_fill_cuda(const at::Tensor& x_in, const at::Tensor& ids_keep_in, const at::Tensor& mask_in,
-                               const std::optional<at::Tensor>& mask_token_in) {
+                               const std::optional<at::Tensor>& mask_token_in,
+                               const std::optional<at::Tensor>& inverse_in) {
   TORCH_CHECK(x_in.is_cuda(), "unshuffle_fill: x must be a CUDA tensor, got one on ", x_in.device());
   TORCH_CHECK(x_in.dim() == 3, "unshuffle_fill: x must be (B, K, E), got shape ", x_in.sizes());
   check_float_tensor(x_in, "unshuffle_fill: x");
@@ -348,6 +361,14 @@ at::Tensor unshuffle_fill_cuda(const at::Tensor& x_in, const at::Tensor& ids_kee
                 token.scalar_type(), " but x has ", x_in.scalar_type());
   }
   const int64_t L = mask_in.size(1);
+  if (inverse_in.has_value()) {
+    check_cuda_tensor(*inverse_in, "unshuffle_fill: inverse", x_in);
+    TORCH_CHECK(inverse_in->dim() == 2 && inverse_in->size(0) == B && inverse_in->size(1) == L &&
+                    inverse_in->scalar_type() == at::kInt && inverse_in->is_contiguous(),
+                "unshuffle_fill: inverse must be a contiguous (B, L) = (", B, ", ", L,
+                ") int32 tensor (select_keep's third output), got shape ", inverse_in->sizes(), " dtype ",
+                inverse_in->scalar_type());
+  }
   check_index_size("unshuffle_fill", "L (columns of mask)", L);
   check_index_size("unshuffle_fill", "K (columns of x)", K);
   check_index_size("unshuffle_fill", "E (token width)", E);  // units <= E, as in gather_visible
@@ -360,10 +381,15 @@ at::Tensor unshuffle_fill_cuda(const at::Tensor& x_in, const at::Tensor& ids_kee
   const int64_t rows = B * L;
   if (rows == 0 || E == 0) return out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor inverse = at::empty({B, L}, x.options().dtype(at::kInt));
-  inverse_ids_kernel<<<static_cast<unsigned>(B), kRowThreads, 0, stream>>>(
-      inverse.data_ptr<int32_t>(), ids_keep.data_ptr<int64_t>(), mask.data_ptr<bool>(), K, L);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor inverse;
+  if (inverse_in.has_value()) {
+    inverse = *inverse_in;
+  } else {
+    inverse = at::empty({B, L}, x.options().dtype(at::kInt));
+    inverse_ids_kernel<<<static_cast<unsigned>(B), kRowThreads, 0, stream>>>(
+        inverse.data_ptr<int32_t>(), ids_keep.data_ptr<int64_t>(), mask.data_ptr<bool>(), K, L);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 
   const int64_t row_bytes = E * x.element_size();
   const int bytes = unit_bytes(row_bytes, {x.data_ptr(), out.data_ptr(), token_ptr});
