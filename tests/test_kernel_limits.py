@@ -129,6 +129,24 @@ def test_launch_grids_of_inputs_past_2_to_the_31_elements_fit_cuda(kernels):
     assert len(every) >= 16 and launched == every, sorted(every ^ launched)  # every kernel of pyimputmae.kernels
 
 
+def test_compile_check_takes_the_benchmark_sizes_together(kernels):
+    """``--size large,paper`` records the launchers at both of bench's sizes (what the Triton cache
+    carried to a GPU run holds), each case named with its size; the paper size's unequal masking
+    segments included. An unknown size is refused by name."""
+    tool = Path(__file__).resolve().parents[1] / "tools" / "triton_compile_check.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(tool), "--size", "large,paper", "--grids-only", "--dtypes", "bf16",
+                          "-k", "select_keep"], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = [line for line in run.stdout.splitlines() if "_select_keep_kernel" in line]
+    # one program per (row, segment) of at most four segments: B = 64 rows at large, 96 at paper
+    assert any("(large)" in line and "grid (64, 4)" in line for line in lines), run.stdout
+    assert any("(paper)" in line and "grid (96, 4)" in line for line in lines), run.stdout
+    refused = subprocess.run([sys.executable, str(tool), "--size", "large,medium", "--grids-only"],
+                             capture_output=True, text=True, env=env, timeout=600)
+    assert refused.returncode == 2 and "--size takes large, paper, small, huge" in refused.stderr, refused.stderr
+
+
 def test_a_grid_past_cuda_limits_is_reported(kernels):
     tool = tool_module("triton_compile_check")  # (it drops TRITON_INTERPRET; tool_module puts it back)
     assert tool.grid_error((2**31 - 1, 65535, 65535)) is None

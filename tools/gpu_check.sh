@@ -49,8 +49,8 @@
 #          (~1 minute each)                                          -> stage4_sanitize_<tool>.log
 #
 # Before the stages, when the checkout carries build/triton_cache.tar.gz (TRITON_CACHE_SEED; made by
-# tools/triton_compile_check.py --cache-tar: the Triton kernels at bench large's shapes and the sweep's
-# tiles, compiled for sm_90 elsewhere) made with this machine's triton from these kernel sources, its
+# tools/triton_compile_check.py --cache-tar: the Triton kernels at bench large's and paper's shapes and
+# the sweep's tiles, compiled for sm_90 elsewhere) made with this machine's triton from these kernel sources, its
 # entries go into Triton's cache (TRITON_CACHE_DIR, default ~/.triton/cache): a launch whose cache key
 # matches loads the cubin instead of compiling. The cache's size after each stage -> triton_cache.txt
 #

@@ -1,6 +1,6 @@
 """Compile every Triton kernel of pyimputmae for a CUDA GPU, without a GPU: a pre-flight check.
 
-    python tools/triton_compile_check.py [--arch 90] [--dtypes fp32,bf16] [--size large|small|huge] [--sweep]
+    python tools/triton_compile_check.py [--arch 90] [--dtypes fp32,bf16] [--size large,paper|small|huge] [--sweep]
                                          [--grids-only] [--cache-tar build/triton_cache.tar.gz]
 
 The real launchers (``pyimputmae.kernels``) run on ``meta`` tensors of the benchmark shapes, with
@@ -16,7 +16,10 @@ Shapes (``--size large``, those of ``tools/bench.py --size large``): masked MSE 
 ``(32, 512, 2048)`` on x ``(32, 4, 64, 64, 64)``, p = 8 (with and without norm_pix); masking
 ``B = 64``, 4 segments of 256 tokens, half kept, ``E = 384``; patch embedding of x
 ``(32, 4, 64, 64, 64)``, p = 8, ``E = 384``, with and without ``keep`` (half the patches),
-forward and backward. ``--size small`` shrinks every one of them (a quicker smoke run).
+forward and backward. ``--size paper``: those of ``tools/bench.py --size paper`` (masked MSE and
+patch embedding of MRI x ``(96, 1, 64, 64, 64)``, p = 16, ``E = 256``; masking ``B = 96``, segments
+of 32, 24, 256 and 64 tokens, ``E = 256``). Both come from ``tools/bench_config.py``; several sizes
+are given comma-separated. ``--size small`` shrinks every one of them (a quicker smoke run).
 ``--size huge`` takes shapes past 2^31 elements (meta tensors: nothing is allocated), where Triton
 passes the row counts, per-sample strides and element counts as 64-bit scalars: the kernels must
 compile that way too, and every launch grid must stay within CUDA's limits (checked for every size:
@@ -57,9 +60,15 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime import jit as triton_jit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_config import SIZES  # (tools/, on the path above)
 
 from pyimputmae import _backends
 from pyimputmae._atomic import atomic_write
+
+#: what ``--size`` takes: the benchmark's sizes, a quick smoke size, and shapes past 2^31 elements
+SIZE_CHOICES = ("large", "paper", "small", "huge")
 
 #: shared memory a block may use on sm_90 (H100 / H200): 227 KiB
 SHARED_LIMIT = {90: 232448, 100: 232448}
@@ -105,11 +114,10 @@ def grid_error(grid) -> str | None:
     return None
 
 
-def own_pair(k, B: int, L: int, segments: int, rng: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``select_keep``'s ``(ids_keep, mask)`` for B rows of ``segments`` equal segments, half kept: a
+def own_pair(k, B: int, lengths: list[int], rng: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``select_keep``'s ``(ids_keep, mask)`` for B rows of segments of ``lengths`` tokens, half kept: a
     pair whose inverse map the launchers know (its own launch is recorded with the case's)."""
-    n = L // segments
-    return k.select_keep(meta(B, segments, dtype=torch.bool), [n] * segments, [n // 2] * segments, rng)
+    return k.select_keep(meta(B, len(lengths), dtype=torch.bool), lengths, [n // 2 for n in lengths], rng)
 
 
 def huge_cases(k, dtype: torch.dtype) -> list[tuple[str, object]]:
@@ -136,7 +144,7 @@ def huge_cases(k, dtype: torch.dtype) -> list[tuple[str, object]]:
         ("unshuffle_fill", lambda: k.unshuffle_fill(meta(B, L // 2, E, dtype=dtype), ids, mask, meta(E, dtype=dtype))),
         ("unshuffle_fill, no token", lambda: k.unshuffle_fill(meta(B, L // 2, E, dtype=dtype), ids, mask, None)),
         ("hidden_sum", lambda: k.hidden_sum(tokens, mask)),
-        ("fill_backward, select_keep's pair", lambda: k.fill_backward(tokens, *own_pair(k, B, L, 4, rng))),
+        ("fill_backward, select_keep's pair", lambda: k.fill_backward(tokens, *own_pair(k, B, [L // 4] * 4, rng))),
         ("patch_embed fwd, wide sample", lambda: k.patch_embed_forward(x_wide, weight, None, None, None, p)),
         ("patch_embed fwd, many rows", lambda: k.patch_embed_forward(x_rows, w_rows, None, None, None, 2)),
         ("patch_embed fwd keep, many rows", lambda: k.patch_embed_forward(x_rows, w_rows, None, None, keep_rows, 2)),
@@ -152,24 +160,26 @@ def cases(k, dtype: torch.dtype, size: str, sweep: ModuleType | None = None) -> 
     ``sweep``: ``tools/patch_embed_sweep.py``, whose tile configurations are compiled as well."""
     if size == "huge":
         return huge_cases(k, dtype)
-    if size == "large":
-        B, C, S, p, E = 32, 4, 64, 8, 384
-        mB, seg, mE = 64, 256, 384
+    if size in ("large", "paper"):
+        shapes = SIZES[size]
+        B, C, S, p, E = (shapes["patch"][key] for key in ("B", "C", "S", "p", "E"))
+        if shapes["mse"] != {key: shapes["patch"][key] for key in ("B", "C", "S", "p")}:
+            raise ValueError(f"size {size}: the masked-MSE and patch-embedding inputs differ; these cases take one")
+        mB, lengths, mE = shapes["masking"]["B"], list(shapes["masking"]["lengths"]), shapes["masking"]["E"]
     else:
         B, C, S, p, E = 2, 2, 16, 4, 96
-        mB, seg, mE = 4, 32, 96
+        mB, lengths, mE = 4, [32] * 4, 96
     x = meta(B, C, S, S, S, dtype=dtype)
     L, F = (S // p) ** 3, C * p**3
     K = L // 2
     keep = meta(B, K, dtype=torch.int64)
     weight, bias, pos = meta(E, F, dtype=dtype), meta(E, dtype=dtype), meta(L, E, dtype=dtype)
     pred, w = meta(B, L, F, dtype=dtype), meta(B, L)
-    lengths = [seg] * 4
-    keeps = [seg // 2] * 4
+    keeps = [n // 2 for n in lengths]
     mL, mK = sum(lengths), sum(keeps)
     tokens, visible = meta(mB, mL, mE, dtype=dtype), meta(mB, mK, mE, dtype=dtype)
     ids, mask = meta(mB, mK, dtype=torch.int64), meta(mB, mL, dtype=torch.bool)
-    present, rng = meta(mB, 4, dtype=torch.bool), meta(2, dtype=torch.int64)
+    present, rng = meta(mB, len(lengths), dtype=torch.bool), meta(2, dtype=torch.int64)
     cases = [
         ("masked_mse", lambda: k.masked_mse_forward(pred, x, w, p, False)),
         ("masked_mse norm_pix", lambda: k.masked_mse_forward(pred, x, w, p, True)),
@@ -179,7 +189,7 @@ def cases(k, dtype: torch.dtype, size: str, sweep: ModuleType | None = None) -> 
         ("unshuffle_fill", lambda: k.unshuffle_fill(visible, ids, mask, meta(mE, dtype=dtype))),
         ("unshuffle_fill, no token", lambda: k.unshuffle_fill(visible, ids, mask, None)),
         ("hidden_sum", lambda: k.hidden_sum(tokens, mask)),
-        ("fill_backward, select_keep's pair", lambda: k.fill_backward(tokens, *own_pair(k, mB, mL, 4, rng))),
+        ("fill_backward, select_keep's pair", lambda: k.fill_backward(tokens, *own_pair(k, mB, lengths, rng))),
         ("patch_embed fwd", lambda: k.patch_embed_forward(x, weight, bias, pos, None, p)),
         ("patch_embed fwd keep", lambda: k.patch_embed_forward(x, weight, bias, pos, keep, p)),
         ("patch_embed bwd", lambda: k.patch_embed_backward(meta(B, L, E, dtype=dtype), x, weight, None, p,
@@ -315,16 +325,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 (H100/H200)")
     parser.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated, from {','.join(DTYPES)}")
-    parser.add_argument("--size", choices=("large", "small", "huge"), default="large")
+    parser.add_argument("--size", default="large",
+                        help=f"comma-separated, from {','.join(SIZE_CHOICES)} (default: large)")
     parser.add_argument("-k", dest="only", default="", help="only the cases whose name contains this")
     parser.add_argument("--grids-only", action="store_true",
                         help="only record the launches and check their grids against CUDA's limits (no compiling)")
     parser.add_argument("--sweep", action="store_true",
-                        help="also the patch-embedding tile configurations of tools/patch_embed_sweep.py")
+                        help="also the patch-embedding tile configurations of tools/patch_embed_sweep.py (at the "
+                             "large size, the one it times)")
     parser.add_argument("--cache-tar", type=Path, default=None,
                         help="compile into an empty Triton cache and pack it into this tar.gz (gpu_check.sh seeds "
                              "the GPU machine's cache with it)")
     opts = parser.parse_args(argv)
+    sizes = [size.strip() for size in opts.size.split(",") if size.strip()]
+    unknown = [size for size in sizes if size not in SIZE_CHOICES]
+    if unknown or not sizes:
+        parser.error(f"--size takes {', '.join(SIZE_CHOICES)} (comma-separated), got {opts.size!r}")
     if opts.cache_tar is not None and opts.grids_only:
         parser.error("--cache-tar needs the compiles: drop --grids-only")
     cache_dir = None
@@ -350,11 +366,15 @@ def main(argv: list[str] | None = None) -> int:
     backend = make_backend(target)
     # the meta tensors stand for the target's GPU: the patch embedding takes its TMA kernel there
     kernels.patch_embed.tma_capable = lambda t: opts.arch >= 90
-    print(f"triton {triton.__version__}, torch {torch.__version__}, target sm_{opts.arch}, size {opts.size}")
+    print(f"triton {triton.__version__}, torch {torch.__version__}, target sm_{opts.arch}, size {','.join(sizes)}")
     seen: set = set()
     failed = 0
-    for dname in [d.strip() for d in opts.dtypes.split(",") if d.strip()]:
-        for case, thunk in cases(kernels, DTYPES[dname], opts.size, sweep):
+    runs = [(size, dname) for size in sizes for dname in [d.strip() for d in opts.dtypes.split(",") if d.strip()]]
+    for size, dname in runs:
+        # (tools/patch_embed_sweep.py times the large size only)
+        for case, thunk in cases(kernels, DTYPES[dname], size, sweep if size == "large" else None):
+            if len(sizes) > 1:
+                case = f"{case} ({size})"
             if opts.only and opts.only not in case:
                 continue
             launches: list[Launch] = []
@@ -388,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"not writing {opts.cache_tar}: some kernels failed to compile")
         else:
             manifest = {"triton": triton.__version__, "torch": torch.__version__, "arch": opts.arch,
-                        "dtypes": opts.dtypes, "size": opts.size, "sweep": opts.sweep, "only": opts.only,
+                        "dtypes": opts.dtypes, "size": ",".join(sizes), "sweep": opts.sweep, "only": opts.only,
                         "kernels_sha256": kernels_digest()}
             n = pack_cache(cache_dir, opts.cache_tar, manifest)
             print(f"wrote {opts.cache_tar}: {n} compiled kernels ({opts.cache_tar.stat().st_size / 2**20:.1f} MiB), "
