@@ -46,19 +46,49 @@ int main() {
            "masked_mse_forward: empty mask gives 0 and a zero gradient");
   }
 
-  // select_keep: exactly K kept per present segment, missing segment fully hidden
+  // select_keep: exactly K kept per present segment, missing segment fully hidden; its inverse map
+  // (the slot of each kept position, -2 elsewhere) is what unshuffle_fill builds for the pair; a
+  // fill with no token writes zeros; fill_backward = (gather_visible, hidden_sum)
   {
     auto present = at::tensor({1, 1, 1, 0}).to(at::kBool).view({2, 2});
     auto rng = at::tensor({int64_t{7}, int64_t{3}});
     auto out = op("pyimputmae::select_keep")
-                   .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, c10::IntArrayRef,
-                                                             c10::IntArrayRef, const at::Tensor&)>()
+                   .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, c10::IntArrayRef,
+                                                                         c10::IntArrayRef, const at::Tensor&)>()
                    .call(present, {6, 4}, {3, 2}, rng);
-    auto mask = std::get<1>(out);
-    expect(std::get<0>(out).sizes() == c10::IntArrayRef({2, 5}), "select_keep ids shape");
+    auto ids = std::get<0>(out), mask = std::get<1>(out), inverse = std::get<2>(out);
+    expect(ids.sizes() == c10::IntArrayRef({2, 5}), "select_keep ids shape");
     expect(mask.slice(1, 0, 6).logical_not().sum(1).equal(at::tensor({int64_t{3}, int64_t{3}})),
            "select_keep keeps exactly K of the first segment");
     expect(mask[1].slice(0, 6, 10).all().item<bool>(), "select_keep hides a missing segment entirely");
+    auto want = at::full({2, 10}, -2, at::kInt);
+    for (int64_t b = 0; b < 2; ++b) {
+      for (int64_t k = 0; k < 5; ++k) {
+        const int64_t id = ids[b][k].item<int64_t>();
+        if (!mask[b][id].item<bool>()) want[b][id] = k;
+      }
+    }
+    expect(inverse.equal(want), "select_keep's inverse map holds the slot of each kept position, -2 elsewhere");
+
+    using Fill = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
+    auto x = at::randn({2, 5, 3});
+    auto token = at::randn({3});
+    auto built = op("pyimputmae::unshuffle_fill").typed<Fill>().call(x, ids, mask, token, std::nullopt);
+    auto given = op("pyimputmae::unshuffle_fill").typed<Fill>().call(x, ids, mask, token, inverse);
+    expect(given.equal(built), "unshuffle_fill given select_keep's map equals the fill that builds it");
+    auto zero_filled = op("pyimputmae::unshuffle_fill").typed<Fill>().call(x, ids, mask, std::nullopt, inverse);
+    expect(zero_filled.equal(built.masked_fill(mask.unsqueeze(-1), 0.0)), "unshuffle_fill without a token: zeros");
+    auto grad = at::randn({2, 10, 3});
+    auto grads = op("pyimputmae::fill_backward")
+                     .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&)>()
+                     .call(grad, ids, mask);
+    auto gathered = op("pyimputmae::gather_visible")
+                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>()
+                        .call(grad, ids, mask);
+    expect(std::get<0>(grads).equal(gathered), "fill_backward's x gradient is gather_visible's");
+    expect(at::allclose(std::get<1>(grads), (grad * mask.unsqueeze(-1)).sum({0, 1}), 1e-5, 1e-6),
+           "fill_backward's token gradient sums the hidden rows");
   }
 
   // patch_embed_forward equals conv1d with kernel = stride
