@@ -314,9 +314,15 @@ def test_gpu_check_seeds_tritons_cache_from_a_carried_tarball_made_with_its_trit
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     summary = (out / "summary.tsv").read_text()
     if same:
-        assert "triton-cache\tseeded 1 kernels" in summary, summary
+        assert "triton-cache\tseeded 1 new entries (1 in the cache)" in summary, summary
         assert (cache / "ENTRYHASH" / "kernel.cubin").read_bytes() == b"\x7fELF"
         assert not (cache / "manifest.json").exists()
+        # a second run finds the entry there already: nothing new, and the summary says so
+        again = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), str(tmp_path / "again"), "env"],
+                               capture_output=True, text=True, env=env, timeout=300)
+        assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+        summary_again = (tmp_path / "again" / "summary.tsv").read_text()
+        assert "triton-cache\tseeded 0 new entries (1 in the cache)" in summary_again, summary_again
     else:
         assert "triton-cache\tnot used (another triton or other kernel sources)" in summary, summary
         assert not (cache / "ENTRYHASH").exists()

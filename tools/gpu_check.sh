@@ -565,7 +565,11 @@ seed_triton_cache() {
   if tar -xzf "$TRITON_SEED" -C "$TRITON_CACHE" --skip-old-files --exclude ./manifest.json 2>>"$log"; then
     echo "seeded $TRITON_CACHE from $TRITON_SEED (triton ${have%% *}): $before entries before, $(triton_cache_entries) after" \
       | tee -a "$log"
-    note triton-cache "seeded $(($(triton_cache_entries) - before)) kernels" $(($(date +%s) - t0)) triton_cache.txt
+    # (new entries: on a machine that already holds some, e.g. a second dry run, fewer than the tarball's)
+    local after
+    after=$(triton_cache_entries)
+    note triton-cache "seeded $((after - before)) new entries ($after in the cache)" $(($(date +%s) - t0)) \
+      triton_cache.txt
   else
     note triton-cache "FAILED to unpack (see log)" $(($(date +%s) - t0)) triton_cache.txt
   fi
