@@ -5,6 +5,7 @@ Every test builds its own few-patient batch inline; the whole file runs in well 
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 from pathlib import Path
@@ -376,3 +377,26 @@ def test_saved_activation_report_counts_both_models(capsys):
     assert ours > 0
     if tool.DEFAULT_REF.exists():
         assert lines["anchor (ref_step_bench.py Ref)"] > ours
+
+
+def test_step_ops_counts_what_computes_per_phase(capsys):
+    """tools/step_ops.py: one step of ours counted per phase — under bf16 autocast the casts are
+    there, views and empty allocations are not, the fused AdamW is a handful of operations — and the
+    anchor's model beside it when ../shared is there."""
+    tool = tool_module("step_ops")
+    cpu = torch.device("cpu")
+    counts = tool.census(*tool.ours(cpu, 2, "small"), cpu, True)
+    assert set(counts) == {"forward", "backward", "optimizer"}
+    every = collections.Counter()
+    for phase in counts.values():
+        every.update(phase)
+    assert counts["forward"]["aten._to_copy.default"] > 0 and counts["backward"]["aten.mm.default"] > 0
+    assert not [op for op in every if op in ("aten.view.default", "aten.t.default", "aten.detach.default",
+                                              "aten.empty.memory_format", "aten._local_scalar_dense.default")]
+    assert "aten._fused_adamw_.default" in counts["optimizer"] and sum(counts["optimizer"].values()) < 10
+    fp32 = tool.census(*tool.ours(cpu, 2, "small"), cpu, False)
+    assert sum(fp32["forward"].values()) < sum(counts["forward"].values())  # no autocast: fewer casts
+    assert tool.main(["--config", "small", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ours (small configuration): ") and "dtype casts (_to_copy)" in out
+    assert ("anchor (ref_step_bench.py Ref): " in out) == tool.DEFAULT_REF.exists()

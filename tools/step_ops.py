@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""The operations one pre-training step dispatches, per phase: a CPU proxy for its GPU kernel count.
+
+    python tools/step_ops.py                         # paper configuration, batch 2, CPU, bf16 autocast
+    python tools/step_ops.py --device cuda --top 15  # the same on a GPU
+
+A step of the authors' configuration is far from the GPU's arithmetic limits: its time goes to the
+number of kernels and their launch gaps more than to their work, and each ATen operation that
+computes something is at least one kernel. This counts them, without a GPU, in one step of our
+``ImputeMAE`` (bf16 autocast, every modality present, ``train()``'s AdamW, fused as on a GPU) and of
+the anchor script's ``Ref`` model (``../shared/anchors/ref_step_bench.py``, when it is there; AdamW
+with multi-tensor kernels, its default modes' optimizer on a GPU): every operation
+a ``TorchDispatchMode`` sees in the forward, the backward and the optimizer step, leaving out those
+that launch nothing (views and aliases, ``detach``, allocations of empty tensors). The counts do not
+depend on the batch size; CPU autocast casts like CUDA autocast except that it runs LayerNorm in bf16.
+``_to_copy`` (dtype casts: autocast's per-weight casts to bf16 and the gradients' casts back) is
+reported on its own line. On CPU tensors our ops also check ``ids_keep``'s bounds (four small
+operations per call, about 20 per step), which they skip on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "tools"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from saved_activations import DEFAULT_REF, anchor_model  # noqa: E402  (tools/, on the path above)
+
+#: operations that compute nothing on the device (besides the views and aliases their schemas name)
+NO_KERNEL = {"aten.detach.default", "aten._unsafe_view.default", "aten.empty.memory_format",
+             "aten.empty_strided.default", "aten.new_empty.default", "aten.new_empty_strided.default",
+             "aten.lift_fresh.default", "aten.promote_types.default", "aten.is_same_size.default",
+             # reads a value to the host: here the optimizer's step counts, which on a GPU stay on the
+             # host too (or on the device, for fused AdamW); not a kernel
+             "aten._local_scalar_dense.default"}
+PHASES = ("forward", "backward", "optimizer")
+
+
+class OpCensus(TorchDispatchMode):
+    """Counts the dispatched operations that compute something, per phase (``self.phase``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phase = PHASES[0]
+        self.counts: dict[str, collections.Counter] = {phase: collections.Counter() for phase in PHASES}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if not (func.is_view or name in NO_KERNEL or name.startswith("profiler.")):
+            self.counts[self.phase][name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def census(forward: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer, device: torch.device,
+           amp: bool) -> dict[str, collections.Counter]:
+    """One step (forward under bf16 autocast when ``amp``, backward, optimizer step) after one unrecorded
+    step (lazy state: the optimizer's moments) → phase → operation name → calls."""
+
+    def step(record: OpCensus | None) -> None:
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            loss = forward()
+        if record:
+            record.phase = "backward"
+        loss.backward()
+        if record:
+            record.phase = "optimizer"
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step(None)
+    with OpCensus() as record:
+        step(record)
+    return record.counts
+
+
+def ours(device: torch.device, batch: int, config: str) -> tuple[Callable[[], torch.Tensor], torch.optim.Optimizer]:
+    from pyimputmae.data import Batch
+    from pyimputmae.model import ImputeMAE, ModelConfig, advance_rng_, new_rng
+    from pyimputmae.training import make_optimizer, set_optimizer_mode
+
+    cfg = ModelConfig.named(config)
+    inputs = {m.name: torch.randn(batch, *m.shape, device=device) for m in cfg.modalities}
+    present = torch.ones(batch, len(cfg.modalities), dtype=torch.bool, device=device)
+    zeros = torch.zeros(batch, device=device)
+    data = Batch(inputs, present, torch.zeros(batch, len(cfg.clinical_features), device=device), zeros, zeros,
+                 cfg.names)
+    model = ImputeMAE(cfg).to(device)
+    rng = new_rng(0, device)
+
+    def forward() -> torch.Tensor:
+        loss, _ = model.forward_pretrain(data, rng, check=False)
+        advance_rng_(rng)
+        return loss
+
+    optimizer = make_optimizer(list(model.parameters()), 1e-3, 1e-2, device)
+    set_optimizer_mode(optimizer, fused=True, capturable=False)  # what train() steps with on a GPU
+    return forward, optimizer
+
+
+def anchor(device: torch.device, batch: int, ref: Path) -> tuple[Callable[[], torch.Tensor], torch.optim.Optimizer]:
+    model, mods = anchor_model(ref, device.type)
+    data = {m: torch.randn(batch, *shape, device=device) for m, (_, _, _, shape) in mods.items()}
+    # the script's default modes step with AdamW's default on a GPU: foreach (multi-tensor) kernels
+    return (lambda: model(data)), torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+
+
+def report(name: str, counts: dict[str, collections.Counter], top: int) -> None:
+    total = sum(sum(c.values()) for c in counts.values())
+    casts = sum(c["aten._to_copy.default"] for c in counts.values())
+    print(f"{name}: {total:,} operations that compute ("
+          + ", ".join(f"{phase} {sum(counts[phase].values()):,}" for phase in PHASES)
+          + f"); dtype casts (_to_copy) {casts:,} = {casts / max(total, 1):.0%}")
+    for phase in PHASES:
+        listed = ", ".join(f"{op.removeprefix('aten.')} {n}" for op, n in counts[phase].most_common(top))
+        print(f"    {phase:9s} {listed}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=2, help="rows per batch (the counts do not depend on it)")
+    parser.add_argument("--config", default="paper", help="our model's configuration: paper or small")
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="bf16: under bf16 autocast")
+    parser.add_argument("--top", type=int, default=10, help="operations listed per phase")
+    parser.add_argument("--ref", type=Path, default=DEFAULT_REF, help="the anchor script")
+    opts = parser.parse_args(argv)
+    device = torch.device(opts.device)
+    amp = opts.dtype == "bf16"
+    torch.manual_seed(0)
+    report(f"ours ({opts.config} configuration)", census(*ours(device, opts.batch, opts.config), device, amp),
+           opts.top)
+    if opts.ref.exists():
+        report("anchor (ref_step_bench.py Ref)", census(*anchor(device, opts.batch, opts.ref), device, amp), opts.top)
+    else:
+        print(f"anchor: {opts.ref} not found, not counted")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
