@@ -1,6 +1,6 @@
 """Triton kernels of pyimputmae: the ``triton`` backend (see ``pyimputmae._backends``).
 
-The kernel-level functions (eight, and ``fill_backward``), with the signatures and results of
+The nine kernel-level functions, with the signatures and results of
 ``pyimputmae.reference.backend``. On CUDA tensors they compile for the GPU; on CPU tensors they run
 only under ``TRITON_INTERPRET=1`` (set before triton is imported), each with one small configuration.
 """

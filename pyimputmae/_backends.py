@@ -2,9 +2,9 @@
 
 Every backend offers the same kernel-level functions (the schemas in ``csrc/ops.cpp``):
 ``patch_embed_forward``, ``patch_embed_backward``, ``select_keep``, ``gather_visible``,
-``unshuffle_fill``, ``hidden_sum``, ``masked_mse_forward``, ``scale_grad_``; and in Python,
-``fill_backward`` (``gather_visible`` and ``hidden_sum`` of one gradient, fused where a backend can)
-and ``unshuffle_fill`` with ``mask_token=None`` for a zero token.
+``unshuffle_fill`` (``mask_token=None`` for a zero token), ``hidden_sum``, ``fill_backward``
+(``gather_visible`` and ``hidden_sum`` of one gradient, fused where a backend can),
+``masked_mse_forward``, ``scale_grad_``.
 
 Backends: ``ext`` (our compiled C++ / CUDA kernels, ``pyimputmae._C``), ``triton``
 (``pyimputmae.kernels``), ``reference`` (plain PyTorch, ``pyimputmae.reference.backend``).

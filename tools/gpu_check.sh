@@ -52,7 +52,8 @@
 # tools/triton_compile_check.py --cache-tar: the Triton kernels at bench large's and paper's shapes and
 # the sweep's tiles, compiled for sm_90 elsewhere) made with this machine's triton from these kernel sources, its
 # entries go into Triton's cache (TRITON_CACHE_DIR, default ~/.triton/cache): a launch whose cache key
-# matches loads the cubin instead of compiling. The cache's size after each stage -> triton_cache.txt
+# matches loads the cubin instead of compiling. The cache's size before each stage and at the end
+# -> triton_cache.txt
 #
 # Every stage runs under its own timeout, clamped to what is left of GPU_CHECK_BUDGET_S, and its
 # files are bundled as it finishes, so a stage that overruns leaves the others' results. The files
@@ -563,11 +564,11 @@ seed_triton_cache() {
   fi
   mkdir -p "$TRITON_CACHE" && before=$(triton_cache_entries)
   if tar -xzf "$TRITON_SEED" -C "$TRITON_CACHE" --skip-old-files --exclude ./manifest.json 2>>"$log"; then
-    echo "seeded $TRITON_CACHE from $TRITON_SEED (triton ${have%% *}): $before entries before, $(triton_cache_entries) after" \
-      | tee -a "$log"
-    # (new entries: on a machine that already holds some, e.g. a second dry run, fewer than the tarball's)
     local after
     after=$(triton_cache_entries)
+    echo "seeded $TRITON_CACHE from $TRITON_SEED (triton ${have%% *}): $before entries before, $after after" \
+      | tee -a "$log"
+    # (new entries: on a machine that already holds some, e.g. a second dry run, fewer than the tarball's)
     note triton-cache "seeded $((after - before)) new entries ($after in the cache)" $(($(date +%s) - t0)) \
       triton_cache.txt
   else

@@ -80,9 +80,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_keep_cpu(const at::Tensor&
   const uint64_t seed = static_cast<uint64_t>(rng_data[0]);
   const uint64_t offset = static_cast<uint64_t>(rng_data[rng_step]);
 
+  TORCH_CHECK(total_keep < std::numeric_limits<int32_t>::max(), op, ": K = ", total_keep, " visible slots is too many");
   at::Tensor ids_keep = at::empty({batch, total_keep}, present.options().dtype(at::kLong));
   at::Tensor mask = at::empty({batch, total_length}, present.options().dtype(at::kBool));
-  TORCH_CHECK(total_keep < std::numeric_limits<int32_t>::max(), op, ": K = ", total_keep, " visible slots is too many");
   at::Tensor inverse = at::empty({batch, total_length}, present.options().dtype(at::kInt));
   int32_t* inverse_data = inverse.mutable_data_ptr<int32_t>();
   const bool* present_data = present.const_data_ptr<bool>();
@@ -238,10 +238,12 @@ at::Tensor unshuffle_fill_cpu(const at::Tensor& x, const at::Tensor& ids_keep, c
       for (int64_t r = begin; r < end; ++r) {
         scalar_t* row = dst + r * embed;
         const int32_t k = source[r];
-        if (hidden[r] && token != nullptr) {
-          std::memcpy(row, token, embed * sizeof(scalar_t));
-        } else if (hidden[r]) {
-          std::fill_n(row, embed, static_cast<scalar_t>(0));
+        if (hidden[r]) {  // mask_token, or zeros without one
+          if (token != nullptr) {
+            std::memcpy(row, token, embed * sizeof(scalar_t));
+          } else {
+            std::fill_n(row, embed, static_cast<scalar_t>(0));
+          }
         } else if (k >= 0) {
           std::memcpy(row, x_data + ((r / length) * visible + k) * embed, embed * sizeof(scalar_t));
         } else if (k == kNoSource) {

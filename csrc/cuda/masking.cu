@@ -285,8 +285,9 @@ RowLaunch row_launch(int64_t rows, int64_t units) {
   return {dim3(static_cast<unsigned>(blocks)), dim3(lanes, rows_per_block)};
 }
 
-void check_float_tensor(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(is_float_kind(t.scalar_type()), name, " must be float32, float64, float16 or bfloat16, got ",
+// (the message is put together only when the check fails)
+void check_float_tensor(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(is_float_kind(t.scalar_type()), op, ": ", name, " must be float32, float64, float16 or bfloat16, got ",
               t.scalar_type());
 }
 
@@ -306,10 +307,9 @@ void check_ids_and_mask(const char* op, const at::Tensor& ids_keep, const at::Te
 // `op`: the name errors give (fill_backward calls this for the gradient of a fill's x)
 at::Tensor gather_visible_named(const at::Tensor& tokens_in, const at::Tensor& ids_keep_in, const at::Tensor& mask_in,
                                 const char* op) {
-  const std::string name(op);
   TORCH_CHECK(tokens_in.is_cuda(), op, ": tokens must be a CUDA tensor, got one on ", tokens_in.device());
   TORCH_CHECK(tokens_in.dim() == 3, op, ": tokens must be (B, L, E), got shape ", tokens_in.sizes());
-  check_float_tensor(tokens_in, (name + ": tokens").c_str());
+  check_float_tensor(tokens_in, op, "tokens");
   const int64_t B = tokens_in.size(0), L = tokens_in.size(1), E = tokens_in.size(2);
   TORCH_CHECK(ids_keep_in.dim() == 2, op, ": ids_keep must be (B, K), got shape ", ids_keep_in.sizes());
   const int64_t K = ids_keep_in.size(1);
@@ -349,7 +349,7 @@ at::Tensor unshuffle_fill_cuda(const at::Tensor& x_in, const at::Tensor& ids_kee
                                const std::optional<at::Tensor>& inverse_in) {
   TORCH_CHECK(x_in.is_cuda(), "unshuffle_fill: x must be a CUDA tensor, got one on ", x_in.device());
   TORCH_CHECK(x_in.dim() == 3, "unshuffle_fill: x must be (B, K, E), got shape ", x_in.sizes());
-  check_float_tensor(x_in, "unshuffle_fill: x");
+  check_float_tensor(x_in, "unshuffle_fill", "x");
   const int64_t B = x_in.size(0), K = x_in.size(1), E = x_in.size(2);
   check_ids_and_mask("unshuffle_fill", ids_keep_in, mask_in, B, K, x_in);
   if (mask_token_in.has_value()) {
@@ -476,11 +476,10 @@ __global__ void hidden_sum_final_kernel(T* __restrict__ out, const acc_t<T>* __r
 }
 
 at::Tensor hidden_sum_named(const at::Tensor& grad_in, const at::Tensor& mask_in, const char* op) {
-  const std::string name(op);
   TORCH_CHECK(grad_in.is_cuda(), op, ": grad must be a CUDA tensor, got one on ", grad_in.device());
   TORCH_CHECK(grad_in.dim() == 3, op, ": grad must be (B, L, E), got shape ", grad_in.sizes());
-  check_float_tensor(grad_in, (name + ": grad").c_str());
-  check_cuda_tensor(mask_in, name + ": mask", grad_in);
+  check_float_tensor(grad_in, op, "grad");
+  check_cuda_tensor(mask_in, std::string(op) + ": mask", grad_in);
   const int64_t B = grad_in.size(0), L = grad_in.size(1), E = grad_in.size(2);
   TORCH_CHECK(mask_in.dim() == 2 && mask_in.size(0) == B && mask_in.size(1) == L && mask_in.scalar_type() == at::kBool,
               op, ": mask must be a (B, L) = (", B, ", ", L, ") bool tensor, got shape ", mask_in.sizes(),
