@@ -27,8 +27,12 @@ import torch
 
 from . import _extension
 
-FAMILIES = ("patch_embed", "masking", "masked_mse")
+FAMILIES = ("patch_embed", "masking", "masked_mse", "layer_norm")
 NAMES = ("ext", "triton", "reference")
+#: the backends that implement a family, where not all of NAMES do: ``layer_norm`` (the pre-norm
+#: sublayers' LayerNorm, 16-bit in and out with float32 statistics: ``kernels/layer_norm.py``) is a
+#: Triton kernel beside PyTorch's own
+IMPLEMENTED = {"layer_norm": ("triton", "reference")}
 ALIASES = {"cpp": "ext", "cpu": "ext", "cuda": "ext", "c++": "ext", "ref": "reference", "torch": "reference"}
 
 
@@ -58,6 +62,11 @@ DTYPES = {"ext": frozenset({torch.float32, torch.float64, torch.float16, torch.b
 
 class BackendError(RuntimeError):
     """A backend was asked for by name but cannot run here."""
+
+
+def implements(name: str, family: str) -> bool:
+    """Does backend ``name`` have kernels for op family ``family``?"""
+    return name in IMPLEMENTED.get(family, NAMES)
 
 
 def canonical(name: str) -> str:
@@ -145,8 +154,9 @@ def _env_choice(family: str) -> str | None:
     raw = os.environ.get("PYIMPUTMAE_BACKEND", "").strip()
     if not raw:
         return None
-    if "=" not in raw:
-        return canonical(raw)
+    if "=" not in raw:  # one name for every op: the families it has no kernels for keep the automatic choice
+        name = canonical(raw)
+        return name if name == "auto" or implements(name, family) else None
     for item in raw.split(","):
         key, _, value = item.partition("=")
         if key.strip() == family:
@@ -156,9 +166,8 @@ def _env_choice(family: str) -> str | None:
 
 def default_order(device: torch.device, family: str | None = None) -> tuple[str, ...]:
     """The automatic order of backends for ``family`` (any family when None) on ``device``."""
-    if device.type != "cuda":
-        return ("ext", "reference")
-    return CUDA_ORDER.get(family, DEFAULT_CUDA_ORDER)
+    order = ("ext", "reference") if device.type != "cuda" else CUDA_ORDER.get(family, DEFAULT_CUDA_ORDER)
+    return order if family is None else tuple(name for name in order if implements(name, family))
 
 
 def resolve(family: str, device: torch.device, requested: str = "auto",
@@ -171,6 +180,9 @@ def resolve(family: str, device: torch.device, requested: str = "auto",
         requested = _env_choice(family) or "auto"
         source = "PYIMPUTMAE_BACKEND"
     if requested != "auto":
+        if not implements(requested, family):
+            raise BackendError(f"{family}: backend {requested!r} (from {source}) has no {family} kernels; "
+                               f"choose one of {', '.join(IMPLEMENTED[family])} or 'auto'")
         ok, why = availability(requested, device)
         if not ok:
             raise BackendError(f"{family}: backend {requested!r} (from {source}) cannot run on {device}: {why}")
@@ -213,6 +225,9 @@ def explain(device: torch.device) -> dict[str, dict]:
             chosen = f"error: {err}"
         reasons = {}
         for name in NAMES:
+            if not implements(name, family):
+                reasons[name] = (False, f"has no {family} kernels")
+                continue
             ok, why = availability(name, device)
             if ok and not _validated(name, family, device):
                 ok, why = False, (f"{why}; not yet validated on a GPU, so used only when asked for by name "

@@ -31,8 +31,11 @@ FAMILY_FUNCTIONS = {
     "patch_embed": ("patch_embed_forward", "patch_embed_backward"),
     "masking": ("select_keep", "gather_visible", "unshuffle_fill", "hidden_sum", "fill_backward"),
     "masked_mse": ("masked_mse_forward", "scale_grad_"),
+    "layer_norm": ("layer_norm_forward", "layer_norm_backward"),
 }
-ALL_FAMILIES = tuple(FAMILY_FUNCTIONS)
+#: the fused ops' families, what a test module without ``FAMILIES`` runs (``layer_norm`` is the model's
+#: LayerNorm, which only triton and reference implement: tests/test_layer_norm.py)
+ALL_FAMILIES = ("patch_embed", "masking", "masked_mse")
 
 # (rtol, atol); atol is taken relative to the largest |expected| (at least 1), so a sum of many
 # terms is judged on the scale of the result rather than on each element's own size
@@ -160,6 +163,9 @@ def backend_skip_reason(name: str, device: torch.device, families: Iterable[str]
         return reason and f"cuda_emu needs the C++ extension for its CPU fallbacks and schemas; {reason}"
     if name == "ext" and extension_import_crash():
         return "ext: importing pyimputmae._C kills the process (test_backends.py shows why)"
+    absent = [family for family in families if not _backends.implements(name, family)]
+    if absent:
+        return f"{name}: has no {', '.join(absent)} kernels (only {', '.join(_backends.IMPLEMENTED[absent[0]])})"
     ok, why = _backends.availability(name, device)
     if not ok:
         return f"{name}: {why}"

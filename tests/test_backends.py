@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from op_testing import (
-    ALL_FAMILIES,
     BACKENDS,
     assert_close,
     backend_skip_reason,
@@ -32,7 +31,7 @@ def test_extension_import_does_not_kill_the_process():
     assert crash is None, f"importing pyimputmae._C after pyimputmae aborts: {crash}"
 
 
-@pytest.mark.parametrize("family", ALL_FAMILIES)
+@pytest.mark.parametrize("family", _backends.FAMILIES)
 def test_auto_backend_is_one_that_runs(family, device):
     """``auto`` picks ext, then (on CUDA) triton, then the reference, whichever can run."""
     if extension_import_crash():
@@ -66,7 +65,8 @@ def test_gpu_validated_reads_which_pairs_passed_on_the_gpu(tmp_path, capsys):
         ("tests.test_masked_mse", "test_b[triton-cuda]", ""),
         ("tests.test_patch_embed", "test_c[triton-cuda]", "<skipped/>"),
         ("tests.test_patch_embed", "test_c[triton-cpu]", ""),  # a CPU case: not evidence
-        ("tests.test_compile", "test_d[ext-cuda]", ""),  # every family
+        ("tests.test_compile", "test_d[ext-cuda]", ""),  # every fused op's family, not the LayerNorm
+        ("tests.test_layer_norm", "test_e[bf16-triton-cuda]", ""),
     ]
     write_junit(tmp_path / "junit_ops.xml", cases)
     (tmp_path / "stage1_kernel_check.log").write_text(
@@ -74,9 +74,11 @@ def test_gpu_validated_reads_which_pairs_passed_on_the_gpu(tmp_path, capsys):
         "patch_embed/3d_fp32_16B_all        FAIL AssertionError: out (0.2s)\n")
     assert tool.main([str(tmp_path)]) == 1
     out = capsys.readouterr().out
-    assert 'GPU_VALIDATED = frozenset({("ext", "masking"), ("ext", "masked_mse"), ("triton", "masked_mse")})' in out
+    assert ('GPU_VALIDATED = frozenset({("ext", "masking"), ("ext", "masked_mse"), ("triton", "masked_mse"), '
+            '("triton", "layer_norm")})') in out
+    assert "ext     layer_norm" not in out  # ext has no LayerNorm kernels: no line, never validated
     # no bench_large.json: the default order among the validated pairs names what e2e runs with
-    assert out.rstrip().endswith("PYIMPUTMAE_BACKEND=masking=ext,masked_mse=ext")
+    assert out.rstrip().endswith("PYIMPUTMAE_BACKEND=masking=ext,masked_mse=ext,layer_norm=triton")
 
 
 def test_gpu_validated_falls_back_to_the_verbose_log_of_a_stopped_run(tmp_path, capsys):
@@ -149,9 +151,11 @@ def test_gpu_validated_orders_each_family_by_its_measured_training_pass(tmp_path
     validated = [("ext", "patch_embed"), ("triton", "patch_embed"), ("ext", "masked_mse"), ("triton", "masked_mse"),
                  ("triton", "masking")]
     order = tool.cuda_order(bench, validated)
-    # triton masked_mse: validated by the tests, but the bench's guard failed it on norm_pix: left out
+    # triton masked_mse: validated by the tests, but the bench's guard failed it on norm_pix: left out;
+    # layer_norm has no bench op: its validated backends (none here), then the reference
     assert order == {"patch_embed": ("triton", "ext", "reference"), "masking": ("triton", "reference"),
-                     "masked_mse": ("ext", "reference")}
+                     "masked_mse": ("ext", "reference"), "layer_norm": ("reference",)}
+    assert tool.cuda_order(bench, [*validated, ("triton", "layer_norm")])["layer_norm"] == ("triton", "reference")
     # a validated backend the bench did not reach comes after the timed ones
     bench["records"] = [r for r in bench["records"] if not (r["op"] == "masking_fill" and r["backend"] == "triton")]
     assert tool.cuda_order(bench, [*validated, ("ext", "masking")])["masking"] == ("ext", "triton", "reference")

@@ -136,7 +136,7 @@ EXPECTED_VALIDATED = frozenset({("ext", "masking"), ("ext", "masked_mse"), ("tri
 # patch_embed: triton untimed in fwd+bwd; masking: ext timed, triton raised (validated, untimed); masked_mse:
 # norm_pix untimed, triton's guard failed: left out
 EXPECTED_ORDER = {"patch_embed": ("triton", "reference"), "masking": ("ext", "triton", "reference"),
-                  "masked_mse": ("ext", "reference")}
+                  "masked_mse": ("ext", "reference"), "layer_norm": ("reference",)}
 
 
 def test_report_gives_each_measured_figure_and_says_what_was_not_measured(tmp_path, capsys):

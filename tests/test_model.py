@@ -5,9 +5,11 @@ Every test builds its own few-patient batch inline; the whole file runs in well 
 
 from __future__ import annotations
 
+import argparse
 import collections
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -400,3 +402,21 @@ def test_step_ops_counts_what_computes_per_phase(capsys):
     out = capsys.readouterr().out
     assert out.startswith("ours (small configuration): ") and "dtype casts (_to_copy)" in out
     assert ("anchor (ref_step_bench.py Ref): " in out) == tool.DEFAULT_REF.exists()
+
+
+def test_e2e_torchln_mode_runs_pytorchs_layer_norm_and_puts_the_choice_back(monkeypatch):
+    """tools/e2e_step.py's ``…-torchln`` modes: the pre-norm sublayers on PyTorch's LayerNorm whatever
+    PYIMPUTMAE_BACKEND chose for them, the other families as chosen; the variable restored after (the
+    CPU dry run runs every mode in one process)."""
+    e2e_step = tool_module("e2e_step")
+    assert e2e_step.with_layer_norm("", "reference") == "layer_norm=reference"
+    assert e2e_step.with_layer_norm("masking=ext, layer_norm=triton", "reference") == "masking=ext,layer_norm=reference"
+    assert (e2e_step.with_layer_norm("triton", "reference")
+            == "patch_embed=triton,masking=triton,masked_mse=triton,layer_norm=reference")
+    monkeypatch.setenv("PYIMPUTMAE_BACKEND", "masking=reference,layer_norm=triton")
+    args = argparse.Namespace(device="cpu", config="small", batch=2, steps=1, warmup=1, dtype="bf16",
+                              worker="eager-torchln")
+    r = e2e_step.run_mode(args)
+    assert r["backends"]["layer_norm"] == "reference" and r["backends"]["masking"] == "reference"
+    assert math.isfinite(r["loss_last"])
+    assert os.environ["PYIMPUTMAE_BACKEND"] == "masking=reference,layer_norm=triton"

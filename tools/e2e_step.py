@@ -15,7 +15,9 @@ autocast, every modality present, inputs ``torch.randn`` of the anchor's shapes.
   (the authors' decoder MLP, our ``paper`` configuration's, is 512): the same work per patient as the
   anchor (torch's FLOP counter, forward + backward per patient on CPU: anchor 10.4 GFLOP, ours 8.3,
   ours with this decoder 10.1 + the patch embedding, which it does not count), for a like-for-like
-  figure beside the issue's (our model at the authors' configuration).
+  figure beside the issue's (our model at the authors' configuration);
+- ``graph-torchln``: ``graph`` with PyTorch's LayerNorm in the pre-norm sublayers (``layer_norm=reference``)
+  instead of what the run chose for them (the fused Triton kernels once validated): what those save.
 
 A mode whose loss is not finite after its timed steps is reported as failed, not timed.
 
@@ -56,9 +58,24 @@ if str(ROOT) not in sys.path:
 DEFAULT_REF = ROOT.parent / "shared" / "anchors" / "ref_step_bench.py"
 RESULT_TAG = "E2E_RESULT "
 #: per-mode time limits (s); the reference gets REF_LIMIT; all are capped by the remaining budget
-MODE_LIMITS = {"eager": 75, "graph": 75, "compile": 150, "graph-mlp1024": 75, "train-graph": 75}
+MODE_LIMITS = {"eager": 75, "graph": 75, "compile": 150, "graph-mlp1024": 75, "train-graph": 75,
+               "graph-torchln": 75}
 #: modes that run our model with the anchor's decoder MLP width instead of the authors'
 ANCHOR_DECODER_MLP = 1024
+#: the suffix of a mode that runs with PyTorch's LayerNorm in the pre-norm sublayers
+TORCH_LN = "-torchln"
+
+
+def with_layer_norm(value: str, backend: str) -> str:
+    """``PYIMPUTMAE_BACKEND``'s value ``value`` with the ``layer_norm`` family set to ``backend``
+    (one name for every op becomes pairs naming the fused ops' families)."""
+    value = value.strip()
+    if value and "=" not in value:
+        value = ",".join(f"{family}={value}" for family in ("patch_embed", "masking", "masked_mse"))
+    pairs = [item for item in value.split(",") if item.strip() and item.partition("=")[0].strip() != "layer_norm"]
+    return ",".join([*pairs, f"layer_norm={backend}"])
+
+
 #: the anchor compiles one of its modes: on an H200 that took over 200 s once
 REF_LIMIT = 250
 SPARE_S = 5  # kept back from the budget for process start-up and printing
@@ -70,6 +87,20 @@ REF_LINE = re.compile(r"^(?P<name>.+?) step\s+(?P<ms>[\d.]+) ms\s+(?P<pps>[\d.]+
 # ------------------------------------------------------------------------------- one mode
 def run_mode(args: argparse.Namespace) -> dict:
     """Time one mode in this process → ``{"step_ms", "patients_per_s", "peak_GB", "backends", ...}``."""
+    if not args.worker.endswith(TORCH_LN):
+        return _run_mode(args, args.worker)
+    before = os.environ.get("PYIMPUTMAE_BACKEND")
+    os.environ["PYIMPUTMAE_BACKEND"] = with_layer_norm(before or "", "reference")
+    try:
+        return _run_mode(args, args.worker.removesuffix(TORCH_LN))
+    finally:  # the CPU dry run runs every mode in this process
+        if before is None:
+            os.environ.pop("PYIMPUTMAE_BACKEND")
+        else:
+            os.environ["PYIMPUTMAE_BACKEND"] = before
+
+
+def _run_mode(args: argparse.Namespace, mode: str) -> dict:
     import torch
 
     from pyimputmae import _backends
@@ -80,8 +111,8 @@ def run_mode(args: argparse.Namespace) -> dict:
     cuda = dev.type == "cuda"
     torch.manual_seed(0)
     cfg = ModelConfig.named(args.config)
-    kind = args.worker.removesuffix(f"-mlp{ANCHOR_DECODER_MLP}")
-    if kind != args.worker:
+    kind = mode.removesuffix(f"-mlp{ANCHOR_DECODER_MLP}")
+    if kind != mode:
         cfg = cfg.replace(decoder_mlp=ANCHOR_DECODER_MLP)
     B = args.batch
     # the anchor's inputs: torch.randn of each modality's shape, every modality present
@@ -165,7 +196,9 @@ def run_mode(args: argparse.Namespace) -> dict:
         "step_ms": dt * 1e3,
         "patients_per_s": B / dt,
         "peak_GB": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-        "backends": {f: _backends.resolve(f, dev) for f in _backends.FAMILIES},
+        # under torch.compile the pre-norm sublayers take PyTorch's LayerNorm whatever the choice
+        "backends": {f: "reference" if f == "layer_norm" and kind == "compile" else _backends.resolve(f, dev)
+                     for f in _backends.FAMILIES},
         "params": count_parameters(model),
     }
 
@@ -241,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--modes", default=None, help="comma-separated subset of eager,graph,compile,graph-mlp1024,"
-                   "train-graph (default: all five on CUDA, eager on CPU)")
+                   "train-graph,graph-torchln (default: all six on CUDA, eager on CPU)")
     p.add_argument("--ref", type=Path, default=DEFAULT_REF, help="the anchor script (run only on CUDA)")
     p.add_argument("--no-ref", action="store_true", help="skip the anchor script")
     p.add_argument("--budget-s", type=float, default=350.0, help="wall-clock budget of the whole call")
@@ -291,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # our model at the authors' configuration first (the issue's measurement), then the anchor, then
     # the like-for-like decoder and torch.compile with what is left
-    later = (f"graph-mlp{ANCHOR_DECODER_MLP}", "train-graph", "compile")  # in this order, after the anchor
+    later = (f"graph-mlp{ANCHOR_DECODER_MLP}", "train-graph", f"graph{TORCH_LN}", "compile")  # after the anchor
     for mode in modes:
         if mode not in later:
             run_ours(mode)

@@ -27,9 +27,10 @@
 #          ref_step_bench.py                                         -> e2e.json, ref_step.json
 #          (the anchor is looked for in ../shared/anchors, then shared/anchors in the repo; e2e_step.py
 #          runs it in the same call and ref_step.json is taken from e2e.json, else it runs on its own)
-#          (our modes: E2E_MODES, default eager,graph,graph-mlp1024,train-graph (like-for-like: the
-#          anchor's decoder MLP; train-graph: train(cuda_graph=True)'s step, the library's GraphedStep,
-#          after it, with what is left); add compile for torch.compile of our model (it runs last),
+#          (our modes: E2E_MODES, default eager,graph,graph-mlp1024,train-graph,graph-torchln
+#          (like-for-like: the anchor's decoder MLP; train-graph: train(cuda_graph=True)'s step, the
+#          library's GraphedStep; graph-torchln: graph with PyTorch's LayerNorm in the pre-norm
+#          sublayers, what the Triton one saves; after it, with what is left); add compile for torch.compile of our model (it runs last),
 #          with PYIMPUTMAE_BACKEND set to the fastest backend per op family among those the test
 #          stage validated (tools/gpu_validated.py); with what is left, tools/saved_activations.py
 #          on the same backends                                      -> stage3_activations.log
@@ -117,7 +118,7 @@ SUMMARY="$OUT/summary.tsv"
 export PYTHONUNBUFFERED=1 OUT ROOT PY
 
 OP_TESTS=(tests/test_patch_embed.py tests/test_masking.py tests/test_masked_mse.py tests/test_philox.py
-          tests/test_compile.py)
+          tests/test_layer_norm.py tests/test_compile.py)
 
 remaining() { echo $((BUDGET - ($(date +%s) - START))); }
 KILL_GRACE=10  # seconds between a step's TERM and KILL
@@ -487,10 +488,11 @@ stage_e2e() {
   echo "== e2e: backends from this run's validation: ${choice:-none, the automatic choice}"
   if [[ -f tools/e2e_step.py ]]; then
     # our modes: eager, the whole step in a CUDA graph (the fast one), that with the anchor's decoder
-    # MLP (like for like), and train(cuda_graph=True)'s captured step; torch.compile of our model
+    # MLP (like for like), train(cuda_graph=True)'s captured step, and the graph with PyTorch's LayerNorm
+    # in the pre-norm sublayers (what the validated Triton one saves); torch.compile of our model
     # (E2E_MODES=eager,graph,compile) is left out by default to leave the budget to the later stages
     local limit=${E2E_TIMEOUT_S:-240} left
-    local args=(--json "$OUT/e2e.json" --modes "${E2E_MODES:-eager,graph,graph-mlp1024,train-graph}")
+    local args=(--json "$OUT/e2e.json" --modes "${E2E_MODES:-eager,graph,graph-mlp1024,train-graph,graph-torchln}")
     left=$(remaining)
     ((limit > left)) && limit=$left
     # e2e_step.py runs the anchor itself, on the same card, and ends inside its own budget, before

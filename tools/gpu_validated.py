@@ -8,13 +8,15 @@ that file, the verdicts its ``-v`` log ``OUTDIR/stage1_test.log`` printed), the 
 float16 cases (``junit_ops_fp16.xml`` / ``stage1_test_fp16.log``, a later stage) and ``OUTDIR/stage1_kernel_check.log``
 (``tools/cuda_kernel_check.py``: every CUDA code path once). A pair is validated when at least one
 of its CUDA test cases passed and none failed; for ``ext`` also every kernel-check case of the
-family passed. Cases of ``tests/test_compile.py`` exercise every family at once, so they count for
-each. A validated pair is validated for float16 too when its float16 cases ran, at least one passed
-and none failed. Prints one line per pair and the sets to put into
+family passed. Cases of ``tests/test_compile.py`` exercise every fused op's family at once, so they
+count for each of those; ``tests/test_layer_norm.py``'s count for ``layer_norm`` (the pre-norm
+sublayers' LayerNorm, which only Triton implements). A validated pair is validated for float16 too
+when its float16 cases ran, at least one passed and none failed. Prints one line per pair and the sets to put into
 ``pyimputmae._backends.GPU_VALIDATED`` and ``GPU_VALIDATED_FP16``.
 With ``OUTDIR/bench_large.json`` it also prints ``CUDA_ORDER``: per family its validated backends,
 fastest first by the summed ``fwd+bwd`` median time of the family's bench ops in the training dtype
-(bf16 for patch embedding, fp32 for the others) whose correctness guard passed, then the reference.
+(bf16 for patch embedding, fp32 for the others) whose correctness guard passed, then the reference
+(``layer_norm``, which the bench does not time: its validated backend, then the reference).
 The last line, ``PYIMPUTMAE_BACKEND=family=backend,...``, names the first of each family's order
 (families with no validated backend left out, so that they keep the automatic choice):
 ``tools/gpu_check.sh`` runs the end-to-end step with it, so that the step uses what the same run
@@ -34,11 +36,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-FAMILIES = ("patch_embed", "masking", "masked_mse")
+FAMILIES = ("patch_embed", "masking", "masked_mse", "layer_norm")
 BACKENDS = ("ext", "triton")
-#: test module → the op family its cases exercise (None: every family)
+#: the backends (of BACKENDS) with kernels for a family, where not all have: the pre-norm LayerNorm is Triton's
+IMPLEMENTED = {"layer_norm": ("triton",)}
+#: the fused ops' families, which tests/test_compile.py exercises all at once
+FUSED_FAMILIES = ("patch_embed", "masking", "masked_mse")
+#: test module → the op family its cases exercise (None: every fused op's family)
 MODULE_FAMILY = {"test_patch_embed": "patch_embed", "test_masking": "masking", "test_masked_mse": "masked_mse",
-                 "test_philox": "masking", "test_compile": None}
+                 "test_philox": "masking", "test_layer_norm": "layer_norm", "test_compile": None}
 #: tools/cuda_kernel_check.py case prefix → family
 CHECK_FAMILY = {"select_keep": "masking", "row_moves": "masking", "hidden_sum": "masking",
                 "masked_mse": "masked_mse", "scale_grad": "masked_mse", "patch_embed": "patch_embed"}
@@ -53,7 +59,7 @@ def _count(counts: collections.Counter, module: str, name: str, outcome: str) ->
     backend = next((b for b in BACKENDS if b in ids), None)
     if "cuda" not in ids or backend is None:
         return
-    for family in [MODULE_FAMILY[module]] if MODULE_FAMILY[module] else FAMILIES:
+    for family in [MODULE_FAMILY[module]] if MODULE_FAMILY[module] else FUSED_FAMILIES:
         counts[(backend, family, outcome)] += 1
 
 
@@ -108,7 +114,11 @@ def cuda_order(bench: dict, validated: list[tuple[str, str]],
     """Per family: the validated backends, fastest first (summed fwd+bwd medians over the family's
     bench ops; a backend missing one of them, or failing its check, is left out), then "reference"."""
     order = {}
-    for family, (ops, dtype) in BENCH_OPS.items():
+    for family in FAMILIES:
+        if family not in BENCH_OPS:  # no bench op of its own (the LayerNorm): validated, then the reference
+            order[family] = (*(b for b in BACKENDS if (b, family) in validated), "reference")
+            continue
+        ops, dtype = BENCH_OPS[family]
         totals = {}
         for backend in (b for b, f in validated if f == family):
             times = [r.get("median_ms") for r in bench["records"]
@@ -166,6 +176,8 @@ def validate(outdir: Path, log: Callable[[str], object] = print) -> Validation:
     validated, validated16, any_failed = [], [], False
     for backend in BACKENDS:
         for family in FAMILIES:
+            if backend not in IMPLEMENTED.get(family, BACKENDS):
+                continue
             passed, failed, skipped = (tests[(backend, family, o)] for o in ("passed", "failed", "skipped"))
             line = f"{backend:7s} {family:12s} tests: {passed} passed, {failed} failed, {skipped} skipped"
             ok = passed > 0 and failed == 0

@@ -15,15 +15,19 @@ that launch nothing (views and aliases, ``detach``, allocations of empty tensors
 depend on the batch size; CPU autocast casts like CUDA autocast except that it runs LayerNorm in bf16.
 ``_to_copy`` (dtype casts: autocast's per-weight casts to bf16 and the gradients' casts back) is
 reported on its own line. On CPU tensors our ops also check ``ids_keep``'s bounds (four small
-operations per call, about 20 per step), which they skip on a GPU.
+operations per call, about 20 per step), which they skip on a GPU. A Triton kernel launch counts as one
+operation (``triton.<kernel>``), what runs inside it as none: with ``TRITON_INTERPRET=1`` and
+``PYIMPUTMAE_BACKEND`` naming ``triton`` for a family (e.g. ``layer_norm=triton``), the count is that
+of the step with those kernels.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -37,7 +41,7 @@ for path in (ROOT, ROOT / "tools"):
 from saved_activations import DEFAULT_REF, anchor_model  # noqa: E402  (tools/, on the path above)
 
 #: operations that compute nothing on the device (besides the views and aliases their schemas name)
-NO_KERNEL = {"aten.detach.default", "aten._unsafe_view.default", "aten.empty.memory_format",
+NO_KERNEL = {"aten.detach.default", "aten._unsafe_view.default", "aten.empty.memory_format", "aten.empty_like.default",
              "aten.empty_strided.default", "aten.new_empty.default", "aten.new_empty_strided.default",
              "aten.lift_fresh.default", "aten.promote_types.default", "aten.is_same_size.default",
              # reads a value to the host: here the optimizer's step counts, which on a GPU stay on the
@@ -53,12 +57,43 @@ class OpCensus(TorchDispatchMode):
         super().__init__()
         self.phase = PHASES[0]
         self.counts: dict[str, collections.Counter] = {phase: collections.Counter() for phase in PHASES}
+        self.in_triton = 0  # > 0 inside a Triton launch (the interpreter's own tensor operations)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)
-        if not (func.is_view or name in NO_KERNEL or name.startswith("profiler.")):
+        if not (self.in_triton or func.is_view or name in NO_KERNEL or name.startswith("profiler.")):
             self.counts[self.phase][name] += 1
         return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def triton_launches(record: OpCensus) -> Iterator[None]:
+    """Count each Triton kernel launch (compiled or interpreted) as one operation ``triton.<kernel>``."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        yield
+        return
+    saved = {cls: cls.run for cls in (JITFunction, InterpretedFunction)}
+
+    def counting(original):
+        def run(self, *args, **kwargs):
+            record.counts[record.phase][f"triton.{self.fn.__name__}"] += 1
+            record.in_triton += 1
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                record.in_triton -= 1
+        return run
+
+    for cls, original in saved.items():
+        cls.run = counting(original)
+    try:
+        yield
+    finally:
+        for cls, original in saved.items():
+            cls.run = original
 
 
 def census(forward: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer, device: torch.device,
@@ -78,7 +113,8 @@ def census(forward: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer
         optimizer.zero_grad(set_to_none=True)
 
     step(None)
-    with OpCensus() as record:
+    record = OpCensus()
+    with triton_launches(record), record:
         step(record)
     return record.counts
 

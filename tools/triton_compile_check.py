@@ -16,7 +16,8 @@ Shapes (``--size large``, those of ``tools/bench.py --size large``): masked MSE 
 ``(32, 512, 2048)`` on x ``(32, 4, 64, 64, 64)``, p = 8 (with and without norm_pix); masking
 ``B = 64``, 4 segments of 256 tokens, half kept, ``E = 384``; patch embedding of x
 ``(32, 4, 64, 64, 64)``, p = 8, ``E = 384``, with and without ``keep`` (half the patches),
-forward and backward. ``--size paper``: those of ``tools/bench.py --size paper`` (masked MSE and
+forward and backward; the pre-norm LayerNorm over the masking's kept token rows (``D = E``), forward and
+backward. ``--size paper``: those of ``tools/bench.py --size paper`` (masked MSE and
 patch embedding of MRI x ``(96, 1, 64, 64, 64)``, p = 16, ``E = 256``; masking ``B = 96``, segments
 of 32, 24, 256 and 64 tokens, ``E = 256``). Both come from ``tools/bench_config.py``; several sizes
 are given comma-separated. ``--size small`` shrinks every one of them (a quicker smoke run).
@@ -131,6 +132,7 @@ def huge_cases(k, dtype: torch.dtype) -> list[tuple[str, object]]:
     w_rows = meta(64, 2, dtype=dtype)
     keep_rows = meta(2**12, 2**19, dtype=torch.int64)
     B, L, E = 2**16, 2**16, 64  # B·L = 2^32 token rows
+    ln = torch.float32 if dtype == torch.float64 else dtype  # the LayerNorm kernels take 16- and 32-bit rows
     tokens, mask = meta(B, L, E, dtype=dtype), meta(B, L, dtype=torch.bool)
     ids = meta(B, L // 2, dtype=torch.int64)
     return [
@@ -152,6 +154,11 @@ def huge_cases(k, dtype: torch.dtype) -> list[tuple[str, object]]:
                                                                         weight, None, p, True, True)),
         ("patch_embed bwd keep, many rows", lambda: k.patch_embed_backward(meta(2**12, 2**19, 64, dtype=dtype), x_rows,
                                                                            w_rows, keep_rows, 2, True, True)),
+        ("layer_norm fwd, 2^32 values", lambda: k.layer_norm_forward(meta(2**24, 256, dtype=ln), meta(256),
+                                                                     meta(256), 1e-5, ln)),
+        ("layer_norm bwd, 2^32 values", lambda: k.layer_norm_backward(meta(2**24, 256, dtype=ln), meta(256),
+                                                                      meta(256), 1e-5, meta(2**24, 256, dtype=ln),
+                                                                      ln, True, True)),
     ]
 
 
@@ -180,6 +187,7 @@ def cases(k, dtype: torch.dtype, size: str, sweep: ModuleType | None = None) -> 
     tokens, visible = meta(mB, mL, mE, dtype=dtype), meta(mB, mK, mE, dtype=dtype)
     ids, mask = meta(mB, mK, dtype=torch.int64), meta(mB, mL, dtype=torch.bool)
     present, rng = meta(mB, len(lengths), dtype=torch.bool), meta(2, dtype=torch.int64)
+    ln = torch.float32 if dtype == torch.float64 else dtype  # the LayerNorm kernels take 16- and 32-bit rows
     cases = [
         ("masked_mse", lambda: k.masked_mse_forward(pred, x, w, p, False)),
         ("masked_mse norm_pix", lambda: k.masked_mse_forward(pred, x, w, p, True)),
@@ -196,6 +204,11 @@ def cases(k, dtype: torch.dtype, size: str, sweep: ModuleType | None = None) -> 
                                                            True, True)),
         ("patch_embed bwd keep", lambda: k.patch_embed_backward(meta(B, K, E, dtype=dtype), x, weight, keep, p,
                                                                 True, True)),
+        # the pre-norm sublayers' LayerNorm over the masking's token rows: x in `dtype` (autocast's residual
+        # stream), float32 parameters, output and xn in `dtype`
+        ("layer_norm fwd", lambda: k.layer_norm_forward(meta(mB * mK, mE, dtype=ln), meta(mE), meta(mE), 1e-5, ln)),
+        ("layer_norm bwd", lambda: k.layer_norm_backward(meta(mB * mK, mE, dtype=ln), meta(mE), meta(mE), 1e-5,
+                                                         meta(mB * mK, mE, dtype=ln), ln, True, True)),
     ]
     if sweep:  # the tile configurations tools/patch_embed_sweep.py times on a GPU (no bias/pos there)
         sixteen_bit = dtype in (torch.bfloat16, torch.float16)  # the TMA kernels take only those

@@ -16,43 +16,63 @@ Dtypes follow the autograd path under CUDA autocast: the LayerNorm runs in float
 float64 input); the matmuls run in the autocast dtype when autocast is on for the input's device,
 else in the weight's dtype, and give the output in that dtype. Gradients come back in the dtypes of
 the tensors they belong to. Both functions take any leading shape: ``x: (..., D)``.
+
+The LayerNorm runs on the ``layer_norm`` family's backend (``pyimputmae._backends``): PyTorch's
+(``reference``: a float32 copy of the input, ``native_layer_norm``, the output rounded for the
+matmul) or Triton's fused kernels (``kernels/layer_norm.py``: the same arithmetic without the
+float32 copies; on CUDA once validated on a GPU, or asked for with ``PYIMPUTMAE_BACKEND``). The
+backward computes the gradient of the normalised output first and then, in one call, the
+LayerNorm's gradients and the normalised output again for the matmul's weight gradient.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .. import _backends
+from ..reference import backend as _reference_backend
 
-def _dtypes(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
-    """→ (LayerNorm dtype, matmul dtype) for input ``x`` and a matmul with ``weight``."""
+
+def _mm_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The matmuls' dtype: autocast's when it is on for ``x``'s device, else the weight's."""
     device = x.device.type
-    mm = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-    return torch.promote_types(x.dtype, torch.float32), mm
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
 
 
-def _normalise(x2: torch.Tensor, norm_w: torch.Tensor, norm_b: torch.Tensor, eps: float, dtype: torch.dtype):
-    """x2: ``(M, D)`` → LayerNorm in ``dtype``: (input in ``dtype``, output ``(M, D)``, mean, rstd ``(M, 1)``)."""
-    xl = x2.to(dtype)
-    out, mean, rstd = torch.native_layer_norm(xl, (x2.shape[1],), norm_w.to(dtype), norm_b.to(dtype), eps)
-    return xl, out, mean, rstd
+def _layer_norm_backend(x: torch.Tensor) -> ModuleType:
+    """The kernels of the sublayer's LayerNorm for ``x (..., D)``: the ``layer_norm`` family's backend
+    (``pyimputmae._backends``: Triton's fused kernels on CUDA once validated there, else PyTorch's),
+    PyTorch's where the Triton kernels do not take ``x`` (float64, ``D`` above their limit) and while
+    ``torch.compile`` traces (Inductor fuses the casts around PyTorch's LayerNorm itself)."""
+    if torch.compiler.is_compiling():
+        return _reference_backend
+    name = _backends.resolve("layer_norm", x.device, dtypes=(x.dtype,))
+    backend = _backends.module(name)
+    if name == "triton" and not backend.layer_norm_supports(x):
+        return _reference_backend
+    return backend
 
 
-def _norm_grads(grad_out: Callable[[], torch.Tensor], x: torch.Tensor, xl: torch.Tensor, mean: torch.Tensor,
-                rstd: torch.Tensor, norm_w: torch.Tensor, norm_b: torch.Tensor, needs: tuple[bool, bool, bool]):
-    """The LayerNorm's backward → grads of (x, weight, bias), each in its tensor's dtype or None when
-    not needed. ``grad_out()``: the ``(M, D)`` gradient of its output (computed only when needed);
-    ``xl``, ``mean``, ``rstd``: from :func:`_normalise` of ``x``."""
-    if not any(needs):
-        return None, None, None
-    lw, lb = norm_w.to(xl.dtype), norm_b.to(xl.dtype)
-    gx, gnw, gnb = torch.ops.aten.native_layer_norm_backward(grad_out().to(xl.dtype), xl, (xl.shape[1],), mean,
-                                                             rstd, lw, lb, list(needs))
-    return (None if gx is None else gx.to(x.dtype).view(x.shape)), _cast_back(gnw, norm_w), _cast_back(gnb, norm_b)
+def _norm_backward(ln, grad_xn: Callable[[], torch.Tensor], x: torch.Tensor, norm_w: torch.Tensor,
+                   norm_b: torch.Tensor, eps: float, xn_dtype: torch.dtype | None, needs: tuple[bool, bool, bool]):
+    """The LayerNorm's backward through backend ``ln``, recomputing its output → (grad of x in x's dtype,
+    the normalised ``(M, D)`` output in ``xn_dtype`` (None when not given), grads of the LayerNorm's
+    weight and bias in their dtypes), None for what ``needs`` (x, weight, bias) does not ask.
+    ``grad_xn()``: the ``(M, D)`` gradient of the LayerNorm's output, computed only when needed."""
+    need_x, need_nw, need_nb = needs
+    need_params = need_nw or need_nb
+    gxn = grad_xn() if need_x or need_params else None
+    gx, xn, gnw, gnb = ln.layer_norm_backward(x.reshape(-1, x.shape[-1]), norm_w, norm_b, eps, gxn, xn_dtype,
+                                              need_x, need_params)
+    del gxn
+    gx = None if gx is None else gx.view(x.shape)
+    return gx, xn, (_cast_back(gnw, norm_w) if need_nw else None), (_cast_back(gnb, norm_b) if need_nb else None)
 
 
 def _cast_back(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
@@ -64,28 +84,26 @@ class _NormLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, norm_w, norm_b, eps, w, b):
-        ln_dtype, mm_dtype = _dtypes(x, w)
+        mm_dtype, ln = _mm_dtype(x, w), _layer_norm_backend(x)
         with torch.autocast(x.device.type, enabled=False):
-            _, xn, _, _ = _normalise(x.reshape(-1, x.shape[-1]), norm_w, norm_b, eps, ln_dtype)
-            out = F.linear(xn.to(mm_dtype), w.to(mm_dtype), b.to(mm_dtype))
+            xn = ln.layer_norm_forward(x.reshape(-1, x.shape[-1]), norm_w, norm_b, eps, mm_dtype)
+            out = F.linear(xn, w.to(mm_dtype), b.to(mm_dtype))
         ctx.save_for_backward(x, norm_w, norm_b, w, b)
-        ctx.eps, ctx.dtypes = eps, (ln_dtype, mm_dtype)
+        ctx.eps, ctx.mm_dtype, ctx.ln = eps, mm_dtype, ln
         return out.view(*x.shape[:-1], w.shape[0])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         x, norm_w, norm_b, w, b = ctx.saved_tensors
-        ln_dtype, mm_dtype = ctx.dtypes
+        mm_dtype = ctx.mm_dtype
         need_x, need_nw, need_nb, _, need_w, need_b = ctx.needs_input_grad
         with torch.autocast(x.device.type, enabled=False):
             g = grad.reshape(-1, w.shape[0]).to(mm_dtype)
-            xl, xn, mean, rstd = _normalise(x.reshape(-1, x.shape[-1]), norm_w, norm_b, ctx.eps, ln_dtype)
-            gw = g.t() @ xn.to(mm_dtype) if need_w else None
-            del xn  # from here on only the LayerNorm's input and statistics: less memory held in backward
+            gx, xn, gnw, gnb = _norm_backward(ctx.ln, lambda: g @ w.to(mm_dtype), x, norm_w, norm_b, ctx.eps,
+                                              mm_dtype if need_w else None, (need_x, need_nw, need_nb))
+            gw = g.t() @ xn if need_w else None
             gb = g.sum(0, dtype=b.dtype) if need_b else None
-            gx, gnw, gnb = _norm_grads(lambda: g @ w.to(mm_dtype), x, xl, mean, rstd, norm_w, norm_b,
-                                       (need_x, need_nw, need_nb))
         return gx, gnw, gnb, None, _cast_back(gw, w), gb
 
 
@@ -94,32 +112,32 @@ class _NormMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, norm_w, norm_b, eps, w1, b1, w2, b2):
-        ln_dtype, mm_dtype = _dtypes(x, w1)
+        mm_dtype, ln = _mm_dtype(x, w1), _layer_norm_backend(x)
         with torch.autocast(x.device.type, enabled=False):
-            _, xn, _, _ = _normalise(x.reshape(-1, x.shape[-1]), norm_w, norm_b, eps, ln_dtype)
-            h = F.linear(xn.to(mm_dtype), w1.to(mm_dtype), b1.to(mm_dtype))  # (M, mlp)
+            xn = ln.layer_norm_forward(x.reshape(-1, x.shape[-1]), norm_w, norm_b, eps, mm_dtype)
+            h = F.linear(xn, w1.to(mm_dtype), b1.to(mm_dtype))  # (M, mlp)
+            del xn
             out = F.linear(F.gelu(h), w2.to(mm_dtype), b2.to(mm_dtype))
         ctx.save_for_backward(x, norm_w, norm_b, w1, b1, w2, b2, h)
-        ctx.eps, ctx.dtypes = eps, (ln_dtype, mm_dtype)
+        ctx.eps, ctx.mm_dtype, ctx.ln = eps, mm_dtype, ln
         return out.view(*x.shape[:-1], w2.shape[0])
 
     @staticmethod
     @once_differentiable  # h was computed without a graph: second-order terms through it would be lost
     def backward(ctx, grad):
         x, norm_w, norm_b, w1, b1, w2, b2, h = ctx.saved_tensors
-        ln_dtype, mm_dtype = ctx.dtypes
+        mm_dtype = ctx.mm_dtype
         need_x, need_nw, need_nb, _, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
         with torch.autocast(x.device.type, enabled=False):
             g = grad.reshape(-1, w2.shape[0]).to(mm_dtype)
             gw2 = g.t() @ F.gelu(h) if need_w2 else None  # the GELU output, recomputed and dropped at once
             gb2 = g.sum(0, dtype=b2.dtype) if need_b2 else None
             gh = torch.ops.aten.gelu_backward(g @ w2.to(mm_dtype), h)
-            xl, xn, mean, rstd = _normalise(x.reshape(-1, x.shape[-1]), norm_w, norm_b, ctx.eps, ln_dtype)
-            gw1 = gh.t() @ xn.to(mm_dtype) if need_w1 else None
-            del xn
+            del g
+            gx, xn, gnw, gnb = _norm_backward(ctx.ln, lambda: gh @ w1.to(mm_dtype), x, norm_w, norm_b, ctx.eps,
+                                              mm_dtype if need_w1 else None, (need_x, need_nw, need_nb))
+            gw1 = gh.t() @ xn if need_w1 else None
             gb1 = gh.sum(0, dtype=b1.dtype) if need_b1 else None
-            gx, gnw, gnb = _norm_grads(lambda: gh @ w1.to(mm_dtype), x, xl, mean, rstd, norm_w, norm_b,
-                                       (need_x, need_nw, need_nb))
         return gx, gnw, gnb, None, _cast_back(gw1, w1), gb1, _cast_back(gw2, w2), gb2
 
 

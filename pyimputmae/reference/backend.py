@@ -74,3 +74,34 @@ def masked_mse_forward(pred, x, weight, patch: int, norm_pix: bool):
 def scale_grad_(grad, scale) -> None:
     """grad *= scale (in place); a no-op when scale == 1 (checked on the device, no sync)."""
     grad.mul_(scale.to(grad.dtype))
+
+
+def _layer_norm_dtype(x: torch.Tensor) -> torch.dtype:
+    """The LayerNorm's arithmetic: float32 for 16-bit and float32 inputs, float64 for float64."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def layer_norm_forward(x, weight, bias, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """x: ``(M, D)``; weight, bias: ``(D,)`` → ``(M, D)`` in ``out_dtype``: the LayerNorm computed in
+    float32 (float64 for a float64 x), as CUDA autocast runs ``layer_norm``, rounded once."""
+    ln = _layer_norm_dtype(x)
+    out = torch.native_layer_norm(x.to(ln), (x.shape[1],), weight.to(ln), bias.to(ln), eps)[0]
+    return out.to(out_dtype)
+
+
+def layer_norm_backward(x, weight, bias, eps: float, grad_out, xn_dtype: torch.dtype | None, need_x: bool,
+                        need_params: bool):
+    """The LayerNorm's backward, recomputing its forward from ``x (M, D)``; grad_out: ``(M, D)``, the
+    gradient of the output (None when nothing needs it) → (``grad_x`` in x's dtype if ``need_x``, the
+    forward's output again in ``xn_dtype`` if given, ``grad_weight`` and ``grad_bias`` ``(D,)`` in the
+    LayerNorm's dtype if ``need_params``), None for what was not asked."""
+    ln, D = _layer_norm_dtype(x), x.shape[1]
+    xl, w, b = x.to(ln), weight.to(ln), bias.to(ln)
+    out, mean, rstd = torch.native_layer_norm(xl, (D,), w, b, eps)
+    xn = out.to(xn_dtype) if xn_dtype is not None else None
+    del out
+    if not (need_x or need_params):
+        return None, xn, None, None
+    gx, gw, gb = torch.ops.aten.native_layer_norm_backward(grad_out.to(ln), xl, (D,), mean, rstd, w, b,
+                                                           [need_x, need_params, need_params])
+    return (None if gx is None else gx.to(x.dtype)), xn, gw, gb
