@@ -387,7 +387,8 @@ def test_step_ops_counts_what_computes_per_phase(capsys):
     anchor's model beside it when ../shared is there."""
     tool = tool_module("step_ops")
     cpu = torch.device("cpu")
-    counts = tool.census(*tool.ours(cpu, 2, "small"), cpu, True)
+    record = tool.census(*tool.ours(cpu, 2, "small"), cpu, True)
+    counts = record.counts
     assert set(counts) == {"forward", "backward", "optimizer"}
     every = collections.Counter()
     for phase in counts.values():
@@ -396,12 +397,38 @@ def test_step_ops_counts_what_computes_per_phase(capsys):
     assert not [op for op in every if op in ("aten.view.default", "aten.t.default", "aten.detach.default",
                                               "aten.empty.memory_format", "aten._local_scalar_dense.default")]
     assert "aten._fused_adamw_.default" in counts["optimizer"] and sum(counts["optimizer"].values()) < 10
-    fp32 = tool.census(*tool.ours(cpu, 2, "small"), cpu, False)
+    fp32 = tool.census(*tool.ours(cpu, 2, "small"), cpu, False).counts
     assert sum(fp32["forward"].values()) < sum(counts["forward"].values())  # no autocast: fewer casts
+    # bytes: every counted operation is charged some; the activations' grow with the batch
+    assert set(record.bytes["forward"]) == set(counts["forward"]) and min(record.bytes["forward"].values()) > 0
+    bigger = tool.census(*tool.ours(cpu, 8, "small"), cpu, True)
+    assert bigger.counts == record.counts
+    assert sum(bigger.bytes["forward"].values()) > 2 * sum(record.bytes["forward"].values())
     assert tool.main(["--config", "small", "--top", "3"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("ours (small configuration): ") and "dtype casts (_to_copy)" in out
+    assert "bytes of the tensors they take and return: " in out
     assert ("anchor (ref_step_bench.py Ref): " in out) == tool.DEFAULT_REF.exists()
+
+
+def test_step_ops_counts_a_triton_launch_as_one_operation(monkeypatch):
+    """With the pre-norm LayerNorm on Triton (the interpreter here) each launch is one operation and the
+    interpreter's own tensor operations inside it are none: PyTorch's LayerNorm and its casts go, one
+    forward launch and one backward launch per pre-norm LayerNorm come."""
+    tool = tool_module("step_ops")
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("PYIMPUTMAE_BACKEND", "layer_norm=reference")
+    torch_ln = tool.census(*tool.ours(cpu, 2, "small"), cpu, True).counts
+    monkeypatch.setenv("PYIMPUTMAE_BACKEND", "layer_norm=triton")
+    triton_ln = tool.census(*tool.ours(cpu, 2, "small"), cpu, True).counts
+    fwd = triton_ln["forward"]["triton._layer_norm_fwd_kernel"]
+    assert fwd == triton_ln["backward"]["triton._layer_norm_bwd_kernel"] > 0
+
+    def fewer(op: str, phase: str) -> int:
+        return torch_ln[phase][f"aten.{op}.default"] - triton_ln[phase][f"aten.{op}.default"]
+
+    assert fewer("native_layer_norm", "forward") == fwd and fewer("native_layer_norm_backward", "backward") == fwd
+    assert fewer("_to_copy", "forward") == 2 * fwd and fewer("_to_copy", "backward") == 4 * fwd
 
 
 def test_e2e_torchln_mode_runs_pytorchs_layer_norm_and_puts_the_choice_back(monkeypatch):

@@ -19,6 +19,12 @@ operations per call, about 20 per step), which they skip on a GPU. A Triton kern
 operation (``triton.<kernel>``), what runs inside it as none: with ``TRITON_INTERPRET=1`` and
 ``PYIMPUTMAE_BACKEND`` naming ``triton`` for a family (e.g. ``layer_norm=triton``), the count is that
 of the step with those kernels.
+
+Each operation is also charged the bytes of the tensors it takes and returns (a launch: of the tensors
+among its arguments), a proxy for the memory traffic it causes on a GPU (an elementwise kernel moves
+exactly that; a matmul reads its operands once in the ideal; an in-place one counts its tensor twice,
+read and written). Unlike the counts, the bytes grow with ``--batch`` (the activations; the weights
+and their casts do not): give the batch of the GPU step, 96, for its traffic.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 ROOT = Path(__file__).resolve().parents[1]
 for path in (ROOT, ROOT / "tools"):
@@ -57,13 +64,25 @@ class OpCensus(TorchDispatchMode):
         super().__init__()
         self.phase = PHASES[0]
         self.counts: dict[str, collections.Counter] = {phase: collections.Counter() for phase in PHASES}
+        self.bytes: dict[str, collections.Counter] = {phase: collections.Counter() for phase in PHASES}
         self.in_triton = 0  # > 0 inside a Triton launch (the interpreter's own tensor operations)
+
+    def charge(self, name: str, *trees) -> None:
+        """One operation ``name`` of the current phase, moving the tensors found in ``trees``."""
+        self.counts[self.phase][name] += 1
+        self.bytes[self.phase][name] += tensor_bytes(*trees)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)
+        out = func(*args, **(kwargs or {}))
         if not (self.in_triton or func.is_view or name in NO_KERNEL or name.startswith("profiler.")):
-            self.counts[self.phase][name] += 1
-        return func(*args, **(kwargs or {}))
+            self.charge(name, args, kwargs, out)
+        return out
+
+
+def tensor_bytes(*trees) -> int:
+    """The bytes of the tensors among the leaves of ``trees`` (elements × size, views as they are)."""
+    return sum(t.numel() * t.element_size() for t in tree_leaves(trees) if isinstance(t, torch.Tensor))
 
 
 @contextlib.contextmanager
@@ -79,7 +98,7 @@ def triton_launches(record: OpCensus) -> Iterator[None]:
 
     def counting(original):
         def run(self, *args, **kwargs):
-            record.counts[record.phase][f"triton.{self.fn.__name__}"] += 1
+            record.charge(f"triton.{self.fn.__name__}", args)
             record.in_triton += 1
             try:
                 return original(self, *args, **kwargs)
@@ -97,9 +116,10 @@ def triton_launches(record: OpCensus) -> Iterator[None]:
 
 
 def census(forward: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer, device: torch.device,
-           amp: bool) -> dict[str, collections.Counter]:
+           amp: bool) -> OpCensus:
     """One step (forward under bf16 autocast when ``amp``, backward, optimizer step) after one unrecorded
-    step (lazy state: the optimizer's moments) → phase → operation name → calls."""
+    step (lazy state: the optimizer's moments) → its record: ``counts`` and ``bytes``, phase →
+    operation name → calls / bytes."""
 
     def step(record: OpCensus | None) -> None:
         with torch.autocast(device.type, torch.bfloat16, enabled=amp):
@@ -116,7 +136,7 @@ def census(forward: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer
     record = OpCensus()
     with triton_launches(record), record:
         step(record)
-    return record.counts
+    return record
 
 
 def ours(device: torch.device, batch: int, config: str) -> tuple[Callable[[], torch.Tensor], torch.optim.Optimizer]:
@@ -150,7 +170,8 @@ def anchor(device: torch.device, batch: int, ref: Path) -> tuple[Callable[[], to
     return (lambda: model(data)), torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
 
 
-def report(name: str, counts: dict[str, collections.Counter], top: int) -> None:
+def report(name: str, record: OpCensus, top: int) -> None:
+    counts, nbytes = record.counts, record.bytes
     total = sum(sum(c.values()) for c in counts.values())
     casts = sum(c["aten._to_copy.default"] for c in counts.values())
     print(f"{name}: {total:,} operations that compute ("
@@ -159,12 +180,24 @@ def report(name: str, counts: dict[str, collections.Counter], top: int) -> None:
     for phase in PHASES:
         listed = ", ".join(f"{op.removeprefix('aten.')} {n}" for op, n in counts[phase].most_common(top))
         print(f"    {phase:9s} {listed}")
+    def gib(n: int) -> str:
+        return f"{n / 2**30:.2f} GiB"
+
+    moved = sum(sum(c.values()) for c in nbytes.values())
+    cast_bytes = sum(c["aten._to_copy.default"] for c in nbytes.values())
+    print(f"  bytes of the tensors they take and return: {gib(moved)} ("
+          + ", ".join(f"{phase} {gib(sum(nbytes[phase].values()))}" for phase in PHASES)
+          + f"); dtype casts {gib(cast_bytes)} = {cast_bytes / max(moved, 1):.0%}")
+    for phase in PHASES:
+        listed = ", ".join(f"{op.removeprefix('aten.')} {gib(n)}" for op, n in nbytes[phase].most_common(top))
+        print(f"    {phase:9s} {listed}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch", type=int, default=2, help="rows per batch (the counts do not depend on it)")
+    parser.add_argument("--batch", type=int, default=2,
+                        help="rows per batch (the counts do not depend on it; the bytes do: 96 for the GPU step's)")
     parser.add_argument("--config", default="paper", help="our model's configuration: paper or small")
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="bf16: under bf16 autocast")
     parser.add_argument("--top", type=int, default=10, help="operations listed per phase")
