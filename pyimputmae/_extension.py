@@ -48,6 +48,10 @@ def load() -> bool:
             ok = hasattr(torch.ops.pyimputmae, "masked_mse_forward")
             if not ok:
                 why = "pyimputmae._C imported but registered no ops"
+            else:
+                from . import _ext_fakes
+
+                _ext_fakes.register()
         except ImportError as err:
             cfg = build_config()
             built = cfg.get("torch")

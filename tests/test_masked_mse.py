@@ -303,13 +303,14 @@ def test_scale_grad_multiplies_in_place(backend, device, scale, dtype):
     assert torch.equal(grad, before * scale)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])  # fp16: an fp32 grad
 @pytest.mark.parametrize("name", ["masked_mse_forward", "scale_grad_"])
-def test_opcheck_kernel_level_ext_op(device, name):
+def test_opcheck_kernel_level_ext_op(device, name, dtype):
     op, reason = kernel_level_op(name, device)
     if op is None:
         pytest.skip(reason)
     c = CASES["2d_c3"]
-    pred, x, mask, present = make_inputs(c, torch.float32, device)
+    pred, x, mask, present = make_inputs(c, dtype, device)
     args = {
         "masked_mse_forward": (pred, x, mse_weights(mask, present).contiguous(), c.patch, True),
         "scale_grad_": (torch.randn_like(pred), torch.tensor([0.5], device=device)),

@@ -428,8 +428,9 @@ def test_opcheck_public_masking_ops(backend, device):
     torch.library.opcheck(masking_ops._hidden_sum, (torch.randn_like(sel["tokens"]), mask, backend))
 
 
-@pytest.mark.parametrize("name", ["select_keep", "gather_visible", "unshuffle_fill", "hidden_sum"])
+@pytest.mark.parametrize("name", ["select_keep", "gather_visible", "unshuffle_fill", "hidden_sum", "fill_backward"])
 def test_opcheck_kernel_level_ext_op(device, name):
+    """The compiled op against its schema and its fake kernel (``pyimputmae/_ext_fakes.py``)."""
     op, reason = kernel_level_op(name, device)
     if op is None:
         pytest.skip(reason)
@@ -443,6 +444,7 @@ def test_opcheck_kernel_level_ext_op(device, name):
         "unshuffle_fill": (torch.randn(lay.batch, ids_keep.shape[1], WIDTH, device=device), ids_keep, mask,
                            torch.randn(WIDTH, device=device)),
         "hidden_sum": (tokens, mask),
+        "fill_backward": (tokens, ids_keep, mask),
     }[name]
     torch.library.opcheck(op, args)
 
