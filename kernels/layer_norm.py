@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cast_rn, check_sizes, device_guard, interpreting, loop_bound, num_sms
+from ._utils import INDEX_LIMIT, cast_rn, check_sizes, device_guard, interpreting, loop_bound, num_sms
 
 #: the widest row the kernels hold in registers; wider rows take the PyTorch path
 MAX_D = 8192
@@ -112,8 +112,9 @@ def _layer_norm_bwd_kernel(
 
 
 def supports(x: torch.Tensor) -> bool:
-    """Do the kernels take ``x (..., D)``: fp16 / bf16 / fp32 with ``D ≤ MAX_D``?"""
-    return x.dtype in DTYPES and 0 < x.shape[-1] <= MAX_D
+    """Do the kernels take ``x (..., D)``: fp16 / bf16 / fp32 with ``D ≤ MAX_D`` and fewer than
+    ``INDEX_LIMIT`` rows?"""
+    return x.dtype in DTYPES and 0 < x.shape[-1] <= MAX_D and x.numel() // x.shape[-1] < INDEX_LIMIT
 
 
 def _tile(D: int, backward: bool = False) -> tuple[int, int, int]:

@@ -7,7 +7,12 @@ Every backend offers the same kernel-level functions (the schemas in ``csrc/ops.
 ``masked_mse_forward``, ``scale_grad_``.
 
 Backends: ``ext`` (our compiled C++ / CUDA kernels, ``pyimputmae._C``), ``triton``
-(``pyimputmae.kernels``), ``reference`` (plain PyTorch, ``pyimputmae.reference.backend``).
+(``pyimputmae.kernels``), ``reference`` (plain PyTorch, ``pyimputmae.reference.backend``). The fused
+ops' families (``patch_embed``, ``masking``, ``masked_mse``) have all three; ``layer_norm``, the
+pre-norm sublayers' LayerNorm (``layer_norm_forward``, ``layer_norm_backward``), only ``triton`` and
+``reference`` (``IMPLEMENTED``): its order is triton → reference on CUDA and reference on CPU, and
+one name in ``PYIMPUTMAE_BACKEND`` leaves a family that backend does not implement to the automatic
+choice.
 Order for CUDA tensors: per op family ``CUDA_ORDER`` (ext → triton → reference until a GPU run
 measures which is faster), among the pairs in ``GPU_VALIDATED`` (for float16 tensors also in
 ``GPU_VALIDATED_FP16``); for CPU tensors: ext → reference. Triton runs

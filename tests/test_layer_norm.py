@@ -212,6 +212,8 @@ def test_triton_refuses_what_its_kernels_do_not_take():
     with pytest.raises(ValueError, match=r"grad_out must be a floating \(2, 8\) tensor"):
         ln.layer_norm_backward(torch.zeros(2, 8), w, b, EPS, torch.zeros(2, 7), None, True, False)
     assert not ln.supports(torch.zeros(2, ln.MAX_D + 1)) and ln.supports(torch.zeros(2, ln.MAX_D))
+    many_rows = torch.empty(2, ln.INDEX_LIMIT // 2 + 1, 4, device="meta")  # meta: nothing allocated
+    assert not ln.supports(many_rows) and not ln.supports(torch.zeros(2, 3, dtype=torch.float64))
 
 
 # ---- the sublayers -------------------------------------------------------------------------------

@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         save()
 
     # our model at the authors' configuration first (the issue's measurement), then the anchor, then
-    # the like-for-like decoder and torch.compile with what is left
+    # with what is left the like-for-like decoder, train-graph, graph-torchln and torch.compile, in that order
     later = (f"graph-mlp{ANCHOR_DECODER_MLP}", "train-graph", f"graph{TORCH_LN}", "compile")  # after the anchor
     for mode in modes:
         if mode not in later:

@@ -29,8 +29,8 @@
 #          runs it in the same call and ref_step.json is taken from e2e.json, else it runs on its own)
 #          (our modes: E2E_MODES, default eager,graph,graph-mlp1024,train-graph,graph-torchln
 #          (like-for-like: the anchor's decoder MLP; train-graph: train(cuda_graph=True)'s step, the
-#          library's GraphedStep; graph-torchln: graph with PyTorch's LayerNorm in the pre-norm
-#          sublayers, what the Triton one saves; after it, with what is left); add compile for torch.compile of our model (it runs last),
+#          library's GraphedStep; graph-torchln: graph with layer_norm=reference, what the Triton
+#          LayerNorm saves; the last three after the anchor, in that order, with what is left); add compile for torch.compile of our model (it runs last),
 #          with PYIMPUTMAE_BACKEND set to the fastest backend per op family among those the test
 #          stage validated (tools/gpu_validated.py); with what is left, tools/saved_activations.py
 #          on the same backends                                      -> stage3_activations.log

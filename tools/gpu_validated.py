@@ -10,7 +10,7 @@ float16 cases (``junit_ops_fp16.xml`` / ``stage1_test_fp16.log``, a later stage)
 of its CUDA test cases passed and none failed; for ``ext`` also every kernel-check case of the
 family passed. Cases of ``tests/test_compile.py`` exercise every fused op's family at once, so they
 count for each of those; ``tests/test_layer_norm.py``'s count for ``layer_norm`` (the pre-norm
-sublayers' LayerNorm, which only Triton implements). A validated pair is validated for float16 too
+sublayers' LayerNorm, which of ext and triton only Triton implements). A validated pair is validated for float16 too
 when its float16 cases ran, at least one passed and none failed. Prints one line per pair and the sets to put into
 ``pyimputmae._backends.GPU_VALIDATED`` and ``GPU_VALIDATED_FP16``.
 With ``OUTDIR/bench_large.json`` it also prints ``CUDA_ORDER``: per family its validated backends,
