@@ -129,7 +129,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, op: str) -
     if x.dim() != 2:
         raise ValueError(f"{op}: x must be an (M, D) tensor, got shape {tuple(x.shape)}")
     M, D = x.shape
-    if not supports(x):
+    if x.dtype not in DTYPES or not 0 < D <= MAX_D:
         raise ValueError(f"{op}: x must be float16, bfloat16 or float32 with 1 ≤ D ≤ {MAX_D}, "
                          f"got {x.dtype} with D = {D}")
     for name, p in (("weight", weight), ("bias", bias)):

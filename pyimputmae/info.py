@@ -73,8 +73,8 @@ def collect() -> dict:
         tri_ok = _triton_module_ok()
         info["backends"]["cuda"] = {
             "note": "no CUDA device visible; on a GPU the order per op family is "
-                    + "; ".join(f"{f}: {' → '.join(o)}" for f in _backends.CUDA_ORDER
-                               for o in [_backends.default_order(torch.device("cuda"), f)])
+                    + "; ".join(f"{f}: {' → '.join(_backends.default_order(torch.device('cuda'), f))}"
+                                for f in _backends.FAMILIES)
                     + ", among the kernels validated on a GPU: "
                     + ", ".join(f"{b} {f}" for b, f in sorted(_backends.GPU_VALIDATED))
                     + "; for float16: " + (", ".join(f"{b} {f}" for b, f in sorted(_backends.GPU_VALIDATED_FP16))

@@ -46,6 +46,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 #: the anchor script's default modes (ANCHOR_MODES unset); the target is against the best of them, so
 #: a run that restricts them (ANCHOR_MODES) does not measure it
@@ -68,10 +69,12 @@ TORCH_LN = "-torchln"
 
 def with_layer_norm(value: str, backend: str) -> str:
     """``PYIMPUTMAE_BACKEND``'s value ``value`` with the ``layer_norm`` family set to ``backend``
-    (one name for every op becomes pairs naming the fused ops' families)."""
+    (one name for every op becomes pairs naming the other families)."""
+    from pyimputmae._backends import FAMILIES
+
     value = value.strip()
     if value and "=" not in value:
-        value = ",".join(f"{family}={value}" for family in ("patch_embed", "masking", "masked_mse"))
+        value = ",".join(f"{family}={value}" for family in FAMILIES if family != "layer_norm")
     pairs = [item for item in value.split(",") if item.strip() and item.partition("=")[0].strip() != "layer_norm"]
     return ",".join([*pairs, f"layer_norm={backend}"])
 
@@ -89,15 +92,10 @@ def run_mode(args: argparse.Namespace) -> dict:
     """Time one mode in this process → ``{"step_ms", "patients_per_s", "peak_GB", "backends", ...}``."""
     if not args.worker.endswith(TORCH_LN):
         return _run_mode(args, args.worker)
-    before = os.environ.get("PYIMPUTMAE_BACKEND")
-    os.environ["PYIMPUTMAE_BACKEND"] = with_layer_norm(before or "", "reference")
-    try:
+    # restored afterwards: the CPU dry run runs every mode in this process
+    choice = with_layer_norm(os.environ.get("PYIMPUTMAE_BACKEND", ""), "reference")
+    with mock.patch.dict(os.environ, {"PYIMPUTMAE_BACKEND": choice}):
         return _run_mode(args, args.worker.removesuffix(TORCH_LN))
-    finally:  # the CPU dry run runs every mode in this process
-        if before is None:
-            os.environ.pop("PYIMPUTMAE_BACKEND")
-        else:
-            os.environ["PYIMPUTMAE_BACKEND"] = before
 
 
 def _run_mode(args: argparse.Namespace, mode: str) -> dict:

@@ -170,27 +170,25 @@ def anchor(device: torch.device, batch: int, ref: Path) -> tuple[Callable[[], to
     return (lambda: model(data)), torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
 
 
-def report(name: str, record: OpCensus, top: int) -> None:
-    counts, nbytes = record.counts, record.bytes
-    total = sum(sum(c.values()) for c in counts.values())
-    casts = sum(c["aten._to_copy.default"] for c in counts.values())
-    print(f"{name}: {total:,} operations that compute ("
-          + ", ".join(f"{phase} {sum(counts[phase].values()):,}" for phase in PHASES)
-          + f"); dtype casts (_to_copy) {casts:,} = {casts / max(total, 1):.0%}")
+def _print_tally(per_phase: dict[str, collections.Counter], head: str, unit: str, casts: str,
+                 fmt: Callable[[int], str], top: int) -> None:
+    """One line: ``head``, the total over the phases with ``unit``, each phase's, the casts' share; then
+    per phase its ``top`` operations. ``fmt`` writes a quantity (a count, bytes)."""
+    total = sum(sum(c.values()) for c in per_phase.values())
+    cast = sum(c["aten._to_copy.default"] for c in per_phase.values())
+    phases = ", ".join(f"{phase} {fmt(sum(per_phase[phase].values()))}" for phase in PHASES)
+    print(f"{head}{fmt(total)}{unit} ({phases}); {casts} {fmt(cast)} = {cast / max(total, 1):.0%}")
     for phase in PHASES:
-        listed = ", ".join(f"{op.removeprefix('aten.')} {n}" for op, n in counts[phase].most_common(top))
+        listed = ", ".join(f"{op.removeprefix('aten.')} {fmt(n)}" for op, n in per_phase[phase].most_common(top))
         print(f"    {phase:9s} {listed}")
-    def gib(n: int) -> str:
-        return f"{n / 2**30:.2f} GiB"
 
-    moved = sum(sum(c.values()) for c in nbytes.values())
-    cast_bytes = sum(c["aten._to_copy.default"] for c in nbytes.values())
-    print(f"  bytes of the tensors they take and return: {gib(moved)} ("
-          + ", ".join(f"{phase} {gib(sum(nbytes[phase].values()))}" for phase in PHASES)
-          + f"); dtype casts {gib(cast_bytes)} = {cast_bytes / max(moved, 1):.0%}")
-    for phase in PHASES:
-        listed = ", ".join(f"{op.removeprefix('aten.')} {gib(n)}" for op, n in nbytes[phase].most_common(top))
-        print(f"    {phase:9s} {listed}")
+
+def report(name: str, record: OpCensus, top: int) -> None:
+    """What :func:`census` recorded: the operations and their calls, then the bytes they move."""
+    _print_tally(record.counts, f"{name}: ", " operations that compute", "dtype casts (_to_copy)",
+                 lambda n: f"{n:,}", top)
+    _print_tally(record.bytes, "  bytes of the tensors they take and return: ", "", "dtype casts",
+                 lambda n: f"{n / 2**30:.2f} GiB", top)
 
 
 def main(argv: list[str] | None = None) -> int:
